@@ -1,0 +1,94 @@
+"""Chat conversations → prompt token ids, one way for every backend.
+
+Backends receive token ids, not text, so the HF and vLLM backends (and the OpenAI backend's
+``score``) see exactly the same prompt for the same conversation: the model's own chat template
+with the generation prompt, then the assistant prefix if one is given. Options for ``score`` are
+tokenized on their own and appended, so an option's tokens never merge with the prompt's.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+from cai.engine.base import Conversation, check_conversation
+
+
+class PromptEncoder:
+    """Renders conversations with a Hugging Face tokenizer's chat template."""
+
+    def __init__(self, tokenizer: Any, max_model_len: int):
+        if not getattr(tokenizer, "chat_template", None):
+            raise ValueError(
+                "the model's tokenizer has no chat template; cai needs an instruct/chat model "
+                "(or set tokenizer.chat_template before creating the engine)"
+            )
+        self.tokenizer = tokenizer
+        self.max_model_len = max_model_len
+        self.stop_token_ids = _stop_token_ids(tokenizer)
+
+    def render_text(self, conversation: Conversation, prefix: str = "") -> str:
+        text = self.tokenizer.apply_chat_template(
+            list(conversation), tokenize=False, add_generation_prompt=True
+        )
+        return text + prefix
+
+    def encode(self, text: str) -> list[int]:
+        return list(self.tokenizer(text, add_special_tokens=False)["input_ids"])
+
+    def encode_prompts(
+        self,
+        conversations: Sequence[Conversation],
+        prefixes: Sequence[str],
+        *,
+        new_tokens: Sequence[int],
+    ) -> list[list[int] | str]:
+        """Token ids per conversation; a string (the reason) where the prompt cannot run.
+
+        Raises ValueError for malformed conversations (checked before any work starts).
+        """
+        for i, conversation in enumerate(conversations):
+            check_conversation(conversation, i)
+            if conversation[-1]["role"] == "assistant":
+                raise ValueError(
+                    f"conversation {i}: ends with an assistant message; end it with a user message "
+                    "and pass the assistant's start as prefixes= to continue it"
+                )
+        out: list[list[int] | str] = []
+        for i, (conversation, prefix) in enumerate(zip(conversations, prefixes, strict=True)):
+            ids = self.encode(self.render_text(conversation, prefix))
+            if len(ids) + new_tokens[i] > self.max_model_len:
+                out.append(
+                    f"prompt of {len(ids)} tokens plus {new_tokens[i]} new tokens exceeds the "
+                    f"model's context of {self.max_model_len} tokens"
+                )
+            else:
+                out.append(ids)
+        return out
+
+    def encode_options(self, options: Sequence[str]) -> list[list[int]]:
+        ids = [self.encode(o) for o in options]
+        for option, tokens in zip(options, ids, strict=True):
+            if not tokens:
+                raise ValueError(f"option {option!r} encodes to no tokens")
+        if len({tuple(t) for t in ids}) != len(ids):
+            raise ValueError(f"options {list(options)!r} encode to the same tokens")
+        return ids
+
+
+def raise_on_overflow(prompts: Sequence[list[int] | str]) -> None:
+    """Raise ValueError naming the first prompt that does not fit the context."""
+    for i, prompt in enumerate(prompts):
+        if isinstance(prompt, str):
+            raise ValueError(f"conversation {i}: {prompt}")
+
+
+def _stop_token_ids(tokenizer: Any) -> set[int]:
+    ids = set()
+    if tokenizer.eos_token_id is not None:
+        ids.add(int(tokenizer.eos_token_id))
+    for token in ("<|im_end|>", "<|eot_id|>", "<|end|>", "<end_of_turn>", "<|endoftext|>"):
+        token_id = tokenizer.convert_tokens_to_ids(token)
+        if isinstance(token_id, int) and token_id != tokenizer.unk_token_id and token_id >= 0:
+            ids.add(token_id)
+    return ids
