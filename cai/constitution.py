@@ -1,0 +1,592 @@
+"""Constitutions: the written principles that drive critique, revision and judging.
+
+A constitution is a YAML file (see ``constitutions/harmless.yaml`` for the layout) loaded into
+frozen dataclasses. Every mistake is reported with the file, line and field::
+
+    constitutions/mine.yaml:14: principles[2].critique: must not be empty
+
+Use::
+
+    from cai.constitution import load_constitution
+    c = load_constitution("harmless")        # a shipped name, or a path
+    [p] = c.sample_principles(1, seed, require="critique")
+    shots = c.critique_shots()               # few-shot exemplars, ready for prompts/critique.jinja
+
+A principle carries a critique request with its revision request (SL-CAI), a judge question
+(RL-CAI), or both. Anthropic's and Hugging Face's published constitution JSON files convert with
+``from_anthropic`` / ``from_huggingface`` (or ``cai constitution convert``), and
+``dump_constitution`` writes YAML that loads back to an equal constitution.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import random
+import re
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+
+from cai.config import ConfigError, from_data, load_yaml
+from cai.resources import resolve
+
+Role = Literal["system", "user", "assistant"]
+
+_SLUG = re.compile(r"[a-z0-9][a-z0-9_-]*")
+_SLUG_RULE = "lowercase letters, digits, '-' and '_', starting with a letter or digit"
+
+
+@dataclass(frozen=True)
+class Message:
+    """One chat turn."""
+
+    role: Role = field(metadata={"doc": "who speaks: system, user or assistant"})
+    content: str = field(metadata={"doc": "what they say"})
+
+
+@dataclass(frozen=True)
+class Principle:
+    """One principle: a critique/revision request pair, a judge question, or both."""
+
+    id: str = field(
+        metadata={"doc": "stable slug naming the principle in records (e.g. 'harmful-content')"}
+    )
+    critique: str | None = field(
+        default=None,
+        metadata={"doc": "critique request: asks the model what is wrong with its last response"},
+    )
+    revision: str | None = field(
+        default=None,
+        metadata={"doc": "revision request: asks the model to rewrite its last response"},
+    )
+    judge: str | None = field(
+        default=None,
+        metadata={"doc": "multiple-choice judge question, e.g. 'Which response is less harmful?'"},
+    )
+    tags: tuple[str, ...] = field(
+        default=(), metadata={"doc": "what it is about: harmless, helpful, honest, ..."}
+    )
+    weight: float = field(default=1.0, metadata={"doc": "relative sampling weight, > 0"})
+
+
+@dataclass(frozen=True)
+class CritiqueExample:
+    """A few-shot exemplar of one critique→revision round."""
+
+    principle: str = field(
+        metadata={"doc": "id of the principle whose requests the exemplar answers"}
+    )
+    conversation: tuple[Message, ...] = field(
+        metadata={"doc": "user/assistant turns ending with the assistant response being critiqued"}
+    )
+    critique: str = field(metadata={"doc": "the exemplary critique"})
+    revision: str = field(metadata={"doc": "the exemplary revised response"})
+
+
+@dataclass(frozen=True)
+class JudgeExample:
+    """A few-shot exemplar of one multiple-choice judgement."""
+
+    conversation: tuple[Message, ...] = field(
+        metadata={"doc": "turns ending with the user turn being answered"}
+    )
+    response_a: str = field(metadata={"doc": "option (A)"})
+    response_b: str = field(metadata={"doc": "option (B)"})
+    better: Literal["A", "B"] = field(metadata={"doc": "the better option"})
+    principle: str | None = field(
+        default=None,
+        metadata={
+            "doc": "id of the principle whose judge question is asked; none: the question being asked"
+        },
+    )
+
+
+@dataclass(frozen=True)
+class CritiqueShot:
+    """A critique exemplar with its principle's requests filled in, for the prompt templates."""
+
+    conversation: tuple[Message, ...]
+    critique_request: str
+    critique: str
+    revision_request: str
+    revision: str
+
+
+@dataclass(frozen=True)
+class JudgeShot:
+    """A judge exemplar with its question filled in, for the prompt templates."""
+
+    conversation: tuple[Message, ...]
+    response_a: str
+    response_b: str
+    better: Literal["A", "B"]
+    question: str
+
+
+@dataclass(frozen=True)
+class Constitution:
+    """A named, versioned set of principles with few-shot exemplars."""
+
+    name: str = field(metadata={"doc": "short name, shown in logs and records"})
+    description: str = field(metadata={"doc": "what the constitution is for"})
+    version: str = field(
+        metadata={"doc": "bump when the text changes, so runs record which wording they used"}
+    )
+    principles: tuple[Principle, ...] = field(metadata={"doc": "the principles (at least one)"})
+    system_prompt: str | None = field(
+        default=None, metadata={"doc": "system message for critique and judge prompts"}
+    )
+    critique_examples: tuple[CritiqueExample, ...] = field(
+        default=(), metadata={"doc": "few-shot exemplars for critique and revision prompts"}
+    )
+    judge_examples: tuple[JudgeExample, ...] = field(
+        default=(), metadata={"doc": "few-shot exemplars for multiple-choice judge prompts"}
+    )
+
+    def principle(self, id: str) -> Principle:
+        """The principle named ``id``; KeyError listing the known ids if there is none."""
+        for p in self.principles:
+            if p.id == id:
+                return p
+        known = ", ".join(p.id for p in self.principles)
+        raise KeyError(f"constitution {self.name!r} has no principle {id!r} (known: {known})")
+
+    @property
+    def critique_principles(self) -> tuple[Principle, ...]:
+        """The principles with critique and revision requests."""
+        return tuple(p for p in self.principles if p.critique is not None)
+
+    @property
+    def judge_principles(self) -> tuple[Principle, ...]:
+        """The principles with a judge question."""
+        return tuple(p for p in self.principles if p.judge is not None)
+
+    def sample_principles(
+        self,
+        k: int,
+        rng_or_seed: random.Random | int | str | bytes,
+        require: Literal["critique", "judge"] = "critique",
+    ) -> list[Principle]:
+        """Draw ``k`` principles independently (with replacement), in proportion to their weights.
+
+        Only principles that have what ``require`` names take part. A seed gives a fresh
+        ``random.Random(seed)``, so the same seed always gives the same draws whatever was drawn
+        before; a ``random.Random`` is advanced in place.
+        """
+        if require not in ("critique", "judge"):
+            raise ValueError(f"require must be 'critique' or 'judge', got {require!r}")
+        if k < 0:
+            raise ValueError(f"k must be >= 0, got {k}")
+        if rng_or_seed is None:
+            raise TypeError("sample_principles needs a seed or a random.Random, got None")
+        pool = self.critique_principles if require == "critique" else self.judge_principles
+        if not pool:
+            kind = "critique request" if require == "critique" else "judge question"
+            raise ValueError(f"constitution {self.name!r} has no principle with a {kind}")
+        rng = rng_or_seed if isinstance(rng_or_seed, random.Random) else random.Random(rng_or_seed)
+        return rng.choices(pool, weights=[p.weight for p in pool], k=k)
+
+    def critique_shots(self) -> list[CritiqueShot]:
+        """The critique exemplars, each with its principle's critique and revision requests."""
+        shots = []
+        for ex in self.critique_examples:
+            p = self.principle(ex.principle)
+            shots.append(
+                CritiqueShot(ex.conversation, p.critique, ex.critique, p.revision, ex.revision)
+            )
+        return shots
+
+    def judge_shots(self, question: str) -> list[JudgeShot]:
+        """The judge exemplars, each with its principle's question.
+
+        An exemplar without a principle is shown with ``question`` (the one being asked), so it
+        must be one whose answer holds under every judge question of the constitution. Exemplars
+        with a principle keep the same text for every question, which keeps the prompt prefix
+        shared across requests.
+        """
+        shots = []
+        for ex in self.judge_examples:
+            q = question if ex.principle is None else self.principle(ex.principle).judge
+            shots.append(JudgeShot(ex.conversation, ex.response_a, ex.response_b, ex.better, q))
+        return shots
+
+
+def load_constitution(name_or_path: str | Path) -> Constitution:
+    """Load and check a constitution: a path, or the name of a shipped one (``harmless``).
+
+    Raises ConfigError naming the file, line and field of the first problem, and
+    FileNotFoundError listing the shipped names when nothing is found.
+    """
+    path = resolve("constitutions", name_or_path)
+    return _build(load_yaml(path), str(path))
+
+
+def _build(data: Any, source: str) -> Constitution:
+    constitution = from_data(Constitution, data, source=source)
+    problem = next(_problems(constitution), None)
+    if problem is not None:
+        path, message = problem
+        line = _line(data, path)
+        loc = f"{source}:{line}" if line else source
+        raise ConfigError(f"{loc}: {_where(path)}: {message}")
+    return constitution
+
+
+_Loc = tuple[str | int, ...]
+
+
+def _problems(c: Constitution) -> Iterator[tuple[_Loc, str]]:
+    """What is wrong beyond types and keys (which cai.config checks), in file order."""
+    for key in ("name", "description", "version", "system_prompt"):
+        text = getattr(c, key)
+        if text is not None and not text.strip():
+            yield (key,), "must not be empty"
+    if not c.principles:
+        yield ("principles",), "needs at least one principle"
+    first_at: dict[str, int] = {}
+    for i, p in enumerate(c.principles):
+        at: _Loc = ("principles", i)
+        if not _SLUG.fullmatch(p.id):
+            yield (*at, "id"), f"{p.id!r} is not a slug ({_SLUG_RULE})"
+        elif p.id in first_at:
+            yield (
+                (*at, "id"),
+                f"duplicate principle id {p.id!r} (also principles[{first_at[p.id]}])",
+            )
+        first_at.setdefault(p.id, i)
+        for key in ("critique", "revision", "judge"):
+            text = getattr(p, key)
+            if text is not None and not text.strip():
+                yield (*at, key), "must not be empty"
+        if (p.critique is None) != (p.revision is None):
+            missing, present = (
+                ("revision", "critique") if p.revision is None else ("critique", "revision")
+            )
+            yield (
+                (*at, missing),
+                f"missing: a principle with a {present} request needs a {missing} request too",
+            )
+        if p.critique is None and p.judge is None:
+            yield at, "needs critique and revision requests, a judge question, or both"
+        for j, tag in enumerate(p.tags):
+            if not _SLUG.fullmatch(tag):
+                yield (*at, "tags", j), f"{tag!r} is not a slug ({_SLUG_RULE})"
+        if not (math.isfinite(p.weight) and p.weight > 0):
+            yield (*at, "weight"), f"must be a number > 0, got {p.weight}"
+    by_id = {p.id: p for p in c.principles}
+    for i, ex in enumerate(c.critique_examples):
+        at = ("critique_examples", i)
+        p = by_id.get(ex.principle)
+        if p is None:
+            yield (*at, "principle"), f"unknown principle {ex.principle!r} ({_known(c)})"
+        elif p.critique is None:
+            yield (*at, "principle"), f"principle {ex.principle!r} has no critique request"
+        yield from _conversation_problems(ex.conversation, (*at, "conversation"), "assistant")
+        for key in ("critique", "revision"):
+            if not getattr(ex, key).strip():
+                yield (*at, key), "must not be empty"
+    for i, ex in enumerate(c.judge_examples):
+        at = ("judge_examples", i)
+        if ex.principle is not None:
+            p = by_id.get(ex.principle)
+            if p is None:
+                yield (*at, "principle"), f"unknown principle {ex.principle!r} ({_known(c)})"
+            elif p.judge is None:
+                yield (*at, "principle"), f"principle {ex.principle!r} has no judge question"
+        yield from _conversation_problems(ex.conversation, (*at, "conversation"), "user")
+        for key in ("response_a", "response_b"):
+            if not getattr(ex, key).strip():
+                yield (*at, key), "must not be empty"
+
+
+def _known(c: Constitution) -> str:
+    return "known: " + ", ".join(p.id for p in c.principles)
+
+
+def _conversation_problems(
+    turns: tuple[Message, ...], at: _Loc, last: Role
+) -> Iterator[tuple[_Loc, str]]:
+    """Turns alternate user, assistant, ... and end with ``last``.
+
+    Exemplar conversations hold no system turn: in a critique prompt the exemplars follow the
+    constitution's system prompt, and a second system message mid-prompt breaks many chat
+    templates.
+    """
+    ending = "an assistant turn" if last == "assistant" else "a user turn"
+    if not turns:
+        yield at, f"needs at least one turn, ending with {ending}"
+        return
+    for j, turn in enumerate(turns):
+        expected = "user" if j % 2 == 0 else "assistant"
+        if turn.role != expected:
+            yield (
+                (*at, j, "role"),
+                f"expected {expected!r} (turns alternate user, assistant, ...), got {turn.role!r}",
+            )
+            return
+        if not turn.content.strip():
+            yield (*at, j, "content"), "must not be empty"
+    if turns[-1].role != last:
+        yield (*at, len(turns) - 1, "role"), f"the last turn must be {ending}"
+
+
+def _line(data: Any, path: _Loc) -> int:
+    """The line of the deepest part of ``path`` present in the YAML data (0 when unknown)."""
+    line = getattr(data, "line", 0)
+    node = data
+    for part in path:
+        if isinstance(node, dict) and part in node:
+            line = getattr(node, "key_lines", {}).get(part, line)
+        elif isinstance(node, list) and isinstance(part, int) and part < len(node):
+            line = getattr(node, "item_lines", [line] * len(node))[part]
+        else:
+            break
+        node = node[part]
+    return line
+
+
+def _where(path: _Loc) -> str:
+    out = ""
+    for part in path:
+        out += f"[{part}]" if isinstance(part, int) else (f".{part}" if out else part)
+    return out
+
+
+# --- YAML output --------------------------------------------------------------------------------
+
+
+class _Dumper(yaml.SafeDumper):
+    """Block-literal multi-line strings and indented lists, as a person would write the file."""
+
+    def increase_indent(self, flow: bool = False, indentless: bool = False) -> None:
+        return super().increase_indent(flow, False)
+
+
+def _represent_str(dumper: yaml.SafeDumper, text: str) -> yaml.ScalarNode:
+    return dumper.represent_scalar(
+        "tag:yaml.org,2002:str", text, style="|" if "\n" in text else None
+    )
+
+
+_Dumper.add_representer(str, _represent_str)
+
+
+def _plain(obj: Any) -> Any:
+    if dataclasses.is_dataclass(obj):
+        out = {}
+        for f in dataclasses.fields(obj):
+            value = getattr(obj, f.name)
+            if f.default is not dataclasses.MISSING and value == f.default:
+                continue
+            out[f.name] = _plain(value)
+        return out
+    if isinstance(obj, tuple | list):
+        return [_plain(v) for v in obj]
+    return obj
+
+
+def dump_constitution(constitution: Constitution) -> str:
+    """The constitution as YAML text that ``load_constitution`` reads back to an equal one."""
+    return yaml.dump(
+        _plain(constitution), Dumper=_Dumper, sort_keys=False, allow_unicode=True, width=100
+    )
+
+
+# --- converters from published JSON layouts -----------------------------------------------------
+
+
+def _read_json(path: Path) -> Any:
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise ConfigError(f"{path}: file not found") from None
+    except UnicodeDecodeError as e:
+        raise ConfigError(f"{path}: not UTF-8 text ({e.reason} at byte {e.start})") from None
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as e:
+        raise ConfigError(f"{path}:{e.lineno}: invalid JSON: {e.msg} (column {e.colno})") from None
+
+
+def _slug(text: str) -> str:
+    return re.sub(r"[^a-z0-9_]+", "-", text.lower()).strip("-_")
+
+
+def from_anthropic(
+    critique_revision_json_path: str | Path, judge_json_path: str | Path | None = None
+) -> Constitution:
+    """Convert the JSON files of Anthropic's Constitutional AI paper repository.
+
+    ``CritiqueRevisionInstructions.json`` maps names to
+    ``{"prompt": ["<critique request>"], "edit_request": "<revision request>"}``; each becomes a
+    principle whose id is the name as a slug (``harmful0``). ``RLMadisonInstructions.json`` (the
+    optional ``judge_json_path``) is a list of judge questions; each becomes a judge-only
+    principle ``judge0``, ``judge1``, ...: the published files do not pair questions with
+    critique requests, so none is invented. The files hold no exemplars.
+    """
+    cr_path = Path(critique_revision_json_path)
+    data = _read_json(cr_path)
+    if not isinstance(data, dict) or not data:
+        raise ConfigError(
+            f'{cr_path}: expected a JSON object of {{"name": {{"prompt": ["critique request"], '
+            f'"edit_request": "revision request"}}, ...}}'
+        )
+    principles: list[dict[str, Any]] = []
+    for key, entry in data.items():
+        if not isinstance(entry, dict) or set(entry) != {"prompt", "edit_request"}:
+            raise ConfigError(
+                f'{cr_path}: {key}: expected {{"prompt": [...], "edit_request": ...}}'
+            )
+        prompt = entry["prompt"]
+        if isinstance(prompt, str):
+            prompt = [prompt]
+        if not (isinstance(prompt, list) and len(prompt) == 1 and isinstance(prompt[0], str)):
+            raise ConfigError(f"{cr_path}: {key}.prompt: expected a list of one critique request")
+        if not isinstance(entry["edit_request"], str):
+            raise ConfigError(f"{cr_path}: {key}.edit_request: expected a string")
+        principles.append(
+            {
+                "id": _slug(key),
+                "critique": prompt[0].strip(),
+                "revision": entry["edit_request"].strip(),
+            }
+        )
+    sources = cr_path.name
+    if judge_json_path is not None:
+        judge_path = Path(judge_json_path)
+        questions = _read_json(judge_path)
+        if not (isinstance(questions, list) and all(isinstance(q, str) for q in questions)):
+            raise ConfigError(f"{judge_path}: expected a JSON list of judge question strings")
+        principles += [{"id": f"judge{i}", "judge": q.strip()} for i, q in enumerate(questions)]
+        sources += f" and {judge_path.name}"
+    converted = {
+        "name": "anthropic",
+        "description": f"Converted from Anthropic's Constitutional AI files {sources}.",
+        "version": "1",
+        "principles": principles,
+    }
+    return _build(converted, f"{cr_path} (converted)")
+
+
+_CRITIQUE_SHAPE = ["user", "assistant", "user", "assistant"]
+
+
+def from_huggingface(path: str | Path) -> Constitution:
+    """Convert a Hugging Face constitution JSON (as used by their Constitutional AI recipes).
+
+    Layout: ``{"constitutions": [{"critic": ..., "revision": ...}, ...], "system_chat":
+    [[{"role": ..., "content": ...}, ...], ...]}``. Entry i of ``constitutions`` becomes
+    principle ``principle-i``. A ``system_chat`` conversation becomes a critique exemplar when
+    its turns alternate user/assistant (user first), number at least six, and end with
+    user(critique request), assistant(critique), user(revision request), assistant(revision):
+    the turns before those four are the exemplar's conversation. The exemplar points at the
+    principle with exactly those two requests; when there is none, the pair becomes a new
+    principle ``system-chat-i``. Other ``system_chat`` entries are skipped, and the description
+    says how many.
+    """
+    path = Path(path)
+    data = _read_json(path)
+    if (
+        not isinstance(data, dict)
+        or "constitutions" not in data
+        or set(data) - {"constitutions", "system_chat"}
+    ):
+        raise ConfigError(
+            f'{path}: expected a JSON object with "constitutions" (and optionally "system_chat")'
+        )
+    entries = data["constitutions"]
+    if not isinstance(entries, list):
+        raise ConfigError(f"{path}: constitutions: expected a list")
+    principles: list[dict[str, Any]] = []
+    for i, entry in enumerate(entries):
+        if not (
+            isinstance(entry, dict)
+            and set(entry) == {"critic", "revision"}
+            and all(isinstance(v, str) for v in entry.values())
+        ):
+            raise ConfigError(
+                f'{path}: constitutions[{i}]: expected {{"critic": "...", "revision": "..."}}'
+            )
+        principles.append(
+            {
+                "id": f"principle-{i}",
+                "critique": entry["critic"].strip(),
+                "revision": entry["revision"].strip(),
+            }
+        )
+    by_requests = {(p["critique"], p["revision"]): p["id"] for p in principles}
+    chats = data.get("system_chat", [])
+    if not isinstance(chats, list):
+        raise ConfigError(f"{path}: system_chat: expected a list of conversations")
+    examples: list[dict[str, Any]] = []
+    skipped = 0
+    for i, chat in enumerate(chats):
+        turns = _json_turns(chat, f"{path}: system_chat[{i}]")
+        roles = [t["role"] for t in turns]
+        if len(turns) < 6 or roles != ["user", "assistant"] * (len(turns) // 2):
+            skipped += 1
+            continue
+        requests = (turns[-4]["content"].strip(), turns[-2]["content"].strip())
+        if requests not in by_requests:
+            by_requests[requests] = f"system-chat-{i}"
+            principles.append(
+                {"id": f"system-chat-{i}", "critique": requests[0], "revision": requests[1]}
+            )
+        examples.append(
+            {
+                "principle": by_requests[requests],
+                "conversation": turns[:-4],
+                "critique": turns[-3]["content"].strip(),
+                "revision": turns[-1]["content"].strip(),
+            }
+        )
+    description = (
+        f"Converted from the Hugging Face constitution {path.name}: {len(entries)} principles, "
+        f"{len(examples)} exemplars from system_chat."
+    )
+    if skipped:
+        description += (
+            f" {skipped} system_chat entries skipped: not user/assistant turns ending in critique"
+            " request, critique, revision request, revision."
+        )
+    converted = {
+        "name": _slug(path.stem) or "huggingface",
+        "description": description,
+        "version": "1",
+        "principles": principles,
+        "critique_examples": examples,
+    }
+    return _build(converted, f"{path} (converted)")
+
+
+def _json_turns(chat: Any, where: str) -> list[dict[str, str]]:
+    if not isinstance(chat, list):
+        raise ConfigError(f"{where}: expected a list of messages")
+    for j, turn in enumerate(chat):
+        if not (
+            isinstance(turn, dict)
+            and set(turn) == {"role", "content"}
+            and all(isinstance(v, str) for v in turn.values())
+        ):
+            raise ConfigError(f'{where}[{j}]: expected {{"role": "...", "content": "..."}}')
+    return chat
+
+
+__all__ = [
+    "Constitution",
+    "CritiqueExample",
+    "CritiqueShot",
+    "JudgeExample",
+    "JudgeShot",
+    "Message",
+    "Principle",
+    "dump_constitution",
+    "from_anthropic",
+    "from_huggingface",
+    "load_constitution",
+]

@@ -1,0 +1,730 @@
+"""The run store: the durable state of a ``python -m cai.pipeline`` job under ``runs/<name>/``.
+
+A batch job can be killed at any moment (SIGKILL, pre-emption, a power cut) and re-run with the same
+command; this module is what makes that safe. Layout::
+
+    runs/<name>/manifest.json                        resolved config, its hash, versions, seeds, models
+    runs/<name>/stages/<stage>.jsonl                 one append-only record per line
+    runs/<name>/stages/<stage>.shard-<k>-of-<n>.jsonl   the same, for ``--shard k/n``
+
+Every record is a JSON object with a ``key`` (see :func:`record_key`). A key is *done* once a record
+for it without an ``error`` is on disk; a resumed run writes only keys that are not done, so nothing
+is lost and nothing is duplicated. A record with a non-null ``error`` does not make its key done: the
+next run retries it, and the later record replaces the error.
+
+Crash safety rests on three rules:
+
+- Records are appended as whole lines and fsync'd in batches, so a crash can only leave a *torn last
+  line*. Readers ignore it; :class:`StageWriter` truncates it away before appending.
+- An invalid line that is not the last one cannot come from a crash, so it raises
+  :class:`RunStoreError` naming the file and line instead of being skipped.
+- One process per stage file, enforced with ``fcntl.flock``; machines sharing a filesystem each
+  write their own shard file, merged afterwards by :meth:`RunStore.merge_shards` or
+  :func:`merge_runs`.
+
+Typical use by a stage::
+
+    store = RunStore("runs/hh-sl")
+    store.check_manifest(config)
+    store.write_manifest(config, versions=..., seeds=..., models=...)
+    with store.writer("critique", shard) as out:
+        todo = [x for x in items if x.key not in out and in_shard(x.key, shard)]
+        for batch in batches(todo):
+            for record in run_batch(batch):
+                out.write(record)
+            out.flush()
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import fcntl
+import hashlib
+import json
+import logging
+import os
+import re
+import tempfile
+import time
+from collections.abc import Callable, Iterable
+from datetime import UTC, datetime
+from pathlib import Path, PurePath
+from typing import IO, Any
+
+log = logging.getLogger(__name__)
+
+Shard = tuple[int, int]
+"""``(k, n)``: shard ``k`` of ``n``, 1-based as users write it (``--shard 1/4``)."""
+
+_STAGE_NAME = re.compile(r"[A-Za-z0-9_-]+")
+_SHARD_FILE = re.compile(r"(?P<stage>[A-Za-z0-9_-]+)\.shard-(?P<k>\d+)-of-(?P<n>\d+)\.jsonl")
+
+
+class RunStoreError(Exception):
+    """The run directory is inconsistent with what was asked; the message says what to do."""
+
+
+# ---------------------------------------------------------------------------- keys, seeds, shards
+
+
+def _jsonable(obj: Any) -> Any:
+    if dataclasses.is_dataclass(obj) and not isinstance(obj, type):
+        return dataclasses.asdict(obj)
+    if isinstance(obj, set | frozenset):
+        return sorted(obj)
+    if isinstance(obj, PurePath):
+        return obj.as_posix()
+    raise TypeError(f"cannot hash a value of type {type(obj).__name__}: {obj!r}")
+
+
+def _canonical(value: Any) -> bytes:
+    """Canonical JSON: sorted keys, no whitespace, ASCII; so equal values give equal bytes."""
+    return json.dumps(
+        value, sort_keys=True, separators=(",", ":"), allow_nan=False, default=_jsonable
+    ).encode()
+
+
+def record_key(**parts: Any) -> str:
+    """A stable key for a record: sha256 of the canonical JSON of ``parts``, 24 hex characters.
+
+    Pass everything that defines the record's content: input key, stage name, template text,
+    principle ids, model id, sampling params. Values may be JSON types, dataclasses (via
+    ``asdict``), sets (sorted) and paths. The key is the same in every process and Python version.
+    Floats and ints hash differently (``1`` vs ``1.0``); the typed config makes them consistent.
+
+    Raises:
+        ValueError: no parts were given.
+        TypeError: a value is not JSON-able.
+    """
+    if not parts:
+        raise ValueError("record_key() needs at least one part")
+    return hashlib.sha256(_canonical(parts)).hexdigest()[:24]
+
+
+def seed_for(key: str, base_seed: int = 0) -> int:
+    """The sampling seed of one record: derived from ``key`` and the run's ``base_seed``.
+
+    In ``[0, 2**63)``, so it fits a signed 64-bit int (torch generators, vLLM's ``seed``). Note that
+    ``numpy.random.seed`` and ``transformers.set_seed`` need ``< 2**32``: reduce it there.
+    """
+    digest = hashlib.sha256(f"seed:{base_seed}:{key}".encode()).digest()
+    return int.from_bytes(digest[:8], "big") >> 1
+
+
+def shard_of(key: str, n: int) -> int:
+    """The shard (1-based, ``1..n``) that owns ``key`` when the work is split ``n`` ways."""
+    if n < 1:
+        raise ValueError(f"shard count must be at least 1, got {n}")
+    digest = hashlib.sha256(f"shard:{key}".encode()).digest()
+    return int.from_bytes(digest[:8], "big") % n + 1
+
+
+def in_shard(key: str, shard: Shard | None) -> bool:
+    """Whether ``key`` belongs to ``shard``; every key belongs to the whole run (``shard=None``)."""
+    if shard is None:
+        return True
+    k, n = _check_shard(shard)
+    return shard_of(key, n) == k
+
+
+def parse_shard(text: str) -> Shard:
+    """Parse ``"k/n"`` (as in ``--shard 2/4``) into ``(k, n)`` with ``1 <= k <= n``.
+
+    Raises:
+        ValueError: with the expected form and the value given.
+    """
+    match = re.fullmatch(r"\s*(\d+)\s*/\s*(\d+)\s*", text)
+    if match is None:
+        raise ValueError(f"--shard must look like k/n (e.g. 1/4), got {text!r}")
+    return _check_shard((int(match[1]), int(match[2])))
+
+
+def _check_shard(shard: Shard) -> Shard:
+    k, n = shard
+    if n < 1:
+        raise ValueError(f"shard count n must be at least 1, got {k}/{n}")
+    if not 1 <= k <= n:
+        raise ValueError(f"shard k must be in 1..{n} (shards are numbered from 1), got {k}/{n}")
+    return k, n
+
+
+def config_hash(config: dict[str, Any]) -> str:
+    """sha256 (hex) of the canonical JSON of a resolved config."""
+    return hashlib.sha256(_canonical(config)).hexdigest()
+
+
+# ---------------------------------------------------------------------------- files
+
+
+def _fsync_dir(path: Path) -> None:
+    """Make a created or renamed directory entry durable (the file's own fsync does not)."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _write_atomic(path: Path, write: Callable[[IO[bytes]], None]) -> None:
+    """Write ``path`` via a temp file in the same directory and a rename: readers see old or new."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            write(f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        os.unlink(tmp)
+        raise
+    _fsync_dir(path.parent)
+
+
+def _encode(record: dict[str, Any]) -> bytes:
+    return (
+        json.dumps(record, ensure_ascii=False, separators=(",", ":"), allow_nan=False) + "\n"
+    ).encode()
+
+
+def _is_error(record: dict[str, Any]) -> bool:
+    return record.get("error") is not None
+
+
+@dataclasses.dataclass
+class _Scan:
+    """What reading a stage file found."""
+
+    records: dict[str, dict[str, Any]] = dataclasses.field(default_factory=dict)
+    """key -> its record: the first one without an error, else the latest error (file order)."""
+    done: set[str] = dataclasses.field(default_factory=set)
+    torn_at: int | None = None
+    """Byte offset of a torn last line, if the file ends with one."""
+    duplicates: int = 0
+
+
+def _scan(path: Path, *, keep_records: bool = True) -> _Scan:
+    """Read a stage file, validating every line; see the module docstring for the rules."""
+    scan = _Scan()
+    if not path.exists():
+        return scan
+    # (line number, byte offset, reason) of an unparsable line: a torn tail if nothing follows it.
+    bad: tuple[int, int, str] | None = None
+    offset = 0
+    with path.open("rb") as f:
+        for lineno, raw in enumerate(f, start=1):
+            start, offset = offset, offset + len(raw)
+            if bad is not None:
+                if raw.strip():
+                    raise RunStoreError(
+                        f"{path}:{bad[0]}: invalid record ({bad[2]}). It is not the last line, so "
+                        "this is corruption, not a crash mid-write. Delete that line (its record "
+                        "is regenerated on the next run), or delete the file to redo the stage."
+                    )
+                continue
+            if not raw.endswith(b"\n"):
+                scan.torn_at = start
+                break
+            if not raw.strip():
+                continue
+            try:
+                record = json.loads(raw)
+            except ValueError as e:
+                bad = (lineno, start, str(e))
+                continue
+            if not isinstance(record, dict) or not isinstance(record.get("key"), str):
+                raise RunStoreError(
+                    f"{path}:{lineno}: a record must be a JSON object with a string 'key'. "
+                    "Delete that line (its record is regenerated on the next run)."
+                )
+            _add(scan, record, keep_records)
+    if bad is not None:
+        scan.torn_at = bad[1]
+    if scan.duplicates:
+        log.warning(
+            "%s: %d duplicate record(s) for keys already done were ignored (the first is kept); "
+            "were two processes writing this file?",
+            path,
+            scan.duplicates,
+        )
+    return scan
+
+
+def _add(scan: _Scan, record: dict[str, Any], keep_records: bool) -> None:
+    key = record["key"]
+    if key in scan.done:
+        scan.duplicates += 1
+        return
+    if not _is_error(record):
+        scan.done.add(key)
+    if keep_records:
+        scan.records[key] = record
+
+
+def _read(path: Path) -> dict[str, dict[str, Any]]:
+    scan = _scan(path)
+    if scan.torn_at is not None:
+        log.warning(
+            "%s: ignoring a torn last line at byte %d (a crash mid-write); "
+            "it is truncated when the stage is next opened for writing",
+            path,
+            scan.torn_at,
+        )
+    return scan.records
+
+
+def _lock(fd: int, path: Path) -> None:
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        raise RunStoreError(
+            f"{path} is being written by another process. Two processes must not write the same "
+            "stage file: wait for the other run to finish, or split the work with --shard k/n "
+            "so that each process writes its own file."
+        ) from None
+
+
+def _open_locked(path: Path) -> int:
+    """Open ``path`` for appending under an exclusive flock, failing fast if another holds it."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    while True:
+        created = not path.exists()
+        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_APPEND | os.O_CLOEXEC, 0o644)
+        try:
+            _lock(fd, path)
+            # A merge may have renamed a new file over ``path`` between our open and our lock;
+            # appending to the old, unlinked inode would lose the records.
+            if os.path.exists(path) and os.path.samestat(os.fstat(fd), os.stat(path)):
+                break
+        except BaseException:
+            os.close(fd)
+            raise
+        os.close(fd)
+    if created:
+        _fsync_dir(path.parent)
+    return fd
+
+
+# ---------------------------------------------------------------------------- writer
+
+
+class StageWriter:
+    """Appends records to one stage file; get it from :meth:`RunStore.writer` and use it in ``with``.
+
+    Records are buffered and written + fsync'd every ``flush_every`` records, when ``flush_seconds``
+    have passed at a write, and on :meth:`flush` / close. Call :meth:`flush` after each engine batch
+    so that a kill while the next batch generates loses nothing already generated.
+    """
+
+    def __init__(
+        self,
+        path: Path,
+        shard: Shard | None = None,
+        *,
+        flush_every: int = 100,
+        flush_seconds: float = 5.0,
+    ) -> None:
+        self.path = path
+        self.shard = shard
+        self.flush_every = flush_every
+        self.flush_seconds = flush_seconds
+        self._buffer: list[bytes] = []
+        self._last_flush = time.monotonic()
+        self._fd: int | None = _open_locked(path)
+        try:
+            scan = _scan(path, keep_records=False)
+            if scan.torn_at is not None:
+                size = os.fstat(self._fd).st_size
+                os.ftruncate(self._fd, scan.torn_at)
+                os.fsync(self._fd)
+                log.warning(
+                    "%s: truncated a torn last line at byte %d (%d bytes, a crash mid-write)",
+                    path,
+                    scan.torn_at,
+                    size - scan.torn_at,
+                )
+        except BaseException:
+            self.close()
+            raise
+        self._done = scan.done
+
+    def __contains__(self, key: object) -> bool:
+        """Whether ``key`` is done: a record without an error is written (or buffered)."""
+        return key in self._done
+
+    def __len__(self) -> int:
+        """Number of done keys."""
+        return len(self._done)
+
+    def write(self, record: dict[str, Any]) -> bool:
+        """Append ``record``; return False, writing nothing, if its key is already done.
+
+        Raises:
+            ValueError: no string ``key``; a key outside this writer's shard; not plain JSON
+                (NaN and infinities included, since other JSON readers reject them).
+        """
+        if self._fd is None:
+            raise ValueError(f"{self.path}: write() after close()")
+        key = record.get("key")
+        if not isinstance(key, str) or not key:
+            raise ValueError(f"{self.path}: a record needs a non-empty string 'key', got {key!r}")
+        if key in self._done:
+            return False
+        if self.shard is not None and not in_shard(key, self.shard):
+            k, n = self.shard
+            raise ValueError(
+                f"key {key} belongs to shard {shard_of(key, n)}/{n}, not to this writer's {k}/{n}; "
+                "filter the work with in_shard(key, shard)"
+            )
+        try:
+            line = _encode(record)
+        except (TypeError, ValueError) as e:
+            raise ValueError(f"{self.path}: record {key} is not plain JSON: {e}") from e
+        self._buffer.append(line)
+        if not _is_error(record):
+            self._done.add(key)
+        if (
+            len(self._buffer) >= self.flush_every
+            or time.monotonic() - self._last_flush >= self.flush_seconds
+        ):
+            self.flush()
+        return True
+
+    def flush(self) -> None:
+        """Write buffered records and fsync: after this returns they survive any crash."""
+        if self._fd is None:
+            return
+        if self._buffer:
+            data = memoryview(b"".join(self._buffer))
+            self._buffer.clear()
+            while data:
+                data = data[os.write(self._fd, data) :]
+            os.fsync(self._fd)
+        self._last_flush = time.monotonic()
+
+    def close(self) -> None:
+        """Flush, release the lock and close the file; idempotent."""
+        if self._fd is None:
+            return
+        try:
+            self.flush()
+        finally:
+            os.close(self._fd)  # closing the descriptor releases the flock
+            self._fd = None
+
+    def __enter__(self) -> StageWriter:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        # Flush on an exception too: buffered records are complete and independent of the failure.
+        self.close()
+
+
+# ---------------------------------------------------------------------------- store
+
+
+class RunStore:
+    """One run directory: its manifest and its stage files."""
+
+    def __init__(self, run_dir: str | os.PathLike[str]) -> None:
+        self.run_dir = Path(run_dir)
+        self.manifest_path = self.run_dir / "manifest.json"
+        self.stages_dir = self.run_dir / "stages"
+
+    def __repr__(self) -> str:
+        return f"RunStore({str(self.run_dir)!r})"
+
+    # -- manifest
+
+    def read_manifest(self) -> dict[str, Any] | None:
+        """The manifest, or None if this run directory has none yet."""
+        try:
+            text = self.manifest_path.read_text(encoding="utf-8")
+        except FileNotFoundError:
+            return None
+        try:
+            manifest = json.loads(text)
+        except ValueError as e:
+            raise RunStoreError(
+                f"{self.manifest_path} is not valid JSON ({e}). It is written atomically, so it "
+                "was edited by hand: restore it, or delete it to adopt the current config."
+            ) from e
+        if not isinstance(manifest, dict) or not {"config_hash", "config"} <= manifest.keys():
+            raise RunStoreError(
+                f"{self.manifest_path} lacks 'config_hash' or 'config': not a cai run manifest"
+            )
+        return manifest
+
+    def check_manifest(self, config: dict[str, Any]) -> dict[str, Any] | None:
+        """Check that ``config`` may resume this run; return the existing manifest (None if new).
+
+        Raises:
+            RunStoreError: the manifest was written for a different config; names the top-level
+                keys that differ.
+        """
+        manifest = self.read_manifest()
+        if manifest is None or manifest["config_hash"] == config_hash(config):
+            return manifest
+        old = manifest.get("config", {})
+        changed = [
+            key
+            for key in sorted(set(old) | set(config))
+            if key not in old
+            or key not in config
+            or _canonical(old[key]) != _canonical(config[key])
+        ]
+        lines = [f"  {key}: {_show(old, key)} -> {_show(config, key)}" for key in changed]
+        raise RunStoreError(
+            f"{self.manifest_path} was written for a different config; differing keys: "
+            f"{', '.join(changed) or '(none at the top level)'}\n" + "\n".join(lines) + "\n"
+            "Use a new --run-dir for the new config, or --force to reuse this one "
+            "(records whose keys still match are kept; the rest are regenerated)."
+        )
+
+    def write_manifest(
+        self,
+        config: dict[str, Any],
+        *,
+        versions: dict[str, Any],
+        seeds: dict[str, Any],
+        models: dict[str, Any],
+    ) -> dict[str, Any]:
+        """Write ``manifest.json`` atomically; keeps ``created`` of an existing one. Returns it.
+
+        ``config`` is the resolved config; all of it is hashed, so keep values that must not
+        split a run (such as ``--shard``) out of it, or shards cannot be merged.
+        """
+        old = self.read_manifest()
+        now = datetime.now(UTC).isoformat(timespec="seconds")
+        manifest = {
+            "config_hash": config_hash(config),
+            "created": old["created"] if old and "created" in old else now,
+            "updated": now,
+            "versions": versions,
+            "seeds": seeds,
+            "models": models,
+            "config": config,
+        }
+        self._write_manifest(manifest)
+        return manifest
+
+    def _write_manifest(self, manifest: dict[str, Any]) -> None:
+        text = json.dumps(manifest, indent=2, ensure_ascii=False, default=_jsonable) + "\n"
+        _write_atomic(self.manifest_path, lambda f: f.write(text.encode()))
+
+    # -- stages
+
+    def stage_path(self, stage: str, shard: Shard | None = None) -> Path:
+        """``stages/<stage>.jsonl``, or ``stages/<stage>.shard-<k>-of-<n>.jsonl`` for a shard."""
+        if not _STAGE_NAME.fullmatch(stage):
+            raise ValueError(f"stage name must match [A-Za-z0-9_-]+, got {stage!r}")
+        if shard is None:
+            return self.stages_dir / f"{stage}.jsonl"
+        k, n = _check_shard(shard)
+        return self.stages_dir / f"{stage}.shard-{k}-of-{n}.jsonl"
+
+    def read_stage(self, stage: str, shard: Shard | None = None) -> dict[str, dict[str, Any]]:
+        """key -> record in file order (a done record, else the key's latest error record).
+
+        Ignores a torn last line with a warning. Raises :class:`RunStoreError` for corruption.
+        """
+        return _read(self.stage_path(stage, shard))
+
+    def done_keys(self, stage: str, shard: Shard | None = None) -> set[str]:
+        """Keys with a record without an error: the ones a resumed run skips."""
+        return _scan(self.stage_path(stage, shard), keep_records=False).done
+
+    def writer(
+        self,
+        stage: str,
+        shard: Shard | None = None,
+        *,
+        flush_every: int = 100,
+        flush_seconds: float = 5.0,
+    ) -> StageWriter:
+        """Open the stage file for appending (locked; a torn last line is truncated)."""
+        return StageWriter(
+            self.stage_path(stage, shard),
+            shard,
+            flush_every=flush_every,
+            flush_seconds=flush_seconds,
+        )
+
+    def merge_shards(self, stage: str) -> Path:
+        """Combine this run's ``<stage>.shard-*-of-<n>.jsonl`` into ``<stage>.jsonl`` atomically.
+
+        Records are ordered by shard, then file order. Re-merging is safe: an existing
+        ``<stage>.jsonl`` is replaced only if every done key it holds is in the shards.
+
+        Raises:
+            RunStoreError: no shard files; shards of different ``n``; a shard missing or still
+                being written; a key in two shards.
+        """
+        files = _shard_files(self.stages_dir, stage)
+        if not files:
+            raise RunStoreError(f"no shard files for stage {stage!r} in {self.stages_dir}")
+        return _merge(stage, files, self.stage_path(stage))
+
+    def stage_files(self) -> list[Path]:
+        """All stage files (merged and shard files), sorted by name."""
+        return sorted(self.stages_dir.glob("*.jsonl"))
+
+    def summary(self) -> dict[str, dict[str, int]]:
+        """Counts per stage file (``critique``, ``critique.shard-1-of-4``, ...).
+
+        ``records`` (keys), ``errors`` (keys whose record has a non-null ``error``) and the sums of
+        ``usage.prompt_tokens`` / ``usage.completion_tokens`` / their total over the records.
+        """
+        out: dict[str, dict[str, int]] = {}
+        for path in self.stage_files():
+            counts = {
+                "records": 0,
+                "errors": 0,
+                "prompt_tokens": 0,
+                "completion_tokens": 0,
+                "total_tokens": 0,
+            }
+            for record in _read(path).values():
+                counts["records"] += 1
+                counts["errors"] += _is_error(record)
+                usage = record.get("usage")
+                if isinstance(usage, dict):
+                    for field in ("prompt_tokens", "completion_tokens"):
+                        counts[field] += int(usage.get(field) or 0)
+            counts["total_tokens"] = counts["prompt_tokens"] + counts["completion_tokens"]
+            out[path.name.removesuffix(".jsonl")] = counts
+        return out
+
+
+def _show(config: dict[str, Any], key: str) -> str:
+    if key not in config:
+        return "(absent)"
+    text = _canonical(config[key]).decode()
+    return text if len(text) <= 80 else text[:77] + "..."
+
+
+def _shard_files(stages_dir: Path, stage: str) -> dict[Shard, Path]:
+    files: dict[Shard, Path] = {}
+    for path in stages_dir.glob(f"{stage}.shard-*-of-*.jsonl"):
+        match = _SHARD_FILE.fullmatch(path.name)
+        if match and match["stage"] == stage:
+            files[int(match["k"]), int(match["n"])] = path
+    return files
+
+
+def _merge(stage: str, files: dict[Shard, Path], out: Path) -> Path:
+    counts = sorted({n for _, n in files})
+    if len(counts) > 1:
+        raise RunStoreError(
+            f"stage {stage!r} has shard files split {' and '.join(map(str, counts))} ways: "
+            f"{', '.join(sorted(str(p) for p in files.values()))}. A run's shards must all use "
+            "the same n; delete the files of the split you do not want."
+        )
+    n = counts[0]
+    missing = [f"{k}/{n}" for k in range(1, n + 1) if (k, n) not in files]
+    if missing:
+        raise RunStoreError(
+            f"cannot merge stage {stage!r}: shard(s) {', '.join(missing)} have no file "
+            f"{stage}.shard-<k>-of-{n}.jsonl. Run them (--shard k/{n}) or copy their files in."
+        )
+    created = not out.exists()
+    locks: list[int] = []
+    try:
+        # Hold every shard's lock (a shard still being written is not complete) and the output's.
+        # O_RDWR because NFS emulates flock with POSIX locks, whose exclusive form needs it.
+        for k in range(1, n + 1):
+            locks.append(os.open(files[k, n], os.O_RDWR | os.O_CLOEXEC))
+            _lock(locks[-1], files[k, n])
+        locks.append(_open_locked(out))
+        owner: dict[str, int] = {}
+
+        def write(f: IO[bytes]) -> None:
+            # One shard in memory at a time; the output streams to the temp file.
+            for k in range(1, n + 1):
+                for key, record in _read(files[k, n]).items():
+                    if key in owner:
+                        raise RunStoreError(
+                            f"key {key} of stage {stage!r} is in shard {owner[key]}/{n} "
+                            f"({files[owner[key], n]}) and in shard {k}/{n} ({files[k, n]}); "
+                            "shards must not overlap. Were they run with different configs or "
+                            "shard counts?"
+                        )
+                    owner[key] = k
+                    f.write(_encode(record))
+            extra = _scan(out, keep_records=False).done - owner.keys()
+            if extra:
+                raise RunStoreError(
+                    f"{out} already holds {len(extra)} done key(s) that no shard has (e.g. "
+                    f"{min(extra)}); merging would drop them. Move that file away first."
+                )
+
+        _write_atomic(out, write)
+    except BaseException:
+        # Do not leave behind the empty file that taking the output's lock created (only if we
+        # hold that lock: otherwise the file is another process's).
+        if created and len(locks) == n + 1 and out.stat().st_size == 0:
+            out.unlink()
+        raise
+    finally:
+        for fd in locks:
+            os.close(fd)
+    log.info("merged %d shard(s), %d records, into %s", n, len(owner), out)
+    return out
+
+
+def merge_runs(
+    run_dirs: Iterable[str | os.PathLike[str]], out_dir: str | os.PathLike[str]
+) -> RunStore:
+    """Merge shards that ran in separate run directories (one per machine) into ``out_dir``.
+
+    Every run must have a manifest with the same config hash. For each stage, the shard files of
+    all runs are merged into ``out_dir/stages/<stage>.jsonl`` as by :meth:`RunStore.merge_shards`;
+    unsharded stage files in the inputs are skipped with a warning. ``out_dir`` gets the first
+    run's manifest plus ``merged_from``, and can then be read, summarised or resumed as one run.
+
+    Raises:
+        RunStoreError: a run has no manifest; config hashes differ; a shard file is in two runs;
+            or any error of :meth:`RunStore.merge_shards`.
+    """
+    runs = [RunStore(d) for d in run_dirs]
+    if not runs:
+        raise RunStoreError("merge_runs() needs at least one run directory")
+    manifests = []
+    for run in runs:
+        manifest = run.read_manifest()
+        if manifest is None:
+            raise RunStoreError(f"{run.manifest_path} does not exist: is {run.run_dir} a run dir?")
+        manifests.append(manifest)
+    hashes = {m["config_hash"] for m in manifests}
+    if len(hashes) > 1:
+        listing = "\n".join(
+            f"  {r.run_dir}: {m['config_hash'][:12]}" for r, m in zip(runs, manifests, strict=True)
+        )
+        raise RunStoreError(
+            "cannot merge runs made with different configs (config_hash):\n" + listing + "\n"
+            "Only shards of one config merge; re-run the odd ones with the same recipe and --set."
+        )
+    target = RunStore(out_dir)
+    target.check_manifest(manifests[0]["config"])
+    by_stage: dict[str, dict[Shard, Path]] = {}
+    for run in runs:
+        for path in run.stage_files():
+            match = _SHARD_FILE.fullmatch(path.name)
+            if match is None:
+                log.warning("%s is not a shard file; merge_runs() skips it", path)
+                continue
+            shard = int(match["k"]), int(match["n"])
+            files = by_stage.setdefault(match["stage"], {})
+            if shard in files:
+                raise RunStoreError(
+                    f"shard {shard[0]}/{shard[1]} of stage {match['stage']!r} is in two runs: "
+                    f"{files[shard]} and {path}. Keep one of them."
+                )
+            files[shard] = path
+    for stage, files in sorted(by_stage.items()):
+        _merge(stage, files, target.stage_path(stage))
+    manifest = dict(manifests[0])
+    manifest["updated"] = datetime.now(UTC).isoformat(timespec="seconds")
+    manifest["merged_from"] = [str(run.run_dir) for run in runs]
+    target._write_manifest(manifest)
+    return target
