@@ -53,6 +53,16 @@ def pick_dtype(dtype: str, device: torch.device) -> torch.dtype:
     return torch.bfloat16 if capability in ("AVX512_BF16", "AMX") else torch.float32
 
 
+def _common_prefix(prompts: list[list[int]]) -> int:
+    """Length of the token prefix all prompts share, leaving each at least one token of its own."""
+    shortest = min(len(p) for p in prompts)
+    first = prompts[0]
+    n = 0
+    while n < shortest - 1 and all(p[n] == first[n] for p in prompts):
+        n += 1
+    return n
+
+
 @dataclass
 class _Row:
     """One sequence being decoded: request ``request``, sample ``sample``."""
@@ -78,6 +88,7 @@ class HFEngine(Engine):
         max_model_len: int | None = None,
         max_batch_size: int = 32,
         max_batch_tokens: int = 16384,
+        min_shared_prefix: int = 32,
         overflow: str = "raise",
     ):
         from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -99,6 +110,7 @@ class HFEngine(Engine):
             self.pad_id = self.tokenizer.eos_token_id or 0
         self.max_batch_size = max_batch_size
         self.max_batch_tokens = max_batch_tokens
+        self.min_shared_prefix = min_shared_prefix
 
     def describe(self) -> dict:
         return {**super().describe(), "dtype": str(self.dtype).removeprefix("torch.")}
@@ -170,25 +182,46 @@ class HFEngine(Engine):
         if batch:
             yield batch
 
-    def _left_pad(self, prompts: list[list[int]]):
+    def _left_pad(self, prompts: list[list[int]], offset: int = 0):
+        """Left-padded ids, attention mask and position ids (positions start at ``offset``)."""
         width = max(len(p) for p in prompts)
         ids = torch.full((len(prompts), width), self.pad_id, dtype=torch.long)
         mask = torch.zeros((len(prompts), width), dtype=torch.long)
         for r, p in enumerate(prompts):
             ids[r, width - len(p) :] = torch.tensor(p)
             mask[r, width - len(p) :] = 1
-        positions = (mask.cumsum(-1) - 1).clamp(min=0)
+        positions = offset + (mask.cumsum(-1) - 1).clamp(min=0)
         return ids.to(self.device), mask.to(self.device), positions.to(self.device)
+
+    def _prefill(self, prompts: list[list[int]], use_cache: bool = True):
+        """Run the prompts; return (cache, last-position logits [B, V], mask [B, T], last position [B]).
+
+        Stage prompts share a long static head (system prompt, few-shot exemplars). That common
+        prefix is computed once and its KV cache expanded to every row; only the suffixes are
+        prefilled, left-padded *after* the prefix (the mask hides the pads, positions skip them).
+        """
+        common = _common_prefix(prompts)
+        if len(prompts) > 1 and common >= self.min_shared_prefix:
+            head = torch.tensor([prompts[0][:common]], device=self.device)
+            cache = self.model(input_ids=head, use_cache=True).past_key_values
+            cache.reorder_cache(torch.zeros(len(prompts), dtype=torch.long, device=self.device))
+            ids, tail_mask, positions = self._left_pad([p[common:] for p in prompts], offset=common)
+            mask = torch.cat([tail_mask.new_ones((len(prompts), common)), tail_mask], dim=1)
+            out = self.model(
+                input_ids=ids, attention_mask=mask, position_ids=positions, past_key_values=cache
+            )
+        else:
+            ids, mask, positions = self._left_pad(prompts)
+            out = self.model(
+                input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=use_cache
+            )
+        return out.past_key_values, out.logits[:, -1, :].float(), mask, positions[:, -1]
 
     @torch.inference_mode()
     def _decode(self, batch: list[_Row]) -> list[Sample]:
-        ids, mask, positions = self._left_pad([r.prompt for r in batch])
-        out = self.model(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=True)
-        cache = out.past_key_values
-        logits = out.logits[:, -1, :].float()
-        del out
+        cache, logits, mask, last = self._prefill([r.prompt for r in batch])
         live = list(range(len(batch)))  # batch indices still decoding, in cache order
-        next_pos = positions[:, -1] + 1
+        next_pos = last + 1
         tokens: list[list[int]] = [[] for _ in batch]
         finish: list[str | None] = [None] * len(batch)
         texts: list[str | None] = [None] * len(batch)
@@ -311,12 +344,9 @@ class HFEngine(Engine):
     def _score_batch(
         self, prompts: list[list[int]], option_ids: list[list[int]]
     ) -> list[list[float]]:
-        ids, mask, positions = self._left_pad(prompts)
         multi = any(len(t) > 1 for t in option_ids)
-        out = self.model(
-            input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=multi
-        )
-        first = torch.log_softmax(out.logits[:, -1, :].float(), dim=-1)  # [B, V]
+        cache, last_logits, mask, last = self._prefill(prompts, use_cache=multi)
+        first = torch.log_softmax(last_logits, dim=-1)  # [B, V]
         scores = [[float(first[b, t[0]]) for t in option_ids] for b in range(len(prompts))]
         if not multi:
             return scores
@@ -324,7 +354,6 @@ class HFEngine(Engine):
         # option's tokens but its last (right-padded); position j then predicts token j + 1.
         k_opts, width = len(option_ids), max(len(t) for t in option_ids) - 1
         expand = torch.arange(len(prompts), device=self.device).repeat_interleave(k_opts)
-        cache = out.past_key_values
         cache.reorder_cache(expand)
         feed = torch.full((len(expand), width), self.pad_id, dtype=torch.long)
         feed_mask = torch.zeros((len(expand), width), dtype=torch.long)
@@ -336,7 +365,7 @@ class HFEngine(Engine):
         out = self.model(
             input_ids=feed,
             attention_mask=torch.cat([mask[expand], feed_mask], dim=1),
-            position_ids=positions[expand, -1:] + 1 + torch.arange(width, device=self.device),
+            position_ids=last[expand, None] + 1 + torch.arange(width, device=self.device),
             past_key_values=cache,
         )
         logp = torch.log_softmax(out.logits.float(), dim=-1)  # [B*K, width, V]

