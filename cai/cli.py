@@ -5,6 +5,10 @@
     cai constitution convert --anthropic CritiqueRevisionInstructions.json
         [--judge RLMadisonInstructions.json] -o OUT.yaml
     cai constitution convert --huggingface constitution.json -o OUT.yaml
+    cai train sft --config FILE [--set key=value ...]   supervised fine-tuning (cai.train.sft)
+    cai train dpo --config FILE [--set key=value ...]   preference training (cai.train.dpo)
+    cai judge eval --data FILE [--model SPEC] [--backend B] [--constitution NAME] [--limit N]
+        [--ensemble K] [--cot]            the judge's agreement with labelled preference pairs
 
 Each command group is added by one small ``add_<group>`` function that registers its
 subcommands; the handler set with ``set_defaults(run=...)`` returns the exit code.
@@ -13,6 +17,7 @@ subcommands; the handler set with ``set_defaults(run=...)`` returns the exit cod
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 import textwrap
 from collections.abc import Callable
@@ -27,6 +32,9 @@ from cai.constitution import (
     from_huggingface,
     load_constitution,
 )
+from cai.data import DataError, load_pairs
+from cai.engine import BACKENDS
+from cai.judge import GenerativeJudge, Judge, evaluate
 
 
 def _summary(c: Constitution) -> str:
@@ -153,7 +161,107 @@ def add_constitution(commands: argparse._SubParsersAction) -> None:
     convert.set_defaults(run=_constitution_convert)
 
 
-COMMANDS: list[Callable[[argparse._SubParsersAction], None]] = [add_constitution]
+_JUDGE_ROWS = [
+    ("accuracy, first order only", "accuracy_first_order"),
+    ("accuracy, both orders", "accuracy"),
+    ("position-consistent verdicts", "consistent"),
+    ("unparseable verdicts", "unparseable"),
+    ("Brier score, p(chosen)", "brier"),
+    ("ECE (10 bins), p(chosen)", "ece"),
+    ("longer response wins", "longer_wins"),
+    ("  longer is labelled better", "longer_chosen"),
+    ("errors", "errors"),
+    ("pairs/s", "pairs_per_s"),
+]
+
+
+def _judge_table(result: dict) -> str:
+    """The human-readable summary of ``cai.judge.evaluate``'s result."""
+    columns = {
+        name: {**r, **r.get("length_bias", {})}
+        for name, r in (("log-prob", result), ("generative", result.get("generative", {})))
+    }
+    mode = "CoT, " if result["cot"] else ""
+    lines = [
+        f"judge eval: {result['pairs']} pairs, {result['model']} ({result['backend']}), "
+        f"constitution {result['constitution']}, {mode}ensemble {result['ensemble']}",
+        "",
+        f"{'':<30}" + "".join(f"{name:>12}" for name in columns),
+    ]
+    for label, key in _JUDGE_ROWS:
+        cells = []
+        for r in columns.values():
+            value = r.get(key)
+            cells.append(
+                "-" if value is None else str(value) if isinstance(value, int) else f"{value:.3f}"
+            )
+        lines.append(f"{label:<30}" + "".join(f"{c:>12}" for c in cells))
+    return "\n".join(lines)
+
+
+def _judge_eval(args: argparse.Namespace) -> int:
+    try:
+        pairs = load_pairs(args.data, limit=args.limit)
+        judge = Judge(
+            args.model,
+            args.constitution,
+            backend=args.backend,
+            engine_options={"dtype": args.dtype} if args.dtype else None,
+            ensemble=args.ensemble,
+            seed=args.seed,
+            cot=args.cot,
+        )
+    except (ConfigError, DataError, FileNotFoundError, ValueError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    with judge:
+        # The baseline shares the engine, so both judges run on the same loaded model.
+        baseline = GenerativeJudge(judge.engine, judge.constitution, seed=args.seed)
+        result = evaluate(
+            judge, baseline, [(p.prompt, p.chosen, p.rejected) for p in pairs], progress=True
+        )
+    print(_judge_table(result))
+    print(json.dumps({"command": "judge eval", "data": str(args.data), **result}))
+    return 0
+
+
+def add_judge(commands: argparse._SubParsersAction) -> None:
+    """``cai judge eval``."""
+    group = commands.add_parser("judge", help="evaluate the AI-feedback judge")
+    sub = group.add_subparsers(dest="action", required=True, metavar="ACTION")
+
+    ev = sub.add_parser(
+        "eval",
+        help="agreement with labelled preference pairs, against a naive generative judge",
+        description="Judge labelled pairs (the better response shown first in every other "
+        "pair) with the log-prob judge and the naive generative judge; print a table, then "
+        "one JSON line.",
+    )
+    ev.add_argument(
+        "--data", required=True, metavar="FILE", help="preference pairs (cai.data.load_pairs)"
+    )
+    ev.add_argument(
+        "--model", default=None, metavar="SPEC", help="model spec (default: smollm2-135m)"
+    )
+    ev.add_argument("--backend", default="auto", choices=BACKENDS)
+    ev.add_argument(
+        "--dtype", default=None, help="engine dtype (hf, vllm): auto, float32, bfloat16, ..."
+    )
+    ev.add_argument(
+        "--constitution", default="harmless", metavar="NAME", help="shipped name or path"
+    )
+    ev.add_argument("--limit", type=int, default=None, metavar="N", help="judge the first N pairs")
+    ev.add_argument(
+        "--ensemble", type=int, default=1, metavar="K", help="principles averaged per pair"
+    )
+    ev.add_argument(
+        "--cot", action="store_true", help="chain-of-thought judge with clamped probabilities"
+    )
+    ev.add_argument("--seed", type=int, default=0, help="the judge's seed (principle draws)")
+    ev.set_defaults(run=_judge_eval)
+
+
+COMMANDS: list[Callable[[argparse._SubParsersAction], None]] = [add_constitution, add_judge]
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -46,6 +46,14 @@ def hf_engine(model_path):
 def vllm_engine(model_path):
     from cai.engine import create_engine
 
-    engine = create_engine("vllm", model=model_path, dtype="float32", max_model_len=2048)
+    engine = create_engine(
+        "vllm", model=model_path, dtype="float32", max_model_len=2048, gpu_memory_utilization=0.1
+    )
     yield engine
     engine.close()
+
+
+def pytest_collection_modifyitems(config, items):
+    """Run the vLLM tests last (each module's stay together): an idle vLLM engine's workers
+    keep polling, which would slow every CPU test that ran while one is alive."""
+    items.sort(key=lambda item: item.get_closest_marker("vllm") is not None)
