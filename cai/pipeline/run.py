@@ -28,6 +28,7 @@ from cai.data import PromptRecord, export_dataset, load_prompts
 from cai.engine import Engine, Sampling, create_engine
 from cai.pipeline.recipe import Recipe
 from cai.pipeline.store import RunStore, in_shard, record_key, seed_for
+from cai.prompts import load_template
 
 # Recipe keys that select which records to make, not what a record contains: left out of the
 # manifest's config hash so `--limit 5` then a full run, or shards, share one run.
@@ -127,6 +128,9 @@ class Runner:
         self.prompts = [p for p in prompts[:limit] if in_shard(p.key, shard)]
         stage = recipe.stages.critique_revise
         self.constitution = load_constitution((stage and stage.constitution) or recipe.constitution)
+        if stage:
+            load_template(stage.critique_template)
+            load_template(stage.revise_template)
         self.config = {k: v for k, v in recipe.to_dict().items() if k not in _VOLATILE}
         if not force:
             self.store.check_manifest(self.config)

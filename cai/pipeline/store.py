@@ -360,7 +360,8 @@ class StageWriter:
         """Append ``record``; return False, writing nothing, if its key is already done.
 
         Raises:
-            ValueError: no string ``key``; a key outside this writer's shard; not plain JSON
+            ValueError: no string ``key``; a key (``input_key`` where given) outside this
+                writer's shard; not plain JSON
                 (NaN and infinities included, since other JSON readers reject them).
         """
         if self._fd is None:
@@ -370,11 +371,14 @@ class StageWriter:
             raise ValueError(f"{self.path}: a record needs a non-empty string 'key', got {key!r}")
         if key in self._done:
             return False
-        if self.shard is not None and not in_shard(key, self.shard):
+        # A record derived from an input (a prompt) is sharded by that input's key, so every
+        # stage of one input lands in the same shard; other records by their own key.
+        shard_key = record.get("input_key", key)
+        if self.shard is not None and not in_shard(shard_key, self.shard):
             k, n = self.shard
             raise ValueError(
-                f"key {key} belongs to shard {shard_of(key, n)}/{n}, not to this writer's {k}/{n}; "
-                "filter the work with in_shard(key, shard)"
+                f"key {shard_key} belongs to shard {shard_of(shard_key, n)}/{n}, not to this "
+                f"writer's {k}/{n}; filter the work with in_shard(key, shard)"
             )
         try:
             line = _encode(record)
