@@ -11,7 +11,14 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any
 
-from cai.engine.base import Conversation, check_conversation
+from cai.engine.base import (
+    Conversation,
+    Sampling,
+    check_conversation,
+    check_options,
+    check_prefixes,
+    per_request,
+)
 
 
 class PromptEncoder:
@@ -74,6 +81,43 @@ class PromptEncoder:
         if len({tuple(t) for t in ids}) != len(ids):
             raise ValueError(f"options {list(options)!r} encode to the same tokens")
         return ids
+
+    def prepare_generate(
+        self,
+        conversations: Sequence[Conversation],
+        sampling: Sampling | Sequence[Sampling],
+        prefixes: Sequence[str] | str | None,
+        overflow: str,
+    ) -> tuple[list[Sampling], list[list[int] | str]]:
+        """Every backend's generate preamble: one validated Sampling per request and the prompt
+        ids (a string, the reason, where a prompt does not fit and ``overflow`` is 'error')."""
+        params = per_request(sampling, len(conversations))
+        prefixes = check_prefixes(prefixes, len(conversations))
+        prompts = self.encode_prompts(
+            conversations, prefixes, new_tokens=[p.max_tokens for p in params]
+        )
+        if overflow == "raise":
+            raise_on_overflow(prompts)
+        return params, prompts
+
+    def prepare_score(
+        self,
+        conversations: Sequence[Conversation],
+        options: Sequence[str],
+        prefixes: Sequence[str] | str | None,
+        overflow: str,
+    ) -> tuple[list[str], list[list[int]], list[list[int] | str]]:
+        """Every backend's score preamble: the options, their token ids, and the prompt ids."""
+        options = check_options(options)
+        option_ids = self.encode_options(options)
+        longest = max(len(t) for t in option_ids)
+        prefixes = check_prefixes(prefixes, len(conversations))
+        prompts = self.encode_prompts(
+            conversations, prefixes, new_tokens=[longest] * len(conversations)
+        )
+        if overflow == "raise":
+            raise_on_overflow(prompts)
+        return options, option_ids, prompts
 
 
 def raise_on_overflow(prompts: Sequence[list[int] | str]) -> None:

@@ -54,11 +54,10 @@ from cai.engine.base import (
     Sample,
     Sampling,
     check_conversation,
-    check_options,
     check_prefixes,
     per_request,
 )
-from cai.engine.encoding import PromptEncoder, raise_on_overflow
+from cai.engine.encoding import PromptEncoder
 from cai.models import resolve_model
 from cai.progress import progress_bar
 
@@ -252,9 +251,9 @@ class OpenAIEngine(Engine):
         prefixes: Sequence[str] | str | None = None,
         progress: bool | str = False,
     ) -> list[Completion]:
-        params = per_request(sampling, len(conversations))
         prefixes = check_prefixes(prefixes, len(conversations))
         if self.encoder is None:
+            params = per_request(sampling, len(conversations))
             _check_chats(conversations)
             if any(prefixes):
                 raise ValueError(
@@ -263,11 +262,9 @@ class OpenAIEngine(Engine):
                 )
             prompts: list[list[int] | str | None] = [None] * len(conversations)
         else:
-            prompts = self.encoder.encode_prompts(
-                conversations, prefixes, new_tokens=[p.max_tokens for p in params]
+            params, prompts = self.encoder.prepare_generate(
+                conversations, sampling, prefixes, self.overflow
             )
-            if self.overflow == "raise":
-                raise_on_overflow(prompts)
         results = [Completion(error=p) if isinstance(p, str) else None for p in prompts]
         todo = [i for i, p in enumerate(prompts) if not isinstance(p, str)]
         jobs = []
@@ -314,15 +311,10 @@ class OpenAIEngine(Engine):
                 "score sends token ids rendered by a local tokenizer; pass tokenizer= (a model "
                 "spec or path) to OpenAIEngine"
             )
-        options = check_options(options)
-        prefixes = check_prefixes(prefixes, len(conversations))
-        option_ids = self.encoder.encode_options(options)
-        counts = [len(t) for t in option_ids]
-        prompts = self.encoder.encode_prompts(
-            conversations, prefixes, new_tokens=[max(counts)] * len(conversations)
+        options, option_ids, prompts = self.encoder.prepare_score(
+            conversations, options, prefixes, self.overflow
         )
-        if self.overflow == "raise":
-            raise_on_overflow(prompts)
+        counts = [len(t) for t in option_ids]
         results: list[OptionScores] = [
             OptionScores(options, [], [], error=p) if isinstance(p, str) else None for p in prompts
         ]

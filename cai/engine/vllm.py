@@ -25,11 +25,8 @@ from cai.engine.base import (
     OptionScores,
     Sample,
     Sampling,
-    check_options,
-    check_prefixes,
-    per_request,
 )
-from cai.engine.encoding import PromptEncoder, raise_on_overflow
+from cai.engine.encoding import PromptEncoder
 from cai.models import resolve_model
 
 log = logging.getLogger(__name__)
@@ -149,13 +146,9 @@ class VLLMEngine(Engine):
         prefixes: Sequence[str] | str | None = None,
         progress: bool | str = False,
     ) -> list[Completion]:
-        params = per_request(sampling, len(conversations))
-        prefixes = check_prefixes(prefixes, len(conversations))
-        prompts = self.encoder.encode_prompts(
-            conversations, prefixes, new_tokens=[p.max_tokens for p in params]
+        params, prompts = self.encoder.prepare_generate(
+            conversations, sampling, prefixes, self.overflow
         )
-        if self.overflow == "raise":
-            raise_on_overflow(prompts)
         todo = [i for i, p in enumerate(prompts) if not isinstance(p, str)]
         outputs = self._run(
             [prompts[i] for i in todo], [self._params(params[i]) for i in todo], progress
@@ -184,15 +177,10 @@ class VLLMEngine(Engine):
         prefixes: Sequence[str] | str | None = None,
         progress: bool | str = False,
     ) -> list[OptionScores]:
-        options = check_options(options)
-        prefixes = check_prefixes(prefixes, len(conversations))
-        option_ids = self.encoder.encode_options(options)
-        longest = max(len(t) for t in option_ids)
-        prompts = self.encoder.encode_prompts(
-            conversations, prefixes, new_tokens=[longest] * len(conversations)
+        options, option_ids, prompts = self.encoder.prepare_score(
+            conversations, options, prefixes, self.overflow
         )
-        if self.overflow == "raise":
-            raise_on_overflow(prompts)
+        longest = max(len(t) for t in option_ids)
         counts = [len(t) for t in option_ids]
         results: list[OptionScores] = [
             OptionScores(options, [], [], error=p) if isinstance(p, str) else None for p in prompts
