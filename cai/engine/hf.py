@@ -196,17 +196,25 @@ class HFEngine(Engine):
         common = _common_prefix(prompts)
         if len(prompts) > 1 and common >= self.min_shared_prefix:
             head = torch.tensor([prompts[0][:common]], device=self.device)
-            cache = self.model(input_ids=head, use_cache=True).past_key_values
+            cache = self.model(input_ids=head, use_cache=True, logits_to_keep=1).past_key_values
             cache.reorder_cache(torch.zeros(len(prompts), dtype=torch.long, device=self.device))
             ids, tail_mask, positions = self._left_pad([p[common:] for p in prompts], offset=common)
             mask = torch.cat([tail_mask.new_ones((len(prompts), common)), tail_mask], dim=1)
             out = self.model(
-                input_ids=ids, attention_mask=mask, position_ids=positions, past_key_values=cache
+                input_ids=ids,
+                attention_mask=mask,
+                position_ids=positions,
+                past_key_values=cache,
+                logits_to_keep=1,
             )
         else:
             ids, mask, positions = self._left_pad(prompts)
             out = self.model(
-                input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=use_cache
+                input_ids=ids,
+                attention_mask=mask,
+                position_ids=positions,
+                use_cache=use_cache,
+                logits_to_keep=1,  # the vocabulary head at the last position only
             )
         return out.past_key_values, out.logits[:, -1, :].float(), mask, positions[:, -1]
 

@@ -69,22 +69,102 @@ class CritiqueReviseStage:
     export: Literal["last", "all"] = doc(
         "SFT examples from the last revision or from every round", "last"
     )
+    export_pairs: bool = doc(
+        "also export <run>/revision_pairs/: final revision chosen over the initial response", False
+    )
 
     def validate(self) -> None:
         if self.rounds < 1:
             raise ValueError(f"rounds must be >= 1 (got {self.rounds})")
 
 
+def _check_sampling(temperature: float, top_p: float, max_tokens: int) -> None:
+    if not 0 < top_p <= 1:
+        raise ValueError(f"top_p must be in (0, 1] (got {top_p})")
+    if max_tokens < 1:
+        raise ValueError(f"max_tokens must be >= 1 (got {max_tokens})")
+    if not 0 <= temperature <= 100:
+        raise ValueError(f"temperature must be between 0 and 100 (got {temperature})")
+
+
+@dataclass
+class SampleStage:
+    k: int = doc("responses sampled per prompt (>= 2); identical ones are dropped", 4)
+    temperature: float = doc("sampling temperature, > 0 (greedy samples would all be equal)", 0.8)
+    top_p: float = doc("nucleus sampling", 1.0)
+    max_tokens: int = doc("most new tokens per response", 256)
+    model: str | None = doc(
+        "policy model spec for sampling (e.g. an SFT output folder); none: the recipe's", None
+    )
+
+    def validate(self) -> None:
+        if self.k < 2:
+            raise ValueError(
+                f"k must be >= 2: a preference pair needs two responses (got {self.k})"
+            )
+        if self.temperature <= 0:
+            raise ValueError(
+                f"temperature must be > 0: greedy samples of one prompt are identical "
+                f"(got {self.temperature})"
+            )
+        _check_sampling(self.temperature, self.top_p, self.max_tokens)
+
+
+@dataclass
+class JudgeStage:
+    constitution: str | None = doc("constitution for the judge; none: the recipe's", None)
+    pairs: Literal["all", "best_worst"] = doc(
+        "all: every pair of distinct responses; best_worst: judge all pairs, export one pair per "
+        "prompt (best vs worst by mean win probability)",
+        "all",
+    )
+    ensemble: int = doc("distinct principles asked per pair, their probabilities averaged", 1)
+    cot: bool = doc("write a rationale before the answer (slower; probabilities clamped)", False)
+    cot_max_tokens: int = doc("most tokens of a CoT rationale", 192)
+    clamp: list[float] | None = doc(
+        "CoT only: the band each order's probability is clamped into; none: no clamp",
+        factory=lambda: [0.4, 0.6],
+    )
+    tie_margin: float = doc("|p - 0.5| at or below this is a tie (never exported)", 0.0)
+    min_margin: float = doc(
+        "export only pairs with |p - 0.5| >= this; the rest stay in the run store", 0.0
+    )
+    few_shot: bool = doc("show the constitution's judge exemplars", True)
+    model: str | None = doc("judge model spec; none: the recipe's model (its engine reused)", None)
+
+    def validate(self) -> None:
+        if self.ensemble < 1:
+            raise ValueError(f"ensemble must be >= 1 (got {self.ensemble})")
+        if self.cot_max_tokens < 1:
+            raise ValueError(f"cot_max_tokens must be >= 1 (got {self.cot_max_tokens})")
+        if self.clamp is not None:
+            if len(self.clamp) != 2:
+                raise ValueError(f"clamp must be [low, high] or null (got {self.clamp})")
+            lo, hi = self.clamp
+            if not (0 <= lo < 0.5 < hi <= 1 and abs(lo + hi - 1) < 1e-9):
+                raise ValueError(
+                    f"clamp must be a band symmetric about 0.5, such as [0.4, 0.6] (got {self.clamp})"
+                )
+        for name in ("tie_margin", "min_margin"):
+            value = getattr(self, name)
+            if not 0 <= value < 0.5:
+                raise ValueError(f"{name} must be in [0, 0.5) (got {value})")
+
+
 @dataclass
 class Stages:
     generate: GenerateStage | None = doc("initial responses from the policy model", None)
     critique_revise: CritiqueReviseStage | None = doc("SL-CAI critique→revision rounds", None)
+    sample: SampleStage | None = doc("K responses per prompt for preference pairs", None)
+    judge: JudgeStage | None = doc("RL-CAI: AI-judged preferences over the sampled pairs", None)
 
     def validate(self) -> None:
         if self.critique_revise is not None and self.generate is None:
             raise ValueError("critique_revise needs a generate stage before it")
-        if self.generate is None:
-            raise ValueError("a recipe needs at least the generate stage")
+        if self.judge is not None and self.sample is None:
+            raise ValueError("judge needs a sample stage before it")
+        if self.generate is None and self.sample is None:
+            raise ValueError("a recipe needs at least a generate or a sample stage")
 
 
 @dataclass

@@ -7,7 +7,9 @@ records. Work goes to the engine in chunks of ``chunk_size`` records, flushed af
 a kill loses at most one chunk. Each record's sampling seed derives from its key.
 
 After the stages, the SFT dataset (``<run>/sft/``: ``data.jsonl`` and a ``datasets`` folder) is
-exported from the critique-revise records. A sharded run (``--shard k/n``) skips the export:
+exported from the critique-revise records (and, with ``export_pairs``, ``<run>/revision_pairs/``);
+the RL-CAI stages ``sample`` and ``judge`` (``cai.pipeline.preferences``) export the preference
+dataset ``<run>/preferences/``. A sharded run (``--shard k/n``) skips the export:
 merge the shards (``python -m cai.pipeline merge``), then run the recipe again without
 ``--shard`` — every record is found done, and the export runs.
 """
@@ -26,6 +28,7 @@ from cai.constitution import load_constitution
 from cai.critique import CritiqueReviser, RoundInput
 from cai.data import PromptRecord, export_dataset, load_prompts
 from cai.engine import Engine, Sampling, create_engine
+from cai.pipeline import preferences
 from cai.pipeline.recipe import Recipe
 from cai.pipeline.store import RunStore, in_shard, record_key, seed_for
 from cai.prompts import load_template
@@ -51,6 +54,7 @@ class StageReport:
     completion_tokens: int = 0
     seconds: float = 0.0
     requests: int = 0
+    skipped: int = 0
 
     def add_usage(self, usage: dict) -> None:
         self.prompt_tokens += usage.get("prompt_tokens", 0)
@@ -65,6 +69,8 @@ class StageReport:
 class RunResult:
     stages: list[StageReport] = field(default_factory=list)
     exported: Path | None = None
+    exported_preferences: Path | None = None
+    exported_revision_pairs: Path | None = None
     failed: list[str] = field(default_factory=list)
 
 
@@ -121,7 +127,8 @@ class Runner:
         self.shard = shard
         self.force = force
         self.out = out
-        self._engine = engine
+        self.injected_engine = engine
+        self._engines: dict[str, Engine] = {}
         self.store = RunStore(self.run_dir)
         # Everything that can be checked without a model is checked here, before any work.
         prompts = load_sources(recipe)
@@ -131,12 +138,25 @@ class Runner:
         if stage:
             load_template(stage.critique_template)
             load_template(stage.revise_template)
+        judge = recipe.stages.judge
+        self.judge_constitution = (
+            load_constitution(judge.constitution or recipe.constitution) if judge else None
+        )
+        if judge:
+            pool = self.judge_constitution.judge_principles
+            if judge.ensemble > len(pool):
+                raise PipelineError(
+                    f"stages.judge.ensemble={judge.ensemble} needs that many principles with a "
+                    f"judge question; constitution {self.judge_constitution.name!r} has {len(pool)}"
+                )
         self.config = {k: v for k, v in recipe.to_dict().items() if k not in _VOLATILE}
         if not force:
             self.store.check_manifest(self.config)
         gen = recipe.stages.generate
-        self.gen_sampling = Sampling(
-            max_tokens=gen.max_tokens, temperature=gen.temperature, top_p=gen.top_p
+        self.gen_sampling = (
+            Sampling(max_tokens=gen.max_tokens, temperature=gen.temperature, top_p=gen.top_p)
+            if gen
+            else None
         )
 
     # ---- keys -------------------------------------------------------------------------------
@@ -158,13 +178,14 @@ class Runner:
         lines.append(
             f"prompts: {len(self.prompts)}{shard} (model {self.recipe.model}, backend {self.recipe.engine.backend})"
         )
-        done = (
-            self.store.done_keys("generate", self.shard)
-            if self.store.stage_path("generate", self.shard).exists()
-            else set()
-        )
-        todo = sum(self.generate_key(p) not in done for p in self.prompts)
-        lines.append(f"  generate: {todo} requests ({len(self.prompts) - todo} done)")
+        if self.recipe.stages.generate:
+            done = (
+                self.store.done_keys("generate", self.shard)
+                if self.store.stage_path("generate", self.shard).exists()
+                else set()
+            )
+            todo = sum(self.generate_key(p) not in done for p in self.prompts)
+            lines.append(f"  generate: {todo} requests ({len(self.prompts) - todo} done)")
         stage = self.recipe.stages.critique_revise
         if stage:
             written = (
@@ -181,37 +202,93 @@ class Runner:
                 f"  export: {stage.export} → {self.run_dir / 'sft'}"
                 + (" (skipped for a shard)" if self.shard else "")
             )
+            if stage.export_pairs:
+                lines.append(
+                    f"  export: revision pairs → {self.run_dir / 'revision_pairs'}"
+                    + (" (skipped for a shard)" if self.shard else "")
+                )
+        lines.extend(preferences.plan_lines(self))
         return "\n".join(lines)
 
     # ---- run --------------------------------------------------------------------------------
 
     def engine(self) -> Engine:
-        if self._engine is None:
+        """The policy engine (the recipe's model)."""
+        return self.engine_for(self.recipe.model)
+
+    def engine_for(self, model: str) -> Engine:
+        """The engine of a model spec, built once with the recipe's engine config; an engine
+        given to the Runner serves every model."""
+        if self.injected_engine is not None:
+            return self.injected_engine
+        if model not in self._engines:
             e = self.recipe.engine
             options = dict(e.options)
             if e.max_model_len is not None:
                 options["max_model_len"] = e.max_model_len
             if e.backend != "openai":
                 options.setdefault("dtype", e.dtype)
-            self._engine = create_engine(
-                e.backend, model=self.recipe.model, overflow="error", **options
+            self._engines[model] = create_engine(
+                e.backend, model=model, overflow="error", **options
             )
-        return self._engine
+        return self._engines[model]
+
+    def _release(self, keep: set[str]) -> None:
+        """Close the engines this runner built for models no later stage needs (frees GPU
+        memory before a stage loads another model)."""
+        for model in [m for m in self._engines if m not in keep]:
+            self._engines.pop(model).close()
+
+    def _write_manifest(self) -> None:
+        stages = self.recipe.stages
+        roles = {
+            "policy": self.recipe.model if stages.generate else None,
+            "sampler": preferences.sample_model(self) if stages.sample else None,
+            "judge": preferences.judge_model(self) if stages.judge else None,
+        }
+        models = {}
+        for role, model in roles.items():
+            if model is None:
+                continue
+            engine = self.injected_engine or self._engines.get(model)
+            models[role] = engine.describe() if engine is not None else {"model": model}
+        self.store.write_manifest(
+            self.config, versions=_versions(), seeds={"base": self.recipe.seed}, models=models
+        )
 
     def run(self) -> RunResult:
         result = RunResult()
-        engine = self.engine()
-        self.store.write_manifest(
-            self.config,
-            versions=_versions(),
-            seeds={"base": self.recipe.seed},
-            models={"policy": engine.describe()},
-        )
-        responses = self._generate(engine, result)
-        if self.recipe.stages.critique_revise is not None:
-            final = self._critique_revise(engine, responses, result)
-            if self.shard is None:
-                result.exported = self._export(final)
+        stages = self.recipe.stages
+        if stages.generate is not None:
+            self.engine()
+        self._write_manifest()
+        if stages.generate is not None:
+            engine = self.engine()
+            responses = self._generate(engine, result)
+            if stages.critique_revise is not None:
+                final = self._critique_revise(engine, responses, result)
+                if self.shard is None:
+                    result.exported = self._export(final)
+                    if stages.critique_revise.export_pairs:
+                        result.exported_revision_pairs = preferences.export_revision_pairs(
+                            self, final
+                        )
+        if stages.sample is not None:
+            judge_model = preferences.judge_model(self) if stages.judge else None
+            self._release({preferences.sample_model(self), judge_model})
+            report = StageReport("sample")
+            result.stages.append(report)
+            samples = preferences.run_sample(self, report)
+            if stages.judge is not None:
+                self._release({judge_model})
+                report = StageReport("judge")
+                result.stages.append(report)
+                judged = preferences.run_judge(self, samples, report)
+                if self.shard is None:
+                    result.exported_preferences = preferences.export_preferences(
+                        self, samples, judged
+                    )
+            self._write_manifest()
         for report in result.stages:
             if report.records and report.error_rate > self.recipe.max_error_rate:
                 result.failed.append(
@@ -393,14 +470,22 @@ class Runner:
 
 def summary_table(result: RunResult, wall: float) -> str:
     rows = [
-        f"{'stage':<17}{'records':>8}{'resumed':>9}{'errors':>8}{'prompt tok':>12}{'gen tok':>10}{'seconds':>9}"
+        f"{'stage':<17}{'records':>8}{'resumed':>9}{'errors':>8}{'skipped':>9}{'prompt tok':>12}"
+        f"{'gen tok':>10}{'seconds':>9}"
     ]
     for r in result.stages:
         rows.append(
-            f"{r.name:<17}{r.records:>8}{r.done_before:>9}{r.errors:>8}{r.prompt_tokens:>12}"
+            f"{r.name:<17}{r.records:>8}{r.done_before:>9}{r.errors:>8}{r.skipped:>9}"
+            f"{r.prompt_tokens:>12}"
             f"{r.completion_tokens:>10}{r.seconds:>9.1f}"
         )
     rows.append(f"total wall time {wall:.1f} s")
     if result.exported:
         rows.append(f"SFT dataset: {result.exported}/data.jsonl and {result.exported}/dataset")
+    for name, path in (
+        ("revision pairs", result.exported_revision_pairs),
+        ("preference dataset", result.exported_preferences),
+    ):
+        if path:
+            rows.append(f"{name}: {path}/data.jsonl and {path}/dataset")
     return "\n".join(rows)
