@@ -23,7 +23,7 @@ import textwrap
 from collections.abc import Callable
 from pathlib import Path
 
-from cai.config import ConfigError
+from cai.config import ConfigError, from_data, load_yaml, set_dotted
 from cai.constitution import (
     Constitution,
     Message,
@@ -261,7 +261,63 @@ def add_judge(commands: argparse._SubParsersAction) -> None:
     ev.set_defaults(run=_judge_eval)
 
 
-COMMANDS: list[Callable[[argparse._SubParsersAction], None]] = [add_constitution, add_judge]
+def _train(args: argparse.Namespace) -> int:
+    # Imported here: the trainers load transformers' Trainer, which other commands do not need.
+    if args.action == "sft":
+        from cai.train.sft import SFTConfig as Config
+        from cai.train.sft import train_sft as train
+    else:
+        from cai.train.dpo import DPOConfig as Config
+        from cai.train.dpo import train_dpo as train
+    try:
+        data = load_yaml(args.config)
+        for assignment in args.set:
+            set_dotted(data, assignment)
+        config = from_data(Config, data, source=args.config)
+    except ConfigError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    try:
+        result = train(config)
+    except (DataError, FileNotFoundError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    shown = {k: v for k, v in result.metrics.items() if isinstance(v, int | float)}
+    print(f"saved {result.output_dir} after {result.global_step} steps")
+    print("  " + ", ".join(f"{k} {v:.4g}" for k, v in sorted(shown.items())))
+    if result.data.truncated or result.data.dropped:
+        print(
+            f"  {result.data.truncated} of {result.data.examples} examples truncated "
+            f"({result.data.truncated_tokens} tokens cut), {result.data.dropped} dropped"
+        )
+    return 0
+
+
+def add_train(commands: argparse._SubParsersAction) -> None:
+    """``cai train sft | dpo``."""
+    group = commands.add_parser("train", help="train with the built-in SFT and DPO trainers")
+    sub = group.add_subparsers(dest="action", required=True, metavar="ACTION")
+    for name, help in (
+        ("sft", "supervised fine-tuning on the assistant turns of conversations"),
+        ("dpo", "preference training on pairs (dpo, soft_dpo, ipo, hinge, kto, orpo, simpo)"),
+    ):
+        command = sub.add_parser(name, help=help)
+        command.add_argument("--config", required=True, metavar="FILE", help="trainer YAML")
+        command.add_argument(
+            "--set",
+            action="append",
+            default=[],
+            metavar="KEY=VALUE",
+            help="override a config field (value parsed as YAML), e.g. --set max_steps=10",
+        )
+        command.set_defaults(run=_train)
+
+
+COMMANDS: list[Callable[[argparse._SubParsersAction], None]] = [
+    add_constitution,
+    add_judge,
+    add_train,
+]
 
 
 def build_parser() -> argparse.ArgumentParser:
