@@ -47,7 +47,7 @@ def vllm_engine(model_path):
     from cai.engine import create_engine
 
     engine = create_engine(
-        "vllm", model=model_path, dtype="float32", max_model_len=2048, gpu_memory_utilization=0.1
+        "vllm", model=model_path, dtype="float32", max_model_len=2048, gpu_memory_utilization=0.25
     )
     yield engine
     engine.close()

@@ -273,7 +273,7 @@ def vllm_server(
         "--max-model-len",
         "2048",
         "--gpu-memory-utilization",
-        "0.1",
+        "0.25",
     ]
     base_url = f"http://127.0.0.1:{port}/v1"
     with open(log, "wb") as out:
