@@ -39,6 +39,7 @@ from cai.critique import revision_flags
 from cai.data import PromptRecord, export_dataset
 from cai.engine import Engine, Sampling
 from cai.judge import Judge, JudgePair
+from cai.pipeline import training
 from cai.pipeline.store import record_key, seed_for
 
 if TYPE_CHECKING:
@@ -86,7 +87,8 @@ class _LazyEngine(Engine):
 
 
 def sample_model(runner: Runner) -> str:
-    return runner.recipe.stages.sample.model or runner.recipe.model
+    """The stage's model, else the SFT model when the recipe trains one, else the recipe's."""
+    return runner.recipe.stages.sample.model or training.policy_after_sft(runner)
 
 
 def judge_model(runner: Runner) -> str:
@@ -106,7 +108,15 @@ def sample_key(runner: Runner, prompt: PromptRecord) -> str:
         stage="sample",
         model=sample_model(runner),
         sampling=sample_sampling(runner).to_dict(),
+        **_revision(sample_model(runner)),
     )
+
+
+def _revision(model: str) -> dict[str, str]:
+    """``{"model_revision": ...}`` for a model the pipeline trained (so that retraining it
+    makes new records), else nothing (keys of runs that train nothing stay as they were)."""
+    revision = training.revision(model)
+    return {} if revision is None else {"model_revision": revision}
 
 
 def distinct_responses(texts: Sequence[str]) -> tuple[list[str], int, int]:

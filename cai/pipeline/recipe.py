@@ -157,6 +157,16 @@ class Stages:
     critique_revise: CritiqueReviseStage | None = doc("SL-CAI critique→revision rounds", None)
     sample: SampleStage | None = doc("K responses per prompt for preference pairs", None)
     judge: JudgeStage | None = doc("RL-CAI: AI-judged preferences over the sampled pairs", None)
+    train_sft: dict[str, Any] | None = doc(
+        "SFT on the exported revisions → <run>/models/sft: cai.train.sft.SFTConfig fields "
+        "(max_steps, batch_size, lora, ...) but data/output_dir/model; {} for the defaults",
+        None,
+    )
+    train_dpo: dict[str, Any] | None = doc(
+        "DPO on the judged pairs → <run>/models/dpo, from the SFT model if one is trained: "
+        "cai.train.dpo.DPOConfig fields (loss, beta, max_steps, ...); {} for the defaults",
+        None,
+    )
 
     def validate(self) -> None:
         if self.critique_revise is not None and self.generate is None:
@@ -165,6 +175,10 @@ class Stages:
             raise ValueError("judge needs a sample stage before it")
         if self.generate is None and self.sample is None:
             raise ValueError("a recipe needs at least a generate or a sample stage")
+        if self.train_sft is not None and self.critique_revise is None:
+            raise ValueError("train_sft trains on the revisions: it needs a critique_revise stage")
+        if self.train_dpo is not None and self.judge is None:
+            raise ValueError("train_dpo trains on judged pairs: it needs a judge stage")
 
 
 @dataclass
@@ -207,4 +221,9 @@ def load_recipe(path: str | Path, overrides: list[str] = ()) -> Recipe:
         set_dotted(data, assignment)
     if not isinstance(data, LineDict):
         data = LineDict(data)
-    return from_data(Recipe, data, source=str(path))
+    recipe = from_data(Recipe, data, source=str(path))
+    if recipe.stages.train_sft is not None or recipe.stages.train_dpo is not None:
+        from cai.pipeline import training  # imports the trainers (torch): only when needed
+
+        training.check_options(data, str(path))
+    return recipe

@@ -28,7 +28,7 @@ from cai.constitution import load_constitution
 from cai.critique import CritiqueReviser, RoundInput
 from cai.data import PromptRecord, export_dataset, load_prompts
 from cai.engine import Engine, Sampling, create_engine
-from cai.pipeline import preferences
+from cai.pipeline import preferences, training
 from cai.pipeline.recipe import Recipe
 from cai.pipeline.store import RunStore, in_shard, record_key, seed_for
 from cai.prompts import load_template
@@ -71,6 +71,8 @@ class RunResult:
     exported: Path | None = None
     exported_preferences: Path | None = None
     exported_revision_pairs: Path | None = None
+    models: dict[str, Path] = field(default_factory=dict)
+    """Trained model folders by stage (train_sft, train_dpo)."""
     failed: list[str] = field(default_factory=list)
 
 
@@ -149,6 +151,10 @@ class Runner:
                     f"stages.judge.ensemble={judge.ensemble} needs that many principles with a "
                     f"judge question; constitution {self.judge_constitution.name!r} has {len(pool)}"
                 )
+        for kind in training.KINDS:
+            options = getattr(recipe.stages, kind)
+            if options is not None:
+                training.trainer_config(kind, options, data="-", output_dir="-", model="-")
         self.config = {k: v for k, v in recipe.to_dict().items() if k not in _VOLATILE}
         if not force:
             self.store.check_manifest(self.config)
@@ -208,6 +214,7 @@ class Runner:
                     + (" (skipped for a shard)" if self.shard else "")
                 )
         lines.extend(preferences.plan_lines(self))
+        lines.extend(training.plan_lines(self))
         return "\n".join(lines)
 
     # ---- run --------------------------------------------------------------------------------
@@ -233,6 +240,10 @@ class Runner:
             )
         return self._engines[model]
 
+    def release_engines(self) -> None:
+        """Close every engine this runner built (frees memory before training)."""
+        self._release(set())
+
     def _release(self, keep: set[str]) -> None:
         """Close the engines this runner built for models no later stage needs (frees GPU
         memory before a stage loads another model)."""
@@ -246,6 +257,9 @@ class Runner:
             "sampler": preferences.sample_model(self) if stages.sample else None,
             "judge": preferences.judge_model(self) if stages.judge else None,
         }
+        for kind in training.KINDS:
+            if getattr(stages, kind) is not None:
+                roles[kind.removeprefix("train_")] = str(training.output_dir(self, kind))
         models = {}
         for role, model in roles.items():
             if model is None:
@@ -273,6 +287,7 @@ class Runner:
                         result.exported_revision_pairs = preferences.export_revision_pairs(
                             self, final
                         )
+                    self._train("train_sft", result)
         if stages.sample is not None:
             judge_model = preferences.judge_model(self) if stages.judge else None
             self._release({preferences.sample_model(self), judge_model})
@@ -288,6 +303,7 @@ class Runner:
                     result.exported_preferences = preferences.export_preferences(
                         self, samples, judged
                     )
+                    self._train("train_dpo", result)
             self._write_manifest()
         for report in result.stages:
             if report.records and report.error_rate > self.recipe.max_error_rate:
@@ -296,6 +312,13 @@ class Runner:
                     f"({report.error_rate:.0%} > max_error_rate {self.recipe.max_error_rate:.0%})"
                 )
         return result
+
+    def _train(self, kind: str, result: RunResult) -> None:
+        if getattr(self.recipe.stages, kind) is None:
+            return
+        report = StageReport(kind)
+        result.stages.append(report)
+        result.models[kind] = training.run_train(self, kind, report)
 
     def _generate(self, engine: Engine, result: RunResult) -> dict[str, dict]:
         """Initial responses; returns prompt key → generate record (done ones only)."""
@@ -488,4 +511,6 @@ def summary_table(result: RunResult, wall: float) -> str:
     ):
         if path:
             rows.append(f"{name}: {path}/data.jsonl and {path}/dataset")
+    for kind, path in result.models.items():
+        rows.append(f"{kind.removeprefix('train_').upper()} model: {path}")
     return "\n".join(rows)

@@ -1,0 +1,196 @@
+"""The stages ``train_sft`` and ``train_dpo``: the built-in trainers on the run's own exports.
+
+    stages:
+      train_sft: {max_steps: 20, batch_size: 4}    # any cai.train.sft.SFTConfig field
+      train_dpo: {loss: soft_dpo, beta: 0.1}       # any cai.train.dpo.DPOConfig field
+
+The pipeline sets ``data``, ``output_dir`` and ``model`` itself: SFT trains the recipe's model on
+``<run>/sft`` into ``<run>/models/sft``; DPO trains the SFT model (or the recipe's model when there
+is no SFT stage) on ``<run>/preferences`` into ``<run>/models/dpo``. With a ``train_sft`` stage,
+``sample`` draws from the SFT model unless ``stages.sample.model`` names another.
+
+Resuming: a finished model folder carries ``cai_pipeline.json`` (the trainer config and a hash of
+the data it saw); a re-run whose config and data match skips the training, one that differs
+trains anew into a clean folder. A run killed during training resumes from the newest Trainer
+checkpoint when ``save_steps`` is set (checkpoints go to ``<model>/checkpoints``).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import shutil
+import time
+from dataclasses import asdict
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from cai.config import ConfigError, LineDict, from_data
+
+if TYPE_CHECKING:
+    from cai.pipeline.run import Runner, StageReport
+    from cai.train import TrainConfig, TrainResult
+
+log = logging.getLogger(__name__)
+
+KINDS = ("train_sft", "train_dpo")
+MARKER = "cai_pipeline.json"
+_SET_BY_PIPELINE = ("data", "output_dir", "model")
+
+
+def config_class(kind: str) -> type[TrainConfig]:
+    """The trainer config dataclass of a stage (imports the trainer: torch, transformers)."""
+    if kind == "train_sft":
+        from cai.train.sft import SFTConfig
+
+        return SFTConfig
+    if kind == "train_dpo":
+        from cai.train.dpo import DPOConfig
+
+        return DPOConfig
+    raise ValueError(f"unknown training stage {kind!r}; known: {', '.join(KINDS)}")
+
+
+def trainer_config(
+    kind: str, options: dict, *, data: str, output_dir: str, model: str, source: str = "<recipe>"
+) -> TrainConfig:
+    """The trainer config of stage ``kind`` from the recipe's ``options`` plus the paths the
+    pipeline sets; a bad option raises ConfigError naming the recipe line when ``options`` came
+    from YAML."""
+    where = f"stages.{kind}"
+    lines = getattr(options, "key_lines", {})
+    for name in _SET_BY_PIPELINE:
+        if name in options:
+            loc = f"{source}:{lines.get(name) or getattr(options, 'line', 0) or '?'}"
+            raise ConfigError(
+                f"{loc}: {where}.{name}: set by the pipeline (data from the run's own export, "
+                f"output in <run>/models/); remove it (the starting model is the recipe's model)"
+            )
+    merged = LineDict(options)
+    merged.line = getattr(options, "line", 0)
+    merged.key_lines = dict(lines)
+    merged.update(data=data, output_dir=output_dir, model=model)
+    return from_data(config_class(kind), merged, source=source, where=where)
+
+
+def check_options(recipe_data: Any, source: str) -> None:
+    """Validate the trainer options of a recipe's training stages, with recipe line numbers,
+    before any work starts (``cai.pipeline.recipe.load_recipe`` calls this)."""
+    stages = recipe_data.get("stages") if isinstance(recipe_data, dict) else None
+    for kind in KINDS:
+        options = stages.get(kind) if isinstance(stages, dict) else None
+        if isinstance(options, dict):
+            trainer_config(kind, options, data="-", output_dir="-", model="-", source=source)
+
+
+def output_dir(runner: Runner, kind: str) -> Path:
+    return runner.run_dir / "models" / kind.removeprefix("train_")
+
+
+def policy_after_sft(runner: Runner) -> str:
+    """The model that sampling and DPO start from: the SFT output when the recipe trains one."""
+    if runner.recipe.stages.train_sft is not None:
+        return str(output_dir(runner, "train_sft"))
+    return runner.recipe.model
+
+
+def data_dir(runner: Runner, kind: str) -> Path:
+    return runner.run_dir / ("sft" if kind == "train_sft" else "preferences")
+
+
+def _fingerprint(path: Path) -> str:
+    """A hash of an export's data.jsonl: what the trainer saw."""
+    digest = hashlib.sha256()
+    with open(path / "data.jsonl", "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()[:24]
+
+
+def revision(model: str) -> str | None:
+    """A pipeline-trained model folder's marker hash (config and data), else None: record keys
+    of stages that use the model include it, so a retrained model never reuses old records."""
+    marker = Path(model) / MARKER
+    if not marker.is_file():
+        return None
+    return json.loads(marker.read_text(encoding="utf-8"))["revision"]
+
+
+def run_train(runner: Runner, kind: str, report: StageReport) -> Path:
+    """Train stage ``kind`` unless an identical training already finished; returns the model
+    folder. Raises PipelineError when the data it needs was not exported."""
+    from cai.pipeline.run import PipelineError
+    from cai.train import RESULT_FILE
+
+    start = time.perf_counter()
+    data, out = data_dir(runner, kind), output_dir(runner, kind)
+    if not (data / "data.jsonl").is_file():
+        what = "SFT data" if kind == "train_sft" else "preference pairs"
+        raise PipelineError(
+            f"{kind}: no {what} in {data} to train on (every record of the stage before failed, "
+            "or none qualified); see the summary above and the stage records in "
+            f"{runner.store.stages_dir}"
+        )
+    model = runner.recipe.model if kind == "train_sft" else policy_after_sft(runner)
+    config = trainer_config(
+        kind,
+        getattr(runner.recipe.stages, kind),
+        data=str(data),
+        output_dir=str(out),
+        model=model,
+    )
+    settings = {"config": asdict(config), "data": _fingerprint(data), "model_revision": None}
+    if kind == "train_dpo":
+        settings["model_revision"] = revision(model)
+    wanted = hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:24]
+    marker = out / MARKER
+    if marker.is_file() and (out / RESULT_FILE).is_file():
+        if json.loads(marker.read_text(encoding="utf-8")).get("revision") == wanted:
+            report.done_before = 1
+            report.seconds = time.perf_counter() - start
+            return out
+        log.warning(
+            "%s: the data or settings changed since %s was trained; training anew", kind, out
+        )
+        shutil.rmtree(out)
+    elif marker.is_file():
+        shutil.rmtree(out)  # a marker without a result: an earlier layout; start clean
+    runner.release_engines()
+    train = _trainer(kind)
+    print(f"{kind}: training {model} on {data} → {out}", file=runner.out, flush=True)
+    result: TrainResult = train(config)
+    marker.write_text(
+        json.dumps({"revision": wanted, **settings}, indent=2) + "\n", encoding="utf-8"
+    )
+    report.records = 1
+    report.requests = result.global_step
+    report.seconds = time.perf_counter() - start
+    return out
+
+
+def _trainer(kind: str):
+    if kind == "train_sft":
+        from cai.train.sft import train_sft
+
+        return train_sft
+    from cai.train.dpo import train_dpo
+
+    return train_dpo
+
+
+def plan_lines(runner: Runner) -> list[str]:
+    lines = []
+    for kind in KINDS:
+        options = getattr(runner.recipe.stages, kind)
+        if options is None:
+            continue
+        model = runner.recipe.model if kind == "train_sft" else policy_after_sft(runner)
+        done = (output_dir(runner, kind) / MARKER).is_file()
+        shown = ", ".join(f"{k}={v}" for k, v in options.items()) or "defaults"
+        lines.append(
+            f"  {kind}: {model} on {data_dir(runner, kind)} → {output_dir(runner, kind)} "
+            f"({shown}){' (trained; re-checked at run time)' if done else ''}"
+            + (" (skipped for a shard)" if runner.shard else "")
+        )
+    return lines

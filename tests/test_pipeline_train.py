@@ -1,0 +1,142 @@
+"""The training stages of the pipeline (train_sft, train_dpo): recipe checks, a fake-engine run
+that trains a tiny random model, skip-on-resume and retrain-on-change."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from cai.config import ConfigError
+from cai.pipeline.__main__ import main
+from cai.pipeline.recipe import load_recipe
+from cai.pipeline.run import Runner
+from cai.pipeline.training import MARKER, revision
+from cai.train import RESULT_FILE
+from test_pipeline import FakeEngine, write_prompts
+
+RECIPE = """
+name: train-test
+model: {model}
+engine:
+  backend: hf
+constitution: harmless
+sources:
+  - path: {prompts}
+stages:
+  generate:
+    max_tokens: 16
+  critique_revise:
+    rounds: 1
+    max_tokens: 16
+  train_sft:
+    max_steps: 2
+    batch_size: 2
+    max_length: 64
+    learning_rate: 0.001
+"""
+
+
+@pytest.fixture(scope="module")
+def tiny_model(tmp_path_factory) -> str:
+    """A random 2-layer Llama with the default model's tokenizer and chat template."""
+    import torch
+    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+
+    from cai.models import resolve_model
+
+    tokenizer = AutoTokenizer.from_pretrained(resolve_model().path)
+    torch.manual_seed(0)
+    config = LlamaConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=16,
+        intermediate_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        num_key_value_heads=1,
+        max_position_embeddings=256,
+        tie_word_embeddings=True,
+        pad_token_id=tokenizer.pad_token_id,
+    )
+    folder = tmp_path_factory.mktemp("tiny")
+    LlamaForCausalLM(config).save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return str(folder)
+
+
+def recipe_file(tmp_path: Path, model: str, extra: str = "") -> Path:
+    prompts = write_prompts(tmp_path / "prompts.jsonl", [f"question {i}?" for i in range(4)])
+    path = tmp_path / "recipe.yaml"
+    path.write_text(RECIPE.format(model=model, prompts=prompts) + extra)
+    return path
+
+
+@pytest.mark.parametrize(
+    ("edit", "message"),
+    [
+        ("    data: other.jsonl\n", r"recipe.yaml:19: stages.train_sft.data: set by the pipeline"),
+        ("    max_steps: 0\n", r"recipe.yaml:\d+: stages.train_sft: max_steps must be >= 1"),
+        ("    optimiser: sgd\n", r"recipe.yaml:19: stages.train_sft.optimiser: unknown key"),
+        ("    warmup_ratio: lots\n", r"recipe.yaml:19: stages.train_sft.warmup_ratio: expected"),
+    ],
+)
+def test_bad_trainer_options_name_the_recipe_line(tmp_path, edit, message):
+    text = recipe_file(tmp_path, "smollm2-135m").read_text().replace("    max_steps: 2\n", "")
+    path = tmp_path / "bad.yaml"
+    path.write_text(text.replace("    learning_rate: 0.001\n", "    learning_rate: 0.001\n" + edit))
+    path = path.rename(tmp_path / "recipe.yaml")
+    with pytest.raises(ConfigError, match=message):
+        load_recipe(path)
+
+
+def test_training_stages_need_their_data_stage(tmp_path):
+    path = recipe_file(tmp_path, "smollm2-135m", "  train_dpo: {}\n")
+    with pytest.raises(ConfigError, match="train_dpo trains on judged pairs: it needs a judge"):
+        load_recipe(path)
+    text = path.read_text().replace("  critique_revise:\n    rounds: 1\n    max_tokens: 16\n", "")
+    path.write_text(text.replace("  train_dpo: {}\n", ""))
+    with pytest.raises(ConfigError, match="train_sft trains on the revisions"):
+        load_recipe(path)
+
+
+def test_train_sft_trains_once_and_again_when_its_data_changes(tmp_path, tiny_model, capsys):
+    path = recipe_file(tmp_path, tiny_model)
+    run_dir = tmp_path / "run"
+    recipe = load_recipe(path)
+    runner = Runner(recipe, run_dir, engine=FakeEngine(), limit=2)
+    assert "train_sft: " + tiny_model in runner.plan()
+    result = runner.run()
+    model = run_dir / "models" / "sft"
+    assert result.models == {"train_sft": model}
+    trained = json.loads((model / RESULT_FILE).read_text())
+    assert trained["global_step"] == 2
+    assert trained["config"]["data"] == str(run_dir / "sft")
+    assert trained["config"]["model"] == tiny_model
+    assert (model / "model.safetensors").is_file()
+    first = revision(str(model))
+    assert first is not None
+    stamp = (model / "model.safetensors").stat().st_mtime_ns
+
+    # Same data and settings: nothing is trained again.
+    again = Runner(recipe, run_dir, engine=FakeEngine(), limit=2).run()
+    [report] = [r for r in again.stages if r.name == "train_sft"]
+    assert (report.done_before, report.records) == (1, 0)
+    assert (model / "model.safetensors").stat().st_mtime_ns == stamp
+
+    # Two more prompts change the SFT data: the model is trained anew, with a new revision.
+    Runner(recipe, run_dir, engine=FakeEngine()).run()
+    assert revision(str(model)) != first
+    assert json.loads((model / MARKER).read_text())["config"]["max_steps"] == 2
+
+
+def test_cli_summary_names_the_trained_model(tmp_path, tiny_model, capsys, monkeypatch):
+    import cai.pipeline.run as run_module
+
+    monkeypatch.setattr(run_module, "create_engine", lambda *a, **k: FakeEngine())
+    path = recipe_file(tmp_path, tiny_model)
+    code = main(["run", str(path), "--run-dir", str(tmp_path / "run"), "--limit", "2"])
+    assert code == 0
+    err = capsys.readouterr().err
+    assert f"SFT model: {tmp_path / 'run' / 'models' / 'sft'}" in err
+    assert "train_sft" in err
