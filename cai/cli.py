@@ -7,8 +7,12 @@
     cai constitution convert --huggingface constitution.json -o OUT.yaml
     cai train sft --config FILE [--set key=value ...]   supervised fine-tuning (cai.train.sft)
     cai train dpo --config FILE [--set key=value ...]   preference training (cai.train.dpo)
+    cai train reward --config FILE [--set key=value ...]  a Bradley-Terry reward model
     cai judge eval --data FILE [--model SPEC] [--backend B] [--constitution NAME] [--limit N]
         [--ensemble K] [--cot]            the judge's agreement with labelled preference pairs
+    cai eval --model NAME=SPEC [--model NAME=SPEC ...] [--config FILE] [--out DIR]
+                                          models side by side on held-out prompts (cai.evaluate)
+    cai report RUN_DIR                    report.md / report.html of a pipeline run (cai.report)
 
 Each command group is added by one small ``add_<group>`` function that registers its
 subcommands; the handler set with ``set_defaults(run=...)`` returns the exit code.
@@ -266,6 +270,9 @@ def _train(args: argparse.Namespace) -> int:
     if args.action == "sft":
         from cai.train.sft import SFTConfig as Config
         from cai.train.sft import train_sft as train
+    elif args.action == "reward":
+        from cai.train.reward import RewardConfig as Config
+        from cai.train.reward import train_reward as train
     else:
         from cai.train.dpo import DPOConfig as Config
         from cai.train.dpo import train_dpo as train
@@ -293,30 +300,110 @@ def _train(args: argparse.Namespace) -> int:
     return 0
 
 
+def _add_set(parser: argparse.ArgumentParser, example: str) -> None:
+    parser.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help=f"override a config field (value parsed as YAML), e.g. --set {example}",
+    )
+
+
 def add_train(commands: argparse._SubParsersAction) -> None:
     """``cai train sft | dpo``."""
-    group = commands.add_parser("train", help="train with the built-in SFT and DPO trainers")
+    group = commands.add_parser("train", help="the built-in SFT, DPO and reward-model trainers")
     sub = group.add_subparsers(dest="action", required=True, metavar="ACTION")
     for name, help in (
         ("sft", "supervised fine-tuning on the assistant turns of conversations"),
         ("dpo", "preference training on pairs (dpo, soft_dpo, ipo, hinge, kto, orpo, simpo)"),
+        ("reward", "a Bradley-Terry reward model on pairs, with held-out accuracy"),
     ):
         command = sub.add_parser(name, help=help)
         command.add_argument("--config", required=True, metavar="FILE", help="trainer YAML")
-        command.add_argument(
-            "--set",
-            action="append",
-            default=[],
-            metavar="KEY=VALUE",
-            help="override a config field (value parsed as YAML), e.g. --set max_steps=10",
-        )
+        _add_set(command, "max_steps=10")
         command.set_defaults(run=_train)
+
+
+def _eval(args: argparse.Namespace) -> int:
+    from cai.evaluate import EvalConfig, run_eval, summary_line, table
+
+    try:
+        data = load_yaml(args.config) if args.config else {}
+        if not isinstance(data, dict):
+            raise ConfigError(f"{args.config}: an eval config is a mapping (models, sets, ...)")
+        models = dict(data.get("models") or {})
+        for item in args.model:
+            name, sep, spec = item.partition("=")
+            if not sep or not name.strip() or not spec.strip():
+                raise ConfigError(f"--model {item!r}: expected NAME=SPEC, e.g. base=smollm2-135m")
+            models[name.strip()] = spec.strip()
+        data["models"] = models
+        for option in ("baseline", "judge_model", "backend", "dtype"):
+            if getattr(args, option) is not None:
+                data[option] = getattr(args, option)
+        for assignment in args.set:
+            set_dotted(data, assignment)
+        config = from_data(EvalConfig, data, source=args.config or "cai eval")
+        results = run_eval(config, args.out, limit=args.limit)
+    except (ConfigError, DataError, FileNotFoundError, ValueError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    print(table(results))
+    print(f"results: {Path(args.out) / 'results.json'}")
+    print(summary_line(results))
+    return 0
+
+
+def add_eval(commands: argparse._SubParsersAction) -> None:
+    """``cai eval``."""
+    ev = commands.add_parser(
+        "eval",
+        help="compare models on held-out prompts: win rate, harmlessness, over-refusal, ...",
+    )
+    ev.add_argument(
+        "--model",
+        action="append",
+        default=[],
+        metavar="NAME=SPEC",
+        help="a model to evaluate (repeat; the first is the baseline unless --baseline)",
+    )
+    ev.add_argument("--config", metavar="FILE", help="an EvalConfig YAML (models, sets, ...)")
+    ev.add_argument("--baseline", help="name of the model the others are compared with")
+    ev.add_argument("--judge-model", dest="judge_model", metavar="SPEC", help="judge and graders")
+    ev.add_argument("--backend", choices=BACKENDS, help="engine backend (default auto)")
+    ev.add_argument("--dtype", help="engine dtype (float32, bfloat16, ...)")
+    ev.add_argument("--limit", type=int, metavar="N", help="at most N prompts per set")
+    ev.add_argument("--out", default="runs/eval", metavar="DIR", help="results (and records)")
+    _add_set(ev, "max_tokens=64")
+    ev.set_defaults(run=_eval)
+
+
+def _report(args: argparse.Namespace) -> int:
+    from cai.report import ReportError, write_report
+
+    try:
+        html = write_report(args.run_dir)
+    except ReportError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    print(f"wrote {html} and {html.with_suffix('.md')} (plots in {html.parent / 'report'})")
+    return 0
+
+
+def add_report(commands: argparse._SubParsersAction) -> None:
+    """``cai report``."""
+    report = commands.add_parser("report", help="write report.md / report.html of a run")
+    report.add_argument("run_dir", metavar="RUN_DIR", help="a pipeline run directory")
+    report.set_defaults(run=_report)
 
 
 COMMANDS: list[Callable[[argparse._SubParsersAction], None]] = [
     add_constitution,
     add_judge,
     add_train,
+    add_eval,
+    add_report,
 ]
 
 

@@ -24,6 +24,11 @@ import yaml
 T = TypeVar("T")
 
 
+def doc(text: str, default: Any = dataclasses.MISSING, factory: Any = dataclasses.MISSING) -> Any:
+    """A dataclass field with a one-line doc; required when given neither default nor factory."""
+    return dataclasses.field(default=default, default_factory=factory, metadata={"doc": text})
+
+
 class ConfigError(ValueError):
     """A configuration file (or a value set on the command line) is invalid."""
 

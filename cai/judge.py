@@ -45,6 +45,7 @@ from typing import Any, Literal
 
 from cai.constitution import Constitution, Principle, load_constitution
 from cai.engine import Engine, OptionScores, Sampling, create_engine
+from cai.evaluate import accuracy, brier, ece, length_bias
 from cai.pipeline.store import record_key, seed_for
 from cai.prompts import JUDGE_ANSWER_PREFIX, cot_answer_prefix, load_template
 
@@ -567,74 +568,6 @@ class GenerativeJudge(_PairJudge):
                 GenerativeVerdict(winner, v1, v2, parsed, [first.text, second.text], ids, model)
             )
         return out
-
-
-# ---- agreement metrics ---------------------------------------------------------------------------
-
-
-def accuracy(p_chosen: Sequence[float | None], tie_margin: float = 0.0) -> float:
-    """Share of pairs the judge gets right, from each pair's probability for the labelled
-    better response: 1 when p - 0.5 > tie_margin, 0.5 for a tie (|p - 0.5| <= tie_margin),
-    0 otherwise; None (no verdict: an error or an unparseable answer) counts as wrong."""
-    if not p_chosen:
-        raise ValueError("accuracy of no pairs")
-    score = 0.0
-    for p in p_chosen:
-        if p is not None:
-            score += 0.5 if abs(p - 0.5) <= tie_margin else float(p > 0.5)
-    return score / len(p_chosen)
-
-
-def brier(probs: Sequence[float], outcomes: Sequence[int]) -> float:
-    """Brier score, mean((p_i - y_i)^2), y_i in {0, 1}: 0 is perfect, 0.25 a constant 0.5."""
-    if len(probs) != len(outcomes) or not probs:
-        raise ValueError(
-            f"need as many outcomes as probabilities, at least one ({len(probs)}, {len(outcomes)})"
-        )
-    return fmean((p - y) ** 2 for p, y in zip(probs, outcomes, strict=True))
-
-
-def ece(probs: Sequence[float], outcomes: Sequence[int], bins: int = 10) -> float:
-    """Expected calibration error: sum_b (n_b / N) |mean_b(y) - mean_b(p)| over ``bins``
-    equal-width bins of p in [0, 1] (bin b holds b/bins <= p < (b+1)/bins; p = 1 in the last)."""
-    if len(probs) != len(outcomes) or not probs:
-        raise ValueError(
-            f"need as many outcomes as probabilities, at least one ({len(probs)}, {len(outcomes)})"
-        )
-    groups: dict[int, list[tuple[float, int]]] = {}
-    for p, y in zip(probs, outcomes, strict=True):
-        groups.setdefault(min(int(p * bins), bins - 1), []).append((p, y))
-    return sum(
-        len(g) / len(probs) * abs(fmean(y for _, y in g) - fmean(p for p, _ in g))
-        for g in groups.values()
-    )
-
-
-def length_bias(
-    chosen_lengths: Sequence[int],
-    rejected_lengths: Sequence[int],
-    p_chosen: Sequence[float | None],
-    tie_margin: float = 0.0,
-) -> dict[str, float | int | None]:
-    """How often the judge picks the longer response, against how often the longer response is
-    the labelled better one, over the pairs of unequal length that the judge decided (no error,
-    no tie). ``excess`` = longer_wins - longer_chosen: above 0, the judge favours length beyond
-    what the labels justify."""
-    longer_wins = longer_chosen = n = 0
-    for c, r, p in zip(chosen_lengths, rejected_lengths, p_chosen, strict=True):
-        if c == r or p is None or abs(p - 0.5) <= tie_margin:
-            continue
-        n += 1
-        longer_chosen += c > r
-        longer_wins += (c > r) == (p > 0.5)
-    if not n:
-        return {"pairs": 0, "longer_wins": None, "longer_chosen": None, "excess": None}
-    return {
-        "pairs": n,
-        "longer_wins": longer_wins / n,
-        "longer_chosen": longer_chosen / n,
-        "excess": (longer_wins - longer_chosen) / n,
-    }
 
 
 def evaluate(

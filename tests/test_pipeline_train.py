@@ -7,6 +7,7 @@ import json
 from pathlib import Path
 
 import pytest
+from test_pipeline import FakeEngine, write_prompts
 
 from cai.config import ConfigError
 from cai.pipeline.__main__ import main
@@ -14,7 +15,6 @@ from cai.pipeline.recipe import load_recipe
 from cai.pipeline.run import Runner
 from cai.pipeline.training import MARKER, revision
 from cai.train import RESULT_FILE
-from test_pipeline import FakeEngine, write_prompts
 
 RECIPE = """
 name: train-test
@@ -36,33 +36,6 @@ stages:
     max_length: 64
     learning_rate: 0.001
 """
-
-
-@pytest.fixture(scope="module")
-def tiny_model(tmp_path_factory) -> str:
-    """A random 2-layer Llama with the default model's tokenizer and chat template."""
-    import torch
-    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
-
-    from cai.models import resolve_model
-
-    tokenizer = AutoTokenizer.from_pretrained(resolve_model().path)
-    torch.manual_seed(0)
-    config = LlamaConfig(
-        vocab_size=len(tokenizer),
-        hidden_size=16,
-        intermediate_size=32,
-        num_hidden_layers=2,
-        num_attention_heads=2,
-        num_key_value_heads=1,
-        max_position_embeddings=256,
-        tie_word_embeddings=True,
-        pad_token_id=tokenizer.pad_token_id,
-    )
-    folder = tmp_path_factory.mktemp("tiny")
-    LlamaForCausalLM(config).save_pretrained(folder)
-    tokenizer.save_pretrained(folder)
-    return str(folder)
 
 
 def recipe_file(tmp_path: Path, model: str, extra: str = "") -> Path:

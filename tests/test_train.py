@@ -83,29 +83,6 @@ def tokenizer(model_path):
 
 
 @pytest.fixture(scope="module")
-def tiny_model(tmp_path_factory, tokenizer) -> str:
-    """A random 2-layer Llama with the default model's tokenizer and chat template."""
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    torch.manual_seed(0)
-    config = LlamaConfig(
-        vocab_size=len(tokenizer),
-        hidden_size=16,
-        intermediate_size=32,
-        num_hidden_layers=2,
-        num_attention_heads=2,
-        num_key_value_heads=1,
-        max_position_embeddings=256,
-        tie_word_embeddings=True,
-        pad_token_id=tokenizer.pad_token_id,
-    )
-    folder = tmp_path_factory.mktemp("tiny")
-    LlamaForCausalLM(config).save_pretrained(folder)
-    tokenizer.save_pretrained(folder)
-    return str(folder)
-
-
-@pytest.fixture(scope="module")
 def pairs_dir(tmp_path_factory) -> str:
     folder = tmp_path_factory.mktemp("pairs")
     export_dataset(pair_records(), folder)

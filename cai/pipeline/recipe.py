@@ -7,16 +7,13 @@ overrides any field before validation (``--set stages.critique_revise.rounds=2``
 
 from __future__ import annotations
 
-from dataclasses import MISSING, asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, TypeVar
 
-from cai.config import ConfigError, LineDict, from_data, load_yaml, set_dotted
+from cai.config import ConfigError, LineDict, doc, from_data, load_yaml, set_dotted
 
-
-def doc(text: str, default: Any = MISSING, factory: Any = MISSING) -> Any:
-    """A dataclass field with a one-line doc; required when given neither default nor factory."""
-    return field(default=default, default_factory=factory, metadata={"doc": text})
+T = TypeVar("T")
 
 
 @dataclass
@@ -162,9 +159,19 @@ class Stages:
         "(max_steps, batch_size, lora, ...) but data/output_dir/model; {} for the defaults",
         None,
     )
+    train_reward: dict[str, Any] | None = doc(
+        "a Bradley-Terry reward model on the judged pairs → <run>/models/reward, from the SFT "
+        "model if one is trained: cai.train.reward.RewardConfig fields; {} for the defaults",
+        None,
+    )
     train_dpo: dict[str, Any] | None = doc(
         "DPO on the judged pairs → <run>/models/dpo, from the SFT model if one is trained: "
         "cai.train.dpo.DPOConfig fields (loss, beta, max_steps, ...); {} for the defaults",
+        None,
+    )
+    evaluate: dict[str, Any] | None = doc(
+        "held-out comparison of the base model and each trained one → <run>/eval/: "
+        "cai.evaluate.EvalConfig fields (sets, max_tokens, judge_model, ...); {} for the defaults",
         None,
     )
 
@@ -177,8 +184,9 @@ class Stages:
             raise ValueError("a recipe needs at least a generate or a sample stage")
         if self.train_sft is not None and self.critique_revise is None:
             raise ValueError("train_sft trains on the revisions: it needs a critique_revise stage")
-        if self.train_dpo is not None and self.judge is None:
-            raise ValueError("train_dpo trains on judged pairs: it needs a judge stage")
+        for kind in ("train_reward", "train_dpo"):
+            if getattr(self, kind) is not None and self.judge is None:
+                raise ValueError(f"{kind} trains on judged pairs: it needs a judge stage")
 
 
 @dataclass
@@ -212,6 +220,31 @@ class Recipe:
         return asdict(self)
 
 
+def stage_config(
+    cls: type[T],
+    stage: str,
+    options: dict,
+    set_by_pipeline: dict[str, Any],
+    *,
+    source: str,
+    why: str,
+) -> T:
+    """``cls`` built from a stage's free-form ``options`` (a trainer or eval config) plus the
+    fields the pipeline fills in itself, which the recipe must not set: errors name the recipe
+    line when ``options`` came from YAML."""
+    where = f"stages.{stage}"
+    lines = getattr(options, "key_lines", {})
+    for name in set_by_pipeline:
+        if name in options:
+            loc = f"{source}:{lines.get(name) or getattr(options, 'line', 0) or '?'}"
+            raise ConfigError(f"{loc}: {where}.{name}: set by the pipeline ({why}); remove it")
+    merged = LineDict(options)
+    merged.line = getattr(options, "line", 0)
+    merged.key_lines = dict(lines)
+    merged.update(set_by_pipeline)
+    return from_data(cls, merged, source=source, where=where)
+
+
 def load_recipe(path: str | Path, overrides: list[str] = ()) -> Recipe:
     """Load a recipe file, apply ``key=value`` overrides, validate. Raises ConfigError."""
     data = load_yaml(path)
@@ -222,8 +255,13 @@ def load_recipe(path: str | Path, overrides: list[str] = ()) -> Recipe:
     if not isinstance(data, LineDict):
         data = LineDict(data)
     recipe = from_data(Recipe, data, source=str(path))
-    if recipe.stages.train_sft is not None or recipe.stages.train_dpo is not None:
+    stages = recipe.stages
+    if any(getattr(stages, k) is not None for k in ("train_sft", "train_reward", "train_dpo")):
         from cai.pipeline import training  # imports the trainers (torch): only when needed
 
         training.check_options(data, str(path))
+    if stages.evaluate is not None:
+        from cai.pipeline import evaluation
+
+        evaluation.check_options(data, str(path))
     return recipe

@@ -28,7 +28,7 @@ from cai.constitution import load_constitution
 from cai.critique import CritiqueReviser, RoundInput
 from cai.data import PromptRecord, export_dataset, load_prompts
 from cai.engine import Engine, Sampling, create_engine
-from cai.pipeline import preferences, training
+from cai.pipeline import evaluation, preferences, training
 from cai.pipeline.recipe import Recipe
 from cai.pipeline.store import RunStore, in_shard, record_key, seed_for
 from cai.prompts import load_template
@@ -72,7 +72,11 @@ class RunResult:
     exported_preferences: Path | None = None
     exported_revision_pairs: Path | None = None
     models: dict[str, Path] = field(default_factory=dict)
-    """Trained model folders by stage (train_sft, train_dpo)."""
+    """Trained model folders by stage (train_sft, train_reward, train_dpo)."""
+    evaluation: Path | None = None
+    """``<run>/eval/results.json`` when the recipe evaluates."""
+    report: Path | None = None
+    """``<run>/report.html`` when the recipe trains or evaluates."""
     failed: list[str] = field(default_factory=list)
 
 
@@ -134,6 +138,8 @@ class Runner:
         self.store = RunStore(self.run_dir)
         # Everything that can be checked without a model is checked here, before any work.
         prompts = load_sources(recipe)
+        self.source_keys = frozenset(p.key for p in prompts)
+        """Every training prompt's key (before --limit and sharding): never evaluated on."""
         self.prompts = [p for p in prompts[:limit] if in_shard(p.key, shard)]
         stage = recipe.stages.critique_revise
         self.constitution = load_constitution((stage and stage.constitution) or recipe.constitution)
@@ -155,6 +161,8 @@ class Runner:
             options = getattr(recipe.stages, kind)
             if options is not None:
                 training.trainer_config(kind, options, data="-", output_dir="-", model="-")
+        if recipe.stages.evaluate is not None:
+            evaluation.eval_config(self)
         self.config = {k: v for k, v in recipe.to_dict().items() if k not in _VOLATILE}
         if not force:
             self.store.check_manifest(self.config)
@@ -215,6 +223,7 @@ class Runner:
                 )
         lines.extend(preferences.plan_lines(self))
         lines.extend(training.plan_lines(self))
+        lines.extend(evaluation.plan_lines(self))
         return "\n".join(lines)
 
     # ---- run --------------------------------------------------------------------------------
@@ -303,8 +312,17 @@ class Runner:
                     result.exported_preferences = preferences.export_preferences(
                         self, samples, judged
                     )
+                    self._train("train_reward", result)
                     self._train("train_dpo", result)
             self._write_manifest()
+        if self.shard is None:
+            if stages.evaluate is not None:
+                report = StageReport("evaluate")
+                result.stages.append(report)
+                evaluation.run_evaluate(self, report)
+                result.evaluation = evaluation.eval_dir(self) / "results.json"
+            if evaluation.wants_report(self):
+                result.report = evaluation.write_report(self)
         for report in result.stages:
             if report.records and report.error_rate > self.recipe.max_error_rate:
                 result.failed.append(
@@ -512,5 +530,10 @@ def summary_table(result: RunResult, wall: float) -> str:
         if path:
             rows.append(f"{name}: {path}/data.jsonl and {path}/dataset")
     for kind, path in result.models.items():
-        rows.append(f"{kind.removeprefix('train_').upper()} model: {path}")
+        name = kind.removeprefix("train_")
+        rows.append(f"{name.upper() if name != 'reward' else 'Reward'} model: {path}")
+    if result.evaluation:
+        rows.append(f"evaluation: {result.evaluation}")
+    if result.report:
+        rows.append(f"report: {result.report} (and report.md beside it)")
     return "\n".join(rows)

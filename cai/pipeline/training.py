@@ -1,13 +1,16 @@
-"""The stages ``train_sft`` and ``train_dpo``: the built-in trainers on the run's own exports.
+"""The stages ``train_sft``, ``train_reward`` and ``train_dpo``: the built-in trainers on the
+run's own exports.
 
     stages:
       train_sft: {max_steps: 20, batch_size: 4}    # any cai.train.sft.SFTConfig field
+      train_reward: {max_steps: 50}                # any cai.train.reward.RewardConfig field
       train_dpo: {loss: soft_dpo, beta: 0.1}       # any cai.train.dpo.DPOConfig field
 
 The pipeline sets ``data``, ``output_dir`` and ``model`` itself: SFT trains the recipe's model on
-``<run>/sft`` into ``<run>/models/sft``; DPO trains the SFT model (or the recipe's model when there
-is no SFT stage) on ``<run>/preferences`` into ``<run>/models/dpo``. With a ``train_sft`` stage,
-``sample`` draws from the SFT model unless ``stages.sample.model`` names another.
+``<run>/sft`` into ``<run>/models/sft``; the reward model (Bradley-Terry, a scalar head) and DPO
+start from the SFT model (or the recipe's model when there is no SFT stage) and train on
+``<run>/preferences`` into ``<run>/models/reward`` and ``<run>/models/dpo``. With a ``train_sft``
+stage, ``sample`` draws from the SFT model unless ``stages.sample.model`` names another.
 
 Resuming: a finished model folder carries ``cai_pipeline.json`` (the trainer config and a hash of
 the data it saw); a re-run whose config and data match skips the training, one that differs
@@ -26,7 +29,7 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from cai.config import ConfigError, LineDict, from_data
+from cai.pipeline.recipe import stage_config
 
 if TYPE_CHECKING:
     from cai.pipeline.run import Runner, StageReport
@@ -34,9 +37,8 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-KINDS = ("train_sft", "train_dpo")
+KINDS = ("train_sft", "train_reward", "train_dpo")
 MARKER = "cai_pipeline.json"
-_SET_BY_PIPELINE = ("data", "output_dir", "model")
 
 
 def config_class(kind: str) -> type[TrainConfig]:
@@ -49,6 +51,10 @@ def config_class(kind: str) -> type[TrainConfig]:
         from cai.train.dpo import DPOConfig
 
         return DPOConfig
+    if kind == "train_reward":
+        from cai.train.reward import RewardConfig
+
+        return RewardConfig
     raise ValueError(f"unknown training stage {kind!r}; known: {', '.join(KINDS)}")
 
 
@@ -58,20 +64,15 @@ def trainer_config(
     """The trainer config of stage ``kind`` from the recipe's ``options`` plus the paths the
     pipeline sets; a bad option raises ConfigError naming the recipe line when ``options`` came
     from YAML."""
-    where = f"stages.{kind}"
-    lines = getattr(options, "key_lines", {})
-    for name in _SET_BY_PIPELINE:
-        if name in options:
-            loc = f"{source}:{lines.get(name) or getattr(options, 'line', 0) or '?'}"
-            raise ConfigError(
-                f"{loc}: {where}.{name}: set by the pipeline (data from the run's own export, "
-                f"output in <run>/models/); remove it (the starting model is the recipe's model)"
-            )
-    merged = LineDict(options)
-    merged.line = getattr(options, "line", 0)
-    merged.key_lines = dict(lines)
-    merged.update(data=data, output_dir=output_dir, model=model)
-    return from_data(config_class(kind), merged, source=source, where=where)
+    return stage_config(
+        config_class(kind),
+        kind,
+        options,
+        {"data": data, "output_dir": output_dir, "model": model},
+        source=source,
+        why="data from the run's own export, output in <run>/models/; "
+        "the starting model is the recipe's model",
+    )
 
 
 def check_options(recipe_data: Any, source: str) -> None:
@@ -141,7 +142,7 @@ def run_train(runner: Runner, kind: str, report: StageReport) -> Path:
         model=model,
     )
     settings = {"config": asdict(config), "data": _fingerprint(data), "model_revision": None}
-    if kind == "train_dpo":
+    if kind != "train_sft":
         settings["model_revision"] = revision(model)
     wanted = hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:24]
     marker = out / MARKER
@@ -174,6 +175,10 @@ def _trainer(kind: str):
         from cai.train.sft import train_sft
 
         return train_sft
+    if kind == "train_reward":
+        from cai.train.reward import train_reward
+
+        return train_reward
     from cai.train.dpo import train_dpo
 
     return train_dpo

@@ -21,19 +21,16 @@ from __future__ import annotations
 import importlib.util
 import json
 import logging
-from dataclasses import MISSING, asdict, dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Literal
+
+from cai.config import doc
 
 log = logging.getLogger(__name__)
 
 RESULT_FILE = "cai_train.json"
 """Written into output_dir once the model is saved: config, metrics and data statistics."""
-
-
-def doc(text: str, default: Any = MISSING, factory: Any = MISSING) -> Any:
-    """A dataclass field with a one-line doc; required when given neither default nor factory."""
-    return field(default=default, default_factory=factory, metadata={"doc": text})
 
 
 @dataclass(kw_only=True)
@@ -227,8 +224,15 @@ def load_model(spec: str):
     return model, tokenizer
 
 
-def add_lora(model, options: LoraOptions, gradient_checkpointing: bool):
-    """Wrap ``model`` with fresh LoRA adapters (peft); only they train."""
+def add_lora(
+    model,
+    options: LoraOptions,
+    gradient_checkpointing: bool,
+    task_type: str = "CAUSAL_LM",
+    modules_to_save: list[str] | None = None,
+):
+    """Wrap ``model`` with fresh LoRA adapters (peft); only they (and ``modules_to_save``, such
+    as a new reward head) train."""
     from peft import LoraConfig, get_peft_model
 
     if gradient_checkpointing:
@@ -240,7 +244,8 @@ def add_lora(model, options: LoraOptions, gradient_checkpointing: bool):
         lora_alpha=options.alpha,
         lora_dropout=options.dropout,
         target_modules=options.target_modules,
-        task_type="CAUSAL_LM",
+        task_type=task_type,
+        modules_to_save=modules_to_save,
     )
     return get_peft_model(model, lora)
 
@@ -301,14 +306,19 @@ def checkpoint_to_resume(config: TrainConfig) -> str | None:
     return last
 
 
-def train_and_save(trainer, config: TrainConfig, stats: DataStats) -> TrainResult:
-    """Run ``trainer``, evaluate on its eval set if any, save the model, write the result file."""
+def train_and_save(
+    trainer, config: TrainConfig, stats: DataStats, evaluate: Any = None
+) -> TrainResult:
+    """Run ``trainer``, evaluate on its eval set if any (or with ``evaluate(trainer) -> dict``),
+    save the model, write the result file."""
     output = trainer.train(resume_from_checkpoint=checkpoint_to_resume(config))
     metrics = dict(output.metrics)
     logged = [entry for entry in trainer.state.log_history if "loss" in entry]
     if logged:
         metrics.update({k: v for k, v in logged[-1].items() if k not in ("epoch", "step")})
-    if trainer.eval_dataset is not None:
+    if evaluate is not None:
+        metrics.update(evaluate(trainer))
+    elif trainer.eval_dataset is not None:
         metrics.update(trainer.evaluate())
     out = Path(config.output_dir)
     model = trainer.accelerator.unwrap_model(trainer.model)

@@ -1,0 +1,138 @@
+"""The stage ``evaluate`` and the run report.
+
+    stages:
+      evaluate:                       # any cai.evaluate.EvalConfig field but those below
+        max_tokens: 128
+        sets: {helpful: {path: helpful, skip: 80, limit: 20}}
+
+The pipeline fills in ``models`` (``base``: the recipe's model, then ``sft``, ``dpo`` for each model
+the recipe trains), the engine settings (the recipe's), and ``reward_model`` (the run's reward model
+when a ``train_reward`` stage trains one). The judge defaults to the judge stage's model, else the
+recipe's. Evaluation prompts that also appear among the recipe's sources are dropped (held out),
+and counted in ``results.json``. The records go to ``<run>/stages/eval_*.jsonl`` (resumable, like
+every stage), the results to ``<run>/eval/results.json``, and
+after a run with an evaluate or training stage the report to ``<run>/report.md`` and
+``report.html``.
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from cai.pipeline import preferences, training
+from cai.pipeline.recipe import stage_config
+
+if TYPE_CHECKING:
+    from cai.evaluate import EvalConfig
+    from cai.pipeline.run import Runner, StageReport
+
+_MODELS = (("train_sft", "sft"), ("train_dpo", "dpo"))
+
+
+def models(runner: Runner) -> dict[str, str]:
+    """Name → model spec of the models the stage compares: the base model, then each trained."""
+    out = {"base": runner.recipe.model}
+    for kind, name in _MODELS:
+        if getattr(runner.recipe.stages, kind) is not None:
+            out[name] = str(training.output_dir(runner, kind))
+    return out
+
+
+def eval_dir(runner: Runner) -> Path:
+    return runner.run_dir / "eval"
+
+
+def _config(options: Any, filled: dict[str, Any], source: str) -> EvalConfig:
+    from cai.evaluate import EvalConfig
+
+    return stage_config(
+        EvalConfig,
+        "evaluate",
+        options,
+        filled,
+        source=source,
+        why="the models are the run's own (base and each trained one), the engine is the recipe's",
+    )
+
+
+def check_options(recipe_data: Any, source: str) -> None:
+    """Validate the evaluate stage's options with recipe line numbers before any work starts
+    (``cai.pipeline.recipe.load_recipe`` calls this)."""
+    options = recipe_data["stages"]["evaluate"]
+    if isinstance(options, dict):
+        placeholders = {"models": {"base": "-"}, "backend": "auto", "engine_options": {}}
+        _config(options, {"dtype": None, "reward_model": None, **placeholders}, source)
+
+
+def eval_config(runner: Runner) -> EvalConfig:
+    """The stage's EvalConfig with the run's models and engine settings filled in."""
+    stages = runner.recipe.stages
+    engine = runner.recipe.engine
+    options: Any = stages.evaluate
+    filled: dict[str, Any] = {
+        "models": models(runner),
+        "backend": engine.backend,
+        "dtype": engine.dtype,
+        "engine_options": dict(engine.options),
+        "reward_model": str(training.output_dir(runner, "train_reward"))
+        if stages.train_reward is not None
+        else None,
+    }
+    if "judge_model" not in options:
+        filled["judge_model"] = (
+            preferences.judge_model(runner) if stages.judge else runner.recipe.model
+        )
+    return _config(options, filled, "<recipe>")
+
+
+def run_evaluate(runner: Runner, report: StageReport) -> dict:
+    """Evaluate the run's models into ``<run>/eval/``; returns the results (results.json)."""
+    from cai.evaluate import run_eval
+
+    start = time.perf_counter()
+    config = eval_config(runner)
+
+    def engine_for(spec: str):
+        runner._release({spec})  # one model in memory at a time (GPU memory)
+        return runner.engine_for(spec)
+
+    runner.release_engines()
+    results = run_eval(
+        config,
+        eval_dir(runner),
+        engine_for=engine_for,
+        exclude=runner.source_keys,
+        store=runner.store,
+    )
+    report.records = sum(results["sets"].values()) * len(results["models"])
+    report.errors = sum(m["errors"] for m in results["metrics"].values())
+    report.seconds = time.perf_counter() - start
+    return results
+
+
+def write_report(runner: Runner) -> Path:
+    """``<run>/report.md`` and ``report.html`` with their plots; returns the html path."""
+    from cai.report import write_report as write
+
+    return write(runner.run_dir)
+
+
+def wants_report(runner: Runner) -> bool:
+    """A run that trains or evaluates gets a report at the end."""
+    stages = runner.recipe.stages
+    return stages.evaluate is not None or any(
+        getattr(stages, kind) is not None for kind in training.KINDS
+    )
+
+
+def plan_lines(runner: Runner) -> list[str]:
+    shard = " (skipped for a shard)" if runner.shard else ""
+    lines = []
+    if runner.recipe.stages.evaluate is not None:
+        names = ", ".join(f"{name}={spec}" for name, spec in models(runner).items())
+        lines.append(f"  evaluate: {names} → {eval_dir(runner)}{shard}")
+    if wants_report(runner):
+        lines.append(f"  report: {runner.run_dir / 'report.html'}{shard}")
+    return lines

@@ -1,0 +1,324 @@
+"""A Bradley-Terry reward model on preference pairs: ``cai train reward --config FILE``.
+
+    from cai.train.reward import RewardConfig, RewardModel, train_reward
+    result = train_reward(RewardConfig(data="runs/x/preferences", output_dir="runs/rm"))
+    result.metrics["eval_accuracy"]                 # held-out pairs ranked right
+    with RewardModel("runs/rm") as rm:
+        rm.score([[{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello!"}]])
+
+The model is the starting model with a new scalar head (``AutoModelForSequenceClassification``,
+``num_labels=1``) read at the last token. The loss is the Bradley-Terry negative log-likelihood
+of the labelled order, ``-log σ(r_chosen - r_rejected)`` (Ouyang et al. 2022, arXiv 2203.02155),
+or with ``soft_labels`` and the judge's ``p_chosen`` as the target,
+``-(p log σ(Δ) + (1 - p) log σ(-Δ))``; ``center_rewards`` adds ``c · mean((r_c + r_r)²)`` to keep
+rewards near 0. A share ``eval_split`` of the pairs is held out (seeded) unless ``eval_data`` is
+given; after training the held-out accuracy (``eval_accuracy``: the share of held-out pairs whose
+chosen response gets the higher reward) and mean margin are reported, with a warning below
+``min_accuracy`` (0.70 by default). With LoRA the new head trains in full (``modules_to_save``).
+
+Logged every ``logging_steps``: loss, ``rewards/chosen``, ``rewards/rejected``,
+``rewards/accuracies``, ``rewards/margins``.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import random
+from collections import defaultdict
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from transformers import Trainer
+
+from cai.data import DataError
+from cai.train import (
+    TrainConfig,
+    TrainResult,
+    add_lora,
+    chat_ids,
+    doc,
+    train_and_save,
+    training_arguments,
+)
+from cai.train.dpo import PairCollator, prepare_pairs
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(kw_only=True)
+class RewardConfig(TrainConfig):
+    """``cai train reward`` settings (YAML, see ``cai.config``)."""
+
+    learning_rate: float = doc("peak learning rate (AdamW)", 1e-5)
+    eval_split: float = doc(
+        "share of the pairs held out for the accuracy check (seeded) when eval_data is unset", 0.1
+    )
+    soft_labels: bool = doc("use each pair's p_chosen as the Bradley-Terry target", True)
+    center_rewards: float = doc("coefficient c of c·mean((r_chosen + r_rejected)²)", 0.0)
+    min_accuracy: float = doc("warn when the held-out accuracy is below this", 0.70)
+
+    def validate(self) -> None:
+        super().validate()
+        if not 0.0 <= self.eval_split < 1.0:
+            raise ValueError(f"eval_split must be in [0, 1) (got {self.eval_split})")
+        if self.eval_split == 0.0 and self.eval_data is None:
+            raise ValueError(
+                "eval_split 0 leaves no held-out pairs: set eval_data, or eval_split > 0 "
+                "(the held-out accuracy is how you know the reward model learned anything)"
+            )
+        if self.center_rewards < 0:
+            raise ValueError(f"center_rewards must be >= 0 (got {self.center_rewards})")
+        if not 0.0 <= self.min_accuracy <= 1.0:
+            raise ValueError(f"min_accuracy must be in [0, 1] (got {self.min_accuracy})")
+
+
+def bradley_terry_loss(
+    chosen: torch.Tensor, rejected: torch.Tensor, target: torch.Tensor | None = None
+) -> torch.Tensor:
+    """Mean of ``-(p log σ(r_c - r_r) + (1 - p) log σ(r_r - r_c))`` over the batch.
+
+    Shapes: ``chosen``, ``rejected`` ``(B,)`` rewards; ``target`` ``(B,)`` = p_chosen (None: 1).
+    """
+    delta = chosen - rejected
+    if target is None:
+        return -F.logsigmoid(delta).mean()
+    return -(target * F.logsigmoid(delta) + (1 - target) * F.logsigmoid(-delta)).mean()
+
+
+def _rewards(model, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    """Scalar rewards ``(rows,)`` of a right-padded batch."""
+    return model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits[:, 0]
+
+
+def batch_loss(
+    model, batch: dict[str, torch.Tensor], config: RewardConfig
+) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """The loss of a PairCollator batch and the metrics to log."""
+    rewards = _rewards(model, batch)
+    chosen, rejected = rewards.chunk(2)
+    target = batch["p_chosen"].to(rewards.dtype) if config.soft_labels else None
+    loss = bradley_terry_loss(chosen, rejected, target)
+    if config.center_rewards:
+        loss = loss + config.center_rewards * ((chosen + rejected) ** 2).mean()
+    detached = chosen.detach(), rejected.detach()
+    return loss, {
+        "rewards/chosen": detached[0].mean(),
+        "rewards/rejected": detached[1].mean(),
+        "rewards/accuracies": (detached[0] > detached[1]).float().mean(),
+        "rewards/margins": (detached[0] - detached[1]).mean(),
+    }
+
+
+class RewardTrainer(Trainer):
+    """A Trainer whose loss is :func:`batch_loss`; it logs the reward metrics too."""
+
+    def __init__(self, *args, config: RewardConfig, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.config = config
+        self._metrics: dict[str, list[float]] = defaultdict(list)
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        loss, metrics = batch_loss(model, inputs, self.config)
+        values = self.accelerator.reduce(torch.stack(list(metrics.values())), reduction="mean")
+        for name, value in zip(metrics, values.tolist(), strict=True):
+            self._metrics[name].append(value)
+        return loss
+
+    def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
+        if "loss" in logs:
+            logs.update({k: sum(v) / len(v) for k, v in self._metrics.items()})
+            self._metrics.clear()
+        super().log(logs, start_time)
+
+
+def split_pairs(examples: list[dict], share: float, seed: int) -> tuple[list[dict], list[dict]]:
+    """(train, held out): a seeded ``share`` of ``examples`` held out (at least one, and at
+    least one left to train on)."""
+    if len(examples) < 2:
+        raise DataError(
+            f"{len(examples)} pair(s): the reward model needs >= 2 to hold one out; add pairs "
+            "or set eval_data"
+        )
+    order = list(range(len(examples)))
+    random.Random(seed).shuffle(order)
+    held = min(max(1, math.ceil(share * len(examples))), len(examples) - 1)
+    keep = set(order[held:])
+    return (
+        [e for i, e in enumerate(examples) if i in keep],
+        [e for i, e in enumerate(examples) if i not in keep],
+    )
+
+
+@torch.no_grad()
+def pair_rewards(
+    model, examples: list[dict], pad_token_id: int, batch_size: int
+) -> tuple[list[float], list[float]]:
+    """(chosen rewards, rejected rewards) of tokenised pairs, in eval mode."""
+    was_training = model.training
+    model.eval()
+    collate = PairCollator(pad_token_id)
+    device = next(model.parameters()).device
+    chosen: list[float] = []
+    rejected: list[float] = []
+    try:
+        for start in range(0, len(examples), batch_size):
+            batch = collate(examples[start : start + batch_size])
+            rewards = _rewards(model, {k: v.to(device) for k, v in batch.items()}).float()
+            c, r = rewards.chunk(2)
+            chosen.extend(c.tolist())
+            rejected.extend(r.tolist())
+    finally:
+        model.train(was_training)
+    return chosen, rejected
+
+
+def held_out_metrics(
+    chosen: Sequence[float], rejected: Sequence[float], min_accuracy: float
+) -> dict[str, float]:
+    """``eval_accuracy``, ``eval_margin``, ``eval_pairs``; warns below ``min_accuracy``."""
+    n = len(chosen)
+    accuracy = sum(c > r for c, r in zip(chosen, rejected, strict=True)) / n
+    if accuracy < min_accuracy:
+        log.warning(
+            "held-out accuracy %.2f < %.2f on %d pairs: the reward model barely separates the "
+            "pairs; more data, more steps or a larger model may help",
+            accuracy,
+            min_accuracy,
+            n,
+        )
+    return {
+        "eval_accuracy": accuracy,
+        "eval_margin": sum(c - r for c, r in zip(chosen, rejected, strict=True)) / n,
+        "eval_pairs": n,
+    }
+
+
+def load_reward_model(spec: str, *, new_head: bool):
+    """(model, tokenizer) with a scalar head, float32; ``new_head``: the head is initialised
+    here (training from a causal LM), so transformers' note about it is expected and silenced."""
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+    from transformers.utils import logging as hf_logging
+
+    from cai.models import resolve_model
+
+    path = resolve_model(spec).path
+    tokenizer = AutoTokenizer.from_pretrained(path)
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    verbosity = hf_logging.get_verbosity()
+    if new_head:
+        hf_logging.set_verbosity_error()
+        log.info("%s: a new scalar reward head (score) is initialised for training", spec)
+    try:
+        model = AutoModelForSequenceClassification.from_pretrained(
+            path, num_labels=1, dtype=torch.float32
+        )
+    finally:
+        hf_logging.set_verbosity(verbosity)
+    model.config.pad_token_id = tokenizer.pad_token_id
+    return model, tokenizer
+
+
+def train_reward(config: RewardConfig) -> TrainResult:
+    """Train a reward model on the pairs of ``config.data``; save it, return the result."""
+    args = training_arguments(config)
+    model, tokenizer = load_reward_model(config.model, new_head=True)
+    model.config.use_cache = False
+    examples, stats = prepare_pairs(tokenizer, config.data, "dpo", config.max_length)
+    if config.eval_data:
+        train, held = (
+            examples,
+            prepare_pairs(tokenizer, config.eval_data, "dpo", config.max_length)[0],
+        )
+    else:
+        train, held = split_pairs(examples, config.eval_split, config.seed)
+    stats.report(config.data, config.max_length)
+    if config.lora is not None:
+        model = add_lora(
+            model, config.lora, config.gradient_checkpointing, "SEQ_CLS", modules_to_save=["score"]
+        )
+    trainer = RewardTrainer(
+        model=model,
+        args=args,
+        train_dataset=train,
+        data_collator=PairCollator(tokenizer.pad_token_id),
+        processing_class=tokenizer,
+        config=config,
+    )
+
+    def evaluate(trainer: Trainer) -> dict[str, float]:
+        chosen, rejected = pair_rewards(
+            trainer.model, held, tokenizer.pad_token_id, config.batch_size
+        )
+        return held_out_metrics(chosen, rejected, config.min_accuracy)
+
+    return train_and_save(trainer, config, stats, evaluate)
+
+
+class RewardModel:
+    """A trained reward model, loaded once: ``score(conversations) -> rewards``."""
+
+    def __init__(self, spec: str, *, batch_size: int = 8, device: str | None = None):
+        self.model, self.tokenizer = load_reward_model(spec, new_head=False)
+        self.device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+        self.model.to(self.device).eval()
+        self.batch_size = batch_size
+        self.spec = spec
+
+    @torch.no_grad()
+    def score(self, conversations: Sequence[Sequence[dict[str, Any]]]) -> list[float]:
+        """The reward of each conversation (chat messages ending with the assistant turn)."""
+        for i, conversation in enumerate(conversations):
+            if not conversation or conversation[-1].get("role") != "assistant":
+                raise ValueError(f"conversation {i}: must end with the assistant response scored")
+        ids = [chat_ids(self.tokenizer, list(c)) for c in conversations]
+        out: list[float] = []
+        pad = self.tokenizer.pad_token_id
+        for start in range(0, len(ids), self.batch_size):
+            rows = ids[start : start + self.batch_size]
+            width = max(len(r) for r in rows)
+            input_ids = torch.full((len(rows), width), pad)
+            mask = torch.zeros((len(rows), width), dtype=torch.long)
+            for j, row in enumerate(rows):
+                input_ids[j, : len(row)] = torch.tensor(row)
+                mask[j, : len(row)] = 1
+            logits = self.model(
+                input_ids=input_ids.to(self.device), attention_mask=mask.to(self.device)
+            ).logits
+            out.extend(logits[:, 0].float().tolist())
+        return out
+
+    __call__ = score
+
+    def close(self) -> None:
+        del self.model
+
+    def __enter__(self) -> RewardModel:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+def score_rewards(
+    model: str, conversations: Sequence[Sequence[dict[str, Any]]], *, batch_size: int = 8
+) -> list[float]:
+    """Load the reward model ``model`` (a folder or spec), score ``conversations``, unload."""
+    with RewardModel(model, batch_size=batch_size) as rm:
+        return rm.score(conversations)
+
+
+__all__ = [
+    "RewardConfig",
+    "RewardModel",
+    "RewardTrainer",
+    "bradley_terry_loss",
+    "held_out_metrics",
+    "score_rewards",
+    "split_pairs",
+    "train_reward",
+]
