@@ -25,9 +25,9 @@ What it measures, per model (each rate with a 95% Wilson interval and its n):
 - ``reward``: the mean score of a trained reward model (``cai.train.reward``) and its drift from
   the baseline, when ``reward_model`` is set.
 
-Everything goes through a run store (stages ``eval_generate``, ``eval_grade``, ``eval_compare``),
-so an interrupted evaluation resumes, and a model retrained in place (a pipeline model folder with
-a new revision) gets new records. Failed requests are error records, counted per model.
+Everything goes through a run store (stages ``eval_generate``, ``eval_grade``, ``eval_compare``,
+``eval_reward``), so an interrupted evaluation resumes, and a model retrained in place (a pipeline
+model folder with a new revision) gets new records. Failed requests are error records, counted per model.
 
 This module also holds the judge-agreement metrics (``accuracy``, ``brier``, ``ece``,
 ``length_bias``) that ``cai judge eval`` reports.
@@ -115,35 +115,46 @@ def win_rate(p_better: Sequence[float | None], tie_margin: float = 0.0) -> dict 
     return rate(sum(outcome(p, tie_margin) for p in decided), len(decided))
 
 
+def _sigmoid(z: float) -> float:
+    if z >= 0:
+        return 1 / (1 + math.exp(-z))
+    e = math.exp(z)
+    return e / (1 + e)
+
+
 def _logistic_fit(x: Sequence[float], y: Sequence[float]) -> tuple[float, float]:
-    """(intercept, slope) of a logistic regression of soft targets y in [0, 1] on x, by Newton's
-    method with a tiny ridge (so that separable or constant data still converge)."""
+    """(intercept, slope) of a logistic regression of soft targets y in [0, 1] on x in [-1, 1],
+    by damped Newton steps. A small ridge on the slope keeps separable data (such as a bootstrap
+    sample in which the longer answer always wins) finite; parameters stay within ±30."""
     a = b = 0.0
-    ridge = 1e-6
+    ridge_a, ridge_b = 1e-9, 1e-3
     for _ in range(200):
-        ga = gb = haa = hab = hbb = 0.0
+        ga, gb, haa, hab, hbb = ridge_a * a, ridge_b * b, ridge_a, 0.0, ridge_b
         for xi, yi in zip(x, y, strict=True):
-            s = 1 / (1 + math.exp(-(a + b * xi)))
+            s = _sigmoid(a + b * xi)
             w = s * (1 - s)
             ga += s - yi
             gb += (s - yi) * xi
             haa += w
             hab += w * xi
             hbb += w * xi * xi
-        ga, gb = ga + ridge * a, gb + ridge * b
-        haa, hbb = haa + ridge, hbb + ridge
         det = haa * hbb - hab * hab
+        if det <= 1e-300:
+            break
         da = (hbb * ga - hab * gb) / det
         db = (haa * gb - hab * ga) / det
-        a, b = a - da, b - db
-        if abs(da) + abs(db) < 1e-10:
+        step = max(abs(da), abs(db))
+        if step > 5:  # damp: far from the optimum (or none: separable) the Newton step overshoots
+            da, db = da * 5 / step, db * 5 / step
+        a, b = min(max(a - da, -30.0), 30.0), min(max(b - db, -30.0), 30.0)
+        if step < 1e-10:
             break
     return a, b
 
 
 def _lc_value(y: Sequence[float], x: Sequence[float]) -> float:
     a, _ = _logistic_fit(x, y)
-    return 1 / (1 + math.exp(-a))
+    return _sigmoid(a)
 
 
 def lc_win_rate(
@@ -528,7 +539,7 @@ def run_eval(
         generations = _generate(config, sets, store, engines, progress)
         grades = _grade(config, sets, generations, store, engines, progress)
         comparisons = _compare(config, sets, generations, store, engines, progress)
-        rewards = _rewards(config, generations) if config.reward_model else None
+        rewards = _rewards(config, generations, store) if config.reward_model else None
     finally:
         engines.close()
     results = {
@@ -741,22 +752,42 @@ def _compare(config, sets, generations, store, engines, progress) -> dict[tuple[
     return {(name, mine["key"]): records[key] for name, mine, _, key in jobs if key in records}
 
 
-def _rewards(config, generations) -> dict[str, float]:
-    """Model name → mean reward of its answers under the trained reward model."""
-    from cai.train.reward import RewardModel
+def _rewards(config, generations, store) -> dict[str, float]:
+    """Model name → mean reward of its answers under the trained reward model (each answer's
+    reward is a record of the stage ``eval_reward``, so a re-run scores nothing twice)."""
+    from cai.pipeline.store import record_key
 
-    model = RewardModel(config.reward_model)
-    try:
-        out = {}
-        for name in config.models:
-            done = [g for (n, _, _), g in generations.items() if n == name and _ok(g)]
-            conversations = [
-                [*g["prompt"], {"role": "assistant", "content": g["response"]}] for g in done
-            ]
-            out[name] = fmean(model.score(conversations)) if conversations else math.nan
-        return out
-    finally:
-        model.close()
+    spec = config.reward_model
+    revision = _revision(spec)
+    done = [(n, g) for (n, _, _), g in generations.items() if _ok(g)]
+    keys = {
+        g["key"]: record_key(
+            stage="eval_reward", generation=g["key"], reward_model=spec, **revision
+        )
+        for _, g in done
+    }
+    with store.writer("eval_reward") as writer:
+        todo = [g for _, g in done if keys[g["key"]] not in writer]
+        if todo:
+            from cai.train.reward import RewardModel
+
+            model = RewardModel(spec)
+            try:
+                scores = model.score(
+                    [[*g["prompt"], {"role": "assistant", "content": g["response"]}] for g in todo]
+                )
+            finally:
+                model.close()
+            for g, value in zip(todo, scores, strict=True):
+                writer.write(
+                    {"key": keys[g["key"]], "generation": g["key"], "reward": value, "error": None}
+                )
+    records = store.read_stage("eval_reward")
+    out = {}
+    for name in config.models:
+        values = [records[keys[g["key"]]]["reward"] for n, g in done if n == name]
+        out[name] = fmean(values) if values else math.nan
+    return out
 
 
 def _metrics(config, sets, generations, grades, comparisons, rewards) -> dict[str, dict]:

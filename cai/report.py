@@ -1,29 +1,43 @@
 """The run report: ``<run>/report.md`` and ``<run>/report.html`` with matplotlib plots in
-``<run>/report/``. ``cai report RUN_DIR``, or at the end of a pipeline run that trains or
-evaluates.
+``<run>/report/`` (drawn by cai.plots). ``cai report RUN_DIR``, or at the end of a pipeline run that
+trains or evaluates.
 
 It reads whatever the run has (each input is optional, and the report says what is missing):
-``manifest.json``, ``eval/results.json`` (cai.evaluate), ``models/*/cai_train.json`` (the
-trainers' curves and metrics), ``preferences/data.jsonl`` (the margins of the exported pairs)
-and ``stages/judge.jsonl`` (the judge's position consistency). The HTML page is self-contained
-apart from the PNGs beside it (relative paths), so it opens from disk in any browser. Every
-string that comes from the run (model names, paths, the recipe name) is escaped.
+``manifest.json`` (recipe, models by role, times), ``eval/results.json`` (cai.evaluate),
+``models/*/cai_train.json`` (the trainers' curves and metrics), ``preferences/data.jsonl`` (the
+judged pairs' p(chosen)), ``stages/*.jsonl`` (record counts; the judge stage's position
+consistency) and the exported datasets (counts). The HTML page is self-contained apart from the
+PNGs beside it (relative paths), so it opens from disk in any browser. Every string that comes
+from the run (model names, paths, the recipe name) is escaped.
 """
 
 from __future__ import annotations
 
 import html
 import json
-import math
+import re
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
 
-from cai.evaluate import GRADERS, format_rate
+from cai.evaluate import METRICS, format_rate, position_consistency
+from cai.plots import (
+    RATE_LABELS,
+    RATES,
+    plot_consistency,
+    plot_lengths,
+    plot_margins,
+    plot_rates,
+    plot_training,
+    plot_win_rates,
+)
 
 PLOTS_DIR = "report"
-RATES = tuple(GRADERS)  # harmlessness, over_refusal, sycophancy
-CURVES = ("rewards/accuracies", "rewards/margins", "rewards/chosen", "rewards/rejected")
+DATASETS = (
+    ("sft", "SFT examples"),
+    ("revision_pairs", "revision pairs"),
+    ("preferences", "preference pairs"),
+)
 
 
 class ReportError(ValueError):
@@ -31,171 +45,134 @@ class ReportError(ValueError):
 
 
 @dataclass
+class StageCount:
+    """Distinct record keys of one stage file."""
+
+    done: int = 0
+    failed: int = 0
+    """Keys with only error records (a re-run retries them)."""
+    skipped: int = 0
+    """Done records that say why they were skipped (a sample with < 2 distinct responses)."""
+
+
+@dataclass
 class Inputs:
+    """What a run directory holds; every part may be missing."""
+
     manifest: dict | None = None
     results: dict | None = None
     trained: dict[str, dict] = field(default_factory=dict)
+    """Model folder name -> its cai_train.json."""
     preferences: list[dict] = field(default_factory=list)
     judged: list[dict] = field(default_factory=list)
+    """The judge stage's records without an error (latest per key)."""
+    stages: dict[str, StageCount] = field(default_factory=dict)
+    datasets: dict[str, int] = field(default_factory=dict)
+    """Exported folder name -> rows in its data.jsonl."""
+
+
+# ---- reading -------------------------------------------------------------------------------------
 
 
 def _read_json(path: Path) -> dict | None:
     if not path.is_file():
         return None
     try:
-        return json.loads(path.read_text(encoding="utf-8"))
+        data = json.loads(path.read_text(encoding="utf-8"))
     except ValueError as e:
         raise ReportError(f"{path}: not valid JSON ({e}); restore or delete it") from e
+    if not isinstance(data, dict):
+        raise ReportError(f"{path}: expected a JSON object, got {type(data).__name__}")
+    return data
 
 
-def _read_jsonl(path: Path) -> list[dict]:
-    """The records of a jsonl file; a torn last line (a crash mid-write) is ignored."""
-    if not path.is_file():
-        return []
-    lines = path.read_text(encoding="utf-8").splitlines()
-    out = []
-    for number, line in enumerate(lines, 1):
-        if not line.strip():
-            continue
-        try:
-            out.append(json.loads(line))
-        except ValueError as e:
-            if number == len(lines):
-                break  # torn last line
-            raise ReportError(f"{path}:{number}: not valid JSON ({e})") from e
-    return out
+def iter_jsonl(path: Path) -> Iterator[dict]:
+    """The records of a jsonl file, streamed. A torn last line (a crash mid-write) is ignored;
+    a bad line anywhere else raises ReportError naming the file and line."""
+    bad: tuple[int, ValueError] | None = None
+    with path.open(encoding="utf-8") as f:
+        for number, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            if bad is not None:
+                raise ReportError(f"{path}:{bad[0]}: not valid JSON ({bad[1]})")
+            try:
+                record = json.loads(line)
+            except ValueError as e:
+                bad = (number, e)
+                continue
+            yield record
 
 
-def read_inputs(run_dir: Path) -> Inputs:
-    if not run_dir.is_dir():
-        raise ReportError(f"{run_dir}: no such directory")
-    markers = ("manifest.json", "eval/results.json", "models", "stages")
-    if not any((run_dir / m).exists() for m in markers):
+def _count_stage(path: Path) -> StageCount:
+    done, failed, skipped = set(), set(), 0
+    for record in iter_jsonl(path):
+        key = record.get("key")
+        if record.get("error") is None:
+            skipped += key not in done and bool(record.get("skipped"))
+            done.add(key)
+            failed.discard(key)
+        elif key not in done:
+            failed.add(key)
+    return StageCount(done=len(done), failed=len(failed), skipped=skipped)
+
+
+def _check_results(results: dict, path: Path) -> None:
+    if results.get("version") != 1:
         raise ReportError(
-            f"{run_dir}: not a cai run directory (no manifest.json, stages/, models/ or "
+            f"{path}: results version {results.get('version')!r}; this cai reads version 1 "
+            "(re-run the evaluate stage)"
+        )
+    for key in ("baseline", "models", "judge", "sets", "excluded", "metrics"):
+        if key not in results:
+            raise ReportError(f"{path}: no {key!r} key; re-run the evaluate stage")
+    for name, metrics in results["metrics"].items():
+        missing = [k for k in METRICS if k not in metrics]
+        if missing:
+            raise ReportError(f"{path}: model {name!r} has no {', '.join(missing)}")
+
+
+def read_inputs(run_dir: str | Path) -> Inputs:
+    """Everything the report shows from ``run_dir``; raises ReportError for a folder that is not
+    a run directory or an unreadable file."""
+    run = Path(run_dir)
+    if not run.is_dir():
+        raise ReportError(f"{run}: no such directory")
+    markers = ("manifest.json", "eval/results.json", "models", "stages")
+    if not any((run / m).exists() for m in markers):
+        raise ReportError(
+            f"{run}: not a cai run directory (no manifest.json, stages/, models/ or "
             "eval/results.json); give the folder a pipeline run wrote, such as runs/<name>"
         )
-    inputs = Inputs(
-        manifest=_read_json(run_dir / "manifest.json"),
-        results=_read_json(run_dir / "eval" / "results.json"),
-        preferences=_read_jsonl(run_dir / "preferences" / "data.jsonl"),
-        judged=[r for r in _read_jsonl(run_dir / "stages" / "judge.jsonl") if not r.get("error")],
-    )
-    for folder in sorted((run_dir / "models").glob("*/cai_train.json")):
-        inputs.trained[folder.parent.name] = _read_json(folder)
+    inputs = Inputs(manifest=_read_json(run / "manifest.json"))
+    results_path = run / "eval" / "results.json"
+    inputs.results = _read_json(results_path)
+    if inputs.results is not None:
+        _check_results(inputs.results, results_path)
+    for path in sorted((run / "models").glob("*/cai_train.json")):
+        inputs.trained[path.parent.name] = _read_json(path)
+    for path in sorted((run / "stages").glob("*.jsonl")):
+        inputs.stages[path.stem] = _count_stage(path)
+    judge = run / "stages" / "judge.jsonl"
+    if judge.is_file():
+        latest = {r.get("key"): r for r in iter_jsonl(judge) if r.get("error") is None}
+        inputs.judged = list(latest.values())
+    for folder, _ in DATASETS:
+        path = run / folder / "data.jsonl"
+        if path.is_file():
+            rows = list(iter_jsonl(path))
+            inputs.datasets[folder] = len(rows)
+            if folder == "preferences":
+                inputs.preferences = rows
     return inputs
 
 
-# ---- plots ---------------------------------------------------------------------------------------
-
-
-def _pyplot():
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    return plt
-
-
-def _save(fig, path: Path) -> None:
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    _pyplot().close(fig)
-
-
-def _error_bars(values: list[dict]) -> tuple[list[float], list[list[float]]]:
-    centre = [v["value"] for v in values]
-    return centre, [
-        [max(0.0, v["value"] - v["low"]) for v in values],
-        [max(0.0, v["high"] - v["value"]) for v in values],
-    ]
-
-
-def _grouped_bars(ax, groups: list[str], series: dict[str, list[dict | None]]) -> None:
-    width = 0.8 / max(1, len(series))
-    for i, (label, values) in enumerate(series.items()):
-        xs = [g + i * width - 0.4 + width / 2 for g in range(len(groups))]
-        shown = [(x, v) for x, v in zip(xs, values, strict=True) if v is not None]
-        if not shown:
-            continue
-        centre, err = _error_bars([v for _, v in shown])
-        ax.bar([x for x, _ in shown], centre, width, yerr=err, capsize=4, label=label)
-    ax.set_xticks(range(len(groups)), groups)
-    ax.set_ylim(0, 1)
-    ax.legend(fontsize=8)
-
-
-def plot_win_rates(results: dict, path: Path) -> bool:
-    names = [n for n, m in results["metrics"].items() if m["win_rate"] is not None]
-    if not names:
-        return False
-    plt = _pyplot()
-    fig, ax = plt.subplots(figsize=(6, 3.5))
-    _grouped_bars(
-        ax,
-        names,
-        {
-            "win rate": [results["metrics"][n]["win_rate"] for n in names],
-            "length-controlled": [results["metrics"][n]["lc_win_rate"] for n in names],
-        },
-    )
-    ax.axhline(0.5, color="grey", linestyle="--", linewidth=1)
-    ax.set_ylabel(f"against {results['baseline']}")
-    ax.set_title("Win rate (judge, both orders), 95% intervals")
-    _save(fig, path)
-    return True
-
-
-def plot_rates(results: dict, path: Path) -> bool:
-    names = list(results["metrics"])
-    present = [r for r in RATES if any(results["metrics"][n][r] for n in names)]
-    if not present:
-        return False
-    plt = _pyplot()
-    fig, ax = plt.subplots(figsize=(6.5, 3.5))
-    _grouped_bars(ax, present, {n: [results["metrics"][n][r] for r in present] for n in names})
-    ax.set_title("Rates per model (harmless ↑, over-refusal ↓, sycophancy ↓), 95% intervals")
-    _save(fig, path)
-    return True
-
-
-def plot_lengths(results: dict, path: Path) -> bool:
-    lengths = {n: m["lengths"] for n, m in results["metrics"].items() if m["lengths"]}
-    if not lengths:
-        return False
-    plt = _pyplot()
-    fig, ax = plt.subplots(figsize=(6, 3.5))
-    top = max(max(v) for v in lengths.values())
-    bins = [i * max(1, math.ceil((top + 1) / 20)) for i in range(21)]
-    for name, values in lengths.items():
-        ax.hist(values, bins=bins, alpha=0.5, label=name)
-    ax.set_xlabel("answer length (tokens)")
-    ax.set_ylabel("answers")
-    ax.set_title("Answer lengths per model")
-    ax.legend(fontsize=8)
-    _save(fig, path)
-    return True
-
-
-def plot_margins(preferences: list[dict], path: Path) -> bool:
-    values = [r["p_chosen"] for r in preferences if r.get("p_chosen") is not None]
-    if not values:
-        return False
-    plt = _pyplot()
-    fig, ax = plt.subplots(figsize=(6, 3.5))
-    ax.hist(values, bins=[0.5 + i * 0.025 for i in range(21)], color="#4c72b0")
-    ax.set_xlabel("p(chosen) of the exported pairs")
-    ax.set_ylabel("pairs")
-    ax.set_title("Preference margins")
-    _save(fig, path)
-    return True
+# ---- the documents -------------------------------------------------------------------------------
 
 
 def consistency(inputs: Inputs) -> dict[str, dict]:
-    """Position consistency per source: the judge stage, and each evaluated model."""
-    from cai.evaluate import position_consistency
-
+    """Position consistency per source: the judge stage, and each evaluated model's
+    comparisons with the baseline."""
     out = {}
     judged = position_consistency([r.get("consistent") for r in inputs.judged])
     if judged:
@@ -207,98 +184,101 @@ def consistency(inputs: Inputs) -> dict[str, dict]:
     return out
 
 
-def plot_consistency(values: dict[str, dict], path: Path) -> bool:
-    if not values:
-        return False
-    plt = _pyplot()
-    fig, ax = plt.subplots(figsize=(6, 3.2))
-    _grouped_bars(ax, list(values), {"consistent": list(values.values())})
-    ax.set_title("Judge position consistency (both orders agree), 95% intervals")
-    _save(fig, path)
-    return True
-
-
-def plot_training(name: str, record: dict, path: Path) -> bool:
-    history = record.get("log_history") or []
-    losses = [(e["step"], e["loss"]) for e in history if "loss" in e and "step" in e]
-    if not losses:
-        return False
-    curves = [c for c in CURVES if any(c in e for e in history)]
-    plt = _pyplot()
-    fig, axes = plt.subplots(1, 2 if curves else 1, figsize=(9 if curves else 5, 3.2))
-    axes = axes if curves else [axes]
-    axes[0].plot(*zip(*losses, strict=True), marker="o", markersize=3)
-    axes[0].set_xlabel("step")
-    axes[0].set_title(f"{name}: loss")
-    for curve in curves:
-        points = [(e["step"], e[curve]) for e in history if curve in e and "step" in e]
-        axes[1].plot(*zip(*points, strict=True), marker="o", markersize=3, label=curve)
-    if curves:
-        axes[1].set_xlabel("step")
-        axes[1].set_title(f"{name}: rewards")
-        axes[1].legend(fontsize=7)
-    _save(fig, path)
-    return True
-
-
-# ---- the documents -------------------------------------------------------------------------------
+@dataclass
+class Image:
+    file: str
+    """File name in report/."""
+    caption: str
+    wide: bool = False
+    """Takes the page's full width (the training figures)."""
 
 
 @dataclass
 class Section:
     title: str
     paragraphs: list[str] = field(default_factory=list)
-    table: list[list[str]] | None = None
-    images: list[tuple[str, str]] = field(default_factory=list)
-    """(file name in report/, caption)."""
+    tables: list[list[list[str]]] = field(default_factory=list)
+    """Each table: a header row, then rows of cell text."""
+    images: list[Image] = field(default_factory=list)
+    code: str | None = None
+    """Preformatted text shown folded (the resolved config)."""
 
 
-def _results_sections(inputs: Inputs, plots: Path, notes: list[str]) -> list[Section]:
+def _rate(value: dict | None) -> str:
+    """``0.55 [0.40, 0.69] (n=20)``, or ``-``."""
+    return "-" if value is None else f"{format_rate(value)} (n={value['n']})"
+
+
+def _number(value: float | None, spec: str) -> str:
+    return "-" if value is None else format(value, spec)
+
+
+def _run_section(inputs: Inputs, notes: list[str]) -> list[Section]:
+    manifest = inputs.manifest
+    if manifest is None:
+        notes.append("No manifest.json: the recipe, its models and versions are unknown.")
+        return []
+    section = Section("Run")
+    models = manifest.get("models") or {}
+    if models:
+        rows = [["role", "model", "backend"]]
+        for role, spec in models.items():
+            spec = spec if isinstance(spec, dict) else {"model": spec}
+            rows.append([role, str(spec.get("model", "-")), str(spec.get("backend", "-"))])
+        section.tables.append(rows)
+    versions = manifest.get("versions") or {}
+    if versions:
+        section.paragraphs.append(
+            "Versions: " + ", ".join(f"{k} {v}" for k, v in versions.items()) + "."
+        )
+    if manifest.get("config") is not None:
+        section.code = json.dumps(manifest["config"], indent=2, ensure_ascii=False)
+    return [section]
+
+
+def _results_section(inputs: Inputs, plots: Path, notes: list[str]) -> list[Section]:
     results = inputs.results
     if results is None:
-        notes.append("No evaluation: the recipe has no `evaluate` stage, or it has not run yet.")
+        notes.append(
+            "No evaluation (eval/results.json): the recipe has no evaluate stage, or it has "
+            "not run yet; no win rates, graded rates or answer lengths."
+        )
         return []
     metrics = results["metrics"]
+    names = list(metrics)
+    baseline = results["baseline"]
+
+    def row(label: str, cell) -> list[str]:
+        return [label, *(cell(metrics[n]) for n in names)]
+
+    def reward(m: dict, key: str, spec: str) -> str:
+        return "-" if m["reward"] is None else _number(m["reward"][key], spec)
+
     table = [
-        [
-            "model",
-            "win rate",
-            "LC win rate",
-            *(r.replace("_", "-") for r in RATES),
-            "mean length",
-            "drift",
-            "distinct-2",
-            "rep. openings",
-            "reward",
-            "errors",
-        ]
+        ["metric", *names],
+        row(f"win rate vs {baseline}", lambda m: _rate(m["win_rate"])),
+        row("length-controlled win rate", lambda m: _rate(m["lc_win_rate"])),
+        row("position consistency", lambda m: _rate(m["position_consistency"])),
+        *(row(RATE_LABELS[r], lambda m, r=r: _rate(m[r])) for r in RATES),
+        row("mean length (tokens)", lambda m: f"{m['mean_length']:.1f}"),
+        row("length drift", lambda m: _number(m["length_drift"], "+.1%")),
+        row("distinct-1", lambda m: f"{m['distinct_1']:.3f}"),
+        row("distinct-2", lambda m: f"{m['distinct_2']:.3f}"),
+        row("repeated openings", lambda m: f"{m['repeated_openings']:.3f}"),
+        row("reward (mean)", lambda m: reward(m, "mean", ".3f")),
+        row("reward drift", lambda m: reward(m, "drift", "+.3f")),
+        row("errors", lambda m: str(m["errors"])),
     ]
-    for name, m in metrics.items():
-        table.append(
-            [
-                name,
-                format_rate(m["win_rate"]),
-                format_rate(m["lc_win_rate"]),
-                *(format_rate(m[r]) for r in RATES),
-                f"{m['mean_length']:.1f}",
-                "-" if m["length_drift"] is None else f"{m['length_drift']:+.1%}",
-                f"{m['distinct_2']:.2f}",
-                f"{m['repeated_openings']:.2f}",
-                "-" if m["reward"] is None else f"{m['reward']['mean']:.3f}",
-                str(m["errors"]),
-            ]
-        )
-    sets = ", ".join(f"{k} {v}" for k, v in results["sets"].items())
+    judge = results["judge"]
     section = Section(
         "Evaluation",
         [
-            f"Held-out prompts: {sets} ({results['excluded']} training prompts excluded). "
-            f"Baseline: {results['baseline']}; judge {results['judge']['model']} with the "
-            f"{results['judge']['constitution']} constitution. Rates are shown as value "
-            "[95% interval]; n per rate is in results.json.",
-            "Models: " + "; ".join(f"{n} = {spec}" for n, spec in results["models"].items()),
+            "Models: " + "; ".join(f"{n} = {spec}" for n, spec in results["models"].items()) + ".",
+            f"Baseline {baseline}; judge {judge['model']} with the {judge['constitution']} "
+            f"constitution (tie margin {judge['tie_margin']}). Rates are value [95% Wilson "
+            "interval] (n); ↑ higher is better, ↓ lower is better.",
         ],
-        table,
+        [table],
     )
     for file, caption, draw in (
         ("win_rates.png", "Win rates against the baseline", plot_win_rates),
@@ -306,9 +286,11 @@ def _results_sections(inputs: Inputs, plots: Path, notes: list[str]) -> list[Sec
         ("lengths.png", "Answer lengths", plot_lengths),
     ):
         if draw(results, plots / file):
-            section.images.append((file, caption))
+            section.images.append(Image(file, caption))
+        elif file == "win_rates.png":
+            section.paragraphs.append(f"No win-rate figure: no model besides {baseline}.")
         else:
-            section.paragraphs.append(f"No data for: {caption.lower()}.")
+            section.paragraphs.append(f"No figure of {caption.lower()}: no graded answers.")
     return [section]
 
 
@@ -316,69 +298,120 @@ def _training_section(inputs: Inputs, plots: Path, notes: list[str]) -> list[Sec
     if not inputs.trained:
         notes.append("No trained models (models/*/cai_train.json): no training curves.")
         return []
-    table = [["model", "steps", "final loss", "reward accuracy", "held-out accuracy", "examples"]]
-    section = Section("Training", table=table)
+    table = [
+        [
+            "model",
+            "steps",
+            "final loss",
+            "mean loss",
+            "reward accuracy",
+            "held-out accuracy",
+            "examples",
+            "truncated",
+        ]
+    ]
+    section = Section("Training", tables=[table])
     for name, record in inputs.trained.items():
-        metrics = record.get("metrics", {})
-        accuracy = metrics.get("rewards/accuracies")
-        held = metrics.get("eval_accuracy")
+        metrics = record.get("metrics") or {}
+        data = record.get("data") or {}
+        losses = [e["loss"] for e in record.get("log_history") or [] if "loss" in e]
+        held = metrics.get("eval_accuracy", metrics.get("eval_rewards/accuracies"))
         table.append(
             [
                 name,
                 str(record.get("global_step", "-")),
-                f"{metrics['train_loss']:.4f}" if "train_loss" in metrics else "-",
-                "-" if accuracy is None else f"{accuracy:.2f}",
-                "-" if held is None else f"{held:.2f}",
-                str(record.get("data", {}).get("examples", "-")),
+                _number(losses[-1] if losses else metrics.get("loss"), ".4f"),
+                _number(metrics.get("train_loss"), ".4f"),
+                _number(metrics.get("rewards/accuracies"), ".2f"),
+                _number(held, ".2f"),
+                str(data.get("examples", "-")),
+                str(data.get("truncated", "-")),
             ]
         )
         file = f"training_{name}.png"
-        if plot_training(name, record, plots / file):
-            section.images.append((file, f"{name}: loss and reward curves"))
-    for missing in sorted({"sft", "reward", "dpo"} - set(inputs.trained)):
-        section.paragraphs.append(f"No {missing} model trained in this run.")
+        panels = plot_training(name, record, plots / file)
+        if panels:
+            curves = "loss" if panels == 1 else "loss and reward curves"
+            section.images.append(Image(file, f"{name}: {curves}", wide=panels > 1))
+        else:
+            section.paragraphs.append(f"{name}: no logged loss, so no training curve.")
+    untrained = [
+        f"No {what} model trained in this run."
+        for kind, what in (("sft", "SFT"), ("reward", "reward"), ("dpo", "DPO"))
+        if kind not in inputs.trained
+    ]
+    if untrained:
+        section.paragraphs.append(" ".join(untrained))
     return [section]
 
 
-def _judge_section(inputs: Inputs, plots: Path, notes: list[str]) -> list[Section]:
+def _feedback_section(inputs: Inputs, plots: Path, notes: list[str]) -> list[Section]:
     section = Section("AI feedback")
-    if inputs.preferences:
-        ps = [r["p_chosen"] for r in inputs.preferences if r.get("p_chosen") is not None]
-        section.paragraphs.append(
-            f"{len(inputs.preferences)} exported preference pairs; mean p(chosen) "
-            f"{sum(ps) / len(ps):.3f}."
-            if ps
-            else f"{len(inputs.preferences)} exported preference pairs."
-        )
-        if plot_margins(inputs.preferences, plots / "margins.png"):
-            section.images.append(("margins.png", "Preference margins"))
+    prefs = inputs.preferences
+    if prefs:
+        ps = [r["p_chosen"] for r in prefs if r.get("p_chosen") is not None]
+        flags = [(r.get("meta") or {}).get("consistent") for r in prefs]
+        flags = [f for f in flags if f is not None]
+        text = f"{len(prefs)} exported preference pairs"
+        if ps:
+            text += f"; mean p(chosen) {sum(ps) / len(ps):.3f}"
+        if flags:
+            text += f"; {sum(flags)} of {len(flags)} position-consistent"
+        section.paragraphs.append(text + ".")
+        if plot_margins(prefs, plots / "margins.png"):
+            section.images.append(Image("margins.png", "Preference margins"))
     else:
         notes.append("No preference pairs (preferences/data.jsonl): no margin histogram.")
     values = consistency(inputs)
     if values:
-        section.table = [["judged by", "position consistency"]] + [
-            [k, format_rate(v)] for k, v in values.items()
-        ]
-        if plot_consistency(values, plots / "consistency.png"):
-            section.images.append(("consistency.png", "Judge position consistency"))
+        section.tables.append(
+            [["judged by", "position consistency"]] + [[k, _rate(v)] for k, v in values.items()]
+        )
+        plot_consistency(values, plots / "consistency.png")
+        section.images.append(Image("consistency.png", "Judge position consistency"))
     else:
-        notes.append("No judged pairs: no position-consistency figure.")
-    return [section] if section.paragraphs or section.table or section.images else []
+        notes.append(
+            "No judged pairs (stages/judge.jsonl) and no evaluated comparisons: "
+            "no position-consistency figure."
+        )
+    return [section] if section.paragraphs or section.tables else []
+
+
+def _data_section(inputs: Inputs, notes: list[str]) -> list[Section]:
+    section = Section("Data")
+    if inputs.stages:
+        rows = [["stage", "done", "failed", "skipped"]]
+        for stage, count in inputs.stages.items():
+            rows.append([stage, str(count.done), str(count.failed), str(count.skipped)])
+        section.tables.append(rows)
+    datasets = [["dataset", "rows"]]
+    for folder, label in DATASETS:
+        if folder in inputs.datasets:
+            datasets.append([f"{label} ({folder}/data.jsonl)", str(inputs.datasets[folder])])
+    if inputs.results:
+        excluded = inputs.results["excluded"]
+        datasets += [[f"eval prompts: {k}", str(v)] for k, v in inputs.results["sets"].items()]
+        datasets.append(["eval prompts excluded (also training prompts)", str(excluded)])
+    if len(datasets) > 1:
+        section.tables.append(datasets)
+    if not section.tables:
+        notes.append("No stage records (stages/*.jsonl) and no exported datasets.")
+        return []
+    return [section]
 
 
 def build_sections(inputs: Inputs, plots: Path) -> tuple[list[Section], list[str]]:
+    """The report's sections (drawing their plots into ``plots``) and the notes on what is
+    missing."""
     notes: list[str] = []
     sections = [
-        *_results_sections(inputs, plots, notes),
+        *_run_section(inputs, notes),
+        *_results_section(inputs, plots, notes),
         *_training_section(inputs, plots, notes),
-        *_judge_section(inputs, plots, notes),
+        *_feedback_section(inputs, plots, notes),
+        *_data_section(inputs, notes),
     ]
     return sections, notes
-
-
-def _title(inputs: Inputs, run_dir: Path) -> str:
-    config = (inputs.manifest or {}).get("config", {})
-    return f"cai run report: {config.get('name') or run_dir.name}"
 
 
 def render_markdown(title: str, meta: list[str], sections: list[Section], notes: list[str]) -> str:
@@ -390,64 +423,120 @@ def render_markdown(title: str, meta: list[str], sections: list[Section], notes:
         lines += [f"## {s.title}", ""]
         for p in s.paragraphs:
             lines += [p, ""]
-        if s.table:
-            lines.append("| " + " | ".join(cell(c) for c in s.table[0]) + " |")
-            lines.append("|" + "---|" * len(s.table[0]))
-            lines += ["| " + " | ".join(cell(c) for c in row) + " |" for row in s.table[1:]]
+        for table in s.tables:
+            lines.append("| " + " | ".join(cell(c) for c in table[0]) + " |")
+            lines.append("|" + "---|" * len(table[0]))
+            lines += ["| " + " | ".join(cell(c) for c in row) + " |" for row in table[1:]]
             lines.append("")
-        for file, caption in s.images:
-            lines += [f"![{caption}]({PLOTS_DIR}/{file})", ""]
+        for image in s.images:
+            lines += [f"![{image.caption}]({PLOTS_DIR}/{image.file})", ""]
+        if s.code is not None:
+            lines += ["Resolved config:", "", "```json", s.code, "```", ""]
     if notes:
         lines += ["## Not in this report", "", *(f"- {n}" for n in notes), ""]
     return "\n".join(lines)
 
 
 CSS = """
-body { font-family: system-ui, sans-serif; margin: 2rem auto; max-width: 1100px; color: #222;
-       padding: 0 1rem; }
-h1 { border-bottom: 2px solid #4c72b0; padding-bottom: .3rem; }
-h2 { margin-top: 2rem; color: #2b4f81; }
-table { border-collapse: collapse; margin: 1rem 0; font-size: .9rem; }
-th, td { border: 1px solid #ccc; padding: .3rem .6rem; text-align: right; white-space: nowrap; }
-th { background: #eef2f8; } td:first-child, th:first-child { text-align: left; }
-figure { display: inline-block; margin: .5rem 1rem .5rem 0; }
-figure img { max-width: 100%; border: 1px solid #ddd; }
-figcaption { font-size: .85rem; color: #555; }
-.meta { color: #555; font-size: .9rem; }
+body { font: 15px/1.45 system-ui, -apple-system, "Segoe UI", sans-serif; color: #1f2328;
+       margin: 0; background: #f6f8fa; }
+header { background: #24476b; color: #fff; padding: 1.2rem 2rem .9rem; }
+header h1 { margin: 0 0 .3rem; font-size: 1.6rem; font-weight: 600; }
+header ul { margin: 0; padding: 0; list-style: none; font-size: .85rem; opacity: .9; }
+header li { display: inline; margin-right: 1.4rem; }
+nav { margin-top: .7rem; font-size: .9rem; }
+nav a { color: #cfe0f5; margin-right: 1rem; text-decoration: none; }
+main { max-width: 1160px; margin: 0 auto; padding: 1rem 2rem 3rem; }
+section { background: #fff; border: 1px solid #d8dee4; border-radius: 6px; margin: 1.2rem 0;
+          padding: .4rem 1.4rem 1rem; }
+h2 { color: #24476b; font-size: 1.25rem; border-bottom: 1px solid #e3e8ee; padding-bottom: .3rem; }
+.scroll { overflow-x: auto; }
+table { border-collapse: collapse; margin: .8rem 0; font-size: .88rem; }
+th, td { border: 1px solid #d8dee4; padding: .3rem .7rem; text-align: right; white-space: nowrap; }
+th { background: #eef2f7; } tr:nth-child(even) td { background: #fafbfc; }
+td:first-child, th:first-child, td.text { text-align: left; }
+.figures { display: grid; grid-template-columns: repeat(2, minmax(0, 1fr)); gap: 1rem; }
+figure { margin: 0; } figure.wide { grid-column: 1 / -1; }
+figure img { width: 100%; height: auto; border: 1px solid #e3e8ee; border-radius: 4px; }
+figcaption { font-size: .82rem; color: #57606a; margin-top: .2rem; }
+details { margin: .6rem 0; } summary { cursor: pointer; color: #24476b; }
+pre { background: #f6f8fa; border: 1px solid #e3e8ee; padding: .7rem; overflow-x: auto;
+      font-size: .8rem; }
+.notes li { color: #57606a; }
 """
+
+
+def _anchor(title: str) -> str:
+    return "s-" + "".join(c if c.isalnum() else "-" for c in title.lower())
+
+
+_NUMERIC = re.compile(r"^(-|[-+]?\d)")
+
+
+def _cell(text: str) -> str:
+    """A table cell: numbers (and the ``-`` placeholder) right-aligned, text left-aligned."""
+    css = "" if _NUMERIC.match(text) else ' class="text"'
+    return f"<td{css}>{html.escape(text)}</td>"
 
 
 def render_html(title: str, meta: list[str], sections: list[Section], notes: list[str]) -> str:
     e = html.escape
+    if notes:
+        sections = [*sections, Section("Not in this report")]
     out = [
         "<!DOCTYPE html>",
         '<html lang="en"><head><meta charset="utf-8">',
+        '<meta name="viewport" content="width=device-width, initial-scale=1">',
         f"<title>{e(title)}</title><style>{CSS}</style></head><body>",
-        f"<h1>{e(title)}</h1>",
-        '<ul class="meta">' + "".join(f"<li>{e(m)}</li>" for m in meta) + "</ul>",
+        f"<header><h1>{e(title)}</h1>",
+        "<ul>" + "".join(f"<li>{e(m)}</li>" for m in meta) + "</ul>",
+        "<nav>" + "".join(f'<a href="#{_anchor(s.title)}">{e(s.title)}</a>' for s in sections),
+        "</nav></header><main>",
     ]
     for s in sections:
-        out.append(f"<section><h2>{e(s.title)}</h2>")
+        out.append(f'<section id="{_anchor(s.title)}"><h2>{e(s.title)}</h2>')
         out += [f"<p>{e(p)}</p>" for p in s.paragraphs]
-        if s.table:
-            out.append("<table><thead><tr>")
-            out += [f"<th>{e(c)}</th>" for c in s.table[0]]
+        for table in s.tables:
+            out.append('<div class="scroll"><table><thead><tr>')
+            out += [f"<th>{e(c)}</th>" for c in table[0]]
             out.append("</tr></thead><tbody>")
-            for row in s.table[1:]:
-                out.append("<tr>" + "".join(f"<td>{e(c)}</td>" for c in row) + "</tr>")
-            out.append("</tbody></table>")
-        for file, caption in s.images:
+            for row in table[1:]:
+                out.append("<tr>" + "".join(_cell(c) for c in row) + "</tr>")
+            out.append("</tbody></table></div>")
+        if s.images:
+            out.append('<div class="figures">')
+            for image in s.images:
+                out.append(
+                    f'<figure class="{"wide" if image.wide else ""}">'
+                    f'<img src="{PLOTS_DIR}/{e(image.file)}" alt="{e(image.caption)}">'
+                    f"<figcaption>{e(image.caption)}</figcaption></figure>"
+                )
+            out.append("</div>")
+        if s.code is not None:
             out.append(
-                f'<figure><img src="{PLOTS_DIR}/{e(file)}" alt="{e(caption)}">'
-                f"<figcaption>{e(caption)}</figcaption></figure>"
+                f"<details><summary>Resolved config</summary><pre>{e(s.code)}</pre></details>"
             )
+        if s.title == "Not in this report":
+            out.append('<ul class="notes">' + "".join(f"<li>{e(n)}</li>" for n in notes) + "</ul>")
         out.append("</section>")
-    if notes:
-        out.append("<section><h2>Not in this report</h2><ul>")
-        out += [f"<li>{e(n)}</li>" for n in notes]
-        out.append("</ul></section>")
-    out.append("</body></html>")
+    out.append("</main></body></html>")
     return "\n".join(out)
+
+
+def _header(inputs: Inputs, run: Path) -> tuple[str, list[str]]:
+    manifest = inputs.manifest or {}
+    config = manifest.get("config") or {}
+    title = f"cai run report: {config.get('name') or run.name}"
+    meta = [f"run directory: {run}"]
+    if config:
+        meta.append(f"model: {config.get('model', '-')}")
+        meta.append(f"constitution: {config.get('constitution', '-')}")
+    for key in ("created", "updated"):
+        if manifest.get(key):
+            meta.append(f"{key}: {manifest[key]}")
+    if manifest.get("config_hash"):
+        meta.append(f"config hash: {str(manifest['config_hash'])[:12]}")
+    return title, meta
 
 
 def write_report(run_dir: str | Path) -> Path:
@@ -462,22 +551,11 @@ def write_report(run_dir: str | Path) -> Path:
     for old in plots.glob("*.png"):
         old.unlink()
     sections, notes = build_sections(inputs, plots)
-    title = _title(inputs, run)
-    manifest: dict[str, Any] = inputs.manifest or {}
-    meta = [f"run directory: {run}"]
-    if manifest:
-        config = manifest.get("config", {})
-        meta.append(
-            f"model: {config.get('model', '-')}, constitution: {config.get('constitution', '-')}"
-        )
-        if manifest.get("updated") or manifest.get("created"):
-            meta.append(f"updated: {manifest.get('updated') or manifest.get('created')}")
-    else:
-        notes.append("No manifest.json: the recipe and versions are unknown.")
+    title, meta = _header(inputs, run)
     (run / "report.md").write_text(render_markdown(title, meta, sections, notes), encoding="utf-8")
     page = run / "report.html"
     page.write_text(render_html(title, meta, sections, notes), encoding="utf-8")
     return page
 
 
-__all__ = ["ReportError", "read_inputs", "write_report"]
+__all__ = ["Inputs", "ReportError", "iter_jsonl", "read_inputs", "write_report"]

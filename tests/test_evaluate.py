@@ -70,6 +70,17 @@ def test_lc_win_rate_removes_a_pure_length_effect():
     assert lc["low"] < 0.5 < lc["high"] and lc["n"] == 16
 
 
+def test_lc_win_rate_survives_separable_and_one_sided_data():
+    # The longer answer always wins (a bootstrap sample can be like this): no overflow, a finite
+    # estimate near 0.5; and all wins or all losses give about 1 or 0.
+    deltas = [40, 35, -30, 50, -45, 20, -25, 30]
+    p = [0.9 if d > 0 else 0.1 for d in deltas]
+    lc = lc_win_rate(p, [100 + d for d in deltas], [100] * 8)
+    assert 0.3 < lc["value"] < 0.8
+    assert lc_win_rate([0.9] * 5, [1, 2, 3, 4, 5], [3] * 5)["value"] > 0.99
+    assert lc_win_rate([0.1] * 5, [1, 2, 3, 4, 5], [3] * 5)["value"] < 0.01
+
+
 def test_position_consistency_and_text_statistics():
     assert position_consistency([True, False, None, True])["value"] == pytest.approx(2 / 3)
     # distinct-1: 4 unique of 6 words; distinct-2: {a b, b c, a b, b d} → 3 unique of 4.
