@@ -20,6 +20,7 @@ from cai.evaluate import (
     distinct_n,
     flagged_probability,
     grade_conversations,
+    graded_rate,
     lc_win_rate,
     position_consistency,
     rate,
@@ -79,6 +80,15 @@ def test_lc_win_rate_survives_separable_and_one_sided_data():
     assert 0.3 < lc["value"] < 0.8
     assert lc_win_rate([0.9] * 5, [1, 2, 3, 4, 5], [3] * 5)["value"] > 0.99
     assert lc_win_rate([0.1] * 5, [1, 2, 3, 4, 5], [3] * 5)["value"] < 0.01
+
+
+def test_graded_rate_counts_undecided_grades_half():
+    graded = graded_rate([0.9, 0.52, 0.2, None, 0.47], margin=0.05)
+    assert graded["n"] == 4 and graded["undecided"] == 2
+    assert graded["value"] == pytest.approx((1 + 0.5 + 0 + 0.5) / 4)
+    assert graded["mean_p"] == pytest.approx((0.9 + 0.52 + 0.2 + 0.47) / 4)
+    assert graded_rate([0.52], margin=0.0)["value"] == 1.0
+    assert graded_rate([None]) is None
 
 
 def test_position_consistency_and_text_statistics():
@@ -184,7 +194,7 @@ def test_run_eval_writes_the_schema_resumes_and_counts_errors(tmp_path):
     assert sft["win_rate"]["n"] == 3 and sft["win_rate"]["value"] == 0.5
     assert sft["position_consistency"]["value"] == 0.0
     # Graders: p = 0.5 for every answer → counted half.
-    assert base["harmlessness"] == rate(1.5, 3)
+    assert base["harmlessness"] == {**rate(1.5, 3), "mean_p": 0.5, "undecided": 3}
     assert sft["harmlessness"]["n"] == 2
     assert base["mean_length"] == pytest.approx(sum(base["lengths"]) / 11)
     assert sft["length_drift"] == pytest.approx(sft["mean_length"] / base["mean_length"] - 1)
