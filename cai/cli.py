@@ -311,7 +311,7 @@ def _add_set(parser: argparse.ArgumentParser, example: str) -> None:
 
 
 def add_train(commands: argparse._SubParsersAction) -> None:
-    """``cai train sft | dpo``."""
+    """``cai train sft | dpo | reward``."""
     group = commands.add_parser("train", help="the built-in SFT, DPO and reward-model trainers")
     sub = group.add_subparsers(dest="action", required=True, metavar="ACTION")
     for name, help in (

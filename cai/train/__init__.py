@@ -1,16 +1,19 @@
-"""The built-in trainers: SFT on the revisions, DPO and its relatives on the judged pairs.
+"""The built-in trainers: SFT on the revisions, DPO and its relatives and a Bradley-Terry reward
+model on the judged pairs.
 
     cai train sft --config sft.yaml [--set key=value ...]
     cai train dpo --config dpo.yaml [--set key=value ...]
+    cai train reward --config reward.yaml [--set key=value ...]
 
     from cai.train.sft import SFTConfig, train_sft
     from cai.train.dpo import DPOConfig, train_dpo
+    from cai.train.reward import RewardConfig, train_reward
 
-Both run on ``transformers.Trainer``, so checkpoints, resuming, bf16, gradient accumulation and
+All run on ``transformers.Trainer``, so checkpoints, resuming, bf16, gradient accumulation and
 ``accelerate launch`` / ``torchrun`` (DDP, FSDP, DeepSpeed) work as for any Trainer. The output
 folder is a ``save_pretrained`` model and tokenizer (LoRA adapters merged in) that
-``cai.engine.create_engine("hf", model=output_dir)`` loads; Trainer checkpoints go to
-``output_dir/checkpoints``.
+``cai.engine.create_engine("hf", model=output_dir)`` loads (a reward model is a scalar-head model
+that ``cai.train.reward.RewardModel`` loads); Trainer checkpoints go to ``output_dir/checkpoints``.
 
 This module holds what the trainers share: the config fields every trainer has, the LoRA options,
 the result, model loading, chat tokenisation and the TrainingArguments they run under.

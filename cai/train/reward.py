@@ -1,19 +1,22 @@
 """A Bradley-Terry reward model on preference pairs: ``cai train reward --config FILE``.
 
-    from cai.train.reward import RewardConfig, RewardModel, train_reward
+    from cai.train.reward import RewardConfig, RewardModel, score_rewards, train_reward
     result = train_reward(RewardConfig(data="runs/x/preferences", output_dir="runs/rm"))
     result.metrics["eval_accuracy"]                 # held-out pairs ranked right
-    with RewardModel("runs/rm") as rm:
-        rm.score([[{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello!"}]])
+    conversation = [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello!"}]
+    score_rewards("runs/rm", [conversation])        # load, score, unload
+    with RewardModel("runs/rm") as rm:              # load once, score many times
+        rm.score([conversation])
 
 The model is the starting model with a new scalar head (``AutoModelForSequenceClassification``,
 ``num_labels=1``) read at the last token. The loss is the Bradley-Terry negative log-likelihood
 of the labelled order, ``-log σ(r_chosen - r_rejected)`` (Ouyang et al. 2022, arXiv 2203.02155),
 or with ``soft_labels`` and the judge's ``p_chosen`` as the target,
 ``-(p log σ(Δ) + (1 - p) log σ(-Δ))``; ``center_rewards`` adds ``c · mean((r_c + r_r)²)`` to keep
-rewards near 0. A share ``eval_split`` of the pairs is held out (seeded) unless ``eval_data`` is
-given; after training the held-out accuracy (``eval_accuracy``: the share of held-out pairs whose
-chosen response gets the higher reward) and mean margin are reported, with a warning below
+rewards near 0 (TRL's ``center_rewards_coefficient``; Eisenstein et al. 2023, arXiv 2312.09244).
+A share ``eval_split`` of the pairs is held out (seeded) unless ``eval_data`` is given; after
+training the held-out accuracy (``eval_accuracy``: the share of held-out pairs whose chosen
+response gets the higher reward) and mean margin are reported, with a warning below
 ``min_accuracy`` (0.70 by default). With LoRA the new head trains in full (``modules_to_save``).
 
 Logged every ``logging_steps``: loss, ``rewards/chosen``, ``rewards/rejected``,
@@ -197,9 +200,18 @@ def held_out_metrics(
     }
 
 
+HEAD = "score"
+"""The scalar head of ``AutoModelForSequenceClassification`` on decoder LMs (Llama, Qwen, ...)."""
+
+
 def load_reward_model(spec: str, *, new_head: bool):
-    """(model, tokenizer) with a scalar head, float32; ``new_head``: the head is initialised
-    here (training from a causal LM), so transformers' note about it is expected and silenced."""
+    """(model, tokenizer) with a scalar head, float32.
+
+    ``new_head``: training from a causal LM, whose checkpoint has no head, so it is initialised
+    here (from the global seed) and transformers' report of it as missing is expected; it is not
+    shown. Otherwise the checkpoint must hold a trained head: a model without one would score
+    with random weights, so that raises.
+    """
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
     from transformers.utils import logging as hf_logging
 
@@ -210,36 +222,65 @@ def load_reward_model(spec: str, *, new_head: bool):
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     verbosity = hf_logging.get_verbosity()
-    if new_head:
-        hf_logging.set_verbosity_error()
-        log.info("%s: a new scalar reward head (score) is initialised for training", spec)
+    # transformers logs a load report as a warning whenever a weight is missing; we check the
+    # missing keys ourselves below and say what they mean.
+    hf_logging.set_verbosity_error()
     try:
-        model = AutoModelForSequenceClassification.from_pretrained(
-            path, num_labels=1, dtype=torch.float32
+        model, info = AutoModelForSequenceClassification.from_pretrained(
+            path, num_labels=1, dtype=torch.float32, output_loading_info=True
         )
     finally:
         hf_logging.set_verbosity(verbosity)
+    missing = set(info["missing_keys"])
+    head = {k for k in missing if k.split(".")[0] == HEAD}
+    if missing - head:
+        log.warning(
+            "%s: weights missing from the checkpoint, initialised at random: %s",
+            spec,
+            ", ".join(sorted(missing - head)),
+        )
+    if not new_head and head:
+        raise ValueError(
+            f"{spec}: not a reward model (its checkpoint has no trained {HEAD!r} head, so every "
+            "reward would come from random weights); train one with `cai train reward`"
+        )
+    if new_head:
+        log.info(
+            "%s: %s",
+            spec,
+            f"no reward head in the checkpoint (as expected for a language model): a new scalar "
+            f"head ({HEAD!r}) is initialised for training"
+            if head
+            else f"training on from its existing {HEAD!r} head",
+        )
+    # The head reads each row at its last token that is not the pad token (transformers'
+    # sequence classifiers), which is right for right- and left-padded rows alike. When the pad
+    # token is also the end-of-turn token and a row ends with it, the reward is read one token
+    # earlier; training and scoring share that rule, so rewards stay comparable.
     model.config.pad_token_id = tokenizer.pad_token_id
     return model, tokenizer
 
 
 def train_reward(config: RewardConfig) -> TrainResult:
     """Train a reward model on the pairs of ``config.data``; save it, return the result."""
+    from transformers import set_seed
+
     args = training_arguments(config)
+    # The head is initialised when the model loads, before the Trainer seeds anything.
+    set_seed(config.seed)
     model, tokenizer = load_reward_model(config.model, new_head=True)
     model.config.use_cache = False
     examples, stats = prepare_pairs(tokenizer, config.data, "dpo", config.max_length)
+    stats.report(config.data, config.max_length)
     if config.eval_data:
-        train, held = (
-            examples,
-            prepare_pairs(tokenizer, config.eval_data, "dpo", config.max_length)[0],
-        )
+        train = examples
+        held, held_stats = prepare_pairs(tokenizer, config.eval_data, "dpo", config.max_length)
+        held_stats.report(config.eval_data, config.max_length)
     else:
         train, held = split_pairs(examples, config.eval_split, config.seed)
-    stats.report(config.data, config.max_length)
     if config.lora is not None:
         model = add_lora(
-            model, config.lora, config.gradient_checkpointing, "SEQ_CLS", modules_to_save=["score"]
+            model, config.lora, config.gradient_checkpointing, "SEQ_CLS", modules_to_save=[HEAD]
         )
     trainer = RewardTrainer(
         model=model,
@@ -260,45 +301,55 @@ def train_reward(config: RewardConfig) -> TrainResult:
 
 
 class RewardModel:
-    """A trained reward model, loaded once: ``score(conversations) -> rewards``."""
+    """A trained reward model, loaded once: ``score(conversations) -> rewards``.
+
+    ``spec``: a ``cai train reward`` output folder (or any spec ``cai.models`` resolves to a
+    model with a trained scalar head). Scoring is batched, without gradients and in eval mode, so
+    the same conversations always get the same rewards.
+    """
 
     def __init__(self, spec: str, *, batch_size: int = 8, device: str | None = None):
+        if batch_size < 1:
+            raise ValueError(f"batch_size must be >= 1 (got {batch_size})")
+        self.spec = spec
+        self.batch_size = batch_size
         self.model, self.tokenizer = load_reward_model(spec, new_head=False)
         self.device = device or ("cuda" if torch.cuda.is_available() else "cpu")
         self.model.to(self.device).eval()
-        self.batch_size = batch_size
-        self.spec = spec
 
     @torch.no_grad()
     def score(self, conversations: Sequence[Sequence[dict[str, Any]]]) -> list[float]:
         """The reward of each conversation (chat messages ending with the assistant turn)."""
+        if self.model is None:
+            raise RuntimeError(f"reward model {self.spec} is closed")
         for i, conversation in enumerate(conversations):
             if not conversation or conversation[-1].get("role") != "assistant":
                 raise ValueError(f"conversation {i}: must end with the assistant response scored")
         ids = [chat_ids(self.tokenizer, list(c)) for c in conversations]
-        # Length-sorted batches: little padding, so little wasted compute.
-        order = sorted(range(len(ids)), key=lambda i: len(ids[i]))
-        out = [0.0] * len(ids)
+        out: list[float] = []
         pad = self.tokenizer.pad_token_id
-        for start in range(0, len(order), self.batch_size):
-            chunk = order[start : start + self.batch_size]
-            width = max(len(ids[i]) for i in chunk)
-            input_ids = torch.full((len(chunk), width), pad)
-            mask = torch.zeros((len(chunk), width), dtype=torch.long)
-            for j, i in enumerate(chunk):
-                input_ids[j, : len(ids[i])] = torch.tensor(ids[i])
-                mask[j, : len(ids[i])] = 1
+        for start in range(0, len(ids), self.batch_size):
+            rows = ids[start : start + self.batch_size]
+            width = max(len(r) for r in rows)
+            # Right-padded like training (see load_reward_model on where the head reads).
+            input_ids = torch.full((len(rows), width), pad)
+            mask = torch.zeros((len(rows), width), dtype=torch.long)
+            for j, row in enumerate(rows):
+                input_ids[j, : len(row)] = torch.tensor(row)
+                mask[j, : len(row)] = 1
             logits = self.model(
                 input_ids=input_ids.to(self.device), attention_mask=mask.to(self.device)
             ).logits
-            for i, value in zip(chunk, logits[:, 0].float().tolist(), strict=True):
-                out[i] = value
+            out.extend(logits[:, 0].float().tolist())
         return out
 
     __call__ = score
 
     def close(self) -> None:
-        del self.model
+        """Free the model; scoring afterwards raises."""
+        self.model = None
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
 
     def __enter__(self) -> RewardModel:
         return self
@@ -308,10 +359,15 @@ class RewardModel:
 
 
 def score_rewards(
-    model: str, conversations: Sequence[Sequence[dict[str, Any]]], *, batch_size: int = 8
+    model_dir_or_spec: str,
+    conversations: Sequence[Sequence[dict[str, Any]]],
+    *,
+    batch_size: int = 8,
 ) -> list[float]:
-    """Load the reward model ``model`` (a folder or spec), score ``conversations``, unload."""
-    with RewardModel(model, batch_size=batch_size) as rm:
+    """Load a trained reward model (a ``cai train reward`` folder or spec), score
+    ``conversations`` with it, unload it. To score several batches, load a :class:`RewardModel`
+    once instead."""
+    with RewardModel(model_dir_or_spec, batch_size=batch_size) as rm:
         return rm.score(conversations)
 
 
