@@ -42,7 +42,7 @@ import random
 import re
 import time
 from collections import Counter
-from collections.abc import Callable, Collection, Sequence
+from collections.abc import Callable, Collection, Iterable, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from statistics import fmean, pstdev
@@ -664,6 +664,12 @@ def _ok(record: dict | None) -> bool:
     return record is not None and record.get("error") is None
 
 
+def _unique(jobs: Iterable[tuple]) -> list[tuple]:
+    """The jobs with distinct record keys (the last item). Two names for one model spec share
+    their answers, so their grades and comparisons are the same records: asked once."""
+    return list({job[-1]: job for job in jobs}.values())
+
+
 def _grade(config, sets, generations, store, engines, progress) -> dict[tuple[str, str], dict]:
     """(metric, generation key) → eval_grade record."""
     from cai.pipeline.store import record_key
@@ -690,7 +696,7 @@ def _grade(config, sets, generations, store, engines, progress) -> dict[tuple[st
                     )
                     jobs.append((metric, grader, generation, key))
     with store.writer("eval_grade") as writer:
-        todo = [job for job in jobs if job[3] not in writer]
+        todo = _unique(job for job in jobs if job[3] not in writer)
         if todo:
             engine = engines(judge)
             conversations = [
@@ -759,7 +765,7 @@ def _compare(config, sets, generations, store, engines, progress) -> dict[tuple[
                     )
                     jobs.append((name, mine, theirs, key))
     with store.writer("eval_compare") as writer:
-        todo = [job for job in jobs if job[3] not in writer]
+        todo = _unique(job for job in jobs if job[3] not in writer)
         if todo:
             judge = Judge(
                 engines(judge_spec),
@@ -809,7 +815,7 @@ def _rewards(config, generations, store) -> dict[str, float]:
         for _, g in done
     }
     with store.writer("eval_reward") as writer:
-        todo = [g for _, g in done if keys[g["key"]] not in writer]
+        todo = list({g["key"]: g for _, g in done if keys[g["key"]] not in writer}.values())
         if todo:
             from cai.train.reward import RewardModel
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import math
+from typing import ClassVar
 
 import pytest
 from test_judge import FakeEngine as ScoreEngine
@@ -214,6 +215,69 @@ def test_run_eval_writes_the_schema_resumes_and_counts_errors(tmp_path):
     assert again["metrics"] == results["metrics"]
 
 
+class FakeRewardModel:
+    """Scores an answer by its number of words; records what it scored."""
+
+    scored: ClassVar[list[list[dict]]] = []
+    closed = 0
+
+    def __init__(self, spec: str):
+        assert spec == "rm-folder"
+
+    def score(self, conversations):
+        FakeRewardModel.scored.extend(conversations)
+        return [float(len(c[-1]["content"].split())) for c in conversations]
+
+    def close(self):
+        FakeRewardModel.closed += 1
+
+
+def test_reward_drift_and_one_model_under_two_names(tmp_path, monkeypatch):
+    import cai.train.reward
+
+    monkeypatch.setattr(cai.train.reward, "RewardModel", FakeRewardModel)
+    monkeypatch.setattr(FakeRewardModel, "scored", [])
+    engines: dict[str, EvalEngine] = {}
+
+    def engine_for(spec: str) -> Engine:
+        return engines.setdefault(spec, EvalEngine(spec))
+
+    sets = {k: v for k, v in _sets(tmp_path).items() if k in ("helpful", "sycophancy")}
+    for s in sets.values():
+        s.limit = 2  # records 1 and 2: no FAIL prompt
+    config = EvalConfig(
+        models={"base": "base", "again": "base", "long": "long spec"},
+        sets=sets,
+        reward_model="rm-folder",
+    )
+    results = run_eval(config, tmp_path / "eval", engine_for=engine_for, progress=False)
+    base, again, long = (results["metrics"][n] for n in ("base", "again", "long"))
+    # "again" is base's spec: its answers are base's records, each graded and scored once.
+    assert engines["base"].generated == 4 and engines["long spec"].generated == 4
+    assert engines["base"].scored == 2 * 2 * 2 + 2 * 2 * 2  # 2 sycophancy grades x 2 orders
+    # for 2 answer sets (base and long), then 2 helpful comparisons x 2 orders for 2 models.
+    assert len(FakeRewardModel.scored) == 8 and FakeRewardModel.closed >= 1
+    assert FakeRewardModel.scored[0][-1]["role"] == "assistant"
+    # The reward is the answer's word count: "Sure thing, here you go: <3 words> from <spec>".
+    assert base["reward"] == {"mean": 10.0, "drift": None}
+    assert again["reward"] == {"mean": 10.0, "drift": 0.0}
+    assert long["reward"] == {"mean": 11.0, "drift": 1.0}
+    assert again["win_rate"]["n"] == 2 and again["lengths"] == base["lengths"]
+    assert results["metrics"]["base"]["over_refusal"] is None  # its set is absent
+    assert results["sets"] == {"helpful": 2, "sycophancy": 2}
+
+
+def test_cai_eval_errors_name_the_problem(tmp_path, capsys):
+    for argv, message in (
+        (["--model", "nospec"], "expected NAME=SPEC"),
+        (["--model", "a=x", "--set", "sets.jokes.path=p"], "unknown kind(s) ['jokes']"),
+        (["--model", "a=x", "--config", str(tmp_path / "no.yaml")], "file not found"),
+        (["--model", "a=x", "--set", "sets.helpful.path=/no/such.jsonl"], "/no/such.jsonl"),
+    ):
+        assert cai_main(["eval", "--out", str(tmp_path / "out"), *argv]) == 1
+        assert message in capsys.readouterr().err
+
+
 def test_eval_config_errors_are_clear(tmp_path):
     with pytest.raises(ConfigError, match=r"unknown kind\(s\) \['jokes'\]"):
         from_data(EvalConfig, {"models": {"a": "x"}, "sets": {"jokes": {"path": "p"}}})
@@ -222,7 +286,6 @@ def test_eval_config_errors_are_clear(tmp_path):
     config = EvalConfig(models={"a": "x"}, sets={"helpful": EvalSet(path="helpful", skip=200)})
     with pytest.raises(ValueError, match=r"sets\.helpful: no prompts left"):
         run_eval(config, tmp_path, engine_for=lambda spec: EvalEngine(), progress=False)
-    assert cai_main(["eval", "--model", "nospec"]) == 1
 
 
 @pytest.mark.slow
@@ -237,6 +300,7 @@ def test_cai_eval_with_the_real_model(tmp_path, capsys, model_path):
             "--dtype", "float32",
             "--limit", "2",
             "--set", "max_tokens=16",
+            "--set", "few_shot=false",  # the judge without exemplars: a third of the time
             "--out", str(out),
         ]
     )  # fmt: skip
