@@ -518,10 +518,9 @@ class _Engines:
 
 
 def _revision(spec: str) -> dict[str, str]:
-    from cai.pipeline.training import revision
+    from cai.pipeline.training import revision_key  # imported late: it pulls in the pipeline
 
-    value = revision(spec)
-    return {} if value is None else {"model_revision": value}
+    return revision_key(spec)
 
 
 def run_eval(

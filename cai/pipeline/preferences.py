@@ -108,15 +108,8 @@ def sample_key(runner: Runner, prompt: PromptRecord) -> str:
         stage="sample",
         model=sample_model(runner),
         sampling=sample_sampling(runner).to_dict(),
-        **_revision(sample_model(runner)),
+        **training.revision_key(sample_model(runner)),
     )
-
-
-def _revision(model: str) -> dict[str, str]:
-    """``{"model_revision": ...}`` for a model the pipeline trained (so that retraining it
-    makes new records), else nothing (keys of runs that train nothing stay as they were)."""
-    revision = training.revision(model)
-    return {} if revision is None else {"model_revision": revision}
 
 
 def distinct_responses(texts: Sequence[str]) -> tuple[list[str], int, int]:

@@ -118,6 +118,14 @@ def revision(model: str) -> str | None:
     return json.loads(marker.read_text(encoding="utf-8"))["revision"]
 
 
+def revision_key(model: str) -> dict[str, str]:
+    """``{"model_revision": ...}`` for a model the pipeline trained, else ``{}``: record keys
+    spread it in, so retraining a model makes new records while keys of runs that train nothing
+    stay as they were."""
+    value = revision(model)
+    return {} if value is None else {"model_revision": value}
+
+
 def run_train(runner: Runner, kind: str, report: StageReport) -> Path:
     """Train stage ``kind`` unless an identical training already finished; returns the model
     folder. Raises PipelineError when the data it needs was not exported."""

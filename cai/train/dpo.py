@@ -301,7 +301,7 @@ def _mean_across_processes(value: torch.Tensor) -> torch.Tensor:
 class PreferenceTrainer(Trainer):
     """A Trainer whose loss is :func:`batch_loss`; it logs the preference metrics too."""
 
-    def __init__(self, *args, config: DPOConfig, **kwargs):
+    def __init__(self, *args, config: TrainConfig, **kwargs):
         super().__init__(*args, **kwargs)
         self.config = config
         self._metrics: dict[str, dict[str, list[float]]] = {
@@ -309,8 +309,12 @@ class PreferenceTrainer(Trainer):
             "eval": defaultdict(list),
         }
 
+    def batch_loss(self, model, inputs) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """The loss of a batch and the metrics to log (a subclass swaps in its own loss)."""
+        return batch_loss(model, inputs, self.config)
+
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
-        loss, metrics = batch_loss(model, inputs, self.config)
+        loss, metrics = self.batch_loss(model, inputs)
         values = self.accelerator.reduce(torch.stack(list(metrics.values())), reduction="mean")
         mode = "train" if model.training else "eval"
         for name, value in zip(metrics, values.tolist(), strict=True):

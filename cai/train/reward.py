@@ -28,7 +28,6 @@ from __future__ import annotations
 import logging
 import math
 import random
-from collections import defaultdict
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -47,7 +46,7 @@ from cai.train import (
     train_and_save,
     training_arguments,
 )
-from cai.train.dpo import PairCollator, prepare_pairs
+from cai.train.dpo import PairCollator, PreferenceTrainer, prepare_pairs
 
 log = logging.getLogger(__name__)
 
@@ -116,26 +115,11 @@ def batch_loss(
     }
 
 
-class RewardTrainer(Trainer):
-    """A Trainer whose loss is :func:`batch_loss`; it logs the reward metrics too."""
+class RewardTrainer(PreferenceTrainer):
+    """The preference Trainer (metric logging, eval step) with :func:`batch_loss` as its loss."""
 
-    def __init__(self, *args, config: RewardConfig, **kwargs):
-        super().__init__(*args, **kwargs)
-        self.config = config
-        self._metrics: dict[str, list[float]] = defaultdict(list)
-
-    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
-        loss, metrics = batch_loss(model, inputs, self.config)
-        values = self.accelerator.reduce(torch.stack(list(metrics.values())), reduction="mean")
-        for name, value in zip(metrics, values.tolist(), strict=True):
-            self._metrics[name].append(value)
-        return loss
-
-    def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
-        if "loss" in logs:
-            logs.update({k: sum(v) / len(v) for k, v in self._metrics.items()})
-            self._metrics.clear()
-        super().log(logs, start_time)
+    def batch_loss(self, model, inputs) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        return batch_loss(model, inputs, self.config)
 
 
 def split_pairs(examples: list[dict], share: float, seed: int) -> tuple[list[dict], list[dict]]:
