@@ -10,11 +10,16 @@ required; values are checked against the dataclass type hints (str, int, float, 
 ``X | None``, ``list[X]``, ``tuple[X, ...]``, ``dict[str, X]`` and nested dataclasses).
 Dataclasses may define ``validate(self) -> None`` that raises ``ValueError``; the message is
 reported at the object's line.
+
+Aliases (``*name``) may reuse a block, but not expand a document by more than
+:data:`MAX_ALIAS_VALUES` values: nested anchors ("billion laughs") are refused before anything is
+built. Errors show at most a short excerpt of a value.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import reprlib
 import types
 from pathlib import Path
 from typing import Any, Literal, TypeVar, Union, get_args, get_origin, get_type_hints
@@ -22,6 +27,11 @@ from typing import Any, Literal, TypeVar, Union, get_args, get_origin, get_type_
 import yaml
 
 T = TypeVar("T")
+
+MAX_ALIAS_VALUES = 100_000
+"""Most values that aliases (``*name``) may add to a document once expanded. Reusing a block of
+settings adds a few dozen; nine levels of anchors that each alias the one before nine times add
+387 million, from 300 bytes of YAML, and exhaust memory in whatever walks the data next."""
 
 
 def doc(text: str, default: Any = dataclasses.MISSING, factory: Any = dataclasses.MISSING) -> Any:
@@ -55,13 +65,20 @@ def _construct_mapping(loader: _LineLoader, node: yaml.MappingNode) -> LineDict:
     out = LineDict()
     out.line = node.start_mark.line + 1
     out.key_lines = {}
+    own = sum(key.tag != "tag:yaml.org,2002:merge" for key, _ in node.value)
     loader.flatten_mapping(node)
-    for key_node, value_node in node.value:
+    # flatten_mapping puts the pairs of merge keys (<<: *base) first: the mapping's own keys
+    # override those, and only a key written twice in the mapping itself is a mistake.
+    merged = len(node.value) - own
+    written: set[Any] = set()
+    for index, (key_node, value_node) in enumerate(node.value):
         key = loader.construct_object(key_node, deep=True)
-        if key in out:
-            raise ConfigError(
-                f"{_name(loader)}:{key_node.start_mark.line + 1}: duplicate key {key!r}"
-            )
+        if index >= merged:
+            if key in written:
+                raise ConfigError(
+                    f"{_name(loader)}:{key_node.start_mark.line + 1}: duplicate key {_short(key)}"
+                )
+            written.add(key)
         out[key] = loader.construct_object(value_node, deep=True)
         out.key_lines[key] = key_node.start_mark.line + 1
     return out
@@ -99,7 +116,11 @@ def parse_yaml(text: str, source: str = "<string>") -> Any:
     loader = _LineLoader(text)
     loader.name = source
     try:
-        return loader.get_single_data()
+        node = loader.get_single_node()
+        if node is None:
+            return None
+        _check_aliases(node, source)
+        return loader.construct_document(node)
     except ConfigError:
         raise
     except yaml.MarkedYAMLError as e:
@@ -110,6 +131,67 @@ def parse_yaml(text: str, source: str = "<string>") -> Any:
         raise ConfigError(f"{source}: invalid YAML: {e}") from None
     finally:
         loader.dispose()
+
+
+def _check_aliases(root: yaml.Node, source: str) -> None:
+    """Refuse a document whose aliases would expand it by more than MAX_ALIAS_VALUES values, or
+    that holds itself, before anything is built. An alias is the same node object as its anchor,
+    so the expanded size of every node is counted once (linear time, nothing expanded)."""
+    sizes: dict[int, int] = {}
+    open_nodes: set[int] = set()
+    added = 0
+
+    def size(node: yaml.Node, parent: yaml.Node) -> int:
+        nonlocal added
+        if id(node) in sizes:  # a second reference to a node: an alias
+            added += sizes[id(node)]
+            if added > MAX_ALIAS_VALUES:
+                raise ConfigError(
+                    f"{source}:{parent.start_mark.line + 1}: aliases (*name) here expand the "
+                    f"document past {MAX_ALIAS_VALUES:,} values (nested anchors, a YAML bomb?); "
+                    "write the values out, or alias a block without nesting aliases of aliases"
+                )
+            return sizes[id(node)]
+        if id(node) in open_nodes:
+            raise ConfigError(
+                f"{source}:{node.start_mark.line + 1}: this anchor's value refers to itself "
+                "through an alias (*name), which would never end; alias only finished blocks"
+            )
+        open_nodes.add(id(node))
+        total = 1
+        if isinstance(node, yaml.SequenceNode):
+            total += sum(size(child, node) for child in node.value)
+        elif isinstance(node, yaml.MappingNode):
+            total += sum(size(k, node) + size(v, node) for k, v in node.value)
+        open_nodes.discard(id(node))
+        sizes[id(node)] = total
+        return total
+
+    size(root, root)
+
+
+class _ShortRepr(reprlib.Repr):
+    """reprlib's bounded repr, told that LineDict and LineList are a dict and a list (it would
+    otherwise call their full repr and cut it afterwards)."""
+
+    def repr_LineDict(self, value: dict, level: int) -> str:
+        return self.repr_dict(value, level)
+
+    def repr_LineList(self, value: list, level: int) -> str:
+        return self.repr_list(value, level)
+
+
+_SHORT = _ShortRepr()
+_SHORT.maxlevel, _SHORT.maxlist, _SHORT.maxdict = 3, 8, 8
+_SHORT.maxstring = _SHORT.maxother = 120
+_SHORT_CHARS = 200
+
+
+def _short(value: Any) -> str:
+    """The repr of ``value`` for an error message: at most about 200 characters, built without
+    formatting the whole of a large value."""
+    text = _SHORT.repr(value)
+    return text if len(text) <= _SHORT_CHARS else text[: _SHORT_CHARS - 3] + "..."
 
 
 def load_dataclass(cls: type[T], path: str | Path) -> T:
@@ -168,16 +250,16 @@ def _convert(tp: Any, value: Any, ctx: _Ctx) -> Any:
                 errors.append(str(e))
         if len(errors) == 1:
             raise ConfigError(errors[0])
-        raise ctx.error(f"expected {_type_name(tp)}, got {type(value).__name__} {value!r}")
+        raise ctx.error(f"expected {_type_name(tp)}, got {type(value).__name__} {_short(value)}")
     if origin is Literal:
         allowed = get_args(tp)
         if value not in allowed:
             choices = ", ".join(repr(a) for a in allowed)
-            raise ctx.error(f"must be one of {choices} (got {value!r})")
+            raise ctx.error(f"must be one of {choices} (got {_short(value)})")
         return value
     if origin in (list, tuple):
         if not isinstance(value, list):
-            raise ctx.error(f"expected a list, got {type(value).__name__} {value!r}")
+            raise ctx.error(f"expected a list, got {type(value).__name__} {_short(value)}")
         args = get_args(tp)
         item_tp = args[0] if args else Any
         lines = getattr(value, "item_lines", [None] * len(value))
@@ -185,7 +267,7 @@ def _convert(tp: Any, value: Any, ctx: _Ctx) -> Any:
         return items if origin is list else tuple(items)
     if origin is dict:
         if not isinstance(value, dict):
-            raise ctx.error(f"expected a mapping, got {type(value).__name__} {value!r}")
+            raise ctx.error(f"expected a mapping, got {type(value).__name__} {_short(value)}")
         key_tp, val_tp = get_args(tp) or (Any, Any)
         key_lines = getattr(value, "key_lines", {})
         out = {}
@@ -197,19 +279,19 @@ def _convert(tp: Any, value: Any, ctx: _Ctx) -> Any:
         return _convert_dataclass(tp, value, ctx)
     if tp is bool:
         if not isinstance(value, bool):
-            raise ctx.error(f"expected true or false, got {value!r}")
+            raise ctx.error(f"expected true or false, got {_short(value)}")
         return value
     if tp is int:
         if isinstance(value, bool) or not isinstance(value, int):
-            raise ctx.error(f"expected an integer, got {value!r}")
+            raise ctx.error(f"expected an integer, got {_short(value)}")
         return value
     if tp is float:
         if isinstance(value, bool) or not isinstance(value, int | float):
-            raise ctx.error(f"expected a number, got {value!r}")
+            raise ctx.error(f"expected a number, got {_short(value)}")
         return float(value)
     if tp is str:
         if not isinstance(value, str):
-            raise ctx.error(f"expected a string, got {type(value).__name__} {value!r}")
+            raise ctx.error(f"expected a string, got {type(value).__name__} {_short(value)}")
         return value
     raise TypeError(f"cai.config cannot convert to {tp!r}")
 
@@ -225,7 +307,7 @@ def _plain(value: Any) -> Any:
 def _convert_dataclass(cls: Any, value: Any, ctx: _Ctx) -> Any:
     if not isinstance(value, dict):
         raise ctx.error(
-            f"expected a mapping for {cls.__name__}, got {type(value).__name__} {value!r}"
+            f"expected a mapping for {cls.__name__}, got {type(value).__name__} {_short(value)}"
         )
     line = getattr(value, "line", 0) or ctx.line
     ctx = _Ctx(ctx.source, ctx.where, line)
@@ -257,18 +339,18 @@ def _convert_dataclass(cls: Any, value: Any, ctx: _Ctx) -> Any:
 def set_dotted(data: dict, assignment: str, source: str = "--set") -> None:
     """Apply a ``key.sub=value`` override to parsed YAML data (value parsed as YAML)."""
     if "=" not in assignment:
-        raise ConfigError(f"{source} {assignment!r}: expected key=value")
+        raise ConfigError(f"{source} {_short(assignment)}: expected key=value")
     key, raw = assignment.split("=", 1)
     parts = key.strip().split(".")
     if not all(parts):
-        raise ConfigError(f"{source} {assignment!r}: empty key")
+        raise ConfigError(f"{source} {_short(assignment)}: empty key")
     node: Any = data
     for part in parts[:-1]:
         if isinstance(node, list) and part.isdigit() and int(part) < len(node):
             node = node[int(part)]
             continue
         if not isinstance(node, dict):
-            raise ConfigError(f"{source} {assignment!r}: {part!r} is not a mapping")
+            raise ConfigError(f"{source} {_short(assignment)}: {part!r} is not a mapping")
         if part not in node:
             node[part] = LineDict()
             node[part].key_lines = {}
@@ -280,7 +362,7 @@ def set_dotted(data: dict, assignment: str, source: str = "--set") -> None:
     elif isinstance(node, dict):
         node[last] = value
     else:
-        raise ConfigError(f"{source} {assignment!r}: cannot set {last!r} here")
+        raise ConfigError(f"{source} {_short(assignment)}: cannot set {last!r} here")
 
 
 def field_docs(cls: type) -> dict[str, str]:

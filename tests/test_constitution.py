@@ -9,6 +9,7 @@ from collections import Counter
 from pathlib import Path
 
 import pytest
+from test_config import alias_bomb
 
 from cai.cli import main
 from cai.config import ConfigError
@@ -460,3 +461,15 @@ def test_cli_convert(tmp_path, capsys):
         main(["constitution", "convert", "-o", str(out)])
     assert main(["constitution", "convert", "--huggingface", str(hf), "-o", str(tmp_path)]) == 1
     assert str(tmp_path) in capsys.readouterr().err
+
+
+def test_cli_check_refuses_an_alias_bomb_quickly(tmp_path, capsys):
+    # Issue 15: nested anchors as the description ran for minutes, then printed the expansion.
+    # The anchors as the items of the description, l5 on line 8: "  - &l5 [*l4, ...]".
+    bomb = "".join(f"  - {line.split(': ', 1)[1]}\n" for line in alias_bomb(9).splitlines())
+    text = TINY.replace("description: A tiny constitution.\n", f"description:\n{bomb}")
+    path = _write(tmp_path, text, "bomb.yaml")
+    assert main(["constitution", "check", str(path)]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith(f"error: {path}:8: aliases"), err
+    assert len(err) < 400, err

@@ -15,6 +15,7 @@ from pathlib import Path
 
 import datasets
 import pytest
+from test_config import alias_bomb
 
 from cai.critique import clean_revision, revision_flags
 from cai.engine import Completion, Engine, Sample
@@ -302,6 +303,23 @@ def test_bad_prompt_source_names_the_line(tmp_path, capsys):
     code = main(["run", str(write_recipe(tmp_path, bad)), "--run-dir", str(tmp_path / "run")])
     assert code == 2
     assert f"{bad}:2" in capsys.readouterr().err
+    assert not (tmp_path / "run").exists()
+
+
+def test_an_alias_bomb_in_engine_options_is_refused_at_once(tmp_path, capsys):
+    # Issue 15: nine nested anchors under engine.options ended in MemoryError after a minute.
+    prompts = write_prompts(tmp_path / "p.jsonl", ["a?"])
+    recipe = write_recipe(tmp_path, prompts)
+    bomb = "".join(f"    {line}\n" for line in alias_bomb(9).splitlines())
+    text = recipe.read_text().replace("  dtype: float32\n", f"  dtype: float32\n  options:\n{bomb}")
+    recipe.write_text(text)
+    start = time.perf_counter()
+    code = main(["run", str(recipe), "--run-dir", str(tmp_path / "run"), "--dry-run"])
+    err = capsys.readouterr().err
+    assert code == 2
+    assert time.perf_counter() - start < 5
+    assert err.startswith(f"error: {recipe}:13: aliases"), err
+    assert len(err) < 400, err
     assert not (tmp_path / "run").exists()
 
 
