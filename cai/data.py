@@ -645,7 +645,30 @@ def _response(value: Any, where: str, field: str) -> str:
 def _as_object(row: Any, where: str) -> dict:
     if not isinstance(row, dict):
         raise DataError(f"{where}: expected a JSON object (one record), found {_kind(row)}")
+    _check_text(row, where, "")
     return row
+
+
+def _check_text(value: Any, where: str, field: str) -> None:
+    """Refuse a lone surrogate (half of a UTF-16 pair, which a JSON escape such as \\ud800 can
+    write) anywhere in a record: it has no UTF-8 form, so no tokenizer, jsonl file or Arrow
+    column takes it, and one such prompt would fail every run after the model loads."""
+    if isinstance(value, str):
+        if not value.isascii():
+            try:
+                value.encode("utf-8")
+            except UnicodeEncodeError as e:
+                raise DataError(
+                    f"{where}: {field}: a lone surrogate {value[e.start]!r} at character "
+                    f"{e.start} is not text (often a \\u escape cut from its pair); fix or remove it"
+                ) from None
+    elif isinstance(value, dict):
+        for key, item in value.items():
+            _check_text(key, where, f"a key of {field or 'the record'}")
+            _check_text(item, where, f"{field}.{key}" if field else str(key))
+    elif isinstance(value, list):
+        for index, item in enumerate(value):
+            _check_text(item, where, f"{field}[{index}]")
 
 
 def _required(row: dict, name: str, where: str) -> Any:

@@ -306,6 +306,24 @@ def test_bad_prompt_source_names_the_line(tmp_path, capsys):
     assert not (tmp_path / "run").exists()
 
 
+def test_a_lone_surrogate_prompt_is_refused_before_the_model_loads(tmp_path, capsys):
+    # Issue 15: this passed loading and --dry-run, then every run died in the tokenizer (exit 1,
+    # nothing written, the good prompt lost too).
+    prompts = tmp_path / "p.jsonl"
+    prompts.write_text(
+        '{"id": "g1", "prompt": "What is 2+2?"}\n'
+        '{"id": "s1", "prompt": "lone surrogate \\ud800 here"}\n'
+    )
+    recipe = write_recipe(tmp_path, prompts)
+    for dry_run in (["--dry-run"], []):
+        code = main(["run", str(recipe), "--run-dir", str(tmp_path / "run"), *dry_run])
+        err = capsys.readouterr().err
+        assert code == 2, err
+        assert err.startswith(f"error: {prompts}:2: prompt: "), err
+        assert "lone surrogate" in err, err
+        assert not (tmp_path / "run").exists()
+
+
 def test_an_alias_bomb_in_engine_options_is_refused_at_once(tmp_path, capsys):
     # Issue 15: nine nested anchors under engine.options ended in MemoryError after a minute.
     prompts = write_prompts(tmp_path / "p.jsonl", ["a?"])
