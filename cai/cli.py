@@ -36,7 +36,7 @@ from cai.constitution import (
     from_huggingface,
     load_constitution,
 )
-from cai.data import DataError, load_pairs
+from cai.data import DataError, check_limit, load_pairs
 from cai.engine import BACKENDS
 from cai.judge import GenerativeJudge, Judge, evaluate
 
@@ -205,6 +205,7 @@ def _judge_table(result: dict) -> str:
 
 def _judge_eval(args: argparse.Namespace) -> int:
     try:
+        check_limit(args.limit, "--limit")
         pairs = load_pairs(args.data, limit=args.limit)
         judge = Judge(
             args.model,
@@ -329,6 +330,7 @@ def _eval(args: argparse.Namespace) -> int:
     from cai.evaluate import EvalConfig, run_eval, summary_line, table
 
     try:
+        check_limit(args.limit, "--limit")
         data = load_yaml(args.config) if args.config else {}
         if not isinstance(data, dict):
             raise ConfigError(f"{args.config}: an eval config is a mapping (models, sets, ...)")

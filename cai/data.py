@@ -238,14 +238,21 @@ def load_pairs(
     return _nonempty(pairs, dropped, source)
 
 
+def check_limit(limit: Any, name: str = "limit") -> None:
+    """Raise ValueError unless ``limit`` is None or an integer >= 1: every ``--limit`` and
+    ``limit=`` goes through here, since ``records[:limit]`` would read 0 as "none" (or, behind
+    ``if limit``, as "all") and -1 as "all but the last"."""
+    if limit is not None and (isinstance(limit, bool) or not isinstance(limit, int) or limit < 1):
+        raise ValueError(f"{name} must be >= 1 (got {limit!r})")
+
+
 def _open(
     source: str | Path, format: str | None, split: str, limit: int | None, duplicates: str
 ) -> Iterator[tuple[str, Any]]:
     """Rows of the source as (where, row), located eagerly so a missing source raises here."""
     if format is not None and format not in FORMATS:
         raise ValueError(f"format={format!r}; expected one of {FORMATS}")
-    if limit is not None and (isinstance(limit, bool) or not isinstance(limit, int) or limit < 1):
-        raise ValueError(f"limit={limit!r}; expected a positive int or None")
+    check_limit(limit)
     if duplicates not in ("error", "drop"):
         raise ValueError(f"duplicates={duplicates!r}; expected 'error' or 'drop'")
     kind, location = _locate(source, format)

@@ -465,8 +465,9 @@ def load_sets(
 ) -> tuple[dict[str, list[PromptRecord]], int]:
     """Each set's prompts (``skip``/``limit`` applied, capped at ``limit``), without those whose
     key is in ``exclude`` (training prompts); returns (sets, how many were excluded)."""
-    from cai.data import load_prompts
+    from cai.data import check_limit, load_prompts
 
+    check_limit(limit)
     sets: dict[str, list[PromptRecord]] = {}
     excluded = 0
     for kind, spec in config.sets.items():
@@ -480,7 +481,7 @@ def load_sets(
                 f"{len(records) - len(kept)} held back as training prompts); "
                 "point it at other records"
             )
-        sets[kind] = kept[:limit] if limit else kept
+        sets[kind] = kept[:limit]
     return sets, excluded
 
 

@@ -17,7 +17,7 @@ import sys
 import time
 
 from cai.config import ConfigError
-from cai.data import DataError
+from cai.data import DataError, check_limit
 from cai.pipeline.recipe import load_recipe
 from cai.pipeline.run import PipelineError, Runner, summary_table
 from cai.pipeline.store import RunStore, RunStoreError, merge_runs, parse_shard
@@ -56,9 +56,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _run(args: argparse.Namespace) -> int:
+    check_limit(args.limit, "--limit")
     recipe = load_recipe(resolve("pipelines", args.recipe), args.overrides)
-    if args.limit is not None and args.limit < 1:
-        raise PipelineError(f"--limit must be >= 1 (got {args.limit})")
     shard = parse_shard(args.shard) if args.shard else None
     runner = Runner(recipe, args.run_dir, limit=args.limit, shard=shard, force=args.force)
     print(runner.plan(), file=sys.stderr)

@@ -26,7 +26,7 @@ from typing import TextIO
 
 from cai.constitution import load_constitution
 from cai.critique import CritiqueReviser, RoundInput
-from cai.data import PromptRecord, export_dataset, load_prompts
+from cai.data import PromptRecord, check_limit, export_dataset, load_prompts
 from cai.engine import Engine, Sampling, create_engine
 from cai.pipeline import evaluation, preferences, training
 from cai.pipeline.recipe import Recipe
@@ -127,6 +127,7 @@ class Runner:
         engine: Engine | None = None,
         out: TextIO = sys.stderr,
     ):
+        check_limit(limit)
         self.recipe = recipe
         self.run_dir = Path(run_dir or Path("runs") / recipe.name)
         self.limit = limit
