@@ -43,11 +43,23 @@ class ConfigError(ValueError):
     """A configuration file (or a value set on the command line) is invalid."""
 
 
+class FieldError(ValueError):
+    """What a dataclass's ``validate`` raises about one of its fields: the error then names that
+    field and its line (or the ``--set`` that gave it), not just the object's."""
+
+    def __init__(self, field: str, message: str):
+        super().__init__(f"{field} {message}")
+        self.field = field
+        self.message = message
+
+
 class LineDict(dict):
-    """A mapping read from YAML that remembers the line of itself and of each key (1-based)."""
+    """A mapping read from YAML that remembers the line of itself and of each key (1-based), and
+    which keys a ``--set`` gave (``key_sources``: key → the ``--set key=value`` text)."""
 
     line: int = 0
     key_lines: dict[Any, int]
+    key_sources: dict[Any, str]
 
 
 class LineList(list):
@@ -190,7 +202,10 @@ _SHORT_CHARS = 200
 def _short(value: Any) -> str:
     """The repr of ``value`` for an error message: at most about 200 characters, built without
     formatting the whole of a large value."""
-    text = _SHORT.repr(value)
+    return _cut(_SHORT.repr(value))
+
+
+def _cut(text: str) -> str:
     return text if len(text) <= _SHORT_CHARS else text[: _SHORT_CHARS - 3] + "..."
 
 
@@ -210,18 +225,27 @@ class _Ctx:
     source: str
     where: str
     line: int
+    origin: str | None = None
+    """The ``--set`` that gave this value; errors name it instead of a line of the file."""
 
-    def child(self, name: str | int, line: int | None) -> _Ctx:
+    def child(self, name: str | int, line: int | None, origin: str | None = None) -> _Ctx:
         if isinstance(name, int):
             where = f"{self.where}[{name}]"
         else:
             where = f"{self.where}.{name}" if self.where else name
-        return _Ctx(self.source, where, line or self.line)
+        return _Ctx(self.source, where, line or self.line, origin or self.origin)
 
     def error(self, message: str) -> ConfigError:
-        loc = f"{self.source}:{self.line}" if self.line else self.source
+        if self.origin:
+            loc = f"{self.source} ({self.origin})"
+        else:
+            loc = f"{self.source}:{self.line}" if self.line else self.source
         field = f" {self.where}:" if self.where else ""
         return ConfigError(f"{loc}:{field} {message}")
+
+
+def _key_source(value: Any, key: Any) -> str | None:
+    return getattr(value, "key_sources", {}).get(key)
 
 
 def _type_name(tp: Any) -> str:
@@ -272,7 +296,7 @@ def _convert(tp: Any, value: Any, ctx: _Ctx) -> Any:
         key_lines = getattr(value, "key_lines", {})
         out = {}
         for k, v in value.items():
-            sub = ctx.child(str(k), key_lines.get(k))
+            sub = ctx.child(str(k), key_lines.get(k), _key_source(value, k))
             out[_convert(key_tp, k, sub)] = _convert(val_tp, v, sub)
         return out
     if dataclasses.is_dataclass(tp):
@@ -310,7 +334,7 @@ def _convert_dataclass(cls: Any, value: Any, ctx: _Ctx) -> Any:
             f"expected a mapping for {cls.__name__}, got {type(value).__name__} {_short(value)}"
         )
     line = getattr(value, "line", 0) or ctx.line
-    ctx = _Ctx(ctx.source, ctx.where, line)
+    ctx = _Ctx(ctx.source, ctx.where, line, ctx.origin)
     hints = get_type_hints(cls)
     fields = {f.name: f for f in dataclasses.fields(cls) if f.init}
     key_lines = getattr(value, "key_lines", {})
@@ -318,10 +342,11 @@ def _convert_dataclass(cls: Any, value: Any, ctx: _Ctx) -> Any:
     if unknown:
         k = unknown[0]
         known = ", ".join(sorted(fields))
-        raise ctx.child(str(k), key_lines.get(k)).error(f"unknown key (known keys: {known})")
+        sub = ctx.child(str(k), key_lines.get(k), _key_source(value, k))
+        raise sub.error(f"unknown key (known keys: {known})")
     kwargs = {}
     for name, field in fields.items():
-        sub = ctx.child(name, key_lines.get(name))
+        sub = ctx.child(name, key_lines.get(name), _key_source(value, name))
         if name in value:
             kwargs[name] = _convert(hints[name], value[name], sub)
         elif field.default is dataclasses.MISSING and field.default_factory is dataclasses.MISSING:
@@ -331,6 +356,9 @@ def _convert_dataclass(cls: Any, value: Any, ctx: _Ctx) -> Any:
     if validate is not None:
         try:
             validate()
+        except FieldError as e:
+            where = ctx.child(e.field, key_lines.get(e.field), _key_source(value, e.field))
+            raise where.error(e.message) from None
         except ValueError as e:
             raise ctx.error(str(e)) from None
     return obj
@@ -344,6 +372,7 @@ def set_dotted(data: dict, assignment: str, source: str = "--set") -> None:
     parts = key.strip().split(".")
     if not all(parts):
         raise ConfigError(f"{source} {_short(assignment)}: empty key")
+    origin = _cut(f"{source} {assignment.strip()}")
     node: Any = data
     for part in parts[:-1]:
         if isinstance(node, list) and part.isdigit() and int(part) < len(node):
@@ -354,6 +383,7 @@ def set_dotted(data: dict, assignment: str, source: str = "--set") -> None:
         if part not in node:
             node[part] = LineDict()
             node[part].key_lines = {}
+            _set_by(node, part, origin)
         node = node[part]
     value = parse_yaml(raw, f"{source} {key}") if raw.strip() else ""
     last = parts[-1]
@@ -361,8 +391,15 @@ def set_dotted(data: dict, assignment: str, source: str = "--set") -> None:
         node[int(last)] = value
     elif isinstance(node, dict):
         node[last] = value
+        _set_by(node, last, origin)
     else:
         raise ConfigError(f"{source} {_short(assignment)}: cannot set {last!r} here")
+
+
+def _set_by(node: dict, key: str, origin: str) -> None:
+    """Remember that ``origin`` (a ``--set``) gave ``node[key]``, so errors name it, not a line."""
+    if isinstance(node, LineDict):
+        node.key_sources = {**getattr(node, "key_sources", {}), key: origin}
 
 
 def field_docs(cls: type) -> dict[str, str]:
@@ -371,7 +408,9 @@ def field_docs(cls: type) -> dict[str, str]:
 
 
 __all__ = [
+    "MAX_ALIAS_VALUES",
     "ConfigError",
+    "FieldError",
     "LineDict",
     "LineList",
     "field_docs",

@@ -49,6 +49,7 @@ from statistics import fmean, pstdev
 from typing import TYPE_CHECKING, Any
 
 from cai.config import doc
+from cai.engine.base import Sampling
 
 if TYPE_CHECKING:
     from cai.data import PromptRecord
@@ -443,10 +444,7 @@ class EvalConfig:
             raise ValueError(f"sets: unknown kind(s) {unknown}; known: {', '.join(KINDS)}")
         if not self.sets:
             raise ValueError(f"sets must name at least one of {', '.join(KINDS)}")
-        if self.max_tokens < 1:
-            raise ValueError(f"max_tokens must be >= 1 (got {self.max_tokens})")
-        if not 0 <= self.temperature <= 100:
-            raise ValueError(f"temperature must be between 0 and 100 (got {self.temperature})")
+        Sampling(max_tokens=self.max_tokens, temperature=self.temperature).validate()
         for name in ("tie_margin", "grade_margin"):
             if not 0 <= getattr(self, name) < 0.5:
                 raise ValueError(f"{name} must be in [0, 0.5) (got {getattr(self, name)})")
@@ -605,7 +603,6 @@ def _warn_if_unreliable(results: dict) -> None:
 
 def _generate(config, sets, store, engines, progress) -> dict[tuple[str, str, str], dict]:
     """(model name, kind, prompt key) → eval_generate record (done or error)."""
-    from cai.engine import Sampling
     from cai.pipeline.store import record_key, seed_for
 
     sampling = Sampling(max_tokens=config.max_tokens, temperature=config.temperature)

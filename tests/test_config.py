@@ -11,9 +11,12 @@ import pytest
 
 from cai.config import (
     ConfigError,
+    FieldError,
     doc,
+    from_data,
     load_dataclass,
     parse_yaml,
+    set_dotted,
 )
 
 
@@ -71,3 +74,36 @@ def test_errors_print_at_most_a_short_excerpt_of_a_value(tmp_path):
     assert message.startswith(f"{path}:1: name: expected a string, got LineList ['item0', ")
     assert message.endswith("...]"), message
     assert len(message) < 400, message
+
+
+@dataclass
+class _Stage:
+    top_p: float = doc("nucleus sampling", 1.0)
+    rounds: int = doc("rounds", 1)
+
+    def validate(self) -> None:
+        if not 0 < self.top_p <= 1:
+            raise FieldError("top_p", f"must be in (0, 1] (got {self.top_p})")
+
+
+@dataclass
+class _Outer:
+    stage: _Stage = doc("a stage")
+
+
+def test_a_field_error_names_the_field_its_line_and_the_set_that_gave_it():
+    data = parse_yaml("stage:\n  rounds: 2\n  top_p: 0\n", "r.yaml")
+    with pytest.raises(ConfigError, match=r"^r.yaml:3: stage.top_p: must be in \(0, 1\] \(got 0"):
+        from_data(_Outer, data, source="r.yaml")
+    data = parse_yaml("stage:\n  rounds: 2\n", "r.yaml")
+    set_dotted(data, "stage.top_p=1.5")
+    with pytest.raises(ConfigError) as info:
+        from_data(_Outer, data, source="r.yaml")
+    assert (
+        str(info.value)
+        == "r.yaml (--set stage.top_p=1.5): stage.top_p: must be in (0, 1] (got 1.5)"
+    )
+    data = parse_yaml("{}", "r.yaml")
+    set_dotted(data, "stage={rounds: x}")
+    with pytest.raises(ConfigError, match=r"^r.yaml \(--set stage=\{rounds: x\}\): stage.rounds: "):
+        from_data(_Outer, data, source="r.yaml")

@@ -247,7 +247,7 @@ BAD_RECIPES = [
     (
         "name: x\nsources: [{path: helpful}]\nstages:\n  generate: {}\n  critique_revise: {rounds: 0}\n",
         "5",
-        "rounds must be >= 1",
+        "stages.critique_revise.rounds: must be >= 1",
     ),
     (
         "name: x\nsources: [{path: helpful, limit: 0}]\nstages: {generate: {}}\n",
@@ -304,6 +304,47 @@ def test_bad_prompt_source_names_the_line(tmp_path, capsys):
     assert code == 2
     assert f"{bad}:2" in capsys.readouterr().err
     assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.parametrize(
+    ("args", "where", "field", "message"),
+    [
+        (
+            ["--set", "stages.critique_revise.top_p=0"],
+            " (--set stages.critique_revise.top_p=0)",
+            "stages.critique_revise.top_p",
+            "must be in (0, 1] (got 0.0)",
+        ),
+        (
+            ["--set", "stages.generate.max_tokens=-5"],
+            " (--set stages.generate.max_tokens=-5)",
+            "stages.generate.max_tokens",
+            "must be an integer >= 1 (got -5)",
+        ),
+        (
+            ["--set", "stages.generate={temperature: 101}"],
+            " (--set stages.generate={temperature: 101})",
+            "stages.generate.temperature",
+            "must be between 0 and 100",
+        ),
+        ([], "", "stages.critique_revise.temperature", "must be between 0 and 100 (got -1.0)"),
+    ],
+)
+def test_sampling_values_are_checked_when_the_recipe_loads(
+    tmp_path, capsys, args, where, field, message
+):
+    # Issue 15: these passed --dry-run, ran the generate stage, then failed naming no field.
+    prompts = write_prompts(tmp_path / "p.jsonl", ["a?"])
+    recipe = write_recipe(tmp_path, prompts)
+    if not args:  # in the file: the error names its line
+        recipe.write_text(recipe.read_text() + "    temperature: -1\n")
+        where = f":{len(recipe.read_text().splitlines())}"
+    for dry_run in (["--dry-run"], []):
+        code = main(["run", str(recipe), "--run-dir", str(tmp_path / "run"), *args, *dry_run])
+        err = capsys.readouterr().err
+        assert code == 2, err
+        assert err.startswith(f"error: {recipe}{where}: {field}: {message}"), err
+        assert not (tmp_path / "run").exists()
 
 
 def test_a_lone_surrogate_prompt_is_refused_before_the_model_loads(tmp_path, capsys):

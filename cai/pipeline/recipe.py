@@ -11,7 +11,8 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Literal, TypeVar
 
-from cai.config import ConfigError, LineDict, doc, from_data, load_yaml, set_dotted
+from cai.config import ConfigError, FieldError, LineDict, doc, from_data, load_yaml, set_dotted
+from cai.engine.base import Sampling
 
 T = TypeVar("T")
 
@@ -46,11 +47,22 @@ class SourceConfig:
             raise ValueError(f"limit must be >= 1 (got {self.limit})")
 
 
+def _check_sampling(stage: GenerateStage | CritiqueReviseStage | SampleStage) -> None:
+    """The engine's own checks of a stage's sampling fields, when the recipe loads: a bad value
+    fails before any model loads or record is written (cai.config names the field and line)."""
+    Sampling(
+        max_tokens=stage.max_tokens, temperature=stage.temperature, top_p=stage.top_p
+    ).validate()
+
+
 @dataclass
 class GenerateStage:
     max_tokens: int = doc("most new tokens per response", 256)
     temperature: float = doc("0 is greedy", 0.0)
     top_p: float = doc("nucleus sampling", 1.0)
+
+    def validate(self) -> None:
+        _check_sampling(self)
 
 
 @dataclass
@@ -72,16 +84,8 @@ class CritiqueReviseStage:
 
     def validate(self) -> None:
         if self.rounds < 1:
-            raise ValueError(f"rounds must be >= 1 (got {self.rounds})")
-
-
-def _check_sampling(temperature: float, top_p: float, max_tokens: int) -> None:
-    if not 0 < top_p <= 1:
-        raise ValueError(f"top_p must be in (0, 1] (got {top_p})")
-    if max_tokens < 1:
-        raise ValueError(f"max_tokens must be >= 1 (got {max_tokens})")
-    if not 0 <= temperature <= 100:
-        raise ValueError(f"temperature must be between 0 and 100 (got {temperature})")
+            raise FieldError("rounds", f"must be >= 1 (got {self.rounds})")
+        _check_sampling(self)
 
 
 @dataclass
@@ -104,7 +108,7 @@ class SampleStage:
                 f"temperature must be > 0: greedy samples of one prompt are identical "
                 f"(got {self.temperature})"
             )
-        _check_sampling(self.temperature, self.top_p, self.max_tokens)
+        _check_sampling(self)
 
 
 @dataclass
@@ -133,7 +137,7 @@ class JudgeStage:
         if self.ensemble < 1:
             raise ValueError(f"ensemble must be >= 1 (got {self.ensemble})")
         if self.cot_max_tokens < 1:
-            raise ValueError(f"cot_max_tokens must be >= 1 (got {self.cot_max_tokens})")
+            raise FieldError("cot_max_tokens", f"must be >= 1 (got {self.cot_max_tokens})")
         if self.clamp is not None:
             if len(self.clamp) != 2:
                 raise ValueError(f"clamp must be [low, high] or null (got {self.clamp})")
@@ -241,6 +245,7 @@ def stage_config(
     merged = LineDict(options)
     merged.line = getattr(options, "line", 0)
     merged.key_lines = dict(lines)
+    merged.key_sources = dict(getattr(options, "key_sources", {}))
     merged.update(set_by_pipeline)
     return from_data(cls, merged, source=source, where=where)
 
