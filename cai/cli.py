@@ -55,7 +55,8 @@ def _constitution_check(args: argparse.Namespace) -> int:
         try:
             c = load_constitution(file)
         except (ConfigError, FileNotFoundError) as e:
-            print(f"error: {e}", file=sys.stderr)
+            for problem in str(e).splitlines():
+                print(f"error: {problem}", file=sys.stderr)
             failed = True
         else:
             print(f"ok: {_summary(c)}")
