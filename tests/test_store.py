@@ -310,6 +310,24 @@ def test_complete_line_without_newline_and_unparsable_last_line_are_torn(tmp_pat
     assert [r["key"] for r in lines(path)] == ["a", "b"]
 
 
+def test_complete_unparsable_last_line_is_corruption_not_a_crash(tmp_path, caplog):
+    """A crash can tear only the line being written; one that ends with its newline was written
+    whole, so an unparsable one is corruption (an edit, a bad copy), refused as mid-file."""
+    store = RunStore(tmp_path)
+    path = store.stage_path("gen")
+    with store.writer("gen") as out:
+        out.write(payload("a"))
+    with path.open("ab") as f:
+        f.write(b'{"key": "b", "text": unquoted}\n')
+    before = path.read_bytes()
+    pattern = rf"{re.escape(str(path))}:2: invalid record .*ends with its newline.*Delete that line"
+    with pytest.raises(RunStoreError, match=pattern):
+        store.read_stage("gen")
+    with pytest.raises(RunStoreError, match=pattern):
+        store.writer("gen")
+    assert path.read_bytes() == before  # nothing truncated away
+
+
 def test_corrupt_middle_line_names_file_and_line(tmp_path):
     store = RunStore(tmp_path)
     path = store.stage_path("gen")

@@ -230,6 +230,13 @@ def _scan(path: Path, *, keep_records: bool = True) -> _Scan:
             try:
                 record = json.loads(raw)
             except ValueError as e:
+                if b"\0" not in raw:  # a crash leaves no newline, or zeros (a lost block)
+                    raise RunStoreError(
+                        f"{path}:{lineno}: invalid record ({e}). The line ends with its newline, "
+                        "so it was written whole: this is corruption, not a crash mid-write. "
+                        "Delete that line (its record is regenerated on the next run), or delete "
+                        "the file to redo the stage."
+                    ) from None
                 bad = (lineno, start, str(e))
                 continue
             if not isinstance(record, dict) or not isinstance(record.get("key"), str):
