@@ -476,19 +476,13 @@ class RunStore:
         manifest = self.read_manifest()
         if manifest is None or manifest["config_hash"] == config_hash(config):
             return manifest
-        old = manifest.get("config", {})
-        changed = [
-            key
-            for key in sorted(set(old) | set(config))
-            if key not in old
-            or key not in config
-            or _canonical(old[key]) != _canonical(config[key])
-        ]
-        lines = [f"  {key}: {_show(old, key)} -> {_show(config, key)}" for key in changed]
+        changed = _changes(manifest.get("config", {}), config)
+        lines = [f"  {field}: {_show(a, b)} -> {_show(b, a)}" for field, a, b in changed]
         raise RunStoreError(
-            f"{self.manifest_path} was written for a different config; differing keys: "
-            f"{', '.join(changed) or '(none at the top level)'}\n" + "\n".join(lines) + "\n"
-            "Use a new --run-dir for the new config, or --force to reuse this one "
+            f"{self.manifest_path} was written for a different config; changed fields: "
+            f"{', '.join(field for field, _, _ in changed) or '(none)'}\n"
+            + "".join(line + "\n" for line in lines)
+            + "Use a new --run-dir for the new config, or --force to reuse this one "
             "(records whose keys still match are kept; the rest are regenerated)."
         )
 
@@ -607,11 +601,44 @@ class RunStore:
         return out
 
 
-def _show(config: dict[str, Any], key: str) -> str:
-    if key not in config:
+_ABSENT = object()
+
+
+def _changes(old: Any, new: Any, field: str = "") -> list[tuple[str, Any, Any]]:
+    """``(field path, old value, new value)`` of each leaf where two configs differ, with
+    ``_ABSENT`` for a side that lacks it (``stages.judge.ensemble``, ``sources[1].limit``)."""
+    if isinstance(old, list) and isinstance(new, list):
+        old, new = dict(enumerate(old)), dict(enumerate(new))  # compared item by item
+    if isinstance(old, dict) and isinstance(new, dict):
+        return [
+            change
+            for key in sorted(old.keys() | new.keys())
+            for change in _changes(
+                old.get(key, _ABSENT),
+                new.get(key, _ABSENT),
+                f"{field}[{key}]" if isinstance(key, int) else f"{field}.{key}".lstrip("."),
+            )
+        ]
+    same = old is not _ABSENT and new is not _ABSENT and _canonical(old) == _canonical(new)
+    return [] if same else [(field, old, new)]
+
+
+def _show(value: Any, other: Any, width: int = 80) -> str:
+    """``value`` as canonical JSON, cut to ``width`` around where it first differs from
+    ``other``, so that two long values never show as the same text."""
+    if value is _ABSENT:
         return "(absent)"
-    text = _canonical(config[key]).decode()
-    return text if len(text) <= 80 else text[:77] + "..."
+    text = _canonical(value).decode()
+    if len(text) <= width:
+        return text
+    theirs = "" if other is _ABSENT else _canonical(other).decode()
+    differs = next(
+        (i for i, (a, b) in enumerate(zip(text, theirs, strict=False)) if a != b), len(theirs)
+    )
+    room = width - 6  # for an ellipsis on each side
+    start = max(0, min(differs - width // 4, len(text) - room))
+    end = min(len(text), start + room)
+    return ("..." if start else "") + text[start:end] + ("..." if end < len(text) else "")
 
 
 def _shard_files(stages_dir: Path, stage: str) -> dict[Shard, Path]:
