@@ -280,6 +280,11 @@ class Runner:
         )
 
     def run(self) -> RunResult:
+        """Run every stage, holding the run directory's lock from before any model loads."""
+        with self.store.lock(self.shard):
+            return self._run()
+
+    def _run(self) -> RunResult:
         result = RunResult()
         stages = self.recipe.stages
         if stages.generate is not None:

@@ -20,7 +20,8 @@ Crash safety rests on three rules:
   :class:`RunStoreError` naming the file and line instead of being skipped.
 - One process per stage file, enforced with ``fcntl.flock``; machines sharing a filesystem each
   write their own shard file, merged afterwards by :meth:`RunStore.merge_shards` or
-  :func:`merge_runs`.
+  :func:`merge_runs`. A pipeline run also holds :meth:`RunStore.lock` (one per shard) from its
+  start, so a second one on the same directory is refused before it loads a model.
 
 Typical use by a stage::
 
@@ -37,6 +38,7 @@ Typical use by a stage::
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import fcntl
 import hashlib
@@ -46,7 +48,7 @@ import os
 import re
 import tempfile
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from datetime import UTC, datetime
 from pathlib import Path, PurePath
 from typing import IO, Any
@@ -516,6 +518,24 @@ class RunStore:
     def _write_manifest(self, manifest: dict[str, Any]) -> None:
         text = json.dumps(manifest, indent=2, ensure_ascii=False, default=_jsonable) + "\n"
         _write_atomic(self.manifest_path, lambda f: f.write(text.encode()))
+
+    @contextlib.contextmanager
+    def lock(self, shard: Shard | None = None) -> Iterator[None]:
+        """Hold the run directory (one lock per shard, whose processes share it by design) for
+        a whole run, so that a second process is refused before it loads a model or writes."""
+        name = ".lock" if shard is None else ".lock.shard-{}-of-{}".format(*_check_shard(shard))
+        try:
+            fd = _open_locked(self.run_dir / name)
+        except RunStoreError:
+            which = "" if shard is None else f" for shard {shard[0]}/{shard[1]}"
+            raise RunStoreError(
+                f"{self.run_dir} is in use{which} by another process running this recipe. "
+                "Wait for it to finish, or give this run its own --run-dir."
+            ) from None
+        try:
+            yield
+        finally:
+            os.close(fd)  # releases the flock
 
     # -- stages
 

@@ -1,0 +1,48 @@
+"""The run directory as the pipeline uses it, with a fake engine: one process per run directory,
+refused before any model loads."""
+
+from __future__ import annotations
+
+import pytest
+from test_pipeline import FakeEngine, write_prompts, write_recipe
+
+import cai.pipeline.run as run_module
+from cai.pipeline import store as store_module
+from cai.pipeline.recipe import load_recipe
+from cai.pipeline.run import Runner
+from cai.pipeline.store import RunStoreError
+
+
+def test_a_second_run_on_the_same_directory_is_refused_before_it_loads_a_model(
+    tmp_path, monkeypatch
+):
+    recipe = load_recipe(write_recipe(tmp_path, write_prompts(tmp_path / "p.jsonl", ["a?"])))
+    run_dir = tmp_path / "run"
+    loaded = []
+    monkeypatch.setattr(run_module, "create_engine", lambda *a, **k: loaded.append(k) or None)
+    outcome = {}
+
+    class FirstRun(FakeEngine):
+        def generate(self, conversations, sampling=None, *, prefixes=None, progress=False):
+            if not outcome:  # while the first run is busy, a second one starts on its directory
+                manifest = (run_dir / "manifest.json").read_bytes()
+                with pytest.raises(RunStoreError) as refused:
+                    Runner(recipe, run_dir).run()
+                outcome["message"] = str(refused.value)
+                outcome["manifest untouched"] = (run_dir / "manifest.json").read_bytes() == manifest
+            return super().generate(conversations, sampling, prefixes=prefixes, progress=progress)
+
+    Runner(recipe, run_dir, engine=FirstRun()).run()
+    assert loaded == []  # the second run loaded no model
+    assert outcome["manifest untouched"]
+    assert str(run_dir) in outcome["message"] and "another process" in outcome["message"]
+    # The lock goes with the run: the next run on the directory goes ahead.
+    engine = FakeEngine()
+    Runner(recipe, run_dir, engine=engine).run()
+    assert engine.batches == []
+    # Shards of one run directory are separate processes by design: each has its own lock.
+    store = store_module.RunStore(run_dir)
+    with store.lock((2, 2)):
+        Runner(recipe, run_dir, shard=(1, 2), engine=FakeEngine()).run()
+    with store.lock((1, 2)), pytest.raises(RunStoreError, match=r"in use for shard 1/2"):
+        Runner(recipe, run_dir, shard=(1, 2), engine=FakeEngine()).run()
