@@ -1,10 +1,13 @@
-"""The run directory as the pipeline uses it, with a fake engine: one process per run directory,
-refused before any model loads."""
+"""The run directory as the pipeline uses it, with a fake engine: one process per run directory
+(refused before any model loads) and a deleted manifest."""
 
 from __future__ import annotations
 
+import json
+import logging
+
 import pytest
-from test_pipeline import FakeEngine, write_prompts, write_recipe
+from test_pipeline import FakeEngine, records, write_prompts, write_recipe
 
 import cai.pipeline.run as run_module
 from cai.pipeline import store as store_module
@@ -46,3 +49,30 @@ def test_a_second_run_on_the_same_directory_is_refused_before_it_loads_a_model(
         Runner(recipe, run_dir, shard=(1, 2), engine=FakeEngine()).run()
     with store.lock((1, 2)), pytest.raises(RunStoreError, match=r"in use for shard 1/2"):
         Runner(recipe, run_dir, shard=(1, 2), engine=FakeEngine()).run()
+
+
+def test_a_deleted_manifest_is_reported_and_checked_against_the_records(tmp_path, caplog):
+    prompts = write_prompts(tmp_path / "p.jsonl", ["a?", "b?"])
+    path = write_recipe(tmp_path, prompts)
+    run_dir = tmp_path / "run"
+    Runner(load_recipe(path), run_dir, engine=FakeEngine()).run()
+    manifest = run_dir / "manifest.json"
+
+    # The same recipe: a warning, then a resume with nothing redone and a new manifest.
+    manifest.unlink()
+    engine = FakeEngine()
+    with caplog.at_level(logging.WARNING):
+        Runner(load_recipe(path), run_dir, engine=engine).run()
+    assert engine.batches == []
+    assert f"{manifest} is missing" in caplog.text and "cannot check" in caplog.text
+    assert json.loads(manifest.read_text())["config"]["name"] == "test"
+
+    # A changed recipe: the records were made with other settings, so it is refused.
+    manifest.unlink()
+    changed = write_recipe(tmp_path, prompts, max_tokens=7)
+    with pytest.raises(RunStoreError, match=r"other settings.*--run-dir.*--force") as info:
+        Runner(load_recipe(changed), run_dir, engine=FakeEngine())
+    assert str(run_dir / "stages" / "generate.jsonl") in str(info.value)
+    assert not manifest.exists()
+    Runner(load_recipe(changed), run_dir, engine=FakeEngine(), force=True).run()
+    assert len(records(run_dir, "generate")) == 4
