@@ -1,16 +1,21 @@
 """The run directory as the pipeline uses it, with a fake engine: one process per run directory
-(refused before any model loads) and a deleted manifest."""
+(refused before any model loads), a deleted manifest, and operating-system errors (a full disk,
+a refused connection) that end in one line and exit code 3 instead of a traceback."""
 
 from __future__ import annotations
 
+import errno
 import json
 import logging
+import socket
 
 import pytest
 from test_pipeline import FakeEngine, records, write_prompts, write_recipe
 
 import cai.pipeline.run as run_module
+from cai import cli
 from cai.pipeline import store as store_module
+from cai.pipeline.__main__ import main
 from cai.pipeline.recipe import load_recipe
 from cai.pipeline.run import Runner
 from cai.pipeline.store import RunStoreError
@@ -76,3 +81,51 @@ def test_a_deleted_manifest_is_reported_and_checked_against_the_records(tmp_path
     assert not manifest.exists()
     Runner(load_recipe(changed), run_dir, engine=FakeEngine(), force=True).run()
     assert len(records(run_dir, "generate")) == 4
+
+
+def _full_disk(monkeypatch):
+    def write(fd, data):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(store_module.os, "write", write)
+
+
+def test_a_full_disk_ends_in_one_line_and_exit_3(tmp_path, capsys, monkeypatch):
+    path = write_recipe(tmp_path, write_prompts(tmp_path / "p.jsonl", ["a?"]))
+    monkeypatch.setattr(run_module, "create_engine", lambda *a, **k: FakeEngine())
+    _full_disk(monkeypatch)
+    assert main(["run", str(path), "--run-dir", str(tmp_path / "run")]) == 3
+    [line] = [x for x in capsys.readouterr().err.splitlines() if x.startswith("error:")]
+    assert str(tmp_path / "run" / "stages" / "generate.jsonl") in line
+    assert "No space left on device" in line and "Free space" in line and "resumes" in line
+
+
+def test_a_refused_connection_ends_in_one_line_and_exit_3(tmp_path, capsys):
+    with socket.socket() as s:  # a port nothing listens on
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    path = write_recipe(tmp_path, write_prompts(tmp_path / "p.jsonl", ["a?"]))
+    text = path.read_text().replace(
+        "  backend: hf\n  dtype: float32\n",
+        f"  backend: openai\n  options: {{base_url: 'http://127.0.0.1:{port}/v1', "
+        "max_retries: 0}\n",
+    )
+    path.write_text(text)
+    assert main(["run", str(path), "--run-dir", str(tmp_path / "run")]) == 3
+    err = capsys.readouterr().err
+    [line] = [x for x in err.splitlines() if x.startswith("error:")]
+    assert f"127.0.0.1:{port}" in line and "server" in line
+    assert "Traceback" not in err
+
+
+def test_cai_command_os_errors_end_in_one_line_and_exit_3(tmp_path, capsys, monkeypatch):
+    import cai.report
+
+    def denied(run_dir):
+        raise PermissionError(errno.EACCES, "Permission denied", str(tmp_path / "report.html"))
+
+    monkeypatch.setattr(cai.report, "write_report", denied)
+    assert cli.main(["report", str(tmp_path)]) == 3
+    [line] = capsys.readouterr().err.splitlines()
+    assert line.startswith("error: ") and str(tmp_path / "report.html") in line
+    assert "Permission denied" in line and "Check the permissions" in line

@@ -177,10 +177,19 @@ def _write_atomic(path: Path, write: Callable[[IO[bytes]], None]) -> None:
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as e:
         os.unlink(tmp)
+        if isinstance(e, OSError):
+            _name_file(e, path)
         raise
     _fsync_dir(path.parent)
+
+
+def _name_file(e: OSError, path: Path) -> None:
+    """Name ``path`` in an error that names no file (a write to a full disk does not), so that
+    the line the commands print says where."""
+    if e.filename is None and e.strerror is not None:
+        e.filename = str(path)
 
 
 def _encode(record: dict[str, Any]) -> bytes:
@@ -410,9 +419,13 @@ class StageWriter:
         if self._buffer:
             data = memoryview(b"".join(self._buffer))
             self._buffer.clear()
-            while data:
-                data = data[os.write(self._fd, data) :]
-            os.fsync(self._fd)
+            try:
+                while data:
+                    data = data[os.write(self._fd, data) :]
+                os.fsync(self._fd)
+            except OSError as e:
+                _name_file(e, self.path)
+                raise
         self._last_flush = time.monotonic()
 
     def close(self) -> None:
