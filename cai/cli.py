@@ -38,6 +38,7 @@ from cai.constitution import (
 )
 from cai.data import DataError, check_limit, load_pairs
 from cai.engine import BACKENDS
+from cai.exit_codes import SYSTEM, os_error_line
 from cai.judge import GenerativeJudge, Judge, evaluate
 
 
@@ -425,7 +426,11 @@ def main(argv: list[str] | None = None) -> int:
     """Run ``cai`` with ``argv`` (default: the command line); returns the exit code."""
     parser = build_parser()
     args = parser.parse_args(argv)
-    return args.run(args)
+    try:
+        return args.run(args)
+    except OSError as e:  # a full disk, a denied permission, a refused connection: not the input
+        print(os_error_line(e), file=sys.stderr)
+        return SYSTEM
 
 
 if __name__ == "__main__":

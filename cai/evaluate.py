@@ -516,10 +516,10 @@ class _Engines:
             self.current = None
 
 
-def _revision(spec: str) -> dict[str, str]:
-    from cai.pipeline.training import revision_key  # imported late: it pulls in the pipeline
+def _model_key(field: str, spec: str) -> dict[str, str]:
+    from cai.pipeline.training import model_key  # imported late: it pulls in the pipeline
 
-    return revision_key(spec)
+    return model_key(field, spec)
 
 
 def run_eval(
@@ -608,15 +608,11 @@ def _generate(config, sets, store, engines, progress) -> dict[tuple[str, str, st
     sampling = Sampling(max_tokens=config.max_tokens, temperature=config.temperature)
     keys: dict[tuple[str, str, str], str] = {}
     for name, spec in config.models.items():
-        revision = _revision(spec)
+        model = _model_key("model", spec)
         for kind, prompts in sets.items():
             for p in prompts:
                 keys[name, kind, p.key] = record_key(
-                    stage="eval_generate",
-                    input=p.key,
-                    model=spec,
-                    sampling=sampling.to_dict(),
-                    **revision,
+                    stage="eval_generate", input=p.key, sampling=sampling.to_dict(), **model
                 )
     with store.writer("eval_generate") as writer:
         for name, spec in config.models.items():
@@ -674,7 +670,7 @@ def _grade(config, sets, generations, store, engines, progress) -> dict[tuple[st
 
     template = load_template("grade")
     judge = config.judge_spec
-    revision = _revision(judge)
+    judge_key = _model_key("judge", judge)
     jobs: list[tuple[str, Grader, dict, str]] = []
     for metric, grader in GRADERS.items():
         if grader.kind not in sets:
@@ -688,8 +684,7 @@ def _grade(config, sets, generations, store, engines, progress) -> dict[tuple[st
                         generation=generation["key"],
                         grader=asdict(grader),
                         template=template.source,
-                        judge=judge,
-                        **revision,
+                        **judge_key,
                     )
                     jobs.append((metric, grader, generation, key))
     with store.writer("eval_grade") as writer:
@@ -738,7 +733,7 @@ def _compare(config, sets, generations, store, engines, progress) -> dict[tuple[
 
     base = config.baseline_name
     judge_spec = config.judge_spec
-    revision = _revision(judge_spec)
+    judge_key = _model_key("judge", judge_spec)
     jobs: list[tuple[str, dict, dict, str]] = []
     for name in config.models:
         if name == base:
@@ -754,11 +749,10 @@ def _compare(config, sets, generations, store, engines, progress) -> dict[tuple[
                         stage="eval_compare",
                         model=mine["key"],
                         baseline=theirs["key"],
-                        judge=judge_spec,
                         constitution=config.constitution,
                         few_shot=config.few_shot,
                         seed=config.seed,
-                        **revision,
+                        **judge_key,
                     )
                     jobs.append((name, mine, theirs, key))
     with store.writer("eval_compare") as writer:
@@ -803,12 +797,10 @@ def _rewards(config, generations, store) -> dict[str, float]:
     from cai.pipeline.store import record_key
 
     spec = config.reward_model
-    revision = _revision(spec)
+    reward_model = _model_key("reward_model", spec)
     done = [(n, g) for (n, _, _), g in generations.items() if _ok(g)]
     keys = {
-        g["key"]: record_key(
-            stage="eval_reward", generation=g["key"], reward_model=spec, **revision
-        )
+        g["key"]: record_key(stage="eval_reward", generation=g["key"], **reward_model)
         for _, g in done
     }
     with store.writer("eval_reward") as writer:

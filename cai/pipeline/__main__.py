@@ -5,8 +5,10 @@
     python -m cai.pipeline merge RUN_DIR                  # shard files of one run directory
     python -m cai.pipeline merge RUN_DIR... --out DIR     # shards that ran in separate directories
 
-A killed run resumes when the same command is run again. Exit codes: 0 done; 1 a stage's share
-of error records passed the recipe's max_error_rate; 2 bad input (recipe, sources, arguments).
+A killed run resumes when the same command is run again. Exit codes (``cai.exit_codes``): 0 done;
+1 a stage's share of error records passed the recipe's max_error_rate; 2 bad input (recipe,
+sources, arguments); 3 the operating system refused (disk full, permission denied, connection
+refused): one line says what and where; fix it and run the same command again.
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ import time
 
 from cai.config import ConfigError
 from cai.data import DataError, check_limit
+from cai.exit_codes import BAD_INPUT, FAILED_RECORDS, SYSTEM, os_error_line
 from cai.pipeline.recipe import load_recipe
 from cai.pipeline.run import PipelineError, Runner, summary_table
 from cai.pipeline.store import RunStore, RunStoreError, merge_runs, parse_shard
@@ -68,7 +71,7 @@ def _run(args: argparse.Namespace) -> int:
     print(summary_table(result, time.perf_counter() - start), file=sys.stderr)
     for failure in result.failed:
         print(f"error: {failure}", file=sys.stderr)
-    return 1 if result.failed else 0
+    return FAILED_RECORDS if result.failed else 0
 
 
 def _merge(args: argparse.Namespace) -> int:
@@ -102,7 +105,10 @@ def main(argv: list[str] | None = None) -> int:
         ValueError,
     ) as e:
         print(f"error: {e}", file=sys.stderr)
-        return 2
+        return BAD_INPUT
+    except OSError as e:  # after FileNotFoundError: a missing input file is bad input
+        print(os_error_line(e), file=sys.stderr)
+        return SYSTEM
 
 
 if __name__ == "__main__":

@@ -106,9 +106,8 @@ def sample_key(runner: Runner, prompt: PromptRecord) -> str:
     return record_key(
         input=prompt.key,
         stage="sample",
-        model=sample_model(runner),
         sampling=sample_sampling(runner).to_dict(),
-        **training.revision_key(sample_model(runner)),
+        **training.model_key("model", sample_model(runner)),
     )
 
 
@@ -323,9 +322,15 @@ def _failed(error: str) -> dict[str, Any]:
 
 
 def _preference_row(
-    runner: Runner, prompt: PromptRecord, record: dict, selection: str, **extra: Any
+    runner: Runner,
+    prompt: PromptRecord,
+    sample: dict,
+    record: dict,
+    selection: str,
+    **extra: Any,
 ) -> dict | None:
-    """The export row of a judged pair, or None when it is a tie or below min_margin."""
+    """The export row of a judged pair of ``sample``'s responses, or None when it is a tie or
+    below min_margin."""
     stage = runner.recipe.stages.judge
     if record.get("error") is not None or record["winner"] not in ("A", "B"):
         return None
@@ -360,7 +365,9 @@ def _preference_row(
             "margin": record["margin"],
             "constitution": runner.judge_constitution.name,
             "judge_model": record["judge_model"],
-            "sample_model": sample_model(runner),
+            # From the record, as the judge model is: the export (what train_reward and
+            # train_dpo fingerprint) must not change when the run directory moves.
+            "sample_model": sample["model"],
             **extra,
         },
     }
@@ -396,14 +403,15 @@ def export_preferences(
         records = judged.get(prompt.key)
         if not records:
             continue
+        sample = samples[prompt.key]
         if stage.pairs == "all":
-            rows.extend(_preference_row(runner, prompt, r, "all") for r in records)
+            rows.extend(_preference_row(runner, prompt, sample, r, "all") for r in records)
         else:
-            picked = best_worst(records, len(samples[prompt.key]["responses"]))
+            picked = best_worst(records, len(sample["responses"]))
             if picked is not None:
                 direct, scores = picked
                 rows.append(
-                    _preference_row(runner, prompt, direct, "best_worst", mean_win_p=scores)
+                    _preference_row(runner, prompt, sample, direct, "best_worst", mean_win_p=scores)
                 )
     rows = [r for r in rows if r is not None]
     if not rows:

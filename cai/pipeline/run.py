@@ -17,6 +17,7 @@ merge the shards (``python -m cai.pipeline merge``), then run the recipe again w
 from __future__ import annotations
 
 import importlib.metadata
+import logging
 import sys
 import time
 from collections.abc import Iterator, Sequence
@@ -30,8 +31,10 @@ from cai.data import PromptRecord, check_limit, export_dataset, load_prompts
 from cai.engine import Engine, Sampling, create_engine
 from cai.pipeline import evaluation, preferences, training
 from cai.pipeline.recipe import Recipe
-from cai.pipeline.store import RunStore, in_shard, record_key, seed_for
+from cai.pipeline.store import RunStore, RunStoreError, in_shard, record_key, seed_for
 from cai.prompts import load_template
+
+log = logging.getLogger(__name__)
 
 # Recipe keys that select which records to make, not what a record contains: left out of the
 # manifest's config hash so `--limit 5` then a full run, or shards, share one run.
@@ -164,15 +167,45 @@ class Runner:
                 training.trainer_config(kind, options, data="-", output_dir="-", model="-")
         if recipe.stages.evaluate is not None:
             evaluation.eval_config(self)
-        self.config = {k: v for k, v in recipe.to_dict().items() if k not in _VOLATILE}
-        if not force:
-            self.store.check_manifest(self.config)
         gen = recipe.stages.generate
         self.gen_sampling = (
             Sampling(max_tokens=gen.max_tokens, temperature=gen.temperature, top_p=gen.top_p)
             if gen
             else None
         )
+        self.config = {k: v for k, v in recipe.to_dict().items() if k not in _VOLATILE}
+        if not force and self.store.check_manifest(self.config) is None:
+            self._check_records()
+
+    def _check_records(self) -> None:
+        """Without a manifest, what the records can tell: a warning when there are any, and a
+        refusal when none of the first stage's records for these prompts has the key this
+        recipe would give it (they were made with another model or sampling)."""
+        if not self.store.stage_files():
+            return  # a new run
+        first = "generate" if self.recipe.stages.generate else "sample"
+        path = self.store.stage_path(first, self.shard)
+        log.warning(
+            "%s is missing, but %s holds records: a new manifest will be written for this "
+            "recipe. It cannot check that the records were made with this recipe beyond the %s "
+            "stage's keys; if the recipe changed, use a new --run-dir.",
+            self.store.manifest_path,
+            self.store.stages_dir,
+            first,
+        )
+        wanted = {
+            p.key: self.generate_key(p) if first == "generate" else preferences.sample_key(self, p)
+            for p in self.prompts
+        }
+        records = self.store.read_stage(first, self.shard).values()
+        found = [r for r in records if r.get("input_key") in wanted]
+        if found and not any(r["key"] == wanted[r["input_key"]] for r in found):
+            raise RunStoreError(
+                f"{self.store.manifest_path} is missing, and the {len(found)} record(s) for "
+                f"these prompts in {path} were all made with other settings than this recipe's "
+                f"{first} stage (model or sampling). Use a new --run-dir for this recipe, or "
+                "--force to reuse this one (records whose keys still match are kept)."
+            )
 
     # ---- keys -------------------------------------------------------------------------------
 
@@ -281,6 +314,11 @@ class Runner:
         )
 
     def run(self) -> RunResult:
+        """Run every stage, holding the run directory's lock from before any model loads."""
+        with self.store.lock(self.shard):
+            return self._run()
+
+    def _run(self) -> RunResult:
         result = RunResult()
         stages = self.recipe.stages
         if stages.generate is not None:

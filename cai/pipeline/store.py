@@ -20,7 +20,8 @@ Crash safety rests on three rules:
   :class:`RunStoreError` naming the file and line instead of being skipped.
 - One process per stage file, enforced with ``fcntl.flock``; machines sharing a filesystem each
   write their own shard file, merged afterwards by :meth:`RunStore.merge_shards` or
-  :func:`merge_runs`.
+  :func:`merge_runs`. A pipeline run also holds :meth:`RunStore.lock` (one per shard) from its
+  start, so a second one on the same directory is refused before it loads a model.
 
 Typical use by a stage::
 
@@ -37,6 +38,7 @@ Typical use by a stage::
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import fcntl
 import hashlib
@@ -46,7 +48,7 @@ import os
 import re
 import tempfile
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from datetime import UTC, datetime
 from pathlib import Path, PurePath
 from typing import IO, Any
@@ -175,10 +177,19 @@ def _write_atomic(path: Path, write: Callable[[IO[bytes]], None]) -> None:
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as e:
         os.unlink(tmp)
+        if isinstance(e, OSError):
+            _name_file(e, path)
         raise
     _fsync_dir(path.parent)
+
+
+def _name_file(e: OSError, path: Path) -> None:
+    """Name ``path`` in an error that names no file (a write to a full disk does not), so that
+    the line the commands print says where."""
+    if e.filename is None and e.strerror is not None:
+        e.filename = str(path)
 
 
 def _encode(record: dict[str, Any]) -> bytes:
@@ -230,6 +241,13 @@ def _scan(path: Path, *, keep_records: bool = True) -> _Scan:
             try:
                 record = json.loads(raw)
             except ValueError as e:
+                if b"\0" not in raw:  # a crash leaves no newline, or zeros (a lost block)
+                    raise RunStoreError(
+                        f"{path}:{lineno}: invalid record ({e}). The line ends with its newline, "
+                        "so it was written whole: this is corruption, not a crash mid-write. "
+                        "Delete that line (its record is regenerated on the next run), or delete "
+                        "the file to redo the stage."
+                    ) from None
                 bad = (lineno, start, str(e))
                 continue
             if not isinstance(record, dict) or not isinstance(record.get("key"), str):
@@ -401,9 +419,13 @@ class StageWriter:
         if self._buffer:
             data = memoryview(b"".join(self._buffer))
             self._buffer.clear()
-            while data:
-                data = data[os.write(self._fd, data) :]
-            os.fsync(self._fd)
+            try:
+                while data:
+                    data = data[os.write(self._fd, data) :]
+                os.fsync(self._fd)
+            except OSError as e:
+                _name_file(e, self.path)
+                raise
         self._last_flush = time.monotonic()
 
     def close(self) -> None:
@@ -469,19 +491,13 @@ class RunStore:
         manifest = self.read_manifest()
         if manifest is None or manifest["config_hash"] == config_hash(config):
             return manifest
-        old = manifest.get("config", {})
-        changed = [
-            key
-            for key in sorted(set(old) | set(config))
-            if key not in old
-            or key not in config
-            or _canonical(old[key]) != _canonical(config[key])
-        ]
-        lines = [f"  {key}: {_show(old, key)} -> {_show(config, key)}" for key in changed]
+        changed = _changes(manifest.get("config", {}), config)
+        lines = [f"  {field}: {_show(a, b)} -> {_show(b, a)}" for field, a, b in changed]
         raise RunStoreError(
-            f"{self.manifest_path} was written for a different config; differing keys: "
-            f"{', '.join(changed) or '(none at the top level)'}\n" + "\n".join(lines) + "\n"
-            "Use a new --run-dir for the new config, or --force to reuse this one "
+            f"{self.manifest_path} was written for a different config; changed fields: "
+            f"{', '.join(field for field, _, _ in changed) or '(none)'}\n"
+            + "".join(line + "\n" for line in lines)
+            + "Use a new --run-dir for the new config, or --force to reuse this one "
             "(records whose keys still match are kept; the rest are regenerated)."
         )
 
@@ -515,6 +531,24 @@ class RunStore:
     def _write_manifest(self, manifest: dict[str, Any]) -> None:
         text = json.dumps(manifest, indent=2, ensure_ascii=False, default=_jsonable) + "\n"
         _write_atomic(self.manifest_path, lambda f: f.write(text.encode()))
+
+    @contextlib.contextmanager
+    def lock(self, shard: Shard | None = None) -> Iterator[None]:
+        """Hold the run directory (one lock per shard, whose processes share it by design) for
+        a whole run, so that a second process is refused before it loads a model or writes."""
+        name = ".lock" if shard is None else ".lock.shard-{}-of-{}".format(*_check_shard(shard))
+        try:
+            fd = _open_locked(self.run_dir / name)
+        except RunStoreError:
+            which = "" if shard is None else f" for shard {shard[0]}/{shard[1]}"
+            raise RunStoreError(
+                f"{self.run_dir} is in use{which} by another process running this recipe. "
+                "Wait for it to finish, or give this run its own --run-dir."
+            ) from None
+        try:
+            yield
+        finally:
+            os.close(fd)  # releases the flock
 
     # -- stages
 
@@ -600,11 +634,44 @@ class RunStore:
         return out
 
 
-def _show(config: dict[str, Any], key: str) -> str:
-    if key not in config:
+_ABSENT = object()
+
+
+def _changes(old: Any, new: Any, field: str = "") -> list[tuple[str, Any, Any]]:
+    """``(field path, old value, new value)`` of each leaf where two configs differ, with
+    ``_ABSENT`` for a side that lacks it (``stages.judge.ensemble``, ``sources[1].limit``)."""
+    if isinstance(old, list) and isinstance(new, list):
+        old, new = dict(enumerate(old)), dict(enumerate(new))  # compared item by item
+    if isinstance(old, dict) and isinstance(new, dict):
+        return [
+            change
+            for key in sorted(old.keys() | new.keys())
+            for change in _changes(
+                old.get(key, _ABSENT),
+                new.get(key, _ABSENT),
+                f"{field}[{key}]" if isinstance(key, int) else f"{field}.{key}".lstrip("."),
+            )
+        ]
+    same = old is not _ABSENT and new is not _ABSENT and _canonical(old) == _canonical(new)
+    return [] if same else [(field, old, new)]
+
+
+def _show(value: Any, other: Any, width: int = 80) -> str:
+    """``value`` as canonical JSON, cut to ``width`` around where it first differs from
+    ``other``, so that two long values never show as the same text."""
+    if value is _ABSENT:
         return "(absent)"
-    text = _canonical(config[key]).decode()
-    return text if len(text) <= 80 else text[:77] + "..."
+    text = _canonical(value).decode()
+    if len(text) <= width:
+        return text
+    theirs = "" if other is _ABSENT else _canonical(other).decode()
+    differs = next(
+        (i for i, (a, b) in enumerate(zip(text, theirs, strict=False)) if a != b), len(theirs)
+    )
+    room = width - 6  # for an ellipsis on each side
+    start = max(0, min(differs - width // 4, len(text) - room))
+    end = min(len(text), start + room)
+    return ("..." if start else "") + text[start:end] + ("..." if end < len(text) else "")
 
 
 def _shard_files(stages_dir: Path, stage: str) -> dict[Shard, Path]:

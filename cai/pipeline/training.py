@@ -12,10 +12,12 @@ start from the SFT model (or the recipe's model when there is no SFT stage) and 
 ``<run>/preferences`` into ``<run>/models/reward`` and ``<run>/models/dpo``. With a ``train_sft``
 stage, ``sample`` draws from the SFT model unless ``stages.sample.model`` names another.
 
-Resuming: a finished model folder carries ``cai_pipeline.json`` (the trainer config and a hash of
-the data it saw); a re-run whose config and data match skips the training, one that differs
-trains anew into a clean folder. A run killed during training resumes from the newest Trainer
-checkpoint when ``save_steps`` is set (checkpoints go to ``<model>/checkpoints``).
+Resuming: a finished model folder carries ``cai_pipeline.json`` (the trainer config, a hash of
+the data it saw and the starting model's revision); a re-run whose config and data match skips
+the training, one that differs trains anew into a clean folder. Paths inside the run directory
+are compared relative to it, so a moved or copied run directory is not trained again. A run
+killed during training resumes from the newest Trainer checkpoint when ``save_steps`` is set
+(checkpoints go to ``<model>/checkpoints``).
 """
 
 from __future__ import annotations
@@ -109,21 +111,55 @@ def _fingerprint(path: Path) -> str:
     return digest.hexdigest()[:24]
 
 
+def _marker(model: str) -> dict[str, Any] | None:
+    path = Path(model) / MARKER
+    return json.loads(path.read_text(encoding="utf-8")) if path.is_file() else None
+
+
 def revision(model: str) -> str | None:
-    """A pipeline-trained model folder's marker hash (config and data), else None: record keys
-    of stages that use the model include it, so a retrained model never reuses old records."""
-    marker = Path(model) / MARKER
-    if not marker.is_file():
-        return None
-    return json.loads(marker.read_text(encoding="utf-8"))["revision"]
+    """A pipeline-trained model folder's revision (a hash of its config, data and starting
+    model), else None."""
+    marker = _marker(model)
+    return None if marker is None else marker["revision"]
 
 
-def revision_key(model: str) -> dict[str, str]:
-    """``{"model_revision": ...}`` for a model the pipeline trained, else ``{}``: record keys
-    spread it in, so retraining a model makes new records while keys of runs that train nothing
-    stay as they were."""
-    value = revision(model)
-    return {} if value is None else {"model_revision": value}
+def model_key(field: str, model: str) -> dict[str, str]:
+    """The record-key parts that name ``model`` under ``field``: ``{field: model}``, or for a
+    model the pipeline trained what its marker says, written once when it was trained: the
+    folder it was trained into and its revision. A retrained model thus gets new records, while
+    a moved or copied run directory finds its own (the folder's path now is never used), and
+    the keys of runs that never moved are the ones they always had."""
+    marker = _marker(model)
+    if marker is None:
+        return {field: model}
+    return {field: marker["config"]["output_dir"], "model_revision": marker["revision"]}
+
+
+def _portable(settings: dict[str, Any], run_dir: str) -> dict[str, Any]:
+    """``settings`` with ``run_dir`` in the config's paths replaced by ``<run>``: what a trained
+    model's identity is compared and hashed on, so that moving its run changes nothing."""
+
+    def relative(value: Any) -> Any:
+        if isinstance(value, str) and (value == run_dir or value.startswith(run_dir + "/")):
+            return "<run>" + value[len(run_dir) :]
+        return value
+
+    return {**settings, "config": {k: relative(v) for k, v in settings["config"].items()}}
+
+
+def _trained_as(marker: dict[str, Any]) -> dict[str, Any] | None:
+    """The portable settings a marker was written for; its run directory is where the pipeline
+    put the model then (``<run>/models/<name>``, see :func:`output_dir`)."""
+    try:
+        trained_in = str(Path(marker["config"]["output_dir"]).parent.parent)
+        settings = {k: marker[k] for k in ("config", "data", "model_revision")}
+    except (KeyError, TypeError):
+        return None  # a marker without them: train anew
+    return _portable(settings, trained_in)
+
+
+def _hash(settings: dict[str, Any] | None) -> str:
+    return hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:24]
 
 
 def run_train(runner: Runner, kind: str, report: StageReport) -> Path:
@@ -152,10 +188,10 @@ def run_train(runner: Runner, kind: str, report: StageReport) -> Path:
     settings = {"config": asdict(config), "data": _fingerprint(data), "model_revision": None}
     if kind != "train_sft":
         settings["model_revision"] = revision(model)
-    wanted = hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:24]
+    wanted = _hash(_portable(settings, str(runner.run_dir)))
     marker = out / MARKER
     if marker.is_file() and (out / RESULT_FILE).is_file():
-        if json.loads(marker.read_text(encoding="utf-8")).get("revision") == wanted:
+        if _hash(_trained_as(json.loads(marker.read_text(encoding="utf-8")))) == wanted:
             report.done_before = 1
             report.seconds = time.perf_counter() - start
             return out
