@@ -4,7 +4,6 @@ name the field and line a dataclass's ``validate`` complains about (or the ``--s
 
 from __future__ import annotations
 
-import time
 from dataclasses import dataclass
 
 import pytest
@@ -29,13 +28,12 @@ def alias_bomb(levels: int, width: int = 9) -> str:
     return "\n".join(lines) + "\n"
 
 
+@pytest.mark.timeout(60)  # expanded, the bomb runs for minutes and out of memory
 def test_an_alias_bomb_is_refused_before_it_expands():
     text = alias_bomb(9)  # 9**9 = 387M strings once expanded
-    start = time.perf_counter()
     with pytest.raises(ConfigError) as info:
         parse_yaml(text, "bomb.yaml")
     message = str(info.value)
-    assert time.perf_counter() - start < 2
     # Aliases of l5 (line 6) push the document past the bound: 9 * 66,430 values.
     assert message.startswith("bomb.yaml:6: "), message
     assert "aliases" in message and "100,000" in message, message
