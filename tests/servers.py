@@ -250,9 +250,8 @@ def vllm_server(
 ) -> Iterator[str]:
     """Run vLLM's OpenAI server on a free port; yield its base URL; kill its process group after.
 
-    Raises RuntimeError with the server's log if it exits or does not answer in time. The first
-    start on a machine compiles the model (4-5 minutes on two busy CPU cores; later starts reuse
-    vLLM's compile cache).
+    Raises RuntimeError with the server's log if it exits or does not answer in time. The server
+    runs eagerly (``--enforce-eager``): compiling the model would take minutes on a fresh machine.
     """
     port = free_port()
     log = Path(tempfile.mkstemp(prefix="cai-vllm-server-", suffix=".log")[1])
@@ -274,6 +273,7 @@ def vllm_server(
         "2048",
         "--gpu-memory-utilization",
         "0.25",
+        "--enforce-eager",  # no torch.compile: see the vllm_engine fixture in conftest.py
     ]
     base_url = f"http://127.0.0.1:{port}/v1"
     with open(log, "wb") as out:
