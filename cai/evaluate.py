@@ -53,7 +53,7 @@ from cai.config import doc
 if TYPE_CHECKING:
     from cai.data import PromptRecord
     from cai.engine import Engine
-    from cai.pipeline.store import RunStore
+    from cai.store import RunStore
 
 log = logging.getLogger(__name__)
 
@@ -542,7 +542,7 @@ def run_eval(
         store: the run store for the stage records; default ``RunStore(out_dir)``.
         limit: cap on the prompts of each set.
     """
-    from cai.pipeline.store import RunStore, _write_atomic
+    from cai.store import RunStore, _write_atomic
 
     config.validate()
     start = time.perf_counter()
@@ -605,7 +605,7 @@ def _warn_if_unreliable(results: dict) -> None:
 def _generate(config, sets, store, engines, progress) -> dict[tuple[str, str, str], dict]:
     """(model name, kind, prompt key) → eval_generate record (done or error)."""
     from cai.engine import Sampling
-    from cai.pipeline.store import record_key, seed_for
+    from cai.store import record_key, seed_for
 
     sampling = Sampling(max_tokens=config.max_tokens, temperature=config.temperature)
     keys: dict[tuple[str, str, str], str] = {}
@@ -671,8 +671,8 @@ def _unique(jobs: Iterable[tuple]) -> list[tuple]:
 
 def _grade(config, sets, generations, store, engines, progress) -> dict[tuple[str, str], dict]:
     """(metric, generation key) → eval_grade record."""
-    from cai.pipeline.store import record_key
     from cai.prompts import JUDGE_ANSWER_PREFIX, load_template
+    from cai.store import record_key
 
     template = load_template("grade")
     judge = config.judge_spec
@@ -736,7 +736,7 @@ def _compare(config, sets, generations, store, engines, progress) -> dict[tuple[
     """(model name, generation key) → eval_compare record (the model's answer against the
     baseline's, p = P(model's answer is better))."""
     from cai.judge import Judge, JudgePair
-    from cai.pipeline.store import record_key
+    from cai.store import record_key
 
     base = config.baseline_name
     judge_spec = config.judge_spec
@@ -802,7 +802,7 @@ def _compare(config, sets, generations, store, engines, progress) -> dict[tuple[
 def _rewards(config, generations, store) -> dict[str, float]:
     """Model name → mean reward of its answers under the trained reward model (each answer's
     reward is a record of the stage ``eval_reward``, so a re-run scores nothing twice)."""
-    from cai.pipeline.store import record_key
+    from cai.store import record_key
 
     spec = config.reward_model
     revision = _revision(spec)

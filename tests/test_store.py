@@ -18,8 +18,8 @@ from pathlib import Path
 
 import pytest
 
-from cai.pipeline import store as store_module
-from cai.pipeline.store import (
+from cai import store as store_module
+from cai.store import (
     RunStore,
     RunStoreError,
     config_hash,
@@ -66,7 +66,7 @@ def as_set(records: dict[str, dict]) -> set[tuple[str, str]]:
 def test_record_key_is_pinned_across_processes_and_versions():
     # Pinned: a change here would silently invalidate every existing run directory.
     assert record_key(**PARTS) == "e3027e7b18b0bdbe3a864d69"
-    script = "from cai.pipeline.store import record_key; import json, sys; "
+    script = "from cai.store import record_key; import json, sys; "
     script += "print(record_key(**json.loads(sys.argv[1])))"
     env = {**os.environ, "PYTHONHASHSEED": "12345"}
     out = subprocess.run(
@@ -217,7 +217,7 @@ def test_error_records_are_retried_and_replaced(tmp_path):
 CHILD = textwrap.dedent(
     """
     import sys, time
-    from cai.pipeline.store import RunStore, record_key, seed_for
+    from cai.store import RunStore, record_key, seed_for
 
     run_dir, count = sys.argv[1], int(sys.argv[2])
     with RunStore(run_dir).writer("gen", flush_every=5, flush_seconds=3600) as out:
@@ -355,9 +355,7 @@ def test_second_writer_on_same_file_fails_fast(tmp_path):
 
 def test_second_writer_in_another_process_fails_fast(tmp_path):
     store = RunStore(tmp_path)
-    script = (
-        "import sys; from cai.pipeline.store import RunStore; RunStore(sys.argv[1]).writer('gen')"
-    )
+    script = "import sys; from cai.store import RunStore; RunStore(sys.argv[1]).writer('gen')"
     with store.writer("gen"):
         started = time.monotonic()
         result = subprocess.run(

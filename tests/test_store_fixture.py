@@ -12,7 +12,7 @@ from test_pipeline_judge import FakeEngine
 from cai.evaluate import EvalConfig, EvalSet, run_eval
 from cai.pipeline.recipe import load_recipe
 from cai.pipeline.run import Runner
-from cai.pipeline.store import RunStore
+from cai.store import RunStore
 
 FIXTURES = Path(__file__).resolve().parent / "fixtures"
 

@@ -20,9 +20,9 @@ from cai.config import ConfigError
 from cai.data import DataError
 from cai.pipeline.recipe import load_recipe
 from cai.pipeline.run import PipelineError, Runner, summary_table
-from cai.pipeline.store import RunStore, RunStoreError, merge_runs, parse_shard
 from cai.prompts import TemplateError
 from cai.resources import resolve
+from cai.store import RunStore, RunStoreError, merge_runs, parse_shard
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -40,7 +40,7 @@ from cai.data import PromptRecord, export_dataset
 from cai.engine import Engine, Sampling
 from cai.judge import Judge, JudgePair
 from cai.pipeline import training
-from cai.pipeline.store import record_key, seed_for
+from cai.store import record_key, seed_for
 
 if TYPE_CHECKING:
     from cai.pipeline.run import Runner, StageReport

@@ -1,6 +1,6 @@
 """The runner: a recipe's stages over its prompts, resumable, shardable, with a summary.
 
-Stages write to the run store (``cai.pipeline.store``): a record per (input, stage[, round]) with
+Stages write to the run store (``cai.store``): a record per (input, stage[, round]) with
 a stable key made of everything that defines it (input key, stage, template text, principle,
 model, sampling), so a re-run skips what is written and a changed recipe never reuses stale
 records. Work goes to the engine in chunks of ``chunk_size`` records, flushed after each chunk:
@@ -30,8 +30,8 @@ from cai.data import PromptRecord, export_dataset, load_prompts
 from cai.engine import Engine, Sampling, create_engine
 from cai.pipeline import evaluation, preferences, training
 from cai.pipeline.recipe import Recipe
-from cai.pipeline.store import RunStore, in_shard, record_key, seed_for
 from cai.prompts import load_template
+from cai.store import RunStore, in_shard, record_key, seed_for
 
 # Recipe keys that select which records to make, not what a record contains: left out of the
 # manifest's config hash so `--limit 5` then a full run, or shards, share one run.
