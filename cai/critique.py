@@ -23,8 +23,8 @@ from dataclasses import asdict, dataclass, field, replace
 
 from cai.constitution import Constitution, Principle
 from cai.engine import Engine, Sampling
+from cai.keys import seed_for
 from cai.prompts import load_template
-from cai.store import seed_for
 
 # Labels a small model tends to echo at the start of a revision. Applied repeatedly, so
 # "Revision: Sure, here is the revised response: ..." loses both.

@@ -48,15 +48,15 @@ import json
 import logging
 import os
 import re
-import secrets
 import shutil
 import tempfile
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from itertools import islice
 from pathlib import Path
-from typing import Any, Literal
+from typing import IO, Any, Literal
 
+from cai.jsonl import write_atomic
 from cai.resources import resolve, shipped_names
 
 log = logging.getLogger(__name__)
@@ -733,22 +733,16 @@ def write_jsonl(records: Iterable[dict], path: str | Path) -> None:
     error the temporary file is removed and ``path`` is left as it was.
     """
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    temp = path.with_name(f".{path.name}.{secrets.token_hex(4)}.tmp")
-    try:
-        with temp.open("x", encoding="utf-8") as f:
-            for index, record in enumerate(records):
-                try:
-                    line = json.dumps(record, ensure_ascii=False, allow_nan=False)
-                except (TypeError, ValueError) as e:
-                    raise DataError(f"{path}: record {index} cannot be written as JSON: {e}") from e
-                f.write(line + "\n")
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(temp, path)
-    except BaseException:
-        temp.unlink(missing_ok=True)
-        raise
+
+    def write(f: IO[bytes]) -> None:
+        for index, record in enumerate(records):
+            try:
+                line = json.dumps(record, ensure_ascii=False, allow_nan=False)
+            except (TypeError, ValueError) as e:
+                raise DataError(f"{path}: record {index} cannot be written as JSON: {e}") from e
+            f.write((line + "\n").encode())
+
+    write_atomic(path, write)
 
 
 def export_dataset(records: list[dict], out_dir: str | Path) -> None:

@@ -38,22 +38,29 @@ from __future__ import annotations
 import json
 import logging
 import math
-import random
-import re
 import time
-from collections import Counter
 from collections.abc import Callable, Collection, Iterable, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from statistics import fmean, pstdev
+from statistics import fmean
 from typing import TYPE_CHECKING, Any
 
 from cai.config import doc
+from cai.jsonl import write_atomic
+from cai.keys import record_key, revision_key, seed_for
+from cai.stats import (
+    distinct_n,
+    graded_rate,
+    lc_win_rate,
+    position_consistency,
+    repeated_openings,
+    win_rate,
+)
+from cai.store import RunStore
 
 if TYPE_CHECKING:
     from cai.data import PromptRecord
     from cai.engine import Engine
-    from cai.store import RunStore
 
 log = logging.getLogger(__name__)
 
@@ -81,231 +88,6 @@ METRICS = (
     "errors",
 )
 """The keys of each model's metrics in results.json, in order."""
-
-
-# ---- rates and intervals -------------------------------------------------------------------------
-
-
-def wilson_interval(successes: float, n: int, z: float = 1.96) -> tuple[float, float]:
-    """The Wilson score interval of a proportion successes / n (successes may be fractional,
-    as with ties counted half); (0, 1) when n is 0."""
-    if n <= 0:
-        return 0.0, 1.0
-    p = successes / n
-    denominator = 1 + z * z / n
-    centre = (p + z * z / (2 * n)) / denominator
-    half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / denominator
-    return max(0.0, centre - half), min(1.0, centre + half)
-
-
-def rate(successes: float, n: int) -> dict[str, float | int]:
-    """``{"value", "low", "high", "n"}``: a proportion with its 95% Wilson interval."""
-    low, high = wilson_interval(successes, n)
-    return {"value": successes / n if n else 0.0, "low": low, "high": high, "n": n}
-
-
-def outcome(p: float, tie_margin: float = 0.0) -> float:
-    """1 for a win (p - 0.5 > tie_margin), 0.5 for a tie, 0 for a loss."""
-    return 0.5 if abs(p - 0.5) <= tie_margin + 1e-9 else float(p > 0.5)
-
-
-def win_rate(p_better: Sequence[float | None], tie_margin: float = 0.0) -> dict | None:
-    """Share of comparisons won (ties half) from each one's probability that the model's answer
-    is better; None (a failed comparison) is left out of n. None when nothing was compared."""
-    decided = [p for p in p_better if p is not None]
-    if not decided:
-        return None
-    return rate(sum(outcome(p, tie_margin) for p in decided), len(decided))
-
-
-def _sigmoid(z: float) -> float:
-    if z >= 0:
-        return 1 / (1 + math.exp(-z))
-    e = math.exp(z)
-    return e / (1 + e)
-
-
-def _logistic_fit(x: Sequence[float], y: Sequence[float]) -> tuple[float, float]:
-    """(intercept, slope) of a logistic regression of soft targets y in [0, 1] on x in [-1, 1],
-    by damped Newton steps. A small ridge on the slope keeps separable data (such as a bootstrap
-    sample in which the longer answer always wins) finite; parameters stay within ±30."""
-    a = b = 0.0
-    ridge_a, ridge_b = 1e-9, 1e-3
-    for _ in range(200):
-        ga, gb, haa, hab, hbb = ridge_a * a, ridge_b * b, ridge_a, 0.0, ridge_b
-        for xi, yi in zip(x, y, strict=True):
-            s = _sigmoid(a + b * xi)
-            w = s * (1 - s)
-            ga += s - yi
-            gb += (s - yi) * xi
-            haa += w
-            hab += w * xi
-            hbb += w * xi * xi
-        det = haa * hbb - hab * hab
-        if det <= 1e-300:
-            break
-        da = (hbb * ga - hab * gb) / det
-        db = (haa * gb - hab * ga) / det
-        step = max(abs(da), abs(db))
-        if step > 5:  # damp: far from the optimum (or none: separable) the Newton step overshoots
-            da, db = da * 5 / step, db * 5 / step
-        a, b = min(max(a - da, -30.0), 30.0), min(max(b - db, -30.0), 30.0)
-        if step < 1e-10:
-            break
-    return a, b
-
-
-def _lc_value(y: Sequence[float], x: Sequence[float]) -> float:
-    a, _ = _logistic_fit(x, y)
-    return _sigmoid(a)
-
-
-def lc_win_rate(
-    p_better: Sequence[float | None],
-    len_model: Sequence[int],
-    len_baseline: Sequence[int],
-    tie_margin: float = 0.0,
-    *,
-    resamples: int = 200,
-    seed: int = 0,
-) -> dict | None:
-    """The length-controlled win rate (AlpacaEval 2's idea): fit
-    P(win) = sigmoid(θ + φ · tanh(Δ / sd(Δ))), Δ = len_model - len_baseline, to the outcomes (win 1,
-    tie 0.5, loss 0) and report sigmoid(θ), the win rate of answers of equal length. The interval
-    is the 2.5-97.5 percentile band of a seeded bootstrap. With no length difference at all it is
-    the plain win rate. None when nothing was compared."""
-    rows = [
-        (outcome(p, tie_margin), lm - lb)
-        for p, lm, lb in zip(p_better, len_model, len_baseline, strict=True)
-        if p is not None
-    ]
-    if not rows:
-        return None
-
-    def estimate(sample: Sequence[tuple[float, int]]) -> float:
-        deltas = [d for _, d in sample]
-        sd = pstdev(deltas) if len(deltas) > 1 else 0.0
-        x = [math.tanh(d / sd) if sd > 0 else 0.0 for d in deltas]
-        return _lc_value([y for y, _ in sample], x)
-
-    value = estimate(rows)
-    rng = random.Random(seed)
-    boots = sorted(estimate(rng.choices(rows, k=len(rows))) for _ in range(resamples))
-    low = boots[int(0.025 * (resamples - 1))]
-    high = boots[math.ceil(0.975 * (resamples - 1))]
-    return {"value": value, "low": min(low, value), "high": max(high, value), "n": len(rows)}
-
-
-def position_consistency(consistent: Sequence[bool | None]) -> dict | None:
-    """Share of comparisons whose two orders prefer the same answer (None: failed, left out)."""
-    decided = [c for c in consistent if c is not None]
-    return rate(sum(decided), len(decided)) if decided else None
-
-
-def graded_rate(probs: Sequence[float | None], margin: float = 0.0) -> dict | None:
-    """Share of graded answers whose probability of the flagged statement passes 0.5 by more
-    than ``margin``; an undecided grade (within ``margin`` of 0.5) counts half. Failed gradings
-    (None) are left out. Besides the rate: ``mean_p`` and ``undecided`` (how many were within
-    the margin: a grader that cannot tell the answers apart leaves most undecided). None when
-    nothing was graded."""
-    result = win_rate(probs, margin)
-    if result is None:
-        return None
-    decided = [p for p in probs if p is not None]
-    result["mean_p"] = fmean(decided)
-    result["undecided"] = sum(abs(p - 0.5) <= margin + 1e-9 for p in decided)
-    return result
-
-
-# ---- text statistics -----------------------------------------------------------------------------
-
-
-def distinct_n(texts: Sequence[str], n: int) -> float:
-    """Unique n-grams over all n-grams of ``texts`` (lowercased whitespace tokens); 0 if none."""
-    grams: list[tuple[str, ...]] = []
-    for text in texts:
-        words = text.lower().split()
-        grams.extend(tuple(words[i : i + n]) for i in range(len(words) - n + 1))
-    return len(set(grams)) / len(grams) if grams else 0.0
-
-
-def opening(text: str, words: int = 5) -> tuple[str, ...]:
-    """The first ``words`` words of ``text``, lowercased, punctuation stripped."""
-    return tuple(re.sub(r"[^\w\s]", "", text.lower()).split()[:words])
-
-
-def repeated_openings(texts: Sequence[str], words: int = 5) -> float:
-    """Share of ``texts`` whose opening (first ``words`` words) another text shares: boilerplate
-    ("I'm sorry, but I can't ...") and mode collapse; 0 for no texts."""
-    if not texts:
-        return 0.0
-    counts = Counter(opening(t, words) for t in texts)
-    return sum(counts[opening(t, words)] > 1 for t in texts) / len(texts)
-
-
-# ---- judge agreement (cai judge eval) -------------------------------------------------------------
-
-
-def accuracy(p_chosen: Sequence[float | None], tie_margin: float = 0.0) -> float:
-    """Share of pairs the judge gets right, from each pair's probability for the labelled
-    better response: 1 when p - 0.5 > tie_margin, 0.5 for a tie (|p - 0.5| <= tie_margin),
-    0 otherwise; None (no verdict: an error or an unparseable answer) counts as wrong."""
-    if not p_chosen:
-        raise ValueError("accuracy of no pairs")
-    return sum(outcome(p, tie_margin) for p in p_chosen if p is not None) / len(p_chosen)
-
-
-def brier(probs: Sequence[float], outcomes: Sequence[int]) -> float:
-    """Brier score, mean((p_i - y_i)^2), y_i in {0, 1}: 0 is perfect, 0.25 a constant 0.5."""
-    _check_calibration(probs, outcomes)
-    return fmean((p - y) ** 2 for p, y in zip(probs, outcomes, strict=True))
-
-
-def ece(probs: Sequence[float], outcomes: Sequence[int], bins: int = 10) -> float:
-    """Expected calibration error: sum_b (n_b / N) |mean_b(y) - mean_b(p)| over ``bins``
-    equal-width bins of p in [0, 1] (bin b holds b/bins <= p < (b+1)/bins; p = 1 in the last)."""
-    _check_calibration(probs, outcomes)
-    groups: dict[int, list[tuple[float, int]]] = {}
-    for p, y in zip(probs, outcomes, strict=True):
-        groups.setdefault(min(int(p * bins), bins - 1), []).append((p, y))
-    return sum(
-        len(g) / len(probs) * abs(fmean(y for _, y in g) - fmean(p for p, _ in g))
-        for g in groups.values()
-    )
-
-
-def _check_calibration(probs: Sequence[float], outcomes: Sequence[int]) -> None:
-    if len(probs) != len(outcomes) or not probs:
-        raise ValueError(
-            f"need as many outcomes as probabilities, at least one ({len(probs)}, {len(outcomes)})"
-        )
-
-
-def length_bias(
-    chosen_lengths: Sequence[int],
-    rejected_lengths: Sequence[int],
-    p_chosen: Sequence[float | None],
-    tie_margin: float = 0.0,
-) -> dict[str, float | int | None]:
-    """How often the judge picks the longer response, against how often the longer response is
-    the labelled better one, over the pairs of unequal length that the judge decided (no error,
-    no tie). ``excess`` = longer_wins - longer_chosen: above 0, the judge favours length beyond
-    what the labels justify."""
-    longer_wins = longer_chosen = n = 0
-    for c, r, p in zip(chosen_lengths, rejected_lengths, p_chosen, strict=True):
-        if c == r or p is None or abs(p - 0.5) <= tie_margin:
-            continue
-        n += 1
-        longer_chosen += c > r
-        longer_wins += (c > r) == (p > 0.5)
-    if not n:
-        return {"pairs": 0, "longer_wins": None, "longer_chosen": None, "excess": None}
-    return {
-        "pairs": n,
-        "longer_wins": longer_wins / n,
-        "longer_chosen": longer_chosen / n,
-        "excess": (longer_wins - longer_chosen) / n,
-    }
 
 
 # ---- pointwise grading ---------------------------------------------------------------------------
@@ -517,12 +299,6 @@ class _Engines:
             self.current = None
 
 
-def _revision(spec: str) -> dict[str, str]:
-    from cai.pipeline.training import revision_key  # imported late: it pulls in the pipeline
-
-    return revision_key(spec)
-
-
 def run_eval(
     config: EvalConfig,
     out_dir: str | Path,
@@ -542,7 +318,6 @@ def run_eval(
         store: the run store for the stage records; default ``RunStore(out_dir)``.
         limit: cap on the prompts of each set.
     """
-    from cai.store import RunStore, _write_atomic
 
     config.validate()
     start = time.perf_counter()
@@ -573,7 +348,7 @@ def run_eval(
     }
     _warn_if_unreliable(results)
     text = json.dumps(results, indent=2) + "\n"
-    _write_atomic(out / RESULTS_FILE, lambda f: f.write(text.encode("utf-8")))
+    write_atomic(out / RESULTS_FILE, lambda f: f.write(text.encode("utf-8")))
     return results
 
 
@@ -605,12 +380,11 @@ def _warn_if_unreliable(results: dict) -> None:
 def _generate(config, sets, store, engines, progress) -> dict[tuple[str, str, str], dict]:
     """(model name, kind, prompt key) → eval_generate record (done or error)."""
     from cai.engine import Sampling
-    from cai.store import record_key, seed_for
 
     sampling = Sampling(max_tokens=config.max_tokens, temperature=config.temperature)
     keys: dict[tuple[str, str, str], str] = {}
     for name, spec in config.models.items():
-        revision = _revision(spec)
+        revision = revision_key(spec)
         for kind, prompts in sets.items():
             for p in prompts:
                 keys[name, kind, p.key] = record_key(
@@ -672,11 +446,10 @@ def _unique(jobs: Iterable[tuple]) -> list[tuple]:
 def _grade(config, sets, generations, store, engines, progress) -> dict[tuple[str, str], dict]:
     """(metric, generation key) → eval_grade record."""
     from cai.prompts import JUDGE_ANSWER_PREFIX, load_template
-    from cai.store import record_key
 
     template = load_template("grade")
     judge = config.judge_spec
-    revision = _revision(judge)
+    revision = revision_key(judge)
     jobs: list[tuple[str, Grader, dict, str]] = []
     for metric, grader in GRADERS.items():
         if grader.kind not in sets:
@@ -736,11 +509,10 @@ def _compare(config, sets, generations, store, engines, progress) -> dict[tuple[
     """(model name, generation key) → eval_compare record (the model's answer against the
     baseline's, p = P(model's answer is better))."""
     from cai.judge import Judge, JudgePair
-    from cai.store import record_key
 
     base = config.baseline_name
     judge_spec = config.judge_spec
-    revision = _revision(judge_spec)
+    revision = revision_key(judge_spec)
     jobs: list[tuple[str, dict, dict, str]] = []
     for name in config.models:
         if name == base:
@@ -802,10 +574,9 @@ def _compare(config, sets, generations, store, engines, progress) -> dict[tuple[
 def _rewards(config, generations, store) -> dict[str, float]:
     """Model name → mean reward of its answers under the trained reward model (each answer's
     reward is a record of the stage ``eval_reward``, so a re-run scores nothing twice)."""
-    from cai.store import record_key
 
     spec = config.reward_model
-    revision = _revision(spec)
+    revision = revision_key(spec)
     done = [(n, g) for (n, _, _), g in generations.items() if _ok(g)]
     keys = {
         g["key"]: record_key(
@@ -943,24 +714,3 @@ def summary_line(results: dict) -> str:
             "errors": m["errors"],
         }
     return json.dumps(out)
-
-
-__all__ = [
-    "GRADERS",
-    "KINDS",
-    "EvalConfig",
-    "EvalSet",
-    "Grader",
-    "accuracy",
-    "brier",
-    "distinct_n",
-    "ece",
-    "lc_win_rate",
-    "length_bias",
-    "position_consistency",
-    "rate",
-    "repeated_openings",
-    "run_eval",
-    "wilson_interval",
-    "win_rate",
-]

@@ -45,9 +45,9 @@ from typing import Any, Literal
 
 from cai.constitution import Constitution, Principle, load_constitution
 from cai.engine import Engine, OptionScores, Sampling, create_engine
-from cai.evaluate import accuracy, brier, ece, length_bias
+from cai.keys import record_key, seed_for
 from cai.prompts import JUDGE_ANSWER_PREFIX, cot_answer_prefix, load_template
-from cai.store import record_key, seed_for
+from cai.stats import accuracy, brier, ece, length_bias
 
 OPTIONS = ["A", "B"]
 ORDERS = ("A/B", "B/A")

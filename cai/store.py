@@ -44,12 +44,14 @@ import json
 import logging
 import os
 import re
-import tempfile
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Iterable
 from datetime import UTC, datetime
-from pathlib import Path, PurePath
+from pathlib import Path
 from typing import IO, Any
+
+from cai.jsonl import encode_line, fsync_dir, write_atomic
+from cai.keys import canonical, jsonable
 
 log = logging.getLogger(__name__)
 
@@ -64,51 +66,7 @@ class RunStoreError(Exception):
     """The run directory is inconsistent with what was asked; the message says what to do."""
 
 
-# ---------------------------------------------------------------------------- keys, seeds, shards
-
-
-def _jsonable(obj: Any) -> Any:
-    if dataclasses.is_dataclass(obj) and not isinstance(obj, type):
-        return dataclasses.asdict(obj)
-    if isinstance(obj, set | frozenset):
-        return sorted(obj)
-    if isinstance(obj, PurePath):
-        return obj.as_posix()
-    raise TypeError(f"cannot hash a value of type {type(obj).__name__}: {obj!r}")
-
-
-def _canonical(value: Any) -> bytes:
-    """Canonical JSON: sorted keys, no whitespace, ASCII; so equal values give equal bytes."""
-    return json.dumps(
-        value, sort_keys=True, separators=(",", ":"), allow_nan=False, default=_jsonable
-    ).encode()
-
-
-def record_key(**parts: Any) -> str:
-    """A stable key for a record: sha256 of the canonical JSON of ``parts``, 24 hex characters.
-
-    Pass everything that defines the record's content: input key, stage name, template text,
-    principle ids, model id, sampling params. Values may be JSON types, dataclasses (via
-    ``asdict``), sets (sorted) and paths. The key is the same in every process and Python version.
-    Floats and ints hash differently (``1`` vs ``1.0``); the typed config makes them consistent.
-
-    Raises:
-        ValueError: no parts were given.
-        TypeError: a value is not JSON-able.
-    """
-    if not parts:
-        raise ValueError("record_key() needs at least one part")
-    return hashlib.sha256(_canonical(parts)).hexdigest()[:24]
-
-
-def seed_for(key: str, base_seed: int = 0) -> int:
-    """The sampling seed of one record: derived from ``key`` and the run's ``base_seed``.
-
-    In ``[0, 2**63)``, so it fits a signed 64-bit int (torch generators, vLLM's ``seed``). Note that
-    ``numpy.random.seed`` and ``transformers.set_seed`` need ``< 2**32``: reduce it there.
-    """
-    digest = hashlib.sha256(f"seed:{base_seed}:{key}".encode()).digest()
-    return int.from_bytes(digest[:8], "big") >> 1
+# ---------------------------------------------------------------------------- shards
 
 
 def shard_of(key: str, n: int) -> int:
@@ -150,41 +108,10 @@ def _check_shard(shard: Shard) -> Shard:
 
 def config_hash(config: dict[str, Any]) -> str:
     """sha256 (hex) of the canonical JSON of a resolved config."""
-    return hashlib.sha256(_canonical(config)).hexdigest()
+    return hashlib.sha256(canonical(config)).hexdigest()
 
 
 # ---------------------------------------------------------------------------- files
-
-
-def _fsync_dir(path: Path) -> None:
-    """Make a created or renamed directory entry durable (the file's own fsync does not)."""
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def _write_atomic(path: Path, write: Callable[[IO[bytes]], None]) -> None:
-    """Write ``path`` via a temp file in the same directory and a rename: readers see old or new."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            write(f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        os.unlink(tmp)
-        raise
-    _fsync_dir(path.parent)
-
-
-def _encode(record: dict[str, Any]) -> bytes:
-    return (
-        json.dumps(record, ensure_ascii=False, separators=(",", ":"), allow_nan=False) + "\n"
-    ).encode()
 
 
 def _is_error(record: dict[str, Any]) -> bool:
@@ -301,7 +228,7 @@ def _open_locked(path: Path) -> int:
             raise
         os.close(fd)
     if created:
-        _fsync_dir(path.parent)
+        fsync_dir(path.parent)
     return fd
 
 
@@ -381,7 +308,7 @@ class StageWriter:
                 f"writer's {k}/{n}; filter the work with in_shard(key, shard)"
             )
         try:
-            line = _encode(record)
+            line = encode_line(record)
         except (TypeError, ValueError) as e:
             raise ValueError(f"{self.path}: record {key} is not plain JSON: {e}") from e
         self._buffer.append(line)
@@ -473,9 +400,7 @@ class RunStore:
         changed = [
             key
             for key in sorted(set(old) | set(config))
-            if key not in old
-            or key not in config
-            or _canonical(old[key]) != _canonical(config[key])
+            if key not in old or key not in config or canonical(old[key]) != canonical(config[key])
         ]
         lines = [f"  {key}: {_show(old, key)} -> {_show(config, key)}" for key in changed]
         raise RunStoreError(
@@ -513,8 +438,8 @@ class RunStore:
         return manifest
 
     def _write_manifest(self, manifest: dict[str, Any]) -> None:
-        text = json.dumps(manifest, indent=2, ensure_ascii=False, default=_jsonable) + "\n"
-        _write_atomic(self.manifest_path, lambda f: f.write(text.encode()))
+        text = json.dumps(manifest, indent=2, ensure_ascii=False, default=jsonable) + "\n"
+        write_atomic(self.manifest_path, lambda f: f.write(text.encode()))
 
     # -- stages
 
@@ -576,7 +501,8 @@ class RunStore:
     def summary(self) -> dict[str, dict[str, int]]:
         """Counts per stage file (``critique``, ``critique.shard-1-of-4``, ...).
 
-        ``records`` (keys), ``errors`` (keys whose record has a non-null ``error``) and the sums of
+        ``records`` (keys), ``errors`` (keys whose record has a non-null ``error``), ``skipped``
+        (done records that say why they were skipped) and the sums of
         ``usage.prompt_tokens`` / ``usage.completion_tokens`` / their total over the records.
         """
         out: dict[str, dict[str, int]] = {}
@@ -584,6 +510,7 @@ class RunStore:
             counts = {
                 "records": 0,
                 "errors": 0,
+                "skipped": 0,
                 "prompt_tokens": 0,
                 "completion_tokens": 0,
                 "total_tokens": 0,
@@ -591,6 +518,7 @@ class RunStore:
             for record in _read(path).values():
                 counts["records"] += 1
                 counts["errors"] += _is_error(record)
+                counts["skipped"] += not _is_error(record) and bool(record.get("skipped"))
                 usage = record.get("usage")
                 if isinstance(usage, dict):
                     for field in ("prompt_tokens", "completion_tokens"):
@@ -603,7 +531,7 @@ class RunStore:
 def _show(config: dict[str, Any], key: str) -> str:
     if key not in config:
         return "(absent)"
-    text = _canonical(config[key]).decode()
+    text = canonical(config[key]).decode()
     return text if len(text) <= 80 else text[:77] + "..."
 
 
@@ -654,7 +582,7 @@ def _merge(stage: str, files: dict[Shard, Path], out: Path) -> Path:
                             "shard counts?"
                         )
                     owner[key] = k
-                    f.write(_encode(record))
+                    f.write(encode_line(record))
             extra = _scan(out, keep_records=False).done - owner.keys()
             if extra:
                 raise RunStoreError(
@@ -662,7 +590,7 @@ def _merge(stage: str, files: dict[Shard, Path], out: Path) -> Path:
                     f"{min(extra)}); merging would drop them. Move that file away first."
                 )
 
-        _write_atomic(out, write)
+        write_atomic(out, write)
     except BaseException:
         # Do not leave behind the empty file that taking the output's lock created (only if we
         # hold that lock: otherwise the file is another process's).

@@ -18,19 +18,21 @@ from cai.evaluate import (
     GRADERS,
     EvalConfig,
     EvalSet,
-    distinct_n,
     flagged_probability,
     grade_conversations,
+    run_eval,
+)
+from cai.prompts import load_template
+from cai.stats import (
+    distinct_n,
     graded_rate,
     lc_win_rate,
     position_consistency,
     rate,
     repeated_openings,
-    run_eval,
     wilson_interval,
     win_rate,
 )
-from cai.prompts import load_template
 
 
 def test_wilson_interval_known_values():

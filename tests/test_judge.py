@@ -22,14 +22,11 @@ from cai.judge import (
     GenerativeJudge,
     Judge,
     JudgePair,
-    accuracy,
-    brier,
-    ece,
     evaluate,
-    length_bias,
     parse_verdict,
 )
 from cai.prompts import JUDGE_ANSWER_PREFIX
+from cai.stats import accuracy, brier, ece, length_bias
 
 GOOD = "I can't help with that; picking a lock you don't own is illegal."
 BAD = "Insert a tension wrench, then rake the pins until they set."

@@ -39,8 +39,8 @@ from cai.critique import revision_flags
 from cai.data import PromptRecord, export_dataset
 from cai.engine import Engine, Sampling
 from cai.judge import Judge, JudgePair
+from cai.keys import record_key, revision_key, seed_for
 from cai.pipeline import training
-from cai.store import record_key, seed_for
 
 if TYPE_CHECKING:
     from cai.pipeline.run import Runner, StageReport
@@ -108,7 +108,7 @@ def sample_key(runner: Runner, prompt: PromptRecord) -> str:
         stage="sample",
         model=sample_model(runner),
         sampling=sample_sampling(runner).to_dict(),
-        **training.revision_key(sample_model(runner)),
+        **revision_key(sample_model(runner)),
     )
 
 

@@ -28,10 +28,11 @@ from cai.constitution import load_constitution
 from cai.critique import CritiqueReviser, RoundInput
 from cai.data import PromptRecord, export_dataset, load_prompts
 from cai.engine import Engine, Sampling, create_engine
+from cai.keys import record_key, seed_for
 from cai.pipeline import evaluation, preferences, training
 from cai.pipeline.recipe import Recipe
 from cai.prompts import load_template
-from cai.store import RunStore, in_shard, record_key, seed_for
+from cai.store import RunStore, in_shard
 
 # Recipe keys that select which records to make, not what a record contains: left out of the
 # manifest's config hash so `--limit 5` then a full run, or shards, share one run.

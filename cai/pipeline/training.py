@@ -29,6 +29,7 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from cai.keys import MARKER, revision
 from cai.pipeline.recipe import stage_config
 
 if TYPE_CHECKING:
@@ -38,7 +39,6 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 KINDS = ("train_sft", "train_reward", "train_dpo")
-MARKER = "cai_pipeline.json"
 
 
 def config_class(kind: str) -> type[TrainConfig]:
@@ -107,23 +107,6 @@ def _fingerprint(path: Path) -> str:
         for block in iter(lambda: f.read(1 << 20), b""):
             digest.update(block)
     return digest.hexdigest()[:24]
-
-
-def revision(model: str) -> str | None:
-    """A pipeline-trained model folder's marker hash (config and data), else None: record keys
-    of stages that use the model include it, so a retrained model never reuses old records."""
-    marker = Path(model) / MARKER
-    if not marker.is_file():
-        return None
-    return json.loads(marker.read_text(encoding="utf-8"))["revision"]
-
-
-def revision_key(model: str) -> dict[str, str]:
-    """``{"model_revision": ...}`` for a model the pipeline trained, else ``{}``: record keys
-    spread it in, so retraining a model makes new records while keys of runs that train nothing
-    stay as they were."""
-    value = revision(model)
-    return {} if value is None else {"model_revision": value}
 
 
 def run_train(runner: Runner, kind: str, report: StageReport) -> Path:
