@@ -10,10 +10,10 @@ import pytest
 from test_pipeline import FakeEngine, write_prompts
 
 from cai.config import ConfigError
+from cai.keys import MARKER, revision
 from cai.pipeline.__main__ import main
 from cai.pipeline.recipe import load_recipe
 from cai.pipeline.run import Runner
-from cai.pipeline.training import MARKER, revision
 from cai.train import RESULT_FILE
 
 RECIPE = """

@@ -1,4 +1,4 @@
-"""The stage ``evaluate`` and the run report.
+"""The stage ``evaluate``: the run's models side by side on held-out prompts (``cai.evaluate``).
 
     stages:
       evaluate:                       # any cai.evaluate.EvalConfig field but those below
@@ -11,8 +11,7 @@ when a ``train_reward`` stage trains one). The judge defaults to the judge stage
 recipe's. Evaluation prompts that also appear among the recipe's sources are dropped (held out),
 and counted in ``results.json``. The records go to ``<run>/stages/eval_*.jsonl`` (resumable, like
 every stage), the results to ``<run>/eval/results.json``, and
-after a run with an evaluate or training stage the report to ``<run>/report.md`` and
-``report.html``.
+the run report (``<run>/report.html``) follows.
 """
 
 from __future__ import annotations
@@ -21,12 +20,13 @@ import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from cai.pipeline import preferences, training
-from cai.pipeline.recipe import stage_config
+from cai.pipeline import judge, training
+from cai.pipeline.stage import Stage, stage_config
 
 if TYPE_CHECKING:
     from cai.evaluate import EvalConfig
-    from cai.pipeline.run import Runner, StageReport
+    from cai.pipeline.run import Runner
+    from cai.records import StageReport
 
 _MODELS = (("train_sft", "sft"), ("train_dpo", "dpo"))
 
@@ -81,14 +81,12 @@ def eval_config(runner: Runner) -> EvalConfig:
         else None,
     }
     if "judge_model" not in options:
-        filled["judge_model"] = (
-            preferences.judge_model(runner) if stages.judge else runner.recipe.model
-        )
+        filled["judge_model"] = judge.judge_model(runner) if stages.judge else runner.recipe.model
     return _config(options, filled, "<recipe>")
 
 
-def run_evaluate(runner: Runner, report: StageReport) -> dict:
-    """Evaluate the run's models into ``<run>/eval/``; returns the results (results.json)."""
+def run(runner: Runner, report: StageReport) -> None:
+    """Evaluate the run's models into ``<run>/eval/results.json``."""
     from cai.evaluate import run_eval
 
     start = time.perf_counter()
@@ -109,30 +107,24 @@ def run_evaluate(runner: Runner, report: StageReport) -> dict:
     report.records = sum(results["sets"].values()) * len(results["models"])
     report.errors = sum(m["errors"] for m in results["metrics"].values())
     report.seconds = time.perf_counter() - start
-    return results
+    runner.result.evaluation = eval_dir(runner) / "results.json"
 
 
-def write_report(runner: Runner) -> Path:
-    """``<run>/report.md`` and ``report.html`` with their plots; returns the html path."""
-    from cai.report import write_report as write
-
-    return write(runner.run_dir)
-
-
-def wants_report(runner: Runner) -> bool:
-    """A run that trains or evaluates gets a report at the end."""
-    stages = runner.recipe.stages
-    return stages.evaluate is not None or any(
-        getattr(stages, kind) is not None for kind in training.KINDS
-    )
-
-
-def plan_lines(runner: Runner) -> list[str]:
+def plan(runner: Runner) -> list[str]:
     shard = " (skipped for a shard)" if runner.shard else ""
-    lines = []
-    if runner.recipe.stages.evaluate is not None:
-        names = ", ".join(f"{name}={spec}" for name, spec in models(runner).items())
-        lines.append(f"  evaluate: {names} → {eval_dir(runner)}{shard}")
-    if wants_report(runner):
-        lines.append(f"  report: {runner.run_dir / 'report.html'}{shard}")
-    return lines
+    names = ", ".join(f"{name}={spec}" for name, spec in models(runner).items())
+    return [f"  evaluate: {names} → {eval_dir(runner)}{shard}"]
+
+
+STAGE = Stage(
+    name="evaluate",
+    doc="held-out comparison of the base model and each trained one → <run>/eval/: "
+    "cai.evaluate.EvalConfig fields (sets, max_tokens, judge_model, ...); {} for the defaults",
+    options=dict[str, Any],
+    run=run,
+    plan=plan,
+    check_options=check_options,
+    prepare=eval_config,
+    in_shard=False,
+    ends_with_report=True,
+)

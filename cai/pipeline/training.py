@@ -30,10 +30,11 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from cai.keys import MARKER, revision
-from cai.pipeline.recipe import stage_config
+from cai.pipeline.stage import PipelineError, Stage, stage_config
 
 if TYPE_CHECKING:
-    from cai.pipeline.run import Runner, StageReport
+    from cai.pipeline.run import Runner
+    from cai.records import StageReport
     from cai.train import TrainConfig, TrainResult
 
 log = logging.getLogger(__name__)
@@ -75,14 +76,12 @@ def trainer_config(
     )
 
 
-def check_options(recipe_data: Any, source: str) -> None:
-    """Validate the trainer options of a recipe's training stages, with recipe line numbers,
-    before any work starts (``cai.pipeline.recipe.load_recipe`` calls this)."""
-    stages = recipe_data.get("stages") if isinstance(recipe_data, dict) else None
-    for kind in KINDS:
-        options = stages.get(kind) if isinstance(stages, dict) else None
-        if isinstance(options, dict):
-            trainer_config(kind, options, data="-", output_dir="-", model="-", source=source)
+def check_options(kind: str, recipe_data: Any, source: str) -> None:
+    """Validate the trainer options of stage ``kind`` with recipe line numbers, before any work
+    starts (the options are free-form in the recipe: the trainer's config class needs torch)."""
+    options = recipe_data["stages"][kind]
+    if isinstance(options, dict):
+        trainer_config(kind, options, data="-", output_dir="-", model="-", source=source)
 
 
 def output_dir(runner: Runner, kind: str) -> Path:
@@ -112,7 +111,6 @@ def _fingerprint(path: Path) -> str:
 def run_train(runner: Runner, kind: str, report: StageReport) -> Path:
     """Train stage ``kind`` unless an identical training already finished; returns the model
     folder. Raises PipelineError when the data it needs was not exported."""
-    from cai.pipeline.run import PipelineError
     from cai.train import RESULT_FILE
 
     start = time.perf_counter()
@@ -175,18 +173,55 @@ def _trainer(kind: str):
     return train_dpo
 
 
-def plan_lines(runner: Runner) -> list[str]:
-    lines = []
-    for kind in KINDS:
-        options = getattr(runner.recipe.stages, kind)
-        if options is None:
-            continue
-        model = runner.recipe.model if kind == "train_sft" else policy_after_sft(runner)
-        done = (output_dir(runner, kind) / MARKER).is_file()
-        shown = ", ".join(f"{k}={v}" for k, v in options.items()) or "defaults"
-        lines.append(
-            f"  {kind}: {model} on {data_dir(runner, kind)} → {output_dir(runner, kind)} "
-            f"({shown}){' (trained; re-checked at run time)' if done else ''}"
-            + (" (skipped for a shard)" if runner.shard else "")
-        )
-    return lines
+def plan(runner: Runner, kind: str) -> list[str]:
+    options = getattr(runner.recipe.stages, kind)
+    model = runner.recipe.model if kind == "train_sft" else policy_after_sft(runner)
+    done = (output_dir(runner, kind) / MARKER).is_file()
+    shown = ", ".join(f"{k}={v}" for k, v in options.items()) or "defaults"
+    return [
+        f"  {kind}: {model} on {data_dir(runner, kind)} → {output_dir(runner, kind)} "
+        f"({shown}){' (trained; re-checked at run time)' if done else ''}"
+        + (" (skipped for a shard)" if runner.shard else "")
+    ]
+
+
+def _stage(kind: str, doc: str, needs: str, needs_message: str) -> Stage:
+    def run(runner: Runner, report: StageReport) -> None:
+        runner.result.models[kind] = run_train(runner, kind, report)
+
+    return Stage(
+        name=kind,
+        doc=doc,
+        options=dict[str, Any],
+        run=run,
+        plan=lambda runner: plan(runner, kind),
+        needs=(needs,),
+        needs_message=needs_message,
+        check_options=lambda data, source: check_options(kind, data, source),
+        models=lambda runner: {kind.removeprefix("train_"): str(output_dir(runner, kind))},
+        in_shard=False,
+        ends_with_report=True,
+    )
+
+
+SFT = _stage(
+    "train_sft",
+    "SFT on the exported revisions → <run>/models/sft: cai.train.sft.SFTConfig fields "
+    "(max_steps, batch_size, lora, ...) but data/output_dir/model; {} for the defaults",
+    "critique_revise",
+    "train_sft trains on the revisions: it needs a critique_revise stage",
+)
+REWARD = _stage(
+    "train_reward",
+    "a Bradley-Terry reward model on the judged pairs → <run>/models/reward, from the SFT "
+    "model if one is trained: cai.train.reward.RewardConfig fields; {} for the defaults",
+    "judge",
+    "train_reward trains on judged pairs: it needs a judge stage",
+)
+DPO = _stage(
+    "train_dpo",
+    "DPO on the judged pairs → <run>/models/dpo, from the SFT model if one is trained: "
+    "cai.train.dpo.DPOConfig fields (loss, beta, max_steps, ...); {} for the defaults",
+    "judge",
+    "train_dpo trains on judged pairs: it needs a judge stage",
+)

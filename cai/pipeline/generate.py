@@ -1,0 +1,119 @@
+"""The stage ``generate``: the policy model's initial response to every prompt.
+
+    stages:
+      generate: {max_tokens: 256, temperature: 0.0}
+
+One record per prompt. Key: (input key, stage, model spec, sampling); the sampling seed derives
+from the key.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, replace
+from typing import TYPE_CHECKING
+
+from cai.config import doc
+from cai.data import PromptRecord
+from cai.engine import Sampling
+from cai.keys import record_key, seed_for
+from cai.pipeline.stage import Stage
+from cai.records import run_records
+
+if TYPE_CHECKING:
+    from cai.pipeline.run import Runner
+    from cai.records import StageReport
+
+
+@dataclass
+class GenerateStage:
+    max_tokens: int = doc("most new tokens per response", 256)
+    temperature: float = doc("0 is greedy", 0.0)
+    top_p: float = doc("nucleus sampling", 1.0)
+
+
+def sampling(runner: Runner) -> Sampling:
+    gen = runner.recipe.stages.generate
+    return Sampling(max_tokens=gen.max_tokens, temperature=gen.temperature, top_p=gen.top_p)
+
+
+def generate_key(runner: Runner, prompt: PromptRecord) -> str:
+    return record_key(
+        input=prompt.key,
+        stage="generate",
+        model=runner.recipe.model,
+        sampling=sampling(runner).to_dict(),
+    )
+
+
+def run(runner: Runner, report: StageReport) -> None:
+    """Initial responses; leaves prompt key → generate record (done ones only) in
+    ``runner.outputs["generate"]``."""
+    start = time.perf_counter()
+    base = sampling(runner)
+    keys = {p.key: generate_key(runner, p) for p in runner.prompts}
+
+    def call(chunk, progress):
+        params = [replace(base, seed=seed_for(keys[p.key], runner.recipe.seed)) for p in chunk]
+        engine = runner.engine_for(runner.recipe.model)
+        completions = engine.generate([p.messages for p in chunk], params, progress=progress)
+        records = []
+        for p, s, c in zip(chunk, params, completions, strict=True):
+            records.append(
+                {
+                    "key": keys[p.key],
+                    "input_key": p.key,
+                    "prompt": p.messages,
+                    "response": c.samples[0].text if c.ok else None,
+                    "finish_reason": c.samples[0].finish_reason if c.ok else None,
+                    "seed": s.seed,
+                    "usage": {
+                        "prompt_tokens": c.prompt_tokens,
+                        "completion_tokens": c.completion_tokens,
+                    },
+                    "meta": p.meta,
+                    "error": c.error,
+                }
+            )
+        return records
+
+    records = run_records(
+        runner.store,
+        "generate",
+        runner.prompts,
+        key=lambda p: keys[p.key],
+        call=call,
+        report=report,
+        shard=runner.shard,
+        batch_size=runner.recipe.chunk_size,
+        label="generate",
+        executor=runner.executor,
+    )
+    report.seconds = time.perf_counter() - start
+    runner.outputs["generate"] = {
+        p.key: records[keys[p.key]]
+        for p in runner.prompts
+        if keys[p.key] in records and records[keys[p.key]].get("error") is None
+    }
+
+
+def plan(runner: Runner) -> list[str]:
+    store, shard = runner.store, runner.shard
+    done = (
+        store.done_keys("generate", shard)
+        if store.stage_path("generate", shard).exists()
+        else set()
+    )
+    todo = sum(generate_key(runner, p) not in done for p in runner.prompts)
+    return [f"  generate: {todo} requests ({len(runner.prompts) - todo} done)"]
+
+
+STAGE = Stage(
+    name="generate",
+    doc="initial responses from the policy model",
+    options=GenerateStage,
+    run=run,
+    plan=plan,
+    starts=True,
+    models=lambda runner: {"policy": runner.recipe.model},
+)

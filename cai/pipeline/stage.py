@@ -1,0 +1,134 @@
+"""The stage contract: what a stage of a recipe declares, once, in its own module.
+
+A stage module defines its options (a typed dataclass, validated when the recipe loads) and one
+``Stage``: its name (the recipe key under ``stages:`` and the run-store file), what it needs,
+how it plans (``--dry-run`` lines with request counts), how it runs, and the models it uses or
+produces. ``cai.pipeline.stages.STAGES`` lists the stages in the order they run; the recipe's
+``stages:`` fields, their validation, the plan, the manifest's models, the summary table and the
+error-rate check all come from that list. README.md, "Writing a stage", walks through one.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, TypeVar
+
+from cai.config import ConfigError, LineDict, from_data
+from cai.engine import Engine, Sampling
+
+if TYPE_CHECKING:
+    from cai.pipeline.run import Runner
+    from cai.records import StageReport
+
+T = TypeVar("T")
+
+
+class PipelineError(Exception):
+    """A run that cannot start or continue; the message says what to do."""
+
+
+def _no_models(runner: Runner) -> dict[str, str]:
+    return {}
+
+
+@dataclass(frozen=True)
+class Stage:
+    """One stage of a recipe."""
+
+    name: str
+    """The recipe key (``stages.<name>``), the run-store file and the summary row."""
+    doc: str
+    """One line: what the stage makes (the recipe field's documentation)."""
+    options: Any
+    """The options type: a dataclass (``{}`` in the recipe gives its defaults)."""
+    run: Callable[[Runner, StageReport], None]
+    """Does the work; counts into the report; leaves what later stages read in
+    ``runner.outputs[name]`` and what the run produced in ``runner.result``."""
+    plan: Callable[[Runner], list[str]]
+    """The ``--dry-run`` lines: requests left, records done, where outputs go."""
+    needs: tuple[str, ...] = ()
+    """Stages the recipe must also have (earlier in the list)."""
+    needs_message: str = ""
+    """The error when a needed stage is missing; default "<name> needs a <need> stage before it"."""
+    starts: bool = False
+    """Makes records from the recipe's prompts: a recipe needs at least one such stage."""
+    check_options: Callable[[Any, str], None] | None = None
+    """Checks the options further when the recipe loads (``recipe data, source path``), for
+    checks that need more than the options type (a trainer's own config class)."""
+    prepare: Callable[[Runner], Any] | None = None
+    """Checks and loads what the stage needs before any work (constitutions, templates); the
+    value is kept in ``runner.prepared[name]``."""
+    models: Callable[[Runner], dict[str, str]] = _no_models
+    """Role → model spec of the models the stage uses or produces (the manifest's ``models``;
+    an engine no later stage uses is closed before the next stage)."""
+    in_shard: bool = True
+    """Runs under ``--shard k/n``; False for stages over the whole run (training, evaluation)."""
+    ends_with_report: bool = False
+    """A run with this stage writes the run report (``<run>/report.html``) at the end."""
+
+
+class LazyEngine(Engine):
+    """An engine built on first use, so that a stage with nothing left to do loads no model
+    (the critique reviser and the judge need an Engine before any key can be computed)."""
+
+    def __init__(self, factory: Callable[[], Engine]):
+        self._factory = factory
+        self._engine: Engine | None = None
+
+    @property
+    def inner(self) -> Engine:
+        if self._engine is None:
+            self._engine = self._factory()
+        return self._engine
+
+    @property
+    def backend(self) -> str:  # type: ignore[override]
+        return self.inner.backend
+
+    @property
+    def model_name(self) -> str:  # type: ignore[override]
+        return self.inner.model_name
+
+    def generate(self, conversations, sampling=Sampling(), *, prefixes=None, progress=False):
+        return self.inner.generate(conversations, sampling, prefixes=prefixes, progress=progress)
+
+    def score(self, conversations, options, *, prefixes=None, progress=False):
+        return self.inner.score(conversations, options, prefixes=prefixes, progress=progress)
+
+    def describe(self) -> dict[str, Any]:
+        return self.inner.describe()
+
+
+def check_sampling(temperature: float, top_p: float, max_tokens: int) -> None:
+    if not 0 < top_p <= 1:
+        raise ValueError(f"top_p must be in (0, 1] (got {top_p})")
+    if max_tokens < 1:
+        raise ValueError(f"max_tokens must be >= 1 (got {max_tokens})")
+    if not 0 <= temperature <= 100:
+        raise ValueError(f"temperature must be between 0 and 100 (got {temperature})")
+
+
+def stage_config(
+    cls: type[T],
+    stage: str,
+    options: dict,
+    set_by_pipeline: dict[str, Any],
+    *,
+    source: str,
+    why: str,
+) -> T:
+    """``cls`` built from a stage's free-form ``options`` (a trainer or eval config) plus the
+    fields the pipeline fills in itself, which the recipe must not set: errors name the recipe
+    line when ``options`` came from YAML."""
+    where = f"stages.{stage}"
+    lines = getattr(options, "key_lines", {})
+    for name in set_by_pipeline:
+        if name in options:
+            loc = f"{source}:{lines.get(name) or getattr(options, 'line', 0) or '?'}"
+            raise ConfigError(f"{loc}: {where}.{name}: set by the pipeline ({why}); remove it")
+    merged = LineDict(options)
+    merged.line = getattr(options, "line", 0)
+    merged.key_lines = dict(lines)
+    merged.update(set_by_pipeline)
+    return from_data(cls, merged, source=source, where=where)
