@@ -39,7 +39,7 @@ import json
 import logging
 import math
 import time
-from collections.abc import Callable, Collection, Iterable, Sequence
+from collections.abc import Callable, Collection, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from statistics import fmean
@@ -48,6 +48,7 @@ from typing import TYPE_CHECKING, Any
 from cai.config import doc
 from cai.jsonl import write_atomic
 from cai.keys import record_key, revision_key, seed_for
+from cai.records import Executor, run_records
 from cai.stats import (
     distinct_n,
     graded_rate,
@@ -308,6 +309,7 @@ def run_eval(
     store: RunStore | None = None,
     limit: int | None = None,
     progress: bool = True,
+    executor: Executor | None = None,
 ) -> dict:
     """Evaluate ``config.models`` and write ``out_dir/results.json``; returns the results.
 
@@ -317,6 +319,7 @@ def run_eval(
         exclude: prompt keys never to evaluate on (the training prompts); dropped and counted.
         store: the run store for the stage records; default ``RunStore(out_dir)``.
         limit: cap on the prompts of each set.
+        executor: runs the batches (``cai.records``); default: in this process.
     """
 
     config.validate()
@@ -326,10 +329,10 @@ def run_eval(
     sets, excluded = load_sets(config, exclude, limit)
     engines = _Engines(config, engine_for)
     try:
-        generations = _generate(config, sets, store, engines, progress)
-        grades = _grade(config, sets, generations, store, engines, progress)
-        comparisons = _compare(config, sets, generations, store, engines, progress)
-        rewards = _rewards(config, generations, store) if config.reward_model else None
+        generations = _generate(config, sets, store, engines, progress, executor)
+        grades = _grade(config, sets, generations, store, engines, progress, executor)
+        comparisons = _compare(config, sets, generations, store, engines, progress, executor)
+        rewards = _rewards(config, generations, store, executor) if config.reward_model else None
     finally:
         engines.close()
     results = {
@@ -377,7 +380,7 @@ def _warn_if_unreliable(results: dict) -> None:
                 )
 
 
-def _generate(config, sets, store, engines, progress) -> dict[tuple[str, str, str], dict]:
+def _generate(config, sets, store, engines, progress, executor) -> dict[tuple[str, str, str], dict]:
     """(model name, kind, prompt key) → eval_generate record (done or error)."""
     from cai.engine import Sampling
 
@@ -394,14 +397,9 @@ def _generate(config, sets, store, engines, progress) -> dict[tuple[str, str, st
                     sampling=sampling.to_dict(),
                     **revision,
                 )
-    with store.writer("eval_generate") as writer:
-        for name, spec in config.models.items():
-            todo = [
-                (k, p) for k, ps in sets.items() for p in ps if keys[name, k, p.key] not in writer
-            ]
-            if not todo:
-                continue
-            engine = engines(spec)
+    for name, spec in config.models.items():
+
+        def call(todo, label, name=name, spec=spec):
             params = [
                 Sampling(
                     max_tokens=config.max_tokens,
@@ -410,11 +408,11 @@ def _generate(config, sets, store, engines, progress) -> dict[tuple[str, str, st
                 )
                 for k, p in todo
             ]
-            label = f"eval {name}: answers" if progress else False
-            done = engine.generate([p.messages for _, p in todo], params, progress=label)
+            done = engines(spec).generate([p.messages for _, p in todo], params, progress=label)
+            records = []
             for (kind, p), completion in zip(todo, done, strict=True):
                 sample = completion.samples[0] if completion.ok else None
-                writer.write(
+                records.append(
                     {
                         "key": keys[name, kind, p.key],
                         "model_name": name,
@@ -428,7 +426,17 @@ def _generate(config, sets, store, engines, progress) -> dict[tuple[str, str, st
                         "error": completion.error,
                     }
                 )
-            writer.flush()
+            return records
+
+        run_records(
+            store,
+            "eval_generate",
+            [(k, p) for k, ps in sets.items() for p in ps],
+            key=lambda item, name=name: keys[name, item[0], item[1].key],
+            call=call,
+            label=f"eval {name}: answers" if progress else False,
+            executor=executor,
+        )
     records = store.read_stage("eval_generate")
     return {where: records[key] for where, key in keys.items() if key in records}
 
@@ -437,13 +445,9 @@ def _ok(record: dict | None) -> bool:
     return record is not None and record.get("error") is None
 
 
-def _unique(jobs: Iterable[tuple]) -> list[tuple]:
-    """The jobs with distinct record keys (the last item). Two names for one model spec share
-    their answers, so their grades and comparisons are the same records: asked once."""
-    return list({job[-1]: job for job in jobs}.values())
-
-
-def _grade(config, sets, generations, store, engines, progress) -> dict[tuple[str, str], dict]:
+def _grade(
+    config, sets, generations, store, engines, progress, executor
+) -> dict[tuple[str, str], dict]:
     """(metric, generation key) → eval_grade record."""
     from cai.prompts import JUDGE_ANSWER_PREFIX, load_template
 
@@ -467,45 +471,54 @@ def _grade(config, sets, generations, store, engines, progress) -> dict[tuple[st
                         **revision,
                     )
                     jobs.append((metric, grader, generation, key))
-    with store.writer("eval_grade") as writer:
-        todo = _unique(job for job in jobs if job[3] not in writer)
-        if todo:
-            engine = engines(judge)
-            conversations = [
-                c
-                for _, grader, generation, _ in todo
-                for c in grade_conversations(
-                    template, grader, generation["prompt"], generation["response"]
-                )
-            ]
-            label = "eval grading" if progress else False
-            scores = engine.score(
-                conversations, ["A", "B"], prefixes=JUDGE_ANSWER_PREFIX, progress=label
+
+    def call(todo, label):
+        conversations = [
+            c
+            for _, grader, generation, _ in todo
+            for c in grade_conversations(
+                template, grader, generation["prompt"], generation["response"]
             )
-            for i, (metric, _, generation, key) in enumerate(todo):
-                first, second = scores[2 * i], scores[2 * i + 1]
-                error = first.error or second.error
-                p = orders = None
-                if error is None:
-                    p, *orders = flagged_probability(first, second)
-                writer.write(
-                    {
-                        "key": key,
-                        "metric": metric,
-                        "generation": generation["key"],
-                        "model_name": generation["model_name"],
-                        "p": p,
-                        "p_orders": orders,
-                        "judge": judge,
-                        "error": error,
-                    }
-                )
-            writer.flush()
-    records = store.read_stage("eval_grade")
+        ]
+        scores = engines(judge).score(
+            conversations, ["A", "B"], prefixes=JUDGE_ANSWER_PREFIX, progress=label
+        )
+        records = []
+        for i, (metric, _, generation, key) in enumerate(todo):
+            first, second = scores[2 * i], scores[2 * i + 1]
+            error = first.error or second.error
+            p = orders = None
+            if error is None:
+                p, *orders = flagged_probability(first, second)
+            records.append(
+                {
+                    "key": key,
+                    "metric": metric,
+                    "generation": generation["key"],
+                    "model_name": generation["model_name"],
+                    "p": p,
+                    "p_orders": orders,
+                    "judge": judge,
+                    "error": error,
+                }
+            )
+        return records
+
+    records = run_records(
+        store,
+        "eval_grade",
+        jobs,
+        key=lambda job: job[3],
+        call=call,
+        label="eval grading" if progress else False,
+        executor=executor,
+    )
     return {(metric, g["key"]): records[key] for metric, _, g, key in jobs if key in records}
 
 
-def _compare(config, sets, generations, store, engines, progress) -> dict[tuple[str, str], dict]:
+def _compare(
+    config, sets, generations, store, engines, progress, executor
+) -> dict[tuple[str, str], dict]:
     """(model name, generation key) → eval_compare record (the model's answer against the
     baseline's, p = P(model's answer is better))."""
     from cai.judge import Judge, JudgePair
@@ -535,43 +548,50 @@ def _compare(config, sets, generations, store, engines, progress) -> dict[tuple[
                         **revision,
                     )
                     jobs.append((name, mine, theirs, key))
-    with store.writer("eval_compare") as writer:
-        todo = _unique(job for job in jobs if job[3] not in writer)
-        if todo:
-            judge = Judge(
-                engines(judge_spec),
-                config.constitution,
-                seed=config.seed,
-                tie_margin=config.tie_margin,
-                few_shot=config.few_shot,
-            )
-            pairs = [
-                JudgePair(mine["prompt"], mine["response"], theirs["response"], key=key)
-                for _, mine, theirs, key in todo
-            ]
-            prefs = judge.label(pairs, progress="eval comparisons" if progress else False)
-            for (name, mine, theirs, key), pref in zip(todo, prefs, strict=True):
-                writer.write(
-                    {
-                        "key": key,
-                        "model_name": name,
-                        "generation": mine["key"],
-                        "baseline_generation": theirs["key"],
-                        "p": pref.p_a,
-                        "p_first": pref.p_a_first,
-                        "p_second": pref.p_a_second,
-                        "consistent": pref.consistent,
-                        "principles": pref.principles,
-                        "judge": judge_spec,
-                        "error": pref.error,
-                    }
-                )
-            writer.flush()
-    records = store.read_stage("eval_compare")
+
+    def call(todo, label):
+        judge = Judge(
+            engines(judge_spec),
+            config.constitution,
+            seed=config.seed,
+            tie_margin=config.tie_margin,
+            few_shot=config.few_shot,
+        )
+        pairs = [
+            JudgePair(mine["prompt"], mine["response"], theirs["response"], key=key)
+            for _, mine, theirs, key in todo
+        ]
+        prefs = judge.label(pairs, progress=label)
+        return [
+            {
+                "key": key,
+                "model_name": name,
+                "generation": mine["key"],
+                "baseline_generation": theirs["key"],
+                "p": pref.p_a,
+                "p_first": pref.p_a_first,
+                "p_second": pref.p_a_second,
+                "consistent": pref.consistent,
+                "principles": pref.principles,
+                "judge": judge_spec,
+                "error": pref.error,
+            }
+            for (name, mine, theirs, key), pref in zip(todo, prefs, strict=True)
+        ]
+
+    records = run_records(
+        store,
+        "eval_compare",
+        jobs,
+        key=lambda job: job[3],
+        call=call,
+        label="eval comparisons" if progress else False,
+        executor=executor,
+    )
     return {(name, mine["key"]): records[key] for name, mine, _, key in jobs if key in records}
 
 
-def _rewards(config, generations, store) -> dict[str, float]:
+def _rewards(config, generations, store, executor) -> dict[str, float]:
     """Model name → mean reward of its answers under the trained reward model (each answer's
     reward is a record of the stage ``eval_reward``, so a re-run scores nothing twice)."""
 
@@ -584,23 +604,30 @@ def _rewards(config, generations, store) -> dict[str, float]:
         )
         for _, g in done
     }
-    with store.writer("eval_reward") as writer:
-        todo = list({g["key"]: g for _, g in done if keys[g["key"]] not in writer}.values())
-        if todo:
-            from cai.train.reward import RewardModel
 
-            model = RewardModel(spec)
-            try:
-                scores = model.score(
-                    [[*g["prompt"], {"role": "assistant", "content": g["response"]}] for g in todo]
-                )
-            finally:
-                model.close()
-            for g, value in zip(todo, scores, strict=True):
-                writer.write(
-                    {"key": keys[g["key"]], "generation": g["key"], "reward": value, "error": None}
-                )
-    records = store.read_stage("eval_reward")
+    def call(todo, label):
+        from cai.train.reward import RewardModel
+
+        model = RewardModel(spec)
+        try:
+            scores = model.score(
+                [[*g["prompt"], {"role": "assistant", "content": g["response"]}] for g in todo]
+            )
+        finally:
+            model.close()
+        return [
+            {"key": keys[g["key"]], "generation": g["key"], "reward": value, "error": None}
+            for g, value in zip(todo, scores, strict=True)
+        ]
+
+    records = run_records(
+        store,
+        "eval_reward",
+        [g for _, g in done],
+        key=lambda g: keys[g["key"]],
+        call=call,
+        executor=executor,
+    )
     out = {}
     for name in config.models:
         values = [records[keys[g["key"]]]["reward"] for n, g in done if n == name]

@@ -103,6 +103,7 @@ def run(runner: Runner, report: StageReport) -> None:
         engine_for=engine_for,
         exclude=runner.source_keys,
         store=runner.store,
+        executor=runner.executor,
     )
     report.records = sum(results["sets"].values()) * len(results["models"])
     report.errors = sum(m["errors"] for m in results["metrics"].values())
