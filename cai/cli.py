@@ -38,7 +38,8 @@ from cai.constitution import (
 )
 from cai.data import DataError, load_pairs
 from cai.engine import BACKENDS
-from cai.judge import GenerativeJudge, Judge, evaluate
+from cai.judge import GenerativeJudge, Judge
+from cai.judge_agreement import agreement
 
 
 def _summary(c: Constitution) -> str:
@@ -180,7 +181,7 @@ _JUDGE_ROWS = [
 
 
 def _judge_table(result: dict) -> str:
-    """The human-readable summary of ``cai.judge.evaluate``'s result."""
+    """The human-readable summary of ``cai.judge_agreement.agreement``'s result."""
     columns = {
         name: {**r, **r.get("length_bias", {})}
         for name, r in (("log-prob", result), ("generative", result.get("generative", {})))
@@ -221,7 +222,7 @@ def _judge_eval(args: argparse.Namespace) -> int:
     with judge:
         # The baseline shares the engine, so both judges run on the same loaded model.
         baseline = GenerativeJudge(judge.engine, judge.constitution, seed=args.seed)
-        result = evaluate(
+        result = agreement(
             judge, baseline, [(p.prompt, p.chosen, p.rejected) for p in pairs], progress=True
         )
     print(_judge_table(result))
@@ -326,7 +327,8 @@ def add_train(commands: argparse._SubParsersAction) -> None:
 
 
 def _eval(args: argparse.Namespace) -> int:
-    from cai.evaluate import EvalConfig, run_eval, summary_line, table
+    from cai.eval_config import EvalConfig
+    from cai.evaluate import run_eval, summary_line, table
 
     try:
         data = load_yaml(args.config) if args.config else {}

@@ -112,12 +112,6 @@ def parse_yaml(text: str, source: str = "<string>") -> Any:
         loader.dispose()
 
 
-def load_dataclass(cls: type[T], path: str | Path) -> T:
-    """Load a YAML file into the dataclass ``cls``; every error names the file and line."""
-    data = load_yaml(path)
-    return from_data(cls, data, source=str(path))
-
-
 def from_data(cls: type[T], data: Any, source: str = "<config>", where: str = "") -> T:
     """Build dataclass ``cls`` from parsed YAML data (LineDict or plain dict)."""
     return _convert(cls, data, _Ctx(source, where, getattr(data, "line", 0)))
@@ -283,18 +277,11 @@ def set_dotted(data: dict, assignment: str, source: str = "--set") -> None:
         raise ConfigError(f"{source} {assignment!r}: cannot set {last!r} here")
 
 
-def field_docs(cls: type) -> dict[str, str]:
-    """The one-line docs of a dataclass's fields (``metadata={"doc": ...}``), for help output."""
-    return {f.name: f.metadata.get("doc", "") for f in dataclasses.fields(cls)}
-
-
 __all__ = [
     "ConfigError",
     "LineDict",
     "LineList",
-    "field_docs",
     "from_data",
-    "load_dataclass",
     "load_yaml",
     "parse_yaml",
     "set_dotted",

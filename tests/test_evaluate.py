@@ -14,14 +14,9 @@ from test_judge import FakeEngine as ScoreEngine
 from cai.cli import main as cai_main
 from cai.config import ConfigError, from_data
 from cai.engine import Completion, Engine, OptionScores, Sample
-from cai.evaluate import (
-    GRADERS,
-    EvalConfig,
-    EvalSet,
-    flagged_probability,
-    grade_conversations,
-    run_eval,
-)
+from cai.eval_config import EvalConfig, EvalSet
+from cai.evaluate import run_eval
+from cai.grading import GRADERS, flagged_probability, grade_conversations
 from cai.prompts import load_template
 from cai.stats import (
     distinct_n,

@@ -22,9 +22,9 @@ from cai.judge import (
     GenerativeJudge,
     Judge,
     JudgePair,
-    evaluate,
     parse_verdict,
 )
+from cai.judge_agreement import agreement
 from cai.prompts import JUDGE_ANSWER_PREFIX
 from cai.stats import accuracy, brier, ece, length_bias
 
@@ -377,7 +377,7 @@ def test_length_bias_by_hand():
     assert length_bias([3], [3], [0.9])["longer_wins"] is None
 
 
-def test_evaluate_balances_the_order_shown():
+def test_agreement_balances_the_order_shown():
     pairs = [(f"Q{i}?", f"good {i}", f"bad {i}") for i in range(4)]
 
     def knows(conversation, prefix):
@@ -386,14 +386,16 @@ def test_evaluate_balances_the_order_shown():
     def verdict(conversation):
         return "(A)" if options_of(conversation)["A"].startswith("good") else "Hmm."
 
-    result = evaluate(Judge(FakeEngine(knows)), GenerativeJudge(FakeEngine(verdict=verdict)), pairs)
+    result = agreement(
+        Judge(FakeEngine(knows)), GenerativeJudge(FakeEngine(verdict=verdict)), pairs
+    )
     assert result["accuracy"] == result["accuracy_first_order"] == 1.0
     assert result["consistent"] == 1.0 and result["errors"] == 0
     assert result["brier"] == pytest.approx(0.04)
     assert result["ece"] == pytest.approx(0.2)
     assert result["generative"]["accuracy"] == 0.0  # every pair has an unparsed verdict
     assert result["generative"]["unparseable"] == 0.5
-    biased = evaluate(Judge(FakeEngine(lambda c, p: 0.9)), None, pairs)
+    biased = agreement(Judge(FakeEngine(lambda c, p: 0.9)), None, pairs)
     # Shown first in half the pairs: the always-first judge is right half the time in one
     # order, and ties after swapping.
     assert biased["accuracy_first_order"] == 0.5 and biased["accuracy"] == 0.5

@@ -9,7 +9,8 @@ from pathlib import Path
 
 from test_pipeline_judge import FakeEngine
 
-from cai.evaluate import EvalConfig, EvalSet, run_eval
+from cai.eval_config import EvalConfig, EvalSet
+from cai.evaluate import run_eval
 from cai.pipeline.recipe import load_recipe
 from cai.pipeline.run import Runner
 from cai.store import RunStore

@@ -28,7 +28,7 @@ from __future__ import annotations
 import abc
 import math
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, dataclass, field
 from typing import Any
 
 Message = dict[str, str]
@@ -255,8 +255,3 @@ class Engine(abc.ABC):
     def describe(self) -> dict[str, Any]:
         """What a manifest records about this engine."""
         return {"backend": self.backend, "model": self.model_name}
-
-
-def with_seed(sampling: Sampling, seed: int | None) -> Sampling:
-    """A copy of ``sampling`` with ``seed``."""
-    return replace(sampling, seed=seed)

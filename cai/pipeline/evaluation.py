@@ -1,7 +1,7 @@
 """The stage ``evaluate``: the run's models side by side on held-out prompts (``cai.evaluate``).
 
     stages:
-      evaluate:                       # any cai.evaluate.EvalConfig field but those below
+      evaluate:                       # any cai.eval_config.EvalConfig field but those below
         max_tokens: 128
         sets: {helpful: {path: helpful, skip: 80, limit: 20}}
 
@@ -24,7 +24,7 @@ from cai.pipeline import judge, training
 from cai.pipeline.stage import Stage, stage_config
 
 if TYPE_CHECKING:
-    from cai.evaluate import EvalConfig
+    from cai.eval_config import EvalConfig
     from cai.pipeline.run import Runner
     from cai.records import StageReport
 
@@ -45,7 +45,7 @@ def eval_dir(runner: Runner) -> Path:
 
 
 def _config(options: Any, filled: dict[str, Any], source: str) -> EvalConfig:
-    from cai.evaluate import EvalConfig
+    from cai.eval_config import EvalConfig
 
     return stage_config(
         EvalConfig,
@@ -120,7 +120,7 @@ def plan(runner: Runner) -> list[str]:
 STAGE = Stage(
     name="evaluate",
     doc="held-out comparison of the base model and each trained one → <run>/eval/: "
-    "cai.evaluate.EvalConfig fields (sets, max_tokens, judge_model, ...); {} for the defaults",
+    "cai.eval_config.EvalConfig fields (sets, max_tokens, judge_model, ...); {} for the defaults",
     options=dict[str, Any],
     run=run,
     plan=plan,
