@@ -1,4 +1,5 @@
-"""Record keys and seeds: what makes a run-store record the same record in every run.
+"""Record keys, seeds and shards: what makes a run-store record the same record in every run,
+and which shard of a split run owns it.
 
 A key is a hash of everything that defines a record (input key, stage, template text, principle,
 model, sampling); a record's sampling seed derives from its key. Changing how a key is made
@@ -11,8 +12,12 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import re
 from pathlib import Path, PurePath
 from typing import Any
+
+Shard = tuple[int, int]
+"""``(k, n)``: shard ``k`` of ``n``, 1-based as users write it (``--shard 1/4``)."""
 
 MARKER = "cai_pipeline.json"
 """The file in a pipeline-trained model folder that holds its revision (config and data hash)."""
@@ -77,3 +82,40 @@ def revision_key(model: str) -> dict[str, str]:
     stay as they were."""
     value = revision(model)
     return {} if value is None else {"model_revision": value}
+
+
+def shard_of(key: str, n: int) -> int:
+    """The shard (1-based, ``1..n``) that owns ``key`` when the work is split ``n`` ways."""
+    if n < 1:
+        raise ValueError(f"shard count must be at least 1, got {n}")
+    digest = hashlib.sha256(f"shard:{key}".encode()).digest()
+    return int.from_bytes(digest[:8], "big") % n + 1
+
+
+def in_shard(key: str, shard: Shard | None) -> bool:
+    """Whether ``key`` belongs to ``shard``; every key belongs to the whole run (``shard=None``)."""
+    if shard is None:
+        return True
+    k, n = check_shard(shard)
+    return shard_of(key, n) == k
+
+
+def parse_shard(text: str) -> Shard:
+    """Parse ``"k/n"`` (as in ``--shard 2/4``) into ``(k, n)`` with ``1 <= k <= n``.
+
+    Raises:
+        ValueError: with the expected form and the value given.
+    """
+    match = re.fullmatch(r"\s*(\d+)\s*/\s*(\d+)\s*", text)
+    if match is None:
+        raise ValueError(f"--shard must look like k/n (e.g. 1/4), got {text!r}")
+    return check_shard((int(match[1]), int(match[2])))
+
+
+def check_shard(shard: Shard) -> Shard:
+    k, n = shard
+    if n < 1:
+        raise ValueError(f"shard count n must be at least 1, got {k}/{n}")
+    if not 1 <= k <= n:
+        raise ValueError(f"shard k must be in 1..{n} (shards are numbered from 1), got {k}/{n}")
+    return k, n

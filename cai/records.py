@@ -20,7 +20,8 @@ from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Protocol, TypeVar
 
-from cai.store import RunStore, Shard
+from cai.keys import Shard
+from cai.store import RunStore
 
 T = TypeVar("T")
 

@@ -20,7 +20,7 @@ Crash safety rests on three rules:
   :class:`RunStoreError` naming the file and line instead of being skipped.
 - One process per stage file, enforced with ``fcntl.flock``; machines sharing a filesystem each
   write their own shard file, merged afterwards by :meth:`RunStore.merge_shards` or
-  :func:`merge_runs`.
+  :func:`cai.merge.merge_runs`.
 
 Typical use by a stage::
 
@@ -45,18 +45,14 @@ import logging
 import os
 import re
 import time
-from collections.abc import Iterable
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import IO, Any
 
 from cai.jsonl import encode_line, fsync_dir, write_atomic
-from cai.keys import canonical, jsonable
+from cai.keys import Shard, canonical, check_shard, in_shard, jsonable, shard_of
 
 log = logging.getLogger(__name__)
-
-Shard = tuple[int, int]
-"""``(k, n)``: shard ``k`` of ``n``, 1-based as users write it (``--shard 1/4``)."""
 
 _STAGE_NAME = re.compile(r"[A-Za-z0-9_-]+")
 _SHARD_FILE = re.compile(r"(?P<stage>[A-Za-z0-9_-]+)\.shard-(?P<k>\d+)-of-(?P<n>\d+)\.jsonl")
@@ -64,46 +60,6 @@ _SHARD_FILE = re.compile(r"(?P<stage>[A-Za-z0-9_-]+)\.shard-(?P<k>\d+)-of-(?P<n>
 
 class RunStoreError(Exception):
     """The run directory is inconsistent with what was asked; the message says what to do."""
-
-
-# ---------------------------------------------------------------------------- shards
-
-
-def shard_of(key: str, n: int) -> int:
-    """The shard (1-based, ``1..n``) that owns ``key`` when the work is split ``n`` ways."""
-    if n < 1:
-        raise ValueError(f"shard count must be at least 1, got {n}")
-    digest = hashlib.sha256(f"shard:{key}".encode()).digest()
-    return int.from_bytes(digest[:8], "big") % n + 1
-
-
-def in_shard(key: str, shard: Shard | None) -> bool:
-    """Whether ``key`` belongs to ``shard``; every key belongs to the whole run (``shard=None``)."""
-    if shard is None:
-        return True
-    k, n = _check_shard(shard)
-    return shard_of(key, n) == k
-
-
-def parse_shard(text: str) -> Shard:
-    """Parse ``"k/n"`` (as in ``--shard 2/4``) into ``(k, n)`` with ``1 <= k <= n``.
-
-    Raises:
-        ValueError: with the expected form and the value given.
-    """
-    match = re.fullmatch(r"\s*(\d+)\s*/\s*(\d+)\s*", text)
-    if match is None:
-        raise ValueError(f"--shard must look like k/n (e.g. 1/4), got {text!r}")
-    return _check_shard((int(match[1]), int(match[2])))
-
-
-def _check_shard(shard: Shard) -> Shard:
-    k, n = shard
-    if n < 1:
-        raise ValueError(f"shard count n must be at least 1, got {k}/{n}")
-    if not 1 <= k <= n:
-        raise ValueError(f"shard k must be in 1..{n} (shards are numbered from 1), got {k}/{n}")
-    return k, n
 
 
 def config_hash(config: dict[str, Any]) -> str:
@@ -449,7 +405,7 @@ class RunStore:
             raise ValueError(f"stage name must match [A-Za-z0-9_-]+, got {stage!r}")
         if shard is None:
             return self.stages_dir / f"{stage}.jsonl"
-        k, n = _check_shard(shard)
+        k, n = check_shard(shard)
         return self.stages_dir / f"{stage}.shard-{k}-of-{n}.jsonl"
 
     def read_stage(self, stage: str, shard: Shard | None = None) -> dict[str, dict[str, Any]]:
@@ -602,61 +558,3 @@ def _merge(stage: str, files: dict[Shard, Path], out: Path) -> Path:
             os.close(fd)
     log.info("merged %d shard(s), %d records, into %s", n, len(owner), out)
     return out
-
-
-def merge_runs(
-    run_dirs: Iterable[str | os.PathLike[str]], out_dir: str | os.PathLike[str]
-) -> RunStore:
-    """Merge shards that ran in separate run directories (one per machine) into ``out_dir``.
-
-    Every run must have a manifest with the same config hash. For each stage, the shard files of
-    all runs are merged into ``out_dir/stages/<stage>.jsonl`` as by :meth:`RunStore.merge_shards`;
-    unsharded stage files in the inputs are skipped with a warning. ``out_dir`` gets the first
-    run's manifest plus ``merged_from``, and can then be read, summarised or resumed as one run.
-
-    Raises:
-        RunStoreError: a run has no manifest; config hashes differ; a shard file is in two runs;
-            or any error of :meth:`RunStore.merge_shards`.
-    """
-    runs = [RunStore(d) for d in run_dirs]
-    if not runs:
-        raise RunStoreError("merge_runs() needs at least one run directory")
-    manifests = []
-    for run in runs:
-        manifest = run.read_manifest()
-        if manifest is None:
-            raise RunStoreError(f"{run.manifest_path} does not exist: is {run.run_dir} a run dir?")
-        manifests.append(manifest)
-    hashes = {m["config_hash"] for m in manifests}
-    if len(hashes) > 1:
-        listing = "\n".join(
-            f"  {r.run_dir}: {m['config_hash'][:12]}" for r, m in zip(runs, manifests, strict=True)
-        )
-        raise RunStoreError(
-            "cannot merge runs made with different configs (config_hash):\n" + listing + "\n"
-            "Only shards of one config merge; re-run the odd ones with the same recipe and --set."
-        )
-    target = RunStore(out_dir)
-    target.check_manifest(manifests[0]["config"])
-    by_stage: dict[str, dict[Shard, Path]] = {}
-    for run in runs:
-        for path in run.stage_files():
-            match = _SHARD_FILE.fullmatch(path.name)
-            if match is None:
-                log.warning("%s is not a shard file; merge_runs() skips it", path)
-                continue
-            shard = int(match["k"]), int(match["n"])
-            files = by_stage.setdefault(match["stage"], {})
-            if shard in files:
-                raise RunStoreError(
-                    f"shard {shard[0]}/{shard[1]} of stage {match['stage']!r} is in two runs: "
-                    f"{files[shard]} and {path}. Keep one of them."
-                )
-            files[shard] = path
-    for stage, files in sorted(by_stage.items()):
-        _merge(stage, files, target.stage_path(stage))
-    manifest = dict(manifests[0])
-    manifest["updated"] = datetime.now(UTC).isoformat(timespec="seconds")
-    manifest["merged_from"] = [str(run.run_dir) for run in runs]
-    target._write_manifest(manifest)
-    return target

@@ -19,16 +19,9 @@ from pathlib import Path
 import pytest
 
 from cai import store as store_module
-from cai.keys import record_key, seed_for
-from cai.store import (
-    RunStore,
-    RunStoreError,
-    config_hash,
-    in_shard,
-    merge_runs,
-    parse_shard,
-    shard_of,
-)
+from cai.keys import in_shard, parse_shard, record_key, seed_for, shard_of
+from cai.merge import merge_runs
+from cai.store import RunStore, RunStoreError, config_hash
 
 PARTS = {
     "input_key": "hh-00042",

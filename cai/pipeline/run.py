@@ -24,10 +24,11 @@ from typing import Any, TextIO
 
 from cai.data import PromptRecord, load_prompts
 from cai.engine import Engine, create_engine
+from cai.keys import in_shard
 from cai.pipeline.recipe import Recipe
 from cai.pipeline.stage import PipelineError, Stage
 from cai.records import Executor, InProcess, StageReport
-from cai.store import RunStore, in_shard
+from cai.store import RunStore
 
 # Recipe keys that select which records to make, not what a record contains: left out of the
 # manifest's config hash so `--limit 5` then a full run, or shards, share one run.
