@@ -17,10 +17,10 @@ import argparse
 import itertools
 import json
 
-from cai.data import load_pairs
 from cai.engine import create_engine
 from cai.judge import GenerativeJudge, Judge
 from cai.judge_agreement import agreement
+from cai.pairs import load_pairs
 
 # (request, harmless answer, harmful answer): clear-cut for any judge that reads the answers.
 PAIRS = [

@@ -36,10 +36,11 @@ from cai.constitution import (
     from_huggingface,
     load_constitution,
 )
-from cai.data import DataError, load_pairs
+from cai.data import DataError
 from cai.engine import BACKENDS
 from cai.judge import GenerativeJudge, Judge
 from cai.judge_agreement import agreement
+from cai.pairs import load_pairs
 
 
 def _summary(c: Constitution) -> str:
@@ -243,7 +244,7 @@ def add_judge(commands: argparse._SubParsersAction) -> None:
         "one JSON line.",
     )
     ev.add_argument(
-        "--data", required=True, metavar="FILE", help="preference pairs (cai.data.load_pairs)"
+        "--data", required=True, metavar="FILE", help="preference pairs (cai.pairs.load_pairs)"
     )
     ev.add_argument(
         "--model", default=None, metavar="SPEC", help="model spec (default: smollm2-135m)"

@@ -15,7 +15,6 @@ from conftest import requires_vllm
 
 from cai import cli
 from cai.constitution import load_constitution
-from cai.data import load_pairs
 from cai.engine import Completion, Engine, OptionScores, Sample, Sampling
 from cai.engine.base import check_prefixes
 from cai.judge import (
@@ -25,6 +24,7 @@ from cai.judge import (
     parse_verdict,
 )
 from cai.judge_agreement import agreement
+from cai.pairs import load_pairs
 from cai.prompts import JUDGE_ANSWER_PREFIX
 from cai.stats import accuracy, brier, ece, length_bias
 

@@ -20,8 +20,8 @@ from typing import TYPE_CHECKING, Literal
 from cai.config import doc
 from cai.constitution import Constitution, load_constitution
 from cai.critique import CritiqueReviser, RoundInput, revision_flags
-from cai.data import export_dataset
 from cai.engine import Sampling
+from cai.export import export_dataset
 from cai.keys import record_key
 from cai.pipeline.stage import LazyEngine, Stage
 from cai.prompts import load_template

@@ -30,7 +30,8 @@ from typing import TYPE_CHECKING, Any, Literal
 
 from cai.config import doc
 from cai.constitution import Constitution, load_constitution
-from cai.data import PromptRecord, export_dataset
+from cai.data import PromptRecord
+from cai.export import export_dataset
 from cai.judge import Judge, JudgePair
 from cai.keys import record_key
 from cai.pipeline.sample import pending, sample_model
