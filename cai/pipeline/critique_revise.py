@@ -23,12 +23,11 @@ from cai.critique import CritiqueReviser, RoundInput, revision_flags
 from cai.engine import Sampling
 from cai.export import export_dataset
 from cai.keys import record_key
-from cai.pipeline.stage import LazyEngine, Stage
+from cai.pipeline.stage import LazyEngine, Stage, StageContext
 from cai.prompts import load_template
 from cai.records import run_records
 
 if TYPE_CHECKING:
-    from cai.pipeline.run import Runner
     from cai.records import StageReport
 
 
@@ -54,7 +53,7 @@ class CritiqueReviseStage:
             raise ValueError(f"rounds must be >= 1 (got {self.rounds})")
 
 
-def prepare(runner: Runner) -> Constitution:
+def prepare(runner: StageContext) -> Constitution:
     """The stage's constitution; the templates are loaded to fail before any work."""
     stage = runner.recipe.stages.critique_revise
     constitution = load_constitution(stage.constitution or runner.recipe.constitution)
@@ -63,7 +62,7 @@ def prepare(runner: Runner) -> Constitution:
     return constitution
 
 
-def run(runner: Runner, report: StageReport) -> None:
+def run(runner: StageContext, report: StageReport) -> None:
     """Critique→revision rounds; ``runner.outputs["critique_revise"]``: prompt key → its round
     records, in order (complete chains only). Then the exports, unless this is a shard."""
     stage = runner.recipe.stages.critique_revise
@@ -143,7 +142,7 @@ def run(runner: Runner, report: StageReport) -> None:
             runner.result.exported_revision_pairs = export_revision_pairs(runner, final)
 
 
-def export_sft(runner: Runner, chains: dict[str, list[dict]]) -> Path | None:
+def export_sft(runner: StageContext, chains: dict[str, list[dict]]) -> Path | None:
     """``<run>/sft/``: the SFT dataset from the complete chains; None when there is none."""
     stage = runner.recipe.stages.critique_revise
     records = []
@@ -180,7 +179,7 @@ def export_sft(runner: Runner, chains: dict[str, list[dict]]) -> Path | None:
     return out
 
 
-def export_revision_pairs(runner: Runner, chains: dict[str, list[dict]]) -> Path | None:
+def export_revision_pairs(runner: StageContext, chains: dict[str, list[dict]]) -> Path | None:
     """``<run>/revision_pairs/``: the final revision chosen over the initial response
     (``p_chosen`` 1.0), leaving out chains whose final answer is empty or unchanged."""
     rows = []
@@ -218,7 +217,7 @@ def export_revision_pairs(runner: Runner, chains: dict[str, list[dict]]) -> Path
     return out
 
 
-def plan(runner: Runner) -> list[str]:
+def plan(runner: StageContext) -> list[str]:
     stage = runner.recipe.stages.critique_revise
     store, shard = runner.store, runner.shard
     written = (

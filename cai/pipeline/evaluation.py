@@ -21,17 +21,16 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from cai.pipeline import judge, training
-from cai.pipeline.stage import Stage, stage_config
+from cai.pipeline.stage import Stage, StageContext, stage_config
 
 if TYPE_CHECKING:
     from cai.eval_config import EvalConfig
-    from cai.pipeline.run import Runner
     from cai.records import StageReport
 
 _MODELS = (("train_sft", "sft"), ("train_dpo", "dpo"))
 
 
-def models(runner: Runner) -> dict[str, str]:
+def models(runner: StageContext) -> dict[str, str]:
     """Name → model spec of the models the stage compares: the base model, then each trained."""
     out = {"base": runner.recipe.model}
     for kind, name in _MODELS:
@@ -40,7 +39,7 @@ def models(runner: Runner) -> dict[str, str]:
     return out
 
 
-def eval_dir(runner: Runner) -> Path:
+def eval_dir(runner: StageContext) -> Path:
     return runner.run_dir / "eval"
 
 
@@ -66,7 +65,7 @@ def check_options(recipe_data: Any, source: str) -> None:
         _config(options, {"dtype": None, "reward_model": None, **placeholders}, source)
 
 
-def eval_config(runner: Runner) -> EvalConfig:
+def eval_config(runner: StageContext) -> EvalConfig:
     """The stage's EvalConfig with the run's models and engine settings filled in."""
     stages = runner.recipe.stages
     engine = runner.recipe.engine
@@ -85,7 +84,7 @@ def eval_config(runner: Runner) -> EvalConfig:
     return _config(options, filled, "<recipe>")
 
 
-def run(runner: Runner, report: StageReport) -> None:
+def run(runner: StageContext, report: StageReport) -> None:
     """Evaluate the run's models into ``<run>/eval/results.json``."""
     from cai.evaluate import run_eval
 
@@ -93,7 +92,7 @@ def run(runner: Runner, report: StageReport) -> None:
     config = eval_config(runner)
 
     def engine_for(spec: str):
-        runner._release({spec})  # one model in memory at a time (GPU memory)
+        runner.release_engines({spec})  # one model in memory at a time (GPU memory)
         return runner.engine_for(spec)
 
     runner.release_engines()
@@ -111,7 +110,7 @@ def run(runner: Runner, report: StageReport) -> None:
     runner.result.evaluation = eval_dir(runner) / "results.json"
 
 
-def plan(runner: Runner) -> list[str]:
+def plan(runner: StageContext) -> list[str]:
     shard = " (skipped for a shard)" if runner.shard else ""
     names = ", ".join(f"{name}={spec}" for name, spec in models(runner).items())
     return [f"  evaluate: {names} → {eval_dir(runner)}{shard}"]

@@ -17,11 +17,10 @@ from cai.config import doc
 from cai.data import PromptRecord
 from cai.engine import Sampling
 from cai.keys import record_key, seed_for
-from cai.pipeline.stage import Stage
+from cai.pipeline.stage import Stage, StageContext
 from cai.records import run_records
 
 if TYPE_CHECKING:
-    from cai.pipeline.run import Runner
     from cai.records import StageReport
 
 
@@ -32,12 +31,12 @@ class GenerateStage:
     top_p: float = doc("nucleus sampling", 1.0)
 
 
-def sampling(runner: Runner) -> Sampling:
+def sampling(runner: StageContext) -> Sampling:
     gen = runner.recipe.stages.generate
     return Sampling(max_tokens=gen.max_tokens, temperature=gen.temperature, top_p=gen.top_p)
 
 
-def generate_key(runner: Runner, prompt: PromptRecord) -> str:
+def generate_key(runner: StageContext, prompt: PromptRecord) -> str:
     return record_key(
         input=prompt.key,
         stage="generate",
@@ -46,7 +45,7 @@ def generate_key(runner: Runner, prompt: PromptRecord) -> str:
     )
 
 
-def run(runner: Runner, report: StageReport) -> None:
+def run(runner: StageContext, report: StageReport) -> None:
     """Initial responses; leaves prompt key → generate record (done ones only) in
     ``runner.outputs["generate"]``."""
     start = time.perf_counter()
@@ -97,7 +96,7 @@ def run(runner: Runner, report: StageReport) -> None:
     }
 
 
-def plan(runner: Runner) -> list[str]:
+def plan(runner: StageContext) -> list[str]:
     store, shard = runner.store, runner.shard
     done = (
         store.done_keys("generate", shard)

@@ -35,11 +35,10 @@ from cai.export import export_dataset
 from cai.judge import Judge, JudgePair
 from cai.keys import record_key
 from cai.pipeline.sample import pending, sample_model
-from cai.pipeline.stage import LazyEngine, PipelineError, Stage
+from cai.pipeline.stage import LazyEngine, PipelineError, Stage, StageContext
 from cai.records import run_records
 
 if TYPE_CHECKING:
-    from cai.pipeline.run import Runner
     from cai.records import StageReport
 
 
@@ -84,11 +83,11 @@ class JudgeStage:
                 raise ValueError(f"{name} must be in [0, 0.5) (got {value})")
 
 
-def judge_model(runner: Runner) -> str:
+def judge_model(runner: StageContext) -> str:
     return runner.recipe.stages.judge.model or runner.recipe.model
 
 
-def prepare(runner: Runner) -> Constitution:
+def prepare(runner: StageContext) -> Constitution:
     """The judge's constitution, checked to have ``ensemble`` judge principles."""
     judge = runner.recipe.stages.judge
     constitution = load_constitution(judge.constitution or runner.recipe.constitution)
@@ -101,10 +100,10 @@ def prepare(runner: Runner) -> Constitution:
     return constitution
 
 
-def make_judge(runner: Runner) -> Judge:
+def make_judge(runner: StageContext) -> Judge:
     stage = runner.recipe.stages.judge
     spec = judge_model(runner)
-    engine = runner.injected_engine or LazyEngine(lambda: runner.engine_for(spec))
+    engine = LazyEngine(lambda: runner.engine_for(spec))
     return Judge(
         engine,
         runner.prepared["judge"],
@@ -137,7 +136,7 @@ def judge_config(judge: Judge) -> dict[str, Any]:
 
 
 def pair_items(
-    runner: Runner, judge: Judge, samples: dict[str, dict]
+    runner: StageContext, judge: Judge, samples: dict[str, dict]
 ) -> dict[str, list[tuple[str, JudgePair, tuple[int, int]]]]:
     """prompt key → its pairs: (record key, JudgePair, (i, j)), in prompt then pair order."""
     config = judge_config(judge)
@@ -166,7 +165,7 @@ def pair_items(
     return out
 
 
-def run(runner: Runner, report: StageReport) -> None:
+def run(runner: StageContext, report: StageReport) -> None:
     """Judge every pair of each prompt's distinct samples, then export the preferences (unless
     this is a shard); ``runner.outputs["judge"]``: prompt key → its pair records (the latest for
     each pair: done, or an error), in pair order."""
@@ -240,7 +239,7 @@ def _failed(error: str) -> dict[str, Any]:
 
 
 def _preference_row(
-    runner: Runner, prompt: PromptRecord, record: dict, selection: str, **extra: Any
+    runner: StageContext, prompt: PromptRecord, record: dict, selection: str, **extra: Any
 ) -> dict | None:
     """The export row of a judged pair, or None when it is a tie or below min_margin."""
     stage = runner.recipe.stages.judge
@@ -304,7 +303,7 @@ def best_worst(records: list[dict], count: int) -> tuple[dict, list[float]] | No
 
 
 def export_preferences(
-    runner: Runner, samples: dict[str, dict], judged: dict[str, list[dict]]
+    runner: StageContext, samples: dict[str, dict], judged: dict[str, list[dict]]
 ) -> Path | None:
     """``<run>/preferences/`` from the judge records; None when no pair qualifies."""
     stage = runner.recipe.stages.judge
@@ -330,7 +329,7 @@ def export_preferences(
     return out
 
 
-def plan(runner: Runner) -> list[str]:
+def plan(runner: StageContext) -> list[str]:
     judge, store, shard = runner.recipe.stages.judge, runner.store, runner.shard
     unsampled, pairs = pending(runner)
     done = len(store.done_keys("judge", shard)) if store.stage_path("judge", shard).exists() else 0

@@ -18,7 +18,8 @@ from __future__ import annotations
 
 import importlib.metadata
 import sys
-from dataclasses import asdict, dataclass, field
+from collections.abc import Collection
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any, TextIO
 
@@ -26,28 +27,13 @@ from cai.data import PromptRecord, load_prompts
 from cai.engine import Engine, create_engine
 from cai.keys import in_shard
 from cai.pipeline.recipe import Recipe
-from cai.pipeline.stage import PipelineError, Stage
+from cai.pipeline.stage import PipelineError, RunResult, Stage
 from cai.records import Executor, InProcess, StageReport
 from cai.store import RunStore
 
 # Recipe keys that select which records to make, not what a record contains: left out of the
 # manifest's config hash so `--limit 5` then a full run, or shards, share one run.
 _VOLATILE = ("chunk_size", "max_error_rate")
-
-
-@dataclass
-class RunResult:
-    stages: list[StageReport] = field(default_factory=list)
-    exported: Path | None = None
-    exported_preferences: Path | None = None
-    exported_revision_pairs: Path | None = None
-    models: dict[str, Path] = field(default_factory=dict)
-    """Trained model folders by stage (train_sft, train_reward, train_dpo)."""
-    evaluation: Path | None = None
-    """``<run>/eval/results.json`` when the recipe evaluates."""
-    report: Path | None = None
-    """``<run>/report.html`` when the recipe trains or evaluates."""
-    failed: list[str] = field(default_factory=list)
 
 
 def load_sources(recipe: Recipe) -> list[PromptRecord]:
@@ -159,13 +145,9 @@ class Runner:
             self._described[model] = self._engines[model].describe()
         return self._engines[model]
 
-    def release_engines(self) -> None:
-        """Close every engine this runner built (frees memory before training)."""
-        self._release(set())
-
-    def _release(self, keep: set[str]) -> None:
-        """Close the engines this runner built for models no later stage needs (frees GPU
-        memory before a stage loads another model)."""
+    def release_engines(self, keep: Collection[str] = ()) -> None:
+        """Close the engines this runner built, but those of the models in ``keep`` (frees GPU
+        memory before a stage loads another model, or trains)."""
         for model in [m for m in self._engines if m not in keep]:
             self._engines.pop(model).close()
 
@@ -189,7 +171,9 @@ class Runner:
             if self.shard is not None and not stage.in_shard:
                 continue
             # Engines of models no stage from here on uses are closed (GPU memory).
-            self._release({m for later in self.stages[n:] for m in later.models(self).values()})
+            self.release_engines(
+                {m for later in self.stages[n:] for m in later.models(self).values()}
+            )
             report = StageReport(stage.name)
             result.stages.append(report)
             stage.run(self, report)

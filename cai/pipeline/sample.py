@@ -25,11 +25,10 @@ from cai.data import PromptRecord
 from cai.engine import Sampling
 from cai.keys import record_key, revision_key, seed_for
 from cai.pipeline import training
-from cai.pipeline.stage import Stage, check_sampling
+from cai.pipeline.stage import Stage, StageContext, check_sampling
 from cai.records import run_records
 
 if TYPE_CHECKING:
-    from cai.pipeline.run import Runner
     from cai.records import StageReport
 
 
@@ -56,19 +55,19 @@ class SampleStage:
         check_sampling(self.temperature, self.top_p, self.max_tokens)
 
 
-def sample_model(runner: Runner) -> str:
+def sample_model(runner: StageContext) -> str:
     """The stage's model, else the SFT model when the recipe trains one, else the recipe's."""
     return runner.recipe.stages.sample.model or training.policy_after_sft(runner)
 
 
-def sample_sampling(runner: Runner) -> Sampling:
+def sample_sampling(runner: StageContext) -> Sampling:
     stage = runner.recipe.stages.sample
     return Sampling(
         n=stage.k, temperature=stage.temperature, top_p=stage.top_p, max_tokens=stage.max_tokens
     )
 
 
-def sample_key(runner: Runner, prompt: PromptRecord) -> str:
+def sample_key(runner: StageContext, prompt: PromptRecord) -> str:
     return record_key(
         input=prompt.key,
         stage="sample",
@@ -93,7 +92,7 @@ def distinct_responses(texts: Sequence[str]) -> tuple[list[str], int, int]:
     return out, duplicates, empty
 
 
-def run(runner: Runner, report: StageReport) -> None:
+def run(runner: StageContext, report: StageReport) -> None:
     """K responses per prompt; ``runner.outputs["sample"]``: prompt key → sample record with
     >= 2 responses."""
     recipe = runner.recipe
@@ -161,7 +160,7 @@ def run(runner: Runner, report: StageReport) -> None:
     runner.outputs["sample"] = done
 
 
-def pending(runner: Runner) -> tuple[int, int]:
+def pending(runner: StageContext) -> tuple[int, int]:
     """(prompts left to sample, pairs their samples will give at most): for the plans."""
     stage, store, shard = runner.recipe.stages.sample, runner.store, runner.shard
     have = store.read_stage("sample", shard) if store.stage_path("sample", shard).exists() else {}
@@ -176,7 +175,7 @@ def pending(runner: Runner) -> tuple[int, int]:
     return unsampled, pairs
 
 
-def plan(runner: Runner) -> list[str]:
+def plan(runner: StageContext) -> list[str]:
     stage = runner.recipe.stages.sample
     unsampled, _ = pending(runner)
     return [

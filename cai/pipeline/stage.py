@@ -10,16 +10,19 @@ error-rate check all come from that list. README.md, "Writing a stage", walks th
 
 from __future__ import annotations
 
-from collections.abc import Callable
-from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, TypeVar
+from collections.abc import Callable, Collection
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Protocol, TextIO, TypeVar
 
 from cai.config import ConfigError, LineDict, from_data
 from cai.engine import Engine, Sampling
 
 if TYPE_CHECKING:
-    from cai.pipeline.run import Runner
-    from cai.records import StageReport
+    from cai.data import PromptRecord
+    from cai.keys import Shard
+    from cai.records import Executor, StageReport
+    from cai.store import RunStore
 
 T = TypeVar("T")
 
@@ -28,7 +31,49 @@ class PipelineError(Exception):
     """A run that cannot start or continue; the message says what to do."""
 
 
-def _no_models(runner: Runner) -> dict[str, str]:
+@dataclass
+class RunResult:
+    stages: list[StageReport] = field(default_factory=list)
+    exported: Path | None = None
+    exported_preferences: Path | None = None
+    exported_revision_pairs: Path | None = None
+    models: dict[str, Path] = field(default_factory=dict)
+    """Trained model folders by stage (train_sft, train_reward, train_dpo)."""
+    evaluation: Path | None = None
+    """``<run>/eval/results.json`` when the recipe evaluates."""
+    report: Path | None = None
+    """``<run>/report.html`` when the recipe trains or evaluates."""
+    failed: list[str] = field(default_factory=list)
+
+
+class StageContext(Protocol):
+    """What a stage may use of the run (``cai.pipeline.run.Runner`` is the one implementation)."""
+
+    recipe: Any
+    """The recipe (``cai.pipeline.recipe.Recipe``); ``recipe.stages.<name>`` are the options."""
+    run_dir: Path
+    store: RunStore
+    shard: Shard | None
+    prompts: list[PromptRecord]
+    """The recipe's prompts after ``--limit`` and in this shard."""
+    source_keys: frozenset[str]
+    """Every prompt key of the recipe's sources (before ``--limit`` and sharding)."""
+    out: TextIO
+    executor: Executor
+    outputs: dict[str, Any]
+    prepared: dict[str, Any]
+    result: RunResult
+
+    def engine_for(self, model: str) -> Engine:
+        """The engine of a model spec, built once."""
+        ...
+
+    def release_engines(self, keep: Collection[str] = ()) -> None:
+        """Close the engines of models not in ``keep``."""
+        ...
+
+
+def _no_models(runner: StageContext) -> dict[str, str]:
     return {}
 
 
@@ -42,10 +87,10 @@ class Stage:
     """One line: what the stage makes (the recipe field's documentation)."""
     options: Any
     """The options type: a dataclass (``{}`` in the recipe gives its defaults)."""
-    run: Callable[[Runner, StageReport], None]
+    run: Callable[[StageContext, StageReport], None]
     """Does the work; counts into the report; leaves what later stages read in
     ``runner.outputs[name]`` and what the run produced in ``runner.result``."""
-    plan: Callable[[Runner], list[str]]
+    plan: Callable[[StageContext], list[str]]
     """The ``--dry-run`` lines: requests left, records done, where outputs go."""
     needs: tuple[str, ...] = ()
     """Stages the recipe must also have (earlier in the list)."""
@@ -56,10 +101,10 @@ class Stage:
     check_options: Callable[[Any, str], None] | None = None
     """Checks the options further when the recipe loads (``recipe data, source path``), for
     checks that need more than the options type (a trainer's own config class)."""
-    prepare: Callable[[Runner], Any] | None = None
+    prepare: Callable[[StageContext], Any] | None = None
     """Checks and loads what the stage needs before any work (constitutions, templates); the
     value is kept in ``runner.prepared[name]``."""
-    models: Callable[[Runner], dict[str, str]] = _no_models
+    models: Callable[[StageContext], dict[str, str]] = _no_models
     """Role → model spec of the models the stage uses or produces (the manifest's ``models``;
     an engine no later stage uses is closed before the next stage)."""
     in_shard: bool = True

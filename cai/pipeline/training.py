@@ -30,10 +30,9 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from cai.keys import MARKER, revision
-from cai.pipeline.stage import PipelineError, Stage, stage_config
+from cai.pipeline.stage import PipelineError, Stage, StageContext, stage_config
 
 if TYPE_CHECKING:
-    from cai.pipeline.run import Runner
     from cai.records import StageReport
     from cai.train import TrainConfig, TrainResult
 
@@ -84,18 +83,18 @@ def check_options(kind: str, recipe_data: Any, source: str) -> None:
         trainer_config(kind, options, data="-", output_dir="-", model="-", source=source)
 
 
-def output_dir(runner: Runner, kind: str) -> Path:
+def output_dir(runner: StageContext, kind: str) -> Path:
     return runner.run_dir / "models" / kind.removeprefix("train_")
 
 
-def policy_after_sft(runner: Runner) -> str:
+def policy_after_sft(runner: StageContext) -> str:
     """The model that sampling and DPO start from: the SFT output when the recipe trains one."""
     if runner.recipe.stages.train_sft is not None:
         return str(output_dir(runner, "train_sft"))
     return runner.recipe.model
 
 
-def data_dir(runner: Runner, kind: str) -> Path:
+def data_dir(runner: StageContext, kind: str) -> Path:
     return runner.run_dir / ("sft" if kind == "train_sft" else "preferences")
 
 
@@ -108,7 +107,7 @@ def _fingerprint(path: Path) -> str:
     return digest.hexdigest()[:24]
 
 
-def run_train(runner: Runner, kind: str, report: StageReport) -> Path:
+def run_train(runner: StageContext, kind: str, report: StageReport) -> Path:
     """Train stage ``kind`` unless an identical training already finished; returns the model
     folder. Raises PipelineError when the data it needs was not exported."""
     from cai.train import RESULT_FILE
@@ -173,7 +172,7 @@ def _trainer(kind: str):
     return train_dpo
 
 
-def plan(runner: Runner, kind: str) -> list[str]:
+def plan(runner: StageContext, kind: str) -> list[str]:
     options = getattr(runner.recipe.stages, kind)
     model = runner.recipe.model if kind == "train_sft" else policy_after_sft(runner)
     done = (output_dir(runner, kind) / MARKER).is_file()
@@ -186,7 +185,7 @@ def plan(runner: Runner, kind: str) -> list[str]:
 
 
 def _stage(kind: str, doc: str, needs: str, needs_message: str) -> Stage:
-    def run(runner: Runner, report: StageReport) -> None:
+    def run(runner: StageContext, report: StageReport) -> None:
         runner.result.models[kind] = run_train(runner, kind, report)
 
     return Stage(
