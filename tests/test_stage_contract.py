@@ -13,9 +13,8 @@ from cai.config import ConfigError, doc
 from cai.keys import record_key
 from cai.pipeline.recipe import load_recipe
 from cai.pipeline.run import Runner
-from cai.pipeline.stage import Stage
+from cai.pipeline.stage import Stage, stage_records
 from cai.pipeline.stages import STAGES
-from cai.records import run_records
 
 # ---- the stage (what a new module in cai/pipeline/ would hold) ----------------------------------
 
@@ -60,17 +59,14 @@ def run(runner, report) -> None:
             for (prompt_key, response), c in zip(batch, done, strict=True)
         ]
 
-    runner.outputs["summarize"] = run_records(
-        runner.store,
+    runner.outputs["summarize"] = stage_records(
+        runner,
         "summarize",
         items,
         key=lambda item: summary_key(runner, *item),
         call=call,
         report=report,
-        shard=runner.shard,
-        batch_size=runner.recipe.chunk_size,
         label="summarize",
-        executor=runner.executor,
     )
 
 

@@ -23,9 +23,8 @@ from cai.critique import CritiqueReviser, RoundInput, revision_flags
 from cai.engine import Sampling
 from cai.export import export_dataset
 from cai.keys import record_key
-from cai.pipeline.stage import LazyEngine, Stage, StageContext
+from cai.pipeline.stage import LazyEngine, Stage, StageContext, stage_records
 from cai.prompts import load_template
-from cai.records import run_records
 
 if TYPE_CHECKING:
     from cai.records import StageReport
@@ -111,18 +110,15 @@ def run(runner: StageContext, report: StageReport) -> None:
                 for (prompt_key, item), res in zip(chunk, rounds, strict=True)
             ]
 
-        records = run_records(
-            runner.store,
+        records = stage_records(
+            runner,
             "critique_revise",
             items,
             key=lambda it: it[1].key,
             call=call,
             report=report,
-            shard=runner.shard,
-            batch_size=runner.recipe.chunk_size,
             label=f"round {r}/{stage.rounds}",
             requests=lambda rec: 1 + (rec["error"] is None or rec["error"].startswith("revision")),
-            executor=runner.executor,
         )
         survivors = {}
         for prompt_key, item in items:

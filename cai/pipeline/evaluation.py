@@ -89,7 +89,7 @@ def run(runner: StageContext, report: StageReport) -> None:
     from cai.evaluate import run_eval
 
     start = time.perf_counter()
-    config = eval_config(runner)
+    config = runner.prepared["evaluate"]
 
     def engine_for(spec: str):
         runner.release_engines({spec})  # one model in memory at a time (GPU memory)
@@ -111,9 +111,38 @@ def run(runner: StageContext, report: StageReport) -> None:
 
 
 def plan(runner: StageContext) -> list[str]:
+    """The models and, per store stage, the requests a fresh evaluation makes and the records
+    already done (held-out prompts are loaded: no model)."""
+    from cai.eval_config import load_sets
+    from cai.evaluate import COMPARED
+    from cai.grading import GRADERS
+
+    config: EvalConfig = runner.prepared["evaluate"]
+    store = runner.store
     shard = " (skipped for a shard)" if runner.shard else ""
     names = ", ".join(f"{name}={spec}" for name, spec in models(runner).items())
-    return [f"  evaluate: {names} → {eval_dir(runner)}{shard}"]
+    sets, excluded = load_sets(config, runner.source_keys)
+    prompts = {kind: len(records) for kind, records in sets.items()}
+    answers = len(config.models) * sum(prompts.values())
+    graded = len(config.models) * sum(prompts.get(g.kind, 0) for g in GRADERS.values())
+    compared = (len(config.models) - 1) * sum(prompts.get(kind, 0) for kind in COMPARED)
+
+    def done(stage: str) -> int:
+        return len(store.done_keys(stage)) if store.stage_path(stage).exists() else 0
+
+    lines = [
+        f"  evaluate: {names} → {eval_dir(runner)}{shard}",
+        f"    eval_generate: {answers} answers ({sum(prompts.values())} held-out prompts × "
+        f"{len(config.models)} models, {excluded} training prompts left out; "
+        f"{done('eval_generate')} done)",
+        f"    eval_grade: {graded} answers × 2 orders = {2 * graded} score requests at most "
+        f"({done('eval_grade')} done)",
+        f"    eval_compare: {compared} pairs × 2 orders = {2 * compared} score requests at most "
+        f"({done('eval_compare')} done)",
+    ]
+    if config.reward_model:
+        lines.append(f"    eval_reward: {answers} answers scored ({done('eval_reward')} done)")
+    return lines
 
 
 STAGE = Stage(

@@ -10,15 +10,14 @@ from the key.
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from cai.config import doc
 from cai.data import PromptRecord
 from cai.engine import Sampling
-from cai.keys import record_key, seed_for
-from cai.pipeline.stage import Stage, StageContext
-from cai.records import run_records
+from cai.keys import record_key
+from cai.pipeline.stage import Stage, StageContext, generate_seeded, stage_records, usage
 
 if TYPE_CHECKING:
     from cai.records import StageReport
@@ -53,11 +52,9 @@ def run(runner: StageContext, report: StageReport) -> None:
     keys = {p.key: generate_key(runner, p) for p in runner.prompts}
 
     def call(chunk, progress):
-        params = [replace(base, seed=seed_for(keys[p.key], runner.recipe.seed)) for p in chunk]
-        engine = runner.engine_for(runner.recipe.model)
-        completions = engine.generate([p.messages for p in chunk], params, progress=progress)
+        done = generate_seeded(runner, runner.recipe.model, chunk, keys, base, progress)
         records = []
-        for p, s, c in zip(chunk, params, completions, strict=True):
+        for p, seed, c in done:
             records.append(
                 {
                     "key": keys[p.key],
@@ -65,28 +62,22 @@ def run(runner: StageContext, report: StageReport) -> None:
                     "prompt": p.messages,
                     "response": c.samples[0].text if c.ok else None,
                     "finish_reason": c.samples[0].finish_reason if c.ok else None,
-                    "seed": s.seed,
-                    "usage": {
-                        "prompt_tokens": c.prompt_tokens,
-                        "completion_tokens": c.completion_tokens,
-                    },
+                    "seed": seed,
+                    "usage": usage(c),
                     "meta": p.meta,
                     "error": c.error,
                 }
             )
         return records
 
-    records = run_records(
-        runner.store,
+    records = stage_records(
+        runner,
         "generate",
         runner.prompts,
         key=lambda p: keys[p.key],
         call=call,
         report=report,
-        shard=runner.shard,
-        batch_size=runner.recipe.chunk_size,
         label="generate",
-        executor=runner.executor,
     )
     report.seconds = time.perf_counter() - start
     runner.outputs["generate"] = {

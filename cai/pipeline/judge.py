@@ -35,8 +35,7 @@ from cai.export import export_dataset
 from cai.judge import Judge, JudgePair
 from cai.keys import record_key
 from cai.pipeline.sample import pending, sample_model
-from cai.pipeline.stage import LazyEngine, PipelineError, Stage, StageContext
-from cai.records import run_records
+from cai.pipeline.stage import LazyEngine, PipelineError, Stage, StageContext, stage_records
 
 if TYPE_CHECKING:
     from cai.records import StageReport
@@ -196,8 +195,8 @@ def run(runner: StageContext, report: StageReport) -> None:
         ]
 
     per_pair = 2 * stage.ensemble * (2 if stage.cot else 1)
-    records = run_records(
-        runner.store,
+    records = stage_records(
+        runner,
         "judge",
         [
             (prompt_key, key, pair, ij)
@@ -207,11 +206,8 @@ def run(runner: StageContext, report: StageReport) -> None:
         key=lambda item: item[1],
         call=call,
         report=report,
-        shard=runner.shard,
-        batch_size=runner.recipe.chunk_size,
         label="judge",
         requests=lambda record: per_pair,
-        executor=runner.executor,
     )
     report.seconds = time.perf_counter() - start
     judged = {

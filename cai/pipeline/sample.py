@@ -17,16 +17,22 @@ from __future__ import annotations
 import math
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from cai.config import doc
 from cai.data import PromptRecord
 from cai.engine import Sampling
-from cai.keys import record_key, revision_key, seed_for
+from cai.keys import record_key, revision_key
 from cai.pipeline import training
-from cai.pipeline.stage import Stage, StageContext, check_sampling
-from cai.records import run_records
+from cai.pipeline.stage import (
+    Stage,
+    StageContext,
+    check_sampling,
+    generate_seeded,
+    stage_records,
+    usage,
+)
 
 if TYPE_CHECKING:
     from cai.records import StageReport
@@ -103,11 +109,8 @@ def run(runner: StageContext, report: StageReport) -> None:
     start = time.perf_counter()
 
     def call(chunk, progress):
-        params = [replace(sampling, seed=seed_for(keys[p.key], recipe.seed)) for p in chunk]
-        engine = runner.engine_for(model)
-        completions = engine.generate([p.messages for p in chunk], params, progress=progress)
         records = []
-        for p, s, c in zip(chunk, params, completions, strict=True):
+        for p, seed, c in generate_seeded(runner, model, chunk, keys, sampling, progress):
             responses, duplicates, empty = distinct_responses(
                 [x.text for x in c.samples] if c.ok else []
             )
@@ -128,28 +131,22 @@ def run(runner: StageContext, report: StageReport) -> None:
                     "empty_dropped": empty,
                     "skipped": skipped,
                     "model": model,
-                    "seed": s.seed,
-                    "usage": {
-                        "prompt_tokens": c.prompt_tokens,
-                        "completion_tokens": c.completion_tokens,
-                    },
+                    "seed": seed,
+                    "usage": usage(c),
                     "meta": p.meta,
                     "error": c.error,
                 }
             )
         return records
 
-    records = run_records(
-        runner.store,
+    records = stage_records(
+        runner,
         "sample",
         runner.prompts,
         key=lambda p: keys[p.key],
         call=call,
         report=report,
-        shard=runner.shard,
-        batch_size=recipe.chunk_size,
         label="sample",
-        executor=runner.executor,
     )
     report.seconds = time.perf_counter() - start
     done = {}

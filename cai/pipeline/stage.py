@@ -10,18 +10,20 @@ error-rate check all come from that list. README.md, "Writing a stage", walks th
 
 from __future__ import annotations
 
-from collections.abc import Callable, Collection
-from dataclasses import dataclass, field
+from collections.abc import Callable, Collection, Sequence
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol, TextIO, TypeVar
 
 from cai.config import ConfigError, LineDict, from_data
-from cai.engine import Engine, Sampling
+from cai.engine import Completion, Engine, Sampling
+from cai.keys import seed_for
+from cai.records import run_records
 
 if TYPE_CHECKING:
     from cai.data import PromptRecord
     from cai.keys import Shard
-    from cai.records import Executor, StageReport
+    from cai.records import BatchCall, Executor, StageReport
     from cai.store import RunStore
 
 T = TypeVar("T")
@@ -143,6 +145,58 @@ class LazyEngine(Engine):
 
     def describe(self) -> dict[str, Any]:
         return self.inner.describe()
+
+
+def stage_records(
+    runner: StageContext,
+    stage: str,
+    items: Sequence[T],
+    *,
+    key: Callable[[T], str],
+    call: BatchCall,
+    report: StageReport,
+    label: str,
+    requests: Callable[[dict], int] = lambda record: 1,
+) -> dict[str, dict]:
+    """The record loop (``cai.records.run_records``) over the run's store and shard, in
+    ``chunk_size`` batches on the run's executor."""
+    return run_records(
+        runner.store,
+        stage,
+        items,
+        key=key,
+        call=call,
+        report=report,
+        shard=runner.shard,
+        batch_size=runner.recipe.chunk_size,
+        label=label,
+        requests=requests,
+        executor=runner.executor,
+    )
+
+
+def generate_seeded(
+    runner: StageContext,
+    model: str,
+    prompts: Sequence[PromptRecord],
+    keys: dict[str, str],
+    sampling: Sampling,
+    progress: str | bool,
+) -> list[tuple[PromptRecord, int, Completion]]:
+    """One generate call for ``prompts``, each sampled with the seed of its record key
+    (``keys[prompt.key]``): (prompt, seed, completion) in order."""
+    seeds = [seed_for(keys[p.key], runner.recipe.seed) for p in prompts]
+    params = [replace(sampling, seed=seed) for seed in seeds]
+    engine = runner.engine_for(model)
+    done = engine.generate([p.messages for p in prompts], params, progress=progress)
+    return list(zip(prompts, seeds, done, strict=True))
+
+
+def usage(completion: Completion) -> dict[str, int]:
+    return {
+        "prompt_tokens": completion.prompt_tokens,
+        "completion_tokens": completion.completion_tokens,
+    }
 
 
 def check_sampling(temperature: float, top_p: float, max_tokens: int) -> None:

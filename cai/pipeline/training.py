@@ -38,7 +38,7 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-KINDS = ("train_sft", "train_reward", "train_dpo")
+TRAINING_STAGES = ("train_sft", "train_reward", "train_dpo")
 
 
 def config_class(kind: str) -> type[TrainConfig]:
@@ -55,7 +55,7 @@ def config_class(kind: str) -> type[TrainConfig]:
         from cai.train.reward import RewardConfig
 
         return RewardConfig
-    raise ValueError(f"unknown training stage {kind!r}; known: {', '.join(KINDS)}")
+    raise ValueError(f"unknown training stage {kind!r}; known: {', '.join(TRAINING_STAGES)}")
 
 
 def trainer_config(
