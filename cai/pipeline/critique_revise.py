@@ -12,7 +12,6 @@ rounds (not for a shard), ``<run>/sft/`` holds the SFT dataset and, with ``expor
 
 from __future__ import annotations
 
-import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Literal
@@ -67,7 +66,6 @@ def run(runner: StageContext, report: StageReport) -> None:
     stage = runner.recipe.stages.critique_revise
     constitution = runner.prepared["critique_revise"]
     responses = runner.outputs["generate"]
-    start = time.perf_counter()
     sampling = Sampling(
         max_tokens=stage.max_tokens, temperature=stage.temperature, top_p=stage.top_p
     )
@@ -129,7 +127,6 @@ def run(runner: StageContext, report: StageReport) -> None:
             nxt = record["response"] if "empty" in record["flags"] else record["revision"]
             survivors[prompt_key] = (record["key"], nxt)
         previous = survivors
-    report.seconds = time.perf_counter() - start
     final = {key: chain for key, chain in chains.items() if len(chain) == stage.rounds}
     runner.outputs["critique_revise"] = final
     if runner.shard is None:

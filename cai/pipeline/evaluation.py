@@ -16,7 +16,6 @@ the run report (``<run>/report.html``) follows.
 
 from __future__ import annotations
 
-import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -88,7 +87,6 @@ def run(runner: StageContext, report: StageReport) -> None:
     """Evaluate the run's models into ``<run>/eval/results.json``."""
     from cai.evaluate import run_eval
 
-    start = time.perf_counter()
     config = runner.prepared["evaluate"]
 
     def engine_for(spec: str):
@@ -106,7 +104,6 @@ def run(runner: StageContext, report: StageReport) -> None:
     )
     report.records = sum(results["sets"].values()) * len(results["models"])
     report.errors = sum(m["errors"] for m in results["metrics"].values())
-    report.seconds = time.perf_counter() - start
     runner.result.evaluation = eval_dir(runner) / "results.json"
 
 

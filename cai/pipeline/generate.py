@@ -9,7 +9,6 @@ from the key.
 
 from __future__ import annotations
 
-import time
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -47,7 +46,6 @@ def generate_key(runner: StageContext, prompt: PromptRecord) -> str:
 def run(runner: StageContext, report: StageReport) -> None:
     """Initial responses; leaves prompt key → generate record (done ones only) in
     ``runner.outputs["generate"]``."""
-    start = time.perf_counter()
     base = sampling(runner)
     keys = {p.key: generate_key(runner, p) for p in runner.prompts}
 
@@ -79,7 +77,6 @@ def run(runner: StageContext, report: StageReport) -> None:
         report=report,
         label="generate",
     )
-    report.seconds = time.perf_counter() - start
     runner.outputs["generate"] = {
         p.key: records[keys[p.key]]
         for p in runner.prompts

@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import itertools
 import math
-import time
 from dataclasses import dataclass
 from pathlib import Path
 from statistics import fmean
@@ -172,7 +171,6 @@ def run(runner: StageContext, report: StageReport) -> None:
     samples = runner.outputs["sample"]
     judge = make_judge(runner)
     items = pair_items(runner, judge, samples)
-    start = time.perf_counter()
 
     def call(chunk, progress):
         try:
@@ -209,7 +207,6 @@ def run(runner: StageContext, report: StageReport) -> None:
         label="judge",
         requests=lambda record: per_pair,
     )
-    report.seconds = time.perf_counter() - start
     judged = {
         prompt_key: [records[key] for key, _, _ in pairs if key in records]
         for prompt_key, pairs in items.items()

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import importlib.metadata
 import sys
+import time
 from collections.abc import Collection
 from dataclasses import asdict
 from pathlib import Path
@@ -176,7 +177,9 @@ class Runner:
             )
             report = StageReport(stage.name)
             result.stages.append(report)
+            start = time.perf_counter()
             stage.run(self, report)
+            report.seconds = time.perf_counter() - start
             self._write_manifest()
         if self.shard is None and self._ends_with_report():
             from cai.report import write_report  # matplotlib: only when a report is written

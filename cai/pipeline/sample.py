@@ -15,7 +15,6 @@ failure is an error record, retried.
 from __future__ import annotations
 
 import math
-import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
@@ -106,7 +105,6 @@ def run(runner: StageContext, report: StageReport) -> None:
     sampling = sample_sampling(runner)
     model = sample_model(runner)
     keys = {p.key: sample_key(runner, p) for p in runner.prompts}
-    start = time.perf_counter()
 
     def call(chunk, progress):
         records = []
@@ -148,7 +146,6 @@ def run(runner: StageContext, report: StageReport) -> None:
         report=report,
         label="sample",
     )
-    report.seconds = time.perf_counter() - start
     done = {}
     for p in runner.prompts:
         record = records.get(keys[p.key])

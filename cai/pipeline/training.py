@@ -24,7 +24,6 @@ import hashlib
 import json
 import logging
 import shutil
-import time
 from dataclasses import asdict
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -112,7 +111,6 @@ def run_train(runner: StageContext, kind: str, report: StageReport) -> Path:
     folder. Raises PipelineError when the data it needs was not exported."""
     from cai.train import RESULT_FILE
 
-    start = time.perf_counter()
     data, out = data_dir(runner, kind), output_dir(runner, kind)
     if not (data / "data.jsonl").is_file():
         what = "SFT data" if kind == "train_sft" else "preference pairs"
@@ -137,7 +135,6 @@ def run_train(runner: StageContext, kind: str, report: StageReport) -> Path:
     if marker.is_file() and (out / RESULT_FILE).is_file():
         if json.loads(marker.read_text(encoding="utf-8")).get("revision") == wanted:
             report.done_before = 1
-            report.seconds = time.perf_counter() - start
             return out
         log.warning(
             "%s: the data or settings changed since %s was trained; training anew", kind, out
@@ -154,7 +151,6 @@ def run_train(runner: StageContext, kind: str, report: StageReport) -> Path:
     )
     report.records = 1
     report.requests = result.global_step
-    report.seconds = time.perf_counter() - start
     return out
 
 
