@@ -55,6 +55,7 @@ from itertools import islice
 from pathlib import Path
 from typing import Any, Literal
 
+from cai.engine.base import ROLES
 from cai.resources import resolve, shipped_names
 
 log = logging.getLogger(__name__)
@@ -64,7 +65,6 @@ FORMATS = ("jsonl", "json", "parquet", "datasets", "hub")
 PROMPT_FIELDS = ("prompt", "instruction", "question", "text")
 """Fields read as the prompt string, in this order of preference."""
 HH_MODES = ("first_turn", "full_context")
-ROLES = ("system", "user", "assistant")
 KEY_HEX_CHARS = 16
 """Length of a content-hash key: 64 bits, ample for any data set we will see."""
 

@@ -44,6 +44,7 @@ from typing import Any, Literal
 
 from cai.constitution import Constitution, Principle, load_constitution
 from cai.engine import Engine, OptionScores, Sampling, create_engine
+from cai.engine.base import ROLES
 from cai.keys import record_key, seed_for
 from cai.prompts import JUDGE_ANSWER_PREFIX, cot_answer_prefix, load_template
 
@@ -162,7 +163,7 @@ def _check_pair(pair: Any, index: int) -> tuple[list[dict], str, str, str | None
         for j, m in enumerate(messages):
             if (
                 not isinstance(m, dict)
-                or m.get("role") not in ("system", "user", "assistant")
+                or m.get("role") not in ROLES
                 or not isinstance(m.get("content"), str)
             ):
                 raise ValueError(
