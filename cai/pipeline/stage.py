@@ -35,6 +35,8 @@ class PipelineError(Exception):
 
 @dataclass
 class RunResult:
+    """What a run did and produced: the summary table and the exit status read it."""
+
     stages: list[StageReport] = field(default_factory=list)
     exported: Path | None = None
     exported_preferences: Path | None = None
@@ -88,7 +90,9 @@ class Stage:
     doc: str
     """One line: what the stage makes (the recipe field's documentation)."""
     options: Any
-    """The options type: a dataclass (``{}`` in the recipe gives its defaults)."""
+    """The options type: a dataclass (``{}`` in the recipe gives its defaults), or
+    ``dict[str, Any]`` for options another config class types (a trainer's, the evaluation's),
+    which ``check_options`` then builds once to check them with the recipe's lines."""
     run: Callable[[StageContext, StageReport], None]
     """Does the work; counts into the report; leaves what later stages read in
     ``runner.outputs[name]`` and what the run produced in ``runner.result``."""
