@@ -11,7 +11,7 @@ batch to a worker and yields the results as they come back; no stage changes.
 
     records = run_records(store, "generate", prompts, key=lambda p: keys[p.key],
                           call=lambda batch, progress: [...one record per item...],
-                          batch_size=512, label="generate", report=report)
+                          batch_size=512, label="generate", tally=tally)
 """
 
 from __future__ import annotations
@@ -30,7 +30,7 @@ BatchCall = Callable[[Sequence[T], str | bool], Sequence[dict]]
 
 
 @dataclass
-class StageReport:
+class StageTally:
     """What one stage did in this invocation."""
 
     name: str
@@ -82,7 +82,7 @@ def run_records(
     *,
     key: Callable[[T], str],
     call: BatchCall,
-    report: StageReport | None = None,
+    tally: StageTally | None = None,
     shard: Shard | None = None,
     batch_size: int | None = None,
     label: str | bool = False,
@@ -93,13 +93,13 @@ def run_records(
     else the latest error) for every item that has one.
 
     Items sharing a key are asked once. ``batch_size`` None sends all the work as one batch.
-    ``report`` counts records, errors, skipped records (a truthy ``skipped``), engine requests
+    ``tally`` counts records, errors, skipped records (a truthy ``skipped``), engine requests
     (``requests(record)`` each) and ``usage`` tokens.
     """
     with store.writer(stage, shard) as writer:
         todo = list({key(item): item for item in items if key(item) not in writer}.values())
-        if report is not None:
-            report.done_before += len({key(item) for item in items}) - len(todo)
+        if tally is not None:
+            tally.done_before += len({key(item) for item in items}) - len(todo)
         size = batch_size or max(len(todo), 1)
         batches = []
         for n, batch in enumerate(chunks(todo, size)):
@@ -108,12 +108,12 @@ def run_records(
         for _, records in (executor or InProcess()).map(call, batches):
             for record in records:
                 writer.write(record)
-                if report is not None:
-                    report.records += 1
-                    report.requests += requests(record)
-                    report.errors += record.get("error") is not None
-                    report.skipped += bool(record.get("skipped"))
-                    report.add_usage(record.get("usage") or {})
+                if tally is not None:
+                    tally.records += 1
+                    tally.requests += requests(record)
+                    tally.errors += record.get("error") is not None
+                    tally.skipped += bool(record.get("skipped"))
+                    tally.add_usage(record.get("usage") or {})
             writer.flush()
     stored = store.read_stage(stage, shard)
     return {key(item): stored[key(item)] for item in items if key(item) in stored}

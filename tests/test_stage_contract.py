@@ -35,7 +35,7 @@ def summary_key(runner, prompt_key: str, response: dict) -> str:
     )
 
 
-def run(runner, report) -> None:
+def run(runner, tally) -> None:
     from cai.engine import Sampling
 
     options = runner.recipe.stages.summarize
@@ -65,7 +65,7 @@ def run(runner, report) -> None:
         items,
         key=lambda item: summary_key(runner, *item),
         call=call,
-        report=report,
+        tally=tally,
         label="summarize",
     )
 

@@ -26,7 +26,7 @@ from cai.pipeline.stage import LazyEngine, Stage, StageContext, stage_records
 from cai.prompts import load_template
 
 if TYPE_CHECKING:
-    from cai.records import StageReport
+    from cai.records import StageTally
 
 
 @dataclass
@@ -60,7 +60,7 @@ def prepare(runner: StageContext) -> Constitution:
     return constitution
 
 
-def run(runner: StageContext, report: StageReport) -> None:
+def run(runner: StageContext, tally: StageTally) -> None:
     """Critique→revision rounds; ``runner.outputs["critique_revise"]``: prompt key → its round
     records, in order (complete chains only). Then the exports, unless this is a shard."""
     stage = runner.recipe.stages.critique_revise
@@ -114,7 +114,7 @@ def run(runner: StageContext, report: StageReport) -> None:
             items,
             key=lambda it: it[1].key,
             call=call,
-            report=report,
+            tally=tally,
             label=f"round {r}/{stage.rounds}",
             requests=lambda rec: 1 + (rec["error"] is None or rec["error"].startswith("revision")),
         )

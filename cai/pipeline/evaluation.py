@@ -24,7 +24,7 @@ from cai.pipeline.stage import Stage, StageContext, stage_config
 
 if TYPE_CHECKING:
     from cai.eval_config import EvalConfig
-    from cai.records import StageReport
+    from cai.records import StageTally
 
 _MODELS = (("train_sft", "sft"), ("train_dpo", "dpo"))
 
@@ -83,7 +83,7 @@ def eval_config(runner: StageContext) -> EvalConfig:
     return _config(options, filled, "<recipe>")
 
 
-def run(runner: StageContext, report: StageReport) -> None:
+def run(runner: StageContext, tally: StageTally) -> None:
     """Evaluate the run's models into ``<run>/eval/results.json``."""
     from cai.evaluate import run_eval
 
@@ -102,8 +102,8 @@ def run(runner: StageContext, report: StageReport) -> None:
         store=runner.store,
         executor=runner.executor,
     )
-    report.records = sum(results["sets"].values()) * len(results["models"])
-    report.errors = sum(m["errors"] for m in results["metrics"].values())
+    tally.records = sum(results["sets"].values()) * len(results["models"])
+    tally.errors = sum(m["errors"] for m in results["metrics"].values())
     runner.result.evaluation = eval_dir(runner) / "results.json"
 
 

@@ -19,7 +19,7 @@ from cai.keys import record_key
 from cai.pipeline.stage import Stage, StageContext, generate_seeded, stage_records, usage
 
 if TYPE_CHECKING:
-    from cai.records import StageReport
+    from cai.records import StageTally
 
 
 @dataclass
@@ -43,7 +43,7 @@ def generate_key(runner: StageContext, prompt: PromptRecord) -> str:
     )
 
 
-def run(runner: StageContext, report: StageReport) -> None:
+def run(runner: StageContext, tally: StageTally) -> None:
     """Initial responses; leaves prompt key → generate record (done ones only) in
     ``runner.outputs["generate"]``."""
     base = sampling(runner)
@@ -74,7 +74,7 @@ def run(runner: StageContext, report: StageReport) -> None:
         runner.prompts,
         key=lambda p: keys[p.key],
         call=call,
-        report=report,
+        tally=tally,
         label="generate",
     )
     runner.outputs["generate"] = {

@@ -37,7 +37,7 @@ from cai.pipeline.sample import pending, sample_model
 from cai.pipeline.stage import LazyEngine, PipelineError, Stage, StageContext, stage_records
 
 if TYPE_CHECKING:
-    from cai.records import StageReport
+    from cai.records import StageTally
 
 
 @dataclass
@@ -163,7 +163,7 @@ def pair_items(
     return out
 
 
-def run(runner: StageContext, report: StageReport) -> None:
+def run(runner: StageContext, tally: StageTally) -> None:
     """Judge every pair of each prompt's distinct samples, then export the preferences (unless
     this is a shard); ``runner.outputs["judge"]``: prompt key → its pair records (the latest for
     each pair: done, or an error), in pair order."""
@@ -203,7 +203,7 @@ def run(runner: StageContext, report: StageReport) -> None:
         ],
         key=lambda item: item[1],
         call=call,
-        report=report,
+        tally=tally,
         label="judge",
         requests=lambda record: per_pair,
     )

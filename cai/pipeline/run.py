@@ -29,7 +29,7 @@ from cai.engine import Engine, create_engine
 from cai.keys import in_shard
 from cai.pipeline.recipe import Recipe
 from cai.pipeline.stage import PipelineError, RunResult, Stage
-from cai.records import Executor, InProcess, StageReport
+from cai.records import Executor, InProcess, StageTally
 from cai.store import RunStore
 
 # Recipe keys that select which records to make, not what a record contains: left out of the
@@ -175,21 +175,21 @@ class Runner:
             self.release_engines(
                 {m for later in self.stages[n:] for m in later.models(self).values()}
             )
-            report = StageReport(stage.name)
-            result.stages.append(report)
+            tally = StageTally(stage.name)
+            result.stages.append(tally)
             start = time.perf_counter()
-            stage.run(self, report)
-            report.seconds = time.perf_counter() - start
+            stage.run(self, tally)
+            tally.seconds = time.perf_counter() - start
             self._write_manifest()
         if self.shard is None and self._ends_with_report():
             from cai.report import write_report  # matplotlib: only when a report is written
 
             result.report = write_report(self.run_dir)
-        for report in result.stages:
-            if report.records and report.error_rate > self.recipe.max_error_rate:
+        for tally in result.stages:
+            if tally.records and tally.error_rate > self.recipe.max_error_rate:
                 result.failed.append(
-                    f"{report.name}: {report.errors} of {report.records} records failed "
-                    f"({report.error_rate:.0%} > max_error_rate {self.recipe.max_error_rate:.0%})"
+                    f"{tally.name}: {tally.errors} of {tally.records} records failed "
+                    f"({tally.error_rate:.0%} > max_error_rate {self.recipe.max_error_rate:.0%})"
                 )
         return result
 

@@ -34,7 +34,7 @@ from cai.pipeline.stage import (
 )
 
 if TYPE_CHECKING:
-    from cai.records import StageReport
+    from cai.records import StageTally
 
 
 @dataclass
@@ -97,7 +97,7 @@ def distinct_responses(texts: Sequence[str]) -> tuple[list[str], int, int]:
     return out, duplicates, empty
 
 
-def run(runner: StageContext, report: StageReport) -> None:
+def run(runner: StageContext, tally: StageTally) -> None:
     """K responses per prompt; ``runner.outputs["sample"]``: prompt key → sample record with
     >= 2 responses."""
     recipe = runner.recipe
@@ -143,7 +143,7 @@ def run(runner: StageContext, report: StageReport) -> None:
         runner.prompts,
         key=lambda p: keys[p.key],
         call=call,
-        report=report,
+        tally=tally,
         label="sample",
     )
     done = {}

@@ -23,7 +23,7 @@ from cai.records import run_records
 if TYPE_CHECKING:
     from cai.data import PromptRecord
     from cai.keys import Shard
-    from cai.records import BatchCall, Executor, StageReport
+    from cai.records import BatchCall, Executor, StageTally
     from cai.store import RunStore
 
 T = TypeVar("T")
@@ -37,7 +37,7 @@ class PipelineError(Exception):
 class RunResult:
     """What a run did and produced: the summary table and the exit status read it."""
 
-    stages: list[StageReport] = field(default_factory=list)
+    stages: list[StageTally] = field(default_factory=list)
     exported: Path | None = None
     exported_preferences: Path | None = None
     exported_revision_pairs: Path | None = None
@@ -93,8 +93,8 @@ class Stage:
     """The options type: a dataclass (``{}`` in the recipe gives its defaults), or
     ``dict[str, Any]`` for options another config class types (a trainer's, the evaluation's),
     which ``check_options`` then builds once to check them with the recipe's lines."""
-    run: Callable[[StageContext, StageReport], None]
-    """Does the work; counts into the report; leaves what later stages read in
+    run: Callable[[StageContext, StageTally], None]
+    """Does the work; counts into the tally; leaves what later stages read in
     ``runner.outputs[name]`` and what the run produced in ``runner.result``."""
     plan: Callable[[StageContext], list[str]]
     """The ``--dry-run`` lines: requests left, records done, where outputs go."""
@@ -158,7 +158,7 @@ def stage_records(
     *,
     key: Callable[[T], str],
     call: BatchCall,
-    report: StageReport,
+    tally: StageTally,
     label: str,
     requests: Callable[[dict], int] = lambda record: 1,
 ) -> dict[str, dict]:
@@ -170,7 +170,7 @@ def stage_records(
         items,
         key=key,
         call=call,
-        report=report,
+        tally=tally,
         shard=runner.shard,
         batch_size=runner.recipe.chunk_size,
         label=label,

@@ -32,7 +32,7 @@ from cai.keys import MARKER, revision
 from cai.pipeline.stage import PipelineError, Stage, StageContext, stage_config
 
 if TYPE_CHECKING:
-    from cai.records import StageReport
+    from cai.records import StageTally
     from cai.train import TrainConfig, TrainResult
 
 log = logging.getLogger(__name__)
@@ -106,7 +106,7 @@ def _fingerprint(path: Path) -> str:
     return digest.hexdigest()[:24]
 
 
-def run_train(runner: StageContext, kind: str, report: StageReport) -> Path:
+def run_train(runner: StageContext, kind: str, tally: StageTally) -> Path:
     """Train stage ``kind`` unless an identical training already finished; returns the model
     folder. Raises PipelineError when the data it needs was not exported."""
     from cai.train import RESULT_FILE
@@ -134,7 +134,7 @@ def run_train(runner: StageContext, kind: str, report: StageReport) -> Path:
     marker = out / MARKER
     if marker.is_file() and (out / RESULT_FILE).is_file():
         if json.loads(marker.read_text(encoding="utf-8")).get("revision") == wanted:
-            report.done_before = 1
+            tally.done_before = 1
             return out
         log.warning(
             "%s: the data or settings changed since %s was trained; training anew", kind, out
@@ -149,8 +149,8 @@ def run_train(runner: StageContext, kind: str, report: StageReport) -> Path:
     marker.write_text(
         json.dumps({"revision": wanted, **settings}, indent=2) + "\n", encoding="utf-8"
     )
-    report.records = 1
-    report.requests = result.global_step
+    tally.records = 1
+    tally.requests = result.global_step
     return out
 
 
@@ -181,8 +181,8 @@ def plan(runner: StageContext, kind: str) -> list[str]:
 
 
 def _stage(kind: str, doc: str, needs: str, needs_message: str) -> Stage:
-    def run(runner: StageContext, report: StageReport) -> None:
-        runner.result.models[kind] = run_train(runner, kind, report)
+    def run(runner: StageContext, tally: StageTally) -> None:
+        runner.result.models[kind] = run_train(runner, kind, tally)
 
     return Stage(
         name=kind,
