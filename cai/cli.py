@@ -36,8 +36,9 @@ from cai.constitution import (
     from_huggingface,
     load_constitution,
 )
-from cai.data import DataError
+from cai.data import DataError, check_limit
 from cai.engine import BACKENDS
+from cai.exit_codes import SYSTEM, os_error_line
 from cai.judge import GenerativeJudge, Judge
 from cai.judge_agreement import agreement
 from cai.pairs import load_pairs
@@ -57,7 +58,8 @@ def _constitution_check(args: argparse.Namespace) -> int:
         try:
             c = load_constitution(file)
         except (ConfigError, FileNotFoundError) as e:
-            print(f"error: {e}", file=sys.stderr)
+            for problem in str(e).splitlines():
+                print(f"error: {problem}", file=sys.stderr)
             failed = True
         else:
             print(f"ok: {_summary(c)}")
@@ -207,6 +209,7 @@ def _judge_table(result: dict) -> str:
 
 def _judge_eval(args: argparse.Namespace) -> int:
     try:
+        check_limit(args.limit, "--limit")
         pairs = load_pairs(args.data, limit=args.limit)
         judge = Judge(
             args.model,
@@ -332,6 +335,7 @@ def _eval(args: argparse.Namespace) -> int:
     from cai.evaluate import run_eval, summary_line, table
 
     try:
+        check_limit(args.limit, "--limit")
         data = load_yaml(args.config) if args.config else {}
         if not isinstance(data, dict):
             raise ConfigError(f"{args.config}: an eval config is a mapping (models, sets, ...)")
@@ -425,7 +429,11 @@ def main(argv: list[str] | None = None) -> int:
     """Run ``cai`` with ``argv`` (default: the command line); returns the exit code."""
     parser = build_parser()
     args = parser.parse_args(argv)
-    return args.run(args)
+    try:
+        return args.run(args)
+    except OSError as e:  # a full disk, a denied permission, a refused connection: not the input
+        print(os_error_line(e), file=sys.stderr)
+        return SYSTEM
 
 
 if __name__ == "__main__":

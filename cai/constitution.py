@@ -219,7 +219,8 @@ class Constitution:
 def load_constitution(name_or_path: str | Path) -> Constitution:
     """Load and check a constitution: a path, or the name of a shipped one (``harmless``).
 
-    Raises ConfigError naming the file, line and field of the first problem, and
+    Raises ConfigError naming the file, line and field of each problem (one per line; types and
+    keys are checked first, the first such problem alone), and
     FileNotFoundError listing the shipped names when nothing is found.
     """
     path = resolve("constitutions", name_or_path)
@@ -228,12 +229,14 @@ def load_constitution(name_or_path: str | Path) -> Constitution:
 
 def _build(data: Any, source: str) -> Constitution:
     constitution = from_data(Constitution, data, source=source)
-    problem = next(_problems(constitution), None)
-    if problem is not None:
-        path, message = problem
+    # Every problem at once, one per line: fixing a file should not take a run per mistake.
+    problems = []
+    for path, message in _problems(constitution):
         line = _line(data, path)
         loc = f"{source}:{line}" if line else source
-        raise ConfigError(f"{loc}: {_where(path)}: {message}")
+        problems.append(f"{loc}: {_where(path)}: {message}")
+    if problems:
+        raise ConfigError("\n".join(problems))
     return constitution
 
 

@@ -166,14 +166,21 @@ def load_prompts(
     return _nonempty(records, dropped, source)
 
 
+def check_limit(limit: Any, name: str = "limit") -> None:
+    """Raise ValueError unless ``limit`` is None or an integer >= 1: every ``--limit`` and
+    ``limit=`` goes through here, since ``records[:limit]`` would read 0 as "none" (or, behind
+    ``if limit``, as "all") and -1 as "all but the last"."""
+    if limit is not None and (isinstance(limit, bool) or not isinstance(limit, int) or limit < 1):
+        raise ValueError(f"{name} must be >= 1 (got {limit!r})")
+
+
 def _open(
     source: str | Path, format: str | None, split: str, limit: int | None, duplicates: str
 ) -> Iterator[tuple[str, Any]]:
     """Rows of the source as (where, row), located eagerly so a missing source raises here."""
     if format is not None and format not in FORMATS:
         raise ValueError(f"format={format!r}; expected one of {FORMATS}")
-    if limit is not None and (isinstance(limit, bool) or not isinstance(limit, int) or limit < 1):
-        raise ValueError(f"limit={limit!r}; expected a positive int or None")
+    check_limit(limit)
     if duplicates not in ("error", "drop"):
         raise ValueError(f"duplicates={duplicates!r}; expected 'error' or 'drop'")
     kind, location = _locate(source, format)
@@ -478,7 +485,30 @@ def _from_hh(text: str, where: str, field: str, hh_mode: str) -> tuple[list[dict
 def _as_object(row: Any, where: str) -> dict:
     if not isinstance(row, dict):
         raise DataError(f"{where}: expected a JSON object (one record), found {_kind(row)}")
+    _check_text(row, where, "")
     return row
+
+
+def _check_text(value: Any, where: str, field: str) -> None:
+    """Refuse a lone surrogate (half of a UTF-16 pair, which a JSON escape such as \\ud800 can
+    write) anywhere in a record: it has no UTF-8 form, so no tokenizer, jsonl file or Arrow
+    column takes it, and one such prompt would fail every run after the model loads."""
+    if isinstance(value, str):
+        if not value.isascii():
+            try:
+                value.encode("utf-8")
+            except UnicodeEncodeError as e:
+                raise DataError(
+                    f"{where}: {field}: a lone surrogate {value[e.start]!r} at character "
+                    f"{e.start} is not text (often a \\u escape cut from its pair); fix or remove it"
+                ) from None
+    elif isinstance(value, dict):
+        for key, item in value.items():
+            _check_text(key, where, f"a key of {field or 'the record'}")
+            _check_text(item, where, f"{field}.{key}" if field else str(key))
+    elif isinstance(value, list):
+        for index, item in enumerate(value):
+            _check_text(item, where, f"{field}[{index}]")
 
 
 def _required(row: dict, name: str, where: str) -> Any:

@@ -8,6 +8,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from cai.config import doc
+from cai.engine.base import Sampling
 
 if TYPE_CHECKING:
     from cai.data import PromptRecord
@@ -84,10 +85,7 @@ class EvalConfig:
             raise ValueError(f"sets: unknown kind(s) {unknown}; known: {', '.join(KINDS)}")
         if not self.sets:
             raise ValueError(f"sets must name at least one of {', '.join(KINDS)}")
-        if self.max_tokens < 1:
-            raise ValueError(f"max_tokens must be >= 1 (got {self.max_tokens})")
-        if not 0 <= self.temperature <= 100:
-            raise ValueError(f"temperature must be between 0 and 100 (got {self.temperature})")
+        Sampling(max_tokens=self.max_tokens, temperature=self.temperature).validate()
         for name in ("tie_margin", "grade_margin"):
             if not 0 <= getattr(self, name) < 0.5:
                 raise ValueError(f"{name} must be in [0, 0.5) (got {getattr(self, name)})")
@@ -106,8 +104,9 @@ def load_sets(
 ) -> tuple[dict[str, list[PromptRecord]], int]:
     """Each set's prompts (``skip``/``limit`` applied, capped at ``limit``), without those whose
     key is in ``exclude`` (training prompts); returns (sets, how many were excluded)."""
-    from cai.data import load_prompts
+    from cai.data import check_limit, load_prompts
 
+    check_limit(limit)
     sets: dict[str, list[PromptRecord]] = {}
     excluded = 0
     for kind, spec in config.sets.items():
@@ -121,5 +120,5 @@ def load_sets(
                 f"{len(records) - len(kept)} held back as training prompts); "
                 "point it at other records"
             )
-        sets[kind] = kept[:limit] if limit else kept
+        sets[kind] = kept[:limit]
     return sets, excluded

@@ -49,7 +49,7 @@ from typing import TYPE_CHECKING, Any
 from cai.eval_config import EvalConfig, load_sets
 from cai.grading import GRADERS, Grader, flagged_probability, grade_conversations
 from cai.jsonl import write_atomic
-from cai.keys import record_key, revision_key, seed_for
+from cai.keys import model_key, record_key, seed_for
 from cai.records import Executor, run_records
 from cai.stats import (
     distinct_n,
@@ -210,15 +210,11 @@ def _generate(config, sets, store, engines, progress, executor) -> dict[tuple[st
     sampling = Sampling(max_tokens=config.max_tokens, temperature=config.temperature)
     keys: dict[tuple[str, str, str], str] = {}
     for name, spec in config.models.items():
-        revision = revision_key(spec)
+        model = model_key("model", spec)
         for kind, prompts in sets.items():
             for p in prompts:
                 keys[name, kind, p.key] = record_key(
-                    stage="eval_generate",
-                    input=p.key,
-                    model=spec,
-                    sampling=sampling.to_dict(),
-                    **revision,
+                    stage="eval_generate", input=p.key, sampling=sampling.to_dict(), **model
                 )
     for name, spec in config.models.items():
 
@@ -276,7 +272,7 @@ def _grade(
 
     template = load_template("grade")
     judge = config.judge_spec
-    revision = revision_key(judge)
+    judge_key = model_key("judge", judge)
     jobs: list[tuple[str, Grader, dict, str]] = []
     for metric, grader in GRADERS.items():
         if grader.kind not in sets:
@@ -290,8 +286,7 @@ def _grade(
                         generation=generation["key"],
                         grader=asdict(grader),
                         template=template.source,
-                        judge=judge,
-                        **revision,
+                        **judge_key,
                     )
                     jobs.append((metric, grader, generation, key))
 
@@ -348,7 +343,7 @@ def _compare(
 
     base = config.baseline_name
     judge_spec = config.judge_spec
-    revision = revision_key(judge_spec)
+    judge_key = model_key("judge", judge_spec)
     jobs: list[tuple[str, dict, dict, str]] = []
     for name in config.models:
         if name == base:
@@ -364,11 +359,10 @@ def _compare(
                         stage="eval_compare",
                         model=mine["key"],
                         baseline=theirs["key"],
-                        judge=judge_spec,
                         constitution=config.constitution,
                         few_shot=config.few_shot,
                         seed=config.seed,
-                        **revision,
+                        **judge_key,
                     )
                     jobs.append((name, mine, theirs, key))
 
@@ -419,12 +413,10 @@ def _rewards(config, generations, store, executor) -> dict[str, float]:
     reward is a record of the stage ``eval_reward``, so a re-run scores nothing twice)."""
 
     spec = config.reward_model
-    revision = revision_key(spec)
+    reward_model = model_key("reward_model", spec)
     done = [(n, g) for (n, _, _), g in generations.items() if _ok(g)]
     keys = {
-        g["key"]: record_key(
-            stage="eval_reward", generation=g["key"], reward_model=spec, **revision
-        )
+        g["key"]: record_key(stage="eval_reward", generation=g["key"], **reward_model)
         for _, g in done
     }
 

@@ -40,10 +40,19 @@ def write_atomic(path: Path, write: Callable[[IO[bytes]], None]) -> None:
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as e:
         os.unlink(tmp)
+        if isinstance(e, OSError):
+            name_file(e, path)
         raise
     fsync_dir(path.parent)
+
+
+def name_file(e: OSError, path: Path) -> None:
+    """Name ``path`` in an error that names no file (a write to a full disk does not), so that
+    the line the commands print says where."""
+    if e.filename is None and e.strerror is not None:
+        e.filename = str(path)
 
 
 def encode_line(record: dict[str, Any]) -> bytes:

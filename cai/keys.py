@@ -20,7 +20,8 @@ Shard = tuple[int, int]
 """``(k, n)``: shard ``k`` of ``n``, 1-based as users write it (``--shard 1/4``)."""
 
 MARKER = "cai_pipeline.json"
-"""The file in a pipeline-trained model folder that holds its revision (config and data hash)."""
+"""The file in a pipeline-trained model folder that holds its revision (a hash of its config, data
+and starting model) and the settings it was trained with."""
 
 
 def jsonable(obj: Any) -> Any:
@@ -67,21 +68,28 @@ def seed_for(key: str, base_seed: int = 0) -> int:
     return int.from_bytes(digest[:8], "big") >> 1
 
 
+def _marker(model: str) -> dict[str, Any] | None:
+    path = Path(model) / MARKER
+    return json.loads(path.read_text(encoding="utf-8")) if path.is_file() else None
+
+
 def revision(model: str) -> str | None:
-    """A pipeline-trained model folder's marker hash (config and data), else None: record keys
-    of stages that use the model include it, so a retrained model never reuses old records."""
-    marker = Path(model) / MARKER
-    if not marker.is_file():
-        return None
-    return json.loads(marker.read_text(encoding="utf-8"))["revision"]
+    """A pipeline-trained model folder's revision (a hash of its config, data and starting
+    model), else None."""
+    marker = _marker(model)
+    return None if marker is None else marker["revision"]
 
 
-def revision_key(model: str) -> dict[str, str]:
-    """``{"model_revision": ...}`` for a model the pipeline trained, else ``{}``: record keys
-    spread it in, so retraining a model makes new records while keys of runs that train nothing
-    stay as they were."""
-    value = revision(model)
-    return {} if value is None else {"model_revision": value}
+def model_key(field: str, model: str) -> dict[str, str]:
+    """The record-key parts that name ``model`` under ``field``: ``{field: model}``, or for a
+    model the pipeline trained what its marker says, written once when it was trained: the
+    folder it was trained into and its revision. A retrained model thus gets new records, while
+    a moved or copied run directory finds its own (the folder's path now is never used), and
+    the keys of runs that never moved are the ones they always had."""
+    marker = _marker(model)
+    if marker is None:
+        return {field: model}
+    return {field: marker["config"]["output_dir"], "model_revision": marker["revision"]}
 
 
 def shard_of(key: str, n: int) -> int:

@@ -20,7 +20,8 @@ Crash safety rests on three rules:
   :class:`RunStoreError` naming the file and line instead of being skipped.
 - One process per stage file, enforced with ``fcntl.flock``; machines sharing a filesystem each
   write their own shard file, merged afterwards by :meth:`RunStore.merge_shards` or
-  :func:`cai.merge.merge_runs`.
+  :func:`cai.merge.merge_runs`. A pipeline run also holds :meth:`RunStore.lock` (one per shard)
+  from its start, so a second one on the same directory is refused before it loads a model.
 
 Typical use by a stage::
 
@@ -37,6 +38,7 @@ Typical use by a stage::
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import fcntl
 import hashlib
@@ -45,11 +47,13 @@ import logging
 import os
 import re
 import time
+from collections.abc import Iterator
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import IO, Any
 
-from cai.jsonl import encode_line, fsync_dir, write_atomic
+from cai.config import changed_fields
+from cai.jsonl import encode_line, fsync_dir, name_file, write_atomic
 from cai.keys import Shard, canonical, check_shard, in_shard, jsonable, shard_of
 
 log = logging.getLogger(__name__)
@@ -113,6 +117,13 @@ def _scan(path: Path, *, keep_records: bool = True) -> _Scan:
             try:
                 record = json.loads(raw)
             except ValueError as e:
+                if b"\0" not in raw:  # a crash leaves no newline, or zeros (a lost block)
+                    raise RunStoreError(
+                        f"{path}:{lineno}: invalid record ({e}). The line ends with its newline, "
+                        "so it was written whole: this is corruption, not a crash mid-write. "
+                        "Delete that line (its record is regenerated on the next run), or delete "
+                        "the file to redo the stage."
+                    ) from None
                 bad = (lineno, start, str(e))
                 continue
             if not isinstance(record, dict) or not isinstance(record.get("key"), str):
@@ -284,9 +295,13 @@ class StageWriter:
         if self._buffer:
             data = memoryview(b"".join(self._buffer))
             self._buffer.clear()
-            while data:
-                data = data[os.write(self._fd, data) :]
-            os.fsync(self._fd)
+            try:
+                while data:
+                    data = data[os.write(self._fd, data) :]
+                os.fsync(self._fd)
+            except OSError as e:
+                name_file(e, self.path)
+                raise
         self._last_flush = time.monotonic()
 
     def close(self) -> None:
@@ -346,23 +361,18 @@ class RunStore:
         """Check that ``config`` may resume this run; return the existing manifest (None if new).
 
         Raises:
-            RunStoreError: the manifest was written for a different config; names the top-level
-                keys that differ.
+            RunStoreError: the manifest was written for a different config; names each changed
+                field with its old and new value.
         """
         manifest = self.read_manifest()
         if manifest is None or manifest["config_hash"] == config_hash(config):
             return manifest
-        old = manifest.get("config", {})
-        changed = [
-            key
-            for key in sorted(set(old) | set(config))
-            if key not in old or key not in config or canonical(old[key]) != canonical(config[key])
-        ]
-        lines = [f"  {key}: {_show(old, key)} -> {_show(config, key)}" for key in changed]
+        changed = changed_fields(manifest.get("config", {}), config)
         raise RunStoreError(
-            f"{self.manifest_path} was written for a different config; differing keys: "
-            f"{', '.join(changed) or '(none at the top level)'}\n" + "\n".join(lines) + "\n"
-            "Use a new --run-dir for the new config, or --force to reuse this one "
+            f"{self.manifest_path} was written for a different config; changed fields: "
+            f"{', '.join(field for field, _, _ in changed) or '(none)'}\n"
+            + "".join(f"  {field}: {old} -> {new}\n" for field, old, new in changed)
+            + "Use a new --run-dir for the new config, or --force to reuse this one "
             "(records whose keys still match are kept; the rest are regenerated)."
         )
 
@@ -396,6 +406,24 @@ class RunStore:
     def _write_manifest(self, manifest: dict[str, Any]) -> None:
         text = json.dumps(manifest, indent=2, ensure_ascii=False, default=jsonable) + "\n"
         write_atomic(self.manifest_path, lambda f: f.write(text.encode()))
+
+    @contextlib.contextmanager
+    def lock(self, shard: Shard | None = None) -> Iterator[None]:
+        """Hold the run directory (one lock per shard, whose processes share it by design) for
+        a whole run, so that a second process is refused before it loads a model or writes."""
+        name = ".lock" if shard is None else ".lock.shard-{}-of-{}".format(*check_shard(shard))
+        try:
+            fd = _open_locked(self.run_dir / name)
+        except RunStoreError:
+            which = "" if shard is None else f" for shard {shard[0]}/{shard[1]}"
+            raise RunStoreError(
+                f"{self.run_dir} is in use{which} by another process running this recipe. "
+                "Wait for it to finish, or give this run its own --run-dir."
+            ) from None
+        try:
+            yield
+        finally:
+            os.close(fd)  # releases the flock
 
     # -- stages
 
@@ -482,13 +510,6 @@ class RunStore:
             counts["total_tokens"] = counts["prompt_tokens"] + counts["completion_tokens"]
             out[path.name.removesuffix(".jsonl")] = counts
         return out
-
-
-def _show(config: dict[str, Any], key: str) -> str:
-    if key not in config:
-        return "(absent)"
-    text = canonical(config[key]).decode()
-    return text if len(text) <= 80 else text[:77] + "..."
 
 
 def _shard_files(stages_dir: Path, stage: str) -> dict[Shard, Path]:

@@ -9,10 +9,12 @@ from collections import Counter
 from pathlib import Path
 
 import pytest
+from test_config import alias_bomb
 
 from cai.cli import main
 from cai.config import ConfigError
 from cai.constitution import (
+    _SLUG_RULE,
     Constitution,
     CritiqueExample,
     JudgeExample,
@@ -460,3 +462,31 @@ def test_cli_convert(tmp_path, capsys):
         main(["constitution", "convert", "-o", str(out)])
     assert main(["constitution", "convert", "--huggingface", str(hf), "-o", str(tmp_path)]) == 1
     assert str(tmp_path) in capsys.readouterr().err
+
+
+def test_cli_check_refuses_an_alias_bomb_quickly(tmp_path, capsys):
+    # Issue 15: nested anchors as the description ran for minutes, then printed the expansion.
+    # The anchors as the items of the description, l5 on line 8: "  - &l5 [*l4, ...]".
+    bomb = "".join(f"  - {line.split(': ', 1)[1]}\n" for line in alias_bomb(9).splitlines())
+    text = TINY.replace("description: A tiny constitution.\n", f"description:\n{bomb}")
+    path = _write(tmp_path, text, "bomb.yaml")
+    assert main(["constitution", "check", str(path)]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith(f"error: {path}:8: aliases"), err
+    assert len(err) < 400, err
+
+
+def test_cli_check_reports_every_problem_of_a_file(tmp_path, capsys):
+    # Issue 15: one problem per run, so fixing a file took as many runs as it had mistakes.
+    edits = {1: "name: ' '", 11: "    weight: 0", 12: "  - id: Kind", 22: "    critique: ' '"}
+    bad = _write(tmp_path, _edit(TINY, edits), "bad.yaml")
+    assert main(["constitution", "check", str(bad)]) == 1
+    assert capsys.readouterr().err.splitlines() == [
+        f"error: {bad}:1: name: must not be empty",
+        f"error: {bad}:11: principles[0].weight: must be a number > 0, got 0.0",
+        f"error: {bad}:12: principles[1].id: 'Kind' is not a slug ({_SLUG_RULE})",
+        f"error: {bad}:22: critique_examples[0].critique: must not be empty",
+    ]
+    with pytest.raises(ConfigError) as info:
+        load_constitution(bad)
+    assert str(info.value).count(f"{bad}:") == 4

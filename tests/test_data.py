@@ -385,6 +385,46 @@ def test_non_utf8_line_is_named(tmp_path):
         load_prompts(path)
 
 
+# A lone surrogate (half of a UTF-16 pair) is valid JSON but not text: no tokenizer and no UTF-8
+# writer can take it. Issue 15: one such prompt crashed every run after the model loaded.
+LONE_SURROGATE = r'"lone surrogate \ud800 here"'
+
+
+@pytest.mark.parametrize(
+    ("row", "field"),
+    [
+        ('{"id": "s1", "prompt": BAD}'.replace("BAD", LONE_SURROGATE), "prompt"),
+        (
+            '{"messages": [{"role": "user", "content": BAD}]}'.replace("BAD", LONE_SURROGATE),
+            r"messages\[0\].content",
+        ),
+        ('{"prompt": "fine", "category": BAD}'.replace("BAD", LONE_SURROGATE), "category"),
+        (
+            '{"prompt": "fine", "meta": {"notes": [BAD]}}'.replace("BAD", LONE_SURROGATE),
+            r"meta.notes\[0\]",
+        ),
+    ],
+)
+def test_lone_surrogates_are_refused_naming_line_and_field(tmp_path, row, field):
+    path = jsonl(tmp_path / "p.jsonl", {"id": "g1", "prompt": "What is 2+2?"}, row)
+    with pytest.raises(DataError, match=rf"^{path}:2: {field}: .*lone surrogate '\\ud800'"):
+        load_prompts(path)
+
+
+def test_lone_surrogates_are_refused_in_pairs_and_json_lists(tmp_path):
+    pairs = jsonl(
+        tmp_path / "pairs.jsonl",
+        {"prompt": "fine", "chosen": "a", "rejected": "b"},
+        '{"prompt": "q", "chosen": BAD, "rejected": "b"}'.replace("BAD", LONE_SURROGATE),
+    )
+    with pytest.raises(DataError, match=rf"^{pairs}:2: chosen: .*lone surrogate"):
+        load_pairs(pairs)
+    as_json = tmp_path / "p.json"
+    as_json.write_text('[{"prompt": "ok"}, {"prompt": BAD}]'.replace("BAD", LONE_SURROGATE))
+    with pytest.raises(DataError, match=rf"^{as_json}\[1\]: prompt: .*lone surrogate"):
+        load_prompts(as_json)
+
+
 def test_malformed_rows_in_json_and_parquet_name_the_index(tmp_path):
     as_json = tmp_path / "bad.json"
     as_json.write_text(json.dumps([{"prompt": "ok"}, {"nothing": "here"}]))

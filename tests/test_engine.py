@@ -181,6 +181,30 @@ def test_overflow_can_become_an_error_record(model_path):
         _ = results[1].text
 
 
+# Text no tokenizer can encode (a lone surrogate). The data loaders refuse it; the engine must
+# still fail only that request if it gets one some other way.
+UNENCODABLE = [{"role": "user", "content": "lone surrogate \ud800 here"}]
+
+
+@pytest.mark.slow
+def test_a_conversation_that_cannot_be_encoded_fails_alone(hf_engine):
+    for overflow in ("raise", "error"):
+        hf_engine.overflow = overflow
+        try:
+            done = hf_engine.generate([FRANCE, UNENCODABLE, YES_NO], Sampling(max_tokens=8))
+            scores = hf_engine.score([YES_NO, UNENCODABLE], ["Yes", "No"])
+        finally:
+            hf_engine.overflow = "raise"
+        [alone] = hf_engine.generate([FRANCE], Sampling(max_tokens=8))
+        [alone_scores] = hf_engine.score([YES_NO], ["Yes", "No"])
+        assert done[0].ok and done[2].ok
+        assert done[0].text == alone.text and done[0].text
+        assert not done[1].ok and not done[1].samples
+        assert "cannot be encoded" in done[1].error
+        assert scores[0].probs() == pytest.approx(alone_scores.probs(), abs=1e-4)
+        assert not scores[1].ok and "cannot be encoded" in scores[1].error
+
+
 @pytest.mark.slow
 def test_score_single_and_multi_token_options_equal_full_forward(hf_engine):
     [yes_no] = hf_engine.score([YES_NO], ["Yes", "No"])

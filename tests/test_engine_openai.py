@@ -3,8 +3,6 @@ against a scriptable fake server (seconds); vLLM's real server against the HF ba
 
 from __future__ import annotations
 
-import time
-
 import pytest
 from conftest import requires_vllm
 from servers import STALL, Fail, FakeServer, fake_logprob, vllm_server
@@ -94,15 +92,26 @@ def test_a_request_that_keeps_failing_is_an_error_and_the_batch_survives(server,
         _ = failed.text
 
 
+def test_a_conversation_that_cannot_be_encoded_fails_alone(server, engine, local_engine):
+    # Issue 15: a lone surrogate made the whole batch raise. Without a local tokenizer the JSON
+    # body cannot be encoded; with one, the tokenizer refuses the prompt.
+    bad = ask("lone surrogate \ud800 here")
+    for built in (engine, local_engine):
+        results = built.generate([ask("fine"), bad, ask("also fine")])
+        assert [results[0].text, results[2].text] == ["reply 0 to: fine", "reply 0 to: also fine"]
+        assert not results[1].ok and "cannot be encoded" in results[1].error
+    scores = local_engine.score([ask("fine"), bad], ["A", "B"])
+    assert scores[0].ok and len(scores[0].logprobs) == 2
+    assert not scores[1].ok and "cannot be encoded" in scores[1].error
+
+
+@pytest.mark.timeout(120)  # the stalled request never answers: without a timeout, this hangs
 def test_a_stalled_request_times_out_into_an_error(server):
     server.script("stuck", STALL, forever=True)
     with OpenAIEngine(base_url=server.base_url, timeout=0.5, max_retries=1, backoff=0.01) as eng:
-        start = time.monotonic()
         results = eng.generate([ask("a"), ask("stuck"), ask("b")])
-        took = time.monotonic() - start
     assert [results[0].text, results[2].text] == ["reply 0 to: a", "reply 0 to: b"]
     assert results[1].error == "timed out after 0.5 s after 2 attempts"
-    assert took < 5
     assert len(server.posts_matching("stuck")) == 2
 
 

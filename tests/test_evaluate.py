@@ -275,6 +275,19 @@ def test_cai_eval_errors_name_the_problem(tmp_path, capsys):
         assert message in capsys.readouterr().err
 
 
+@pytest.mark.parametrize("limit", ["0", "-1"])
+def test_cai_eval_limit_must_be_positive(tmp_path, capsys, limit):
+    # Issue 15: --limit -1 evaluated all but the last prompt of each set, --limit 0 everything.
+    out = tmp_path / "out"
+    assert cai_main(["eval", "--model", "a=x", "--out", str(out), "--limit", limit]) == 1
+    assert f"error: --limit must be >= 1 (got {limit})" in capsys.readouterr().err
+    assert not out.exists()
+    config = EvalConfig(models={"a": "x"}, sets=_sets(tmp_path))
+    with pytest.raises(ValueError, match=rf"^limit must be >= 1 \(got {limit}\)"):
+        run_eval(config, out, engine_for=EvalEngine, limit=int(limit), progress=False)
+    assert not out.exists()
+
+
 def test_eval_config_errors_are_clear(tmp_path):
     with pytest.raises(ConfigError, match=r"unknown kind\(s\) \['jokes'\]"):
         from_data(EvalConfig, {"models": {"a": "x"}, "sets": {"jokes": {"path": "p"}}})

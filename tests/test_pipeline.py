@@ -15,6 +15,7 @@ from pathlib import Path
 
 import datasets
 import pytest
+from test_config import alias_bomb
 
 from cai.critique import clean_revision, revision_flags
 from cai.engine import Completion, Engine, Sample
@@ -246,7 +247,7 @@ BAD_RECIPES = [
     (
         "name: x\nsources: [{path: helpful}]\nstages:\n  generate: {}\n  critique_revise: {rounds: 0}\n",
         "5",
-        "rounds must be >= 1",
+        "stages.critique_revise.rounds: must be >= 1",
     ),
     (
         "name: x\nsources: [{path: helpful, limit: 0}]\nstages: {generate: {}}\n",
@@ -302,6 +303,81 @@ def test_bad_prompt_source_names_the_line(tmp_path, capsys):
     code = main(["run", str(write_recipe(tmp_path, bad)), "--run-dir", str(tmp_path / "run")])
     assert code == 2
     assert f"{bad}:2" in capsys.readouterr().err
+    assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.parametrize(
+    ("args", "where", "field", "message"),
+    [
+        (
+            ["--set", "stages.critique_revise.top_p=0"],
+            " (--set stages.critique_revise.top_p=0)",
+            "stages.critique_revise.top_p",
+            "must be in (0, 1] (got 0.0)",
+        ),
+        (
+            ["--set", "stages.generate.max_tokens=-5"],
+            " (--set stages.generate.max_tokens=-5)",
+            "stages.generate.max_tokens",
+            "must be an integer >= 1 (got -5)",
+        ),
+        (
+            ["--set", "stages.generate={temperature: 101}"],
+            " (--set stages.generate={temperature: 101})",
+            "stages.generate.temperature",
+            "must be between 0 and 100",
+        ),
+        ([], "", "stages.critique_revise.temperature", "must be between 0 and 100 (got -1.0)"),
+    ],
+)
+def test_sampling_values_are_checked_when_the_recipe_loads(
+    tmp_path, capsys, args, where, field, message
+):
+    # Issue 15: these passed --dry-run, ran the generate stage, then failed naming no field.
+    prompts = write_prompts(tmp_path / "p.jsonl", ["a?"])
+    recipe = write_recipe(tmp_path, prompts)
+    if not args:  # in the file: the error names its line
+        recipe.write_text(recipe.read_text() + "    temperature: -1\n")
+        where = f":{len(recipe.read_text().splitlines())}"
+    for dry_run in (["--dry-run"], []):
+        code = main(["run", str(recipe), "--run-dir", str(tmp_path / "run"), *args, *dry_run])
+        err = capsys.readouterr().err
+        assert code == 2, err
+        assert err.startswith(f"error: {recipe}{where}: {field}: {message}"), err
+        assert not (tmp_path / "run").exists()
+
+
+def test_a_lone_surrogate_prompt_is_refused_before_the_model_loads(tmp_path, capsys):
+    # Issue 15: this passed loading and --dry-run, then every run died in the tokenizer (exit 1,
+    # nothing written, the good prompt lost too).
+    prompts = tmp_path / "p.jsonl"
+    prompts.write_text(
+        '{"id": "g1", "prompt": "What is 2+2?"}\n'
+        '{"id": "s1", "prompt": "lone surrogate \\ud800 here"}\n'
+    )
+    recipe = write_recipe(tmp_path, prompts)
+    for dry_run in (["--dry-run"], []):
+        code = main(["run", str(recipe), "--run-dir", str(tmp_path / "run"), *dry_run])
+        err = capsys.readouterr().err
+        assert code == 2, err
+        assert err.startswith(f"error: {prompts}:2: prompt: "), err
+        assert "lone surrogate" in err, err
+        assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.timeout(60)  # expanded, the bomb ends in MemoryError after minutes
+def test_an_alias_bomb_in_engine_options_is_refused_at_once(tmp_path, capsys):
+    # Issue 15: nine nested anchors under engine.options ended in MemoryError after a minute.
+    prompts = write_prompts(tmp_path / "p.jsonl", ["a?"])
+    recipe = write_recipe(tmp_path, prompts)
+    bomb = "".join(f"    {line}\n" for line in alias_bomb(9).splitlines())
+    text = recipe.read_text().replace("  dtype: float32\n", f"  dtype: float32\n  options:\n{bomb}")
+    recipe.write_text(text)
+    code = main(["run", str(recipe), "--run-dir", str(tmp_path / "run"), "--dry-run"])
+    err = capsys.readouterr().err
+    assert code == 2
+    assert err.startswith(f"error: {recipe}:13: aliases"), err
+    assert len(err) < 400, err
     assert not (tmp_path / "run").exists()
 
 

@@ -373,7 +373,7 @@ def test_dry_run_plan_numbers(tmp_path, capsys):
 BAD_STAGES = [
     ("  sample: {k: 1}\n", "4", "k must be >= 2"),
     ("  sample: {temperature: 0}\n", "4", "temperature must be > 0"),
-    ("  sample: {top_p: 0}\n", "4", "top_p must be in (0, 1]"),
+    ("  sample: {top_p: 0}\n", "4", "stages.sample.top_p: must be in (0, 1]"),
     ("  sample: {k: two}\n", "4", "k: expected an integer"),
     ("  judge: {}\n", "4", "judge needs a sample stage"),
     ("  sample: {}\n  judge: {pairs: some}\n", "5", "must be one of 'all', 'best_worst'"),

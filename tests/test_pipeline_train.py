@@ -4,16 +4,18 @@ that trains a tiny random model, skip-on-resume and retrain-on-change."""
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 import pytest
 from test_pipeline import FakeEngine, write_prompts
 
 from cai.config import ConfigError
-from cai.keys import MARKER, revision
+from cai.keys import MARKER, record_key, revision
 from cai.pipeline.__main__ import main
 from cai.pipeline.recipe import load_recipe
 from cai.pipeline.run import Runner
+from cai.pipeline.sample import sample_sampling
 from cai.train import RESULT_FILE
 
 RECIPE = """
@@ -113,3 +115,38 @@ def test_cli_summary_names_the_trained_model(tmp_path, tiny_model, capsys, monke
     err = capsys.readouterr().err
     assert f"SFT model: {tmp_path / 'run' / 'models' / 'sft'}" in err
     assert "train_sft" in err
+
+
+def test_a_copied_run_resumes_with_no_new_work(tmp_path, tiny_model):
+    """`cp -a runs/x runs/y`, then the same recipe with --run-dir runs/y: nothing is trained,
+    sampled or written again (keys and the trained model's identity do not name the run's
+    folder)."""
+    recipe = load_recipe(recipe_file(tmp_path, tiny_model, "  sample: {k: 2, max_tokens: 8}\n"))
+    first = Runner(recipe, tmp_path / "run", engine=FakeEngine(), limit=2)
+    first.run()
+    # The key format of a run that stays where it is: the model's folder and revision.
+    sft = str(tmp_path / "run" / "models" / "sft")
+    sampled = [json.loads(line) for line in (tmp_path / "run/stages/sample.jsonl").open()]
+    assert [r["key"] for r in sampled] == [
+        record_key(
+            input=r["input_key"],
+            stage="sample",
+            model=sft,
+            sampling=sample_sampling(first).to_dict(),
+            model_revision=revision(sft),
+        )
+        for r in sampled
+    ]
+    copy = tmp_path / "elsewhere" / "run"
+    shutil.copytree(tmp_path / "run", copy)
+    stages = {p.name: p.read_bytes() for p in (copy / "stages").iterdir()}
+    assert set(stages) == {"generate.jsonl", "critique_revise.jsonl", "sample.jsonl"}
+    weights = (copy / "models" / "sft" / "model.safetensors").stat().st_mtime_ns
+
+    engine = FakeEngine()
+    result = Runner(recipe, copy, engine=engine, limit=2).run()
+    assert engine.batches == []  # no engine request at all
+    [train] = [r for r in result.stages if r.name == "train_sft"]
+    assert (train.done_before, train.records) == (1, 0)
+    assert (copy / "models" / "sft" / "model.safetensors").stat().st_mtime_ns == weights
+    assert {p.name: p.read_bytes() for p in (copy / "stages").iterdir()} == stages

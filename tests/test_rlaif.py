@@ -5,11 +5,13 @@ and a few training steps, through the real default model end to end (generate â†
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 import pytest
 import yaml
 
+from cai.engine.hf import HFEngine
 from cai.pipeline.__main__ import main
 from cai.pipeline.recipe import load_recipe
 from cai.resources import resolve
@@ -47,7 +49,7 @@ def test_shipped_rlaif_recipes_are_valid():
         assert stages.train_reward is not None and stages.evaluate is not None
 
 
-def test_rlaif_tiny_end_to_end_writes_every_report_file(tmp_path, capsys):
+def test_rlaif_tiny_end_to_end_writes_every_report_file(tmp_path, capsys, monkeypatch):
     run = tmp_path / "run"
     assert main(["run", str(ci_sized(tmp_path)), "--run-dir", str(run)]) == 0
     err = capsys.readouterr().err
@@ -89,3 +91,30 @@ def test_rlaif_tiny_end_to_end_writes_every_report_file(tmp_path, capsys):
     for kind in ("train_sft", "train_reward", "train_dpo"):
         assert f"{kind}: training" not in err
     assert json.loads((run / "eval" / "results.json").read_text())["metrics"] == results["metrics"]
+
+    # A copied (or moved) run resumes with zero new work: no training, no engine request, no
+    # record written (`cp -a runs/x runs/y`, then --run-dir runs/y).
+    copy = tmp_path / "moved" / "run"
+    shutil.copytree(run, copy)
+    stages = {p.name: p.read_bytes() for p in (copy / "stages").iterdir()}
+    weights = {m: (copy / "models" / m / "model.safetensors").stat() for m in ("sft", "dpo")}
+    requests = []
+    for verb in ("generate", "score"):
+        real = getattr(HFEngine, verb)
+
+        def spy(self, conversations, *args, _real=real, **kwargs):
+            requests.append(len(conversations))
+            return _real(self, conversations, *args, **kwargs)
+
+        monkeypatch.setattr(HFEngine, verb, spy)
+    assert main(["run", str(ci_sized(tmp_path)), "--run-dir", str(copy)]) == 0
+    err = capsys.readouterr().err
+    assert requests == []
+    for kind in ("train_sft", "train_reward", "train_dpo"):
+        assert f"{kind}: training" not in err
+    for model, stat in weights.items():
+        assert (
+            copy / "models" / model / "model.safetensors"
+        ).stat().st_mtime_ns == stat.st_mtime_ns
+    assert {p.name: p.read_bytes() for p in (copy / "stages").iterdir()} == stages
+    assert json.loads((copy / "eval" / "results.json").read_text())["metrics"] == results["metrics"]

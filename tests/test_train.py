@@ -191,6 +191,27 @@ def test_packing_keeps_conversations_apart(tiny_model, tokenizer, sft_file):
 # --- config --------------------------------------------------------------------------------------
 
 
+def test_reward_accuracy_counts_float_rounding_as_a_tie(monkeypatch):
+    """A policy equal to its reference gives rewards of float32 rounding (the reference pass pads
+    the pairs otherwise than training): no pair is a win, whatever the rounding's sign; a real
+    margin still is."""
+    import cai.train.dpo as dpo
+
+    ref_chosen, ref_rejected = torch.tensor([-16.71, -9.5]), torch.tensor([-23.4, -30.25])
+    rounding = torch.tensor([4.8e-6, -1.9e-6])
+    policy = {
+        "equal": torch.cat([ref_chosen + rounding, ref_rejected - rounding]),
+        "learned": torch.cat([ref_chosen + 0.5, ref_rejected - 0.5]),
+    }
+    batch = {"p_chosen": torch.ones(2), "ref_chosen": ref_chosen, "ref_rejected": ref_rejected}
+    accuracies = {}
+    for name, logps in policy.items():
+        monkeypatch.setattr(dpo, "response_logps", lambda model, b, x=logps: (x, None))
+        _, metrics = batch_loss(None, batch, DPOConfig(data="-", output_dir="-"))
+        accuracies[name] = metrics["rewards/accuracies"].item()
+    assert accuracies == {"equal": 0.0, "learned": 1.0}
+
+
 def test_config_errors_name_the_line():
     text = "data: d.jsonl\noutput_dir: out\nloss: dpoo\n"
     with pytest.raises(ConfigError, match=r"dpo.yaml:3: loss: must be one of"):

@@ -31,6 +31,8 @@ from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
+from cai.config import FieldError
+
 Message = dict[str, str]
 Conversation = Sequence[Message]
 
@@ -61,18 +63,21 @@ class Sampling:
             )
 
     def validate(self) -> None:
+        """The one set of sampling rules: the engines check every request with it, and recipes
+        and eval configs check their sampling fields with it when they load. Raises FieldError
+        (a ValueError) naming the field."""
         if not isinstance(self.n, int) or self.n < 1:
-            raise ValueError(f"n must be an integer >= 1 (got {self.n!r})")
+            raise FieldError("n", f"must be an integer >= 1 (got {self.n!r})")
         if not (isinstance(self.temperature, int | float) and 0 <= self.temperature <= 100):
-            raise ValueError(f"temperature must be between 0 and 100 (got {self.temperature!r})")
-        if not (0 < self.top_p <= 1):
-            raise ValueError(f"top_p must be in (0, 1] (got {self.top_p!r})")
+            raise FieldError("temperature", f"must be between 0 and 100 (got {self.temperature!r})")
+        if not (isinstance(self.top_p, int | float) and 0 < self.top_p <= 1):
+            raise FieldError("top_p", f"must be in (0, 1] (got {self.top_p!r})")
         if not isinstance(self.max_tokens, int) or self.max_tokens < 1:
-            raise ValueError(f"max_tokens must be an integer >= 1 (got {self.max_tokens!r})")
+            raise FieldError("max_tokens", f"must be an integer >= 1 (got {self.max_tokens!r})")
         if any(not isinstance(s, str) or not s for s in self.stop):
-            raise ValueError(f"stop strings must be non-empty strings (got {self.stop!r})")
+            raise FieldError("stop", f"strings must be non-empty strings (got {self.stop!r})")
         if self.seed is not None and (not isinstance(self.seed, int) or self.seed < 0):
-            raise ValueError(f"seed must be a non-negative integer or None (got {self.seed!r})")
+            raise FieldError("seed", f"must be a non-negative integer or None (got {self.seed!r})")
 
     @property
     def greedy(self) -> bool:

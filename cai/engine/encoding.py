@@ -11,6 +11,8 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any
 
+from jinja2 import TemplateError
+
 from cai.engine.base import (
     Conversation,
     Sampling,
@@ -49,10 +51,13 @@ class PromptEncoder:
         prefixes: Sequence[str],
         *,
         new_tokens: Sequence[int],
+        overflow: str,
     ) -> list[list[int] | str]:
-        """Token ids per conversation; a string (the reason) where the prompt cannot run.
+        """Token ids per conversation; a string (the reason) where the prompt cannot run: it
+        cannot be encoded, or it does not fit the context and ``overflow`` is 'error'.
 
-        Raises ValueError for malformed conversations (checked before any work starts).
+        Raises ValueError for malformed conversations (checked before any work starts) and, when
+        ``overflow`` is 'raise', for the first prompt that does not fit.
         """
         for i, conversation in enumerate(conversations):
             check_conversation(conversation, i)
@@ -63,14 +68,24 @@ class PromptEncoder:
                 )
         out: list[list[int] | str] = []
         for i, (conversation, prefix) in enumerate(zip(conversations, prefixes, strict=True)):
-            ids = self.encode(self.render_text(conversation, prefix))
-            if len(ids) + new_tokens[i] > self.max_model_len:
-                out.append(
-                    f"prompt of {len(ids)} tokens plus {new_tokens[i]} new tokens exceeds the "
-                    f"model's context of {self.max_model_len} tokens"
-                )
-            else:
+            try:
+                ids = self.encode(self.render_text(conversation, prefix))
+            except (TypeError, ValueError, TemplateError) as e:
+                # Text the tokenizer refuses (a lone surrogate makes the fast tokenizers raise
+                # TypeError) or a chat template that raises for this conversation: that request
+                # fails, the rest of the batch runs.
+                out.append(f"the prompt cannot be encoded ({type(e).__name__}: {e})")
+                continue
+            if len(ids) + new_tokens[i] <= self.max_model_len:
                 out.append(ids)
+                continue
+            reason = (
+                f"prompt of {len(ids)} tokens plus {new_tokens[i]} new tokens exceeds the "
+                f"model's context of {self.max_model_len} tokens"
+            )
+            if overflow == "raise":
+                raise ValueError(f"conversation {i}: {reason}")
+            out.append(reason)
         return out
 
     def encode_options(self, options: Sequence[str]) -> list[list[int]]:
@@ -90,14 +105,12 @@ class PromptEncoder:
         overflow: str,
     ) -> tuple[list[Sampling], list[list[int] | str]]:
         """Every backend's generate preamble: one validated Sampling per request and the prompt
-        ids (a string, the reason, where a prompt does not fit and ``overflow`` is 'error')."""
+        ids (a string, the reason, where a prompt cannot run: see ``encode_prompts``)."""
         params = per_request(sampling, len(conversations))
         prefixes = check_prefixes(prefixes, len(conversations))
         prompts = self.encode_prompts(
-            conversations, prefixes, new_tokens=[p.max_tokens for p in params]
+            conversations, prefixes, new_tokens=[p.max_tokens for p in params], overflow=overflow
         )
-        if overflow == "raise":
-            raise_on_overflow(prompts)
         return params, prompts
 
     def prepare_score(
@@ -113,18 +126,9 @@ class PromptEncoder:
         longest = max(len(t) for t in option_ids)
         prefixes = check_prefixes(prefixes, len(conversations))
         prompts = self.encode_prompts(
-            conversations, prefixes, new_tokens=[longest] * len(conversations)
+            conversations, prefixes, new_tokens=[longest] * len(conversations), overflow=overflow
         )
-        if overflow == "raise":
-            raise_on_overflow(prompts)
         return options, option_ids, prompts
-
-
-def raise_on_overflow(prompts: Sequence[list[int] | str]) -> None:
-    """Raise ValueError naming the first prompt that does not fit the context."""
-    for i, prompt in enumerate(prompts):
-        if isinstance(prompt, str):
-            raise ValueError(f"conversation {i}: {prompt}")
 
 
 def _stop_token_ids(tokenizer: Any) -> set[int]:

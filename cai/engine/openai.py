@@ -194,6 +194,10 @@ class OpenAIEngine(Engine):
             detail = ""
             try:
                 response = self._client.request(method, path, json=body)
+            except UnicodeEncodeError as e:
+                # Text with no UTF-8 form (a lone surrogate): no attempt can send it, and the
+                # rest of the batch must not go down with it.
+                return f"the request cannot be encoded ({type(e).__name__}: {e})"
             except httpx.TimeoutException:
                 reason = f"timed out after {self.timeout:g} s"
             except httpx.TransportError as e:

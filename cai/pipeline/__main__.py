@@ -5,8 +5,10 @@
     python -m cai.pipeline merge RUN_DIR                  # shard files of one run directory
     python -m cai.pipeline merge RUN_DIR... --out DIR     # shards that ran in separate directories
 
-A killed run resumes when the same command is run again. Exit codes: 0 done; 1 a stage's share
-of error records passed the recipe's max_error_rate; 2 bad input (recipe, sources, arguments).
+A killed run resumes when the same command is run again. Exit codes (``cai.exit_codes``): 0 done;
+1 a stage's share of error records passed the recipe's max_error_rate; 2 bad input (recipe,
+sources, arguments); 3 the operating system refused (disk full, permission denied, connection
+refused): one line says what and where; fix it and run the same command again.
 """
 
 from __future__ import annotations
@@ -17,7 +19,8 @@ import sys
 import time
 
 from cai.config import ConfigError
-from cai.data import DataError
+from cai.data import DataError, check_limit
+from cai.exit_codes import BAD_INPUT, FAILED_RECORDS, SYSTEM, os_error_line
 from cai.keys import parse_shard
 from cai.merge import merge_runs
 from cai.pipeline.recipe import load_recipe
@@ -58,9 +61,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _run(args: argparse.Namespace) -> int:
+    check_limit(args.limit, "--limit")
     recipe = load_recipe(resolve("pipelines", args.recipe), args.overrides)
-    if args.limit is not None and args.limit < 1:
-        raise PipelineError(f"--limit must be >= 1 (got {args.limit})")
     shard = parse_shard(args.shard) if args.shard else None
     runner = Runner(recipe, args.run_dir, limit=args.limit, shard=shard, force=args.force)
     print(runner.plan(), file=sys.stderr)
@@ -71,7 +73,7 @@ def _run(args: argparse.Namespace) -> int:
     print(summary_table(result, time.perf_counter() - start), file=sys.stderr)
     for failure in result.failed:
         print(f"error: {failure}", file=sys.stderr)
-    return 1 if result.failed else 0
+    return FAILED_RECORDS if result.failed else 0
 
 
 def _merge(args: argparse.Namespace) -> int:
@@ -105,7 +107,10 @@ def main(argv: list[str] | None = None) -> int:
         ValueError,
     ) as e:
         print(f"error: {e}", file=sys.stderr)
-        return 2
+        return BAD_INPUT
+    except OSError as e:  # after FileNotFoundError: a missing input file is bad input
+        print(os_error_line(e), file=sys.stderr)
+        return SYSTEM
 
 
 if __name__ == "__main__":

@@ -16,13 +16,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Literal
 
-from cai.config import doc
+from cai.config import FieldError, doc
 from cai.constitution import Constitution, load_constitution
 from cai.critique import CritiqueReviser, RoundInput, revision_flags
 from cai.engine import Sampling
 from cai.export import export_dataset
 from cai.keys import record_key
-from cai.pipeline.stage import LazyEngine, Stage, StageContext, stage_records
+from cai.pipeline.stage import LazyEngine, Stage, StageContext, check_sampling, stage_records
 from cai.prompts import load_template
 
 if TYPE_CHECKING:
@@ -48,7 +48,8 @@ class CritiqueReviseStage:
 
     def validate(self) -> None:
         if self.rounds < 1:
-            raise ValueError(f"rounds must be >= 1 (got {self.rounds})")
+            raise FieldError("rounds", f"must be >= 1 (got {self.rounds})")
+        check_sampling(self)
 
 
 def prepare(runner: StageContext) -> Constitution:

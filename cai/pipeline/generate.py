@@ -16,7 +16,14 @@ from cai.config import doc
 from cai.data import PromptRecord
 from cai.engine import Sampling
 from cai.keys import record_key
-from cai.pipeline.stage import Stage, StageContext, generate_seeded, stage_records, usage
+from cai.pipeline.stage import (
+    Stage,
+    StageContext,
+    check_sampling,
+    generate_seeded,
+    stage_records,
+    usage,
+)
 
 if TYPE_CHECKING:
     from cai.records import StageTally
@@ -27,6 +34,9 @@ class GenerateStage:
     max_tokens: int = doc("most new tokens per response", 256)
     temperature: float = doc("0 is greedy", 0.0)
     top_p: float = doc("nucleus sampling", 1.0)
+
+    def validate(self) -> None:
+        check_sampling(self)
 
 
 def sampling(runner: StageContext) -> Sampling:
@@ -102,5 +112,6 @@ STAGE = Stage(
     run=run,
     plan=plan,
     starts=True,
+    prompt_key=generate_key,
     models=lambda runner: {"policy": runner.recipe.model},
 )

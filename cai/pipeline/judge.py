@@ -27,13 +27,13 @@ from pathlib import Path
 from statistics import fmean
 from typing import TYPE_CHECKING, Any, Literal
 
-from cai.config import doc
+from cai.config import FieldError, doc
 from cai.constitution import Constitution, load_constitution
 from cai.data import PromptRecord
 from cai.export import export_dataset
 from cai.judge import Judge, JudgePair
 from cai.keys import record_key
-from cai.pipeline.sample import pending, sample_model
+from cai.pipeline.sample import pending
 from cai.pipeline.stage import LazyEngine, PipelineError, Stage, StageContext, stage_records
 
 if TYPE_CHECKING:
@@ -66,7 +66,7 @@ class JudgeStage:
         if self.ensemble < 1:
             raise ValueError(f"ensemble must be >= 1 (got {self.ensemble})")
         if self.cot_max_tokens < 1:
-            raise ValueError(f"cot_max_tokens must be >= 1 (got {self.cot_max_tokens})")
+            raise FieldError("cot_max_tokens", f"must be >= 1 (got {self.cot_max_tokens})")
         if self.clamp is not None:
             if len(self.clamp) != 2:
                 raise ValueError(f"clamp must be [low, high] or null (got {self.clamp})")
@@ -232,9 +232,15 @@ def _failed(error: str) -> dict[str, Any]:
 
 
 def _preference_row(
-    runner: StageContext, prompt: PromptRecord, record: dict, selection: str, **extra: Any
+    runner: StageContext,
+    prompt: PromptRecord,
+    sample: dict,
+    record: dict,
+    selection: str,
+    **extra: Any,
 ) -> dict | None:
-    """The export row of a judged pair, or None when it is a tie or below min_margin."""
+    """The export row of a judged pair of ``sample``'s responses, or None when it is a tie or
+    below min_margin."""
     stage = runner.recipe.stages.judge
     if record.get("error") is not None or record["winner"] not in ("A", "B"):
         return None
@@ -269,7 +275,9 @@ def _preference_row(
             "margin": record["margin"],
             "constitution": runner.prepared["judge"].name,
             "judge_model": record["judge_model"],
-            "sample_model": sample_model(runner),
+            # From the record, as the judge model is: the export (what train_reward and
+            # train_dpo fingerprint) must not change when the run directory moves.
+            "sample_model": sample["model"],
             **extra,
         },
     }
@@ -305,14 +313,15 @@ def export_preferences(
         records = judged.get(prompt.key)
         if not records:
             continue
+        sample = samples[prompt.key]
         if stage.pairs == "all":
-            rows.extend(_preference_row(runner, prompt, r, "all") for r in records)
+            rows.extend(_preference_row(runner, prompt, sample, r, "all") for r in records)
         else:
-            picked = best_worst(records, len(samples[prompt.key]["responses"]))
+            picked = best_worst(records, len(sample["responses"]))
             if picked is not None:
                 direct, scores = picked
                 rows.append(
-                    _preference_row(runner, prompt, direct, "best_worst", mean_win_p=scores)
+                    _preference_row(runner, prompt, sample, direct, "best_worst", mean_win_p=scores)
                 )
     rows = [r for r in rows if r is not None]
     if not rows:

@@ -17,6 +17,7 @@ merge the shards (``python -m cai.pipeline merge``), then run the recipe again w
 from __future__ import annotations
 
 import importlib.metadata
+import logging
 import sys
 import time
 from collections.abc import Collection
@@ -24,13 +25,15 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Any, TextIO
 
-from cai.data import PromptRecord, load_prompts
+from cai.data import PromptRecord, check_limit, load_prompts
 from cai.engine import Engine, create_engine
 from cai.keys import in_shard
 from cai.pipeline.recipe import Recipe
 from cai.pipeline.stage import PipelineError, RunResult, Stage
 from cai.records import Executor, InProcess, StageTally
-from cai.store import RunStore
+from cai.store import RunStore, RunStoreError
+
+log = logging.getLogger(__name__)
 
 # Recipe keys that select which records to make, not what a record contains: left out of the
 # manifest's config hash so `--limit 5` then a full run, or shards, share one run.
@@ -80,6 +83,7 @@ class Runner:
         executor: Executor | None = None,
         out: TextIO = sys.stderr,
     ):
+        check_limit(limit)
         self.recipe = recipe
         self.run_dir = Path(run_dir or Path("runs") / recipe.name)
         self.limit = limit
@@ -108,8 +112,38 @@ class Runner:
             if stage.prepare is not None:
                 self.prepared[stage.name] = stage.prepare(self)
         self.config = {k: v for k, v in recipe.to_dict().items() if k not in _VOLATILE}
-        if not force:
-            self.store.check_manifest(self.config)
+        if not force and self.store.check_manifest(self.config) is None:
+            self._check_records()
+
+    def _check_records(self) -> None:
+        """Without a manifest, what the records can tell: a warning when there are any, and a
+        refusal when none of the first stage's records for these prompts has the key this
+        recipe would give it (they were made with another model or sampling)."""
+        if not self.store.stage_files():
+            return  # a new run
+        keyed = [s for s in self.stages if s.prompt_key is not None]
+        if not keyed:
+            return
+        first = keyed[0].name
+        path = self.store.stage_path(first, self.shard)
+        log.warning(
+            "%s is missing, but %s holds records: a new manifest will be written for this "
+            "recipe. It cannot check that the records were made with this recipe beyond the %s "
+            "stage's keys; if the recipe changed, use a new --run-dir.",
+            self.store.manifest_path,
+            self.store.stages_dir,
+            first,
+        )
+        wanted = {p.key: keyed[0].prompt_key(self, p) for p in self.prompts}
+        records = self.store.read_stage(first, self.shard).values()
+        found = [r for r in records if r.get("input_key") in wanted]
+        if found and not any(r["key"] == wanted[r["input_key"]] for r in found):
+            raise RunStoreError(
+                f"{self.store.manifest_path} is missing, and the {len(found)} record(s) for "
+                f"these prompts in {path} were all made with other settings than this recipe's "
+                f"{first} stage (model or sampling). Use a new --run-dir for this recipe, or "
+                "--force to reuse this one (records whose keys still match are kept)."
+            )
 
     def _ends_with_report(self) -> bool:
         return any(stage.ends_with_report for stage in self.stages)
@@ -166,6 +200,11 @@ class Runner:
         )
 
     def run(self) -> RunResult:
+        """Run every stage, holding the run directory's lock from before any model loads."""
+        with self.store.lock(self.shard):
+            return self._run()
+
+    def _run(self) -> RunResult:
         result = self.result
         self._write_manifest()
         for n, stage in enumerate(self.stages):

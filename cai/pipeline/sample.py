@@ -22,7 +22,7 @@ from typing import TYPE_CHECKING
 from cai.config import doc
 from cai.data import PromptRecord
 from cai.engine import Sampling
-from cai.keys import record_key, revision_key
+from cai.keys import model_key, record_key
 from cai.pipeline import training
 from cai.pipeline.stage import (
     Stage,
@@ -57,7 +57,7 @@ class SampleStage:
                 f"temperature must be > 0: greedy samples of one prompt are identical "
                 f"(got {self.temperature})"
             )
-        check_sampling(self.temperature, self.top_p, self.max_tokens)
+        check_sampling(self)
 
 
 def sample_model(runner: StageContext) -> str:
@@ -76,9 +76,8 @@ def sample_key(runner: StageContext, prompt: PromptRecord) -> str:
     return record_key(
         input=prompt.key,
         stage="sample",
-        model=sample_model(runner),
         sampling=sample_sampling(runner).to_dict(),
-        **revision_key(sample_model(runner)),
+        **model_key("model", sample_model(runner)),
     )
 
 
@@ -185,5 +184,6 @@ STAGE = Stage(
     run=run,
     plan=plan,
     starts=True,
+    prompt_key=sample_key,
     models=lambda runner: {"sampler": sample_model(runner)},
 )

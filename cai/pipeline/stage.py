@@ -117,6 +117,9 @@ class Stage:
     """Runs under ``--shard k/n``; False for stages over the whole run (training, evaluation)."""
     ends_with_report: bool = False
     """A run with this stage writes the run report (``<run>/report.html``) at the end."""
+    prompt_key: Callable[[StageContext, PromptRecord], str] | None = None
+    """For a stage that makes one record per prompt: the key a prompt's record gets. When the
+    manifest is missing, the runner checks the first such stage's records against it."""
 
 
 class LazyEngine(Engine):
@@ -203,13 +206,13 @@ def usage(completion: Completion) -> dict[str, int]:
     }
 
 
-def check_sampling(temperature: float, top_p: float, max_tokens: int) -> None:
-    if not 0 < top_p <= 1:
-        raise ValueError(f"top_p must be in (0, 1] (got {top_p})")
-    if max_tokens < 1:
-        raise ValueError(f"max_tokens must be >= 1 (got {max_tokens})")
-    if not 0 <= temperature <= 100:
-        raise ValueError(f"temperature must be between 0 and 100 (got {temperature})")
+def check_sampling(options: Any) -> None:
+    """The engine's own checks (``Sampling.validate``) of a stage's ``max_tokens``,
+    ``temperature`` and ``top_p`` options, when the recipe loads: a bad value fails before any
+    model loads or record is written (cai.config names the field and line, or its ``--set``)."""
+    Sampling(
+        max_tokens=options.max_tokens, temperature=options.temperature, top_p=options.top_p
+    ).validate()
 
 
 def stage_config(
@@ -233,5 +236,6 @@ def stage_config(
     merged = LineDict(options)
     merged.line = getattr(options, "line", 0)
     merged.key_lines = dict(lines)
+    merged.key_sources = dict(getattr(options, "key_sources", {}))
     merged.update(set_by_pipeline)
     return from_data(cls, merged, source=source, where=where)

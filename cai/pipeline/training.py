@@ -12,10 +12,12 @@ start from the SFT model (or the recipe's model when there is no SFT stage) and 
 ``<run>/preferences`` into ``<run>/models/reward`` and ``<run>/models/dpo``. With a ``train_sft``
 stage, ``sample`` draws from the SFT model unless ``stages.sample.model`` names another.
 
-Resuming: a finished model folder carries ``cai_pipeline.json`` (the trainer config and a hash of
-the data it saw); a re-run whose config and data match skips the training, one that differs
-trains anew into a clean folder. A run killed during training resumes from the newest Trainer
-checkpoint when ``save_steps`` is set (checkpoints go to ``<model>/checkpoints``).
+Resuming: a finished model folder carries ``cai_pipeline.json`` (the trainer config, a hash of
+the data it saw and the starting model's revision); a re-run whose config and data match skips
+the training, one that differs trains anew into a clean folder. Paths inside the run directory
+are compared relative to it, so a moved or copied run directory is not trained again. A run
+killed during training resumes from the newest Trainer checkpoint when ``save_steps`` is set
+(checkpoints go to ``<model>/checkpoints``).
 """
 
 from __future__ import annotations
@@ -106,6 +108,33 @@ def _fingerprint(path: Path) -> str:
     return digest.hexdigest()[:24]
 
 
+def _portable(settings: dict[str, Any], run_dir: str) -> dict[str, Any]:
+    """``settings`` with ``run_dir`` in the config's paths replaced by ``<run>``: what a trained
+    model's identity is compared and hashed on, so that moving its run changes nothing."""
+
+    def relative(value: Any) -> Any:
+        if isinstance(value, str) and (value == run_dir or value.startswith(run_dir + "/")):
+            return "<run>" + value[len(run_dir) :]
+        return value
+
+    return {**settings, "config": {k: relative(v) for k, v in settings["config"].items()}}
+
+
+def _trained_as(marker: dict[str, Any]) -> dict[str, Any] | None:
+    """The portable settings a marker was written for; its run directory is where the pipeline
+    put the model then (``<run>/models/<name>``, see :func:`output_dir`)."""
+    try:
+        trained_in = str(Path(marker["config"]["output_dir"]).parent.parent)
+        settings = {k: marker[k] for k in ("config", "data", "model_revision")}
+    except (KeyError, TypeError):
+        return None  # a marker without them: train anew
+    return _portable(settings, trained_in)
+
+
+def _hash(settings: dict[str, Any] | None) -> str:
+    return hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:24]
+
+
 def run_train(runner: StageContext, kind: str, tally: StageTally) -> Path:
     """Train stage ``kind`` unless an identical training already finished; returns the model
     folder. Raises PipelineError when the data it needs was not exported."""
@@ -130,10 +159,10 @@ def run_train(runner: StageContext, kind: str, tally: StageTally) -> Path:
     settings = {"config": asdict(config), "data": _fingerprint(data), "model_revision": None}
     if kind != "train_sft":
         settings["model_revision"] = revision(model)
-    wanted = hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:24]
+    wanted = _hash(_portable(settings, str(runner.run_dir)))
     marker = out / MARKER
     if marker.is_file() and (out / RESULT_FILE).is_file():
-        if json.loads(marker.read_text(encoding="utf-8")).get("revision") == wanted:
+        if _hash(_trained_as(json.loads(marker.read_text(encoding="utf-8")))) == wanted:
             tally.done_before = 1
             return out
         log.warning(

@@ -28,7 +28,8 @@ model never reads a stale cache. No reference model is in memory during training
 added, which is the base with adapters off. Under DDP each process computes a share of them.
 
 Logged every ``logging_steps``: loss, ``rewards/chosen``, ``rewards/rejected``,
-``rewards/accuracies`` (share of pairs whose chosen reward is higher), ``rewards/margins``,
+``rewards/accuracies`` (share of pairs whose chosen reward is higher by more than float rounding:
+``TIE_MARGIN``), ``rewards/margins``,
 ``logps/chosen``, ``logps/rejected`` and ``kl``: the batch mean of ``log π - log π_ref`` over the
 responses (over the mismatched pairs for kto, the estimate its loss uses). On off-policy pairs this
 tracks how far the policy has moved rather than the exact ``KL(π ‖ π_ref)``.
@@ -233,6 +234,14 @@ def response_logps(model, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor,
     return sequence_logps(logits, ids[:, -keep:], mask[:, -keep:]), mask.sum(-1)
 
 
+TIE_MARGIN = 1e-4
+"""Reward margins within ``TIE_MARGIN · beta`` (1e-4 nats of log-prob) count as ties, not wins,
+in ``rewards/accuracies``. The reference pass batches and pads the pairs otherwise than the
+shuffled training batches, so a policy equal to its reference (step 0; LoRA starts there) differs
+from the cached log-probs by float32 rounding (~1e-6 nats), whose sign depends on the kernels and
+threads the machine picked: a strict ``>`` then reported a random share of wins at step 0."""
+
+
 def batch_loss(
     model, batch: dict[str, torch.Tensor], config: DPOConfig
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
@@ -280,7 +289,9 @@ def batch_loss(
     metrics = {
         "rewards/chosen": chosen_rewards.mean(),
         "rewards/rejected": rejected_rewards.mean(),
-        "rewards/accuracies": (chosen_rewards > rejected_rewards).float().mean(),
+        "rewards/accuracies": (chosen_rewards - rejected_rewards > TIE_MARGIN * config.beta)
+        .float()
+        .mean(),
         "rewards/margins": (chosen_rewards - rejected_rewards).mean(),
         "logps/chosen": chosen.detach().mean(),
         "logps/rejected": rejected.detach().mean(),
