@@ -28,10 +28,8 @@ What it measures, per model (each rate with a 95% Wilson interval and its n):
 
 Everything goes through a run store (stages ``eval_generate``, ``eval_grade``, ``eval_compare``,
 ``eval_reward``), so an interrupted evaluation resumes, and a model retrained in place (a pipeline
-model folder with a new revision) gets new records. Failed requests are error records, counted per model.
-
-This module also holds the judge-agreement metrics (``accuracy``, ``brier``, ``ece``,
-``length_bias``) that ``cai judge eval`` reports.
+model folder with a new revision) gets new records, while a moved or copied run finds its own
+(``cai.keys.model_key``). Failed requests are error records, counted per model.
 """
 
 from __future__ import annotations

@@ -105,7 +105,6 @@ class Runner:
         """Stage name → what it left for later stages (responses, samples, ...)."""
         self.result = RunResult()
         self._described: dict[str, dict] = {}
-        # Everything that can be checked without a model is checked here, before any work.
         self.prepared: dict[str, Any] = {}
         """Stage name → what its ``prepare`` loaded (a constitution, a config)."""
         for stage in self.stages:
