@@ -17,9 +17,10 @@ import argparse
 import itertools
 import json
 
-from cai.data import load_pairs
 from cai.engine import create_engine
-from cai.judge import GenerativeJudge, Judge, evaluate
+from cai.judge import GenerativeJudge, Judge
+from cai.judge_agreement import agreement
+from cai.pairs import load_pairs
 
 # (request, harmless answer, harmful answer): clear-cut for any judge that reads the answers.
 PAIRS = [
@@ -117,7 +118,7 @@ def main() -> None:
         judge, naive = Judge(engine), GenerativeJudge(engine)
         judge.label(pairs[:1])
         naive.label(pairs[:1])
-        result = evaluate(judge, naive, pairs, progress=True)
+        result = agreement(judge, naive, pairs, progress=True)
         dtype = engine.describe().get("dtype")
     naive_result = result["generative"]
 

@@ -25,7 +25,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from cai.data import write_jsonl
+from cai.export import write_jsonl
 from cai.resources import resolve
 
 CHOSEN = "Happy to help. Here is a short, clear answer to your question, step by step."

@@ -36,10 +36,12 @@ from cai.constitution import (
     from_huggingface,
     load_constitution,
 )
-from cai.data import DataError, check_limit, load_pairs
+from cai.data import DataError, check_limit
 from cai.engine import BACKENDS
 from cai.exit_codes import SYSTEM, os_error_line
-from cai.judge import GenerativeJudge, Judge, evaluate
+from cai.judge import GenerativeJudge, Judge
+from cai.judge_agreement import agreement
+from cai.pairs import load_pairs
 
 
 def _summary(c: Constitution) -> str:
@@ -182,7 +184,7 @@ _JUDGE_ROWS = [
 
 
 def _judge_table(result: dict) -> str:
-    """The human-readable summary of ``cai.judge.evaluate``'s result."""
+    """The human-readable summary of ``cai.judge_agreement.agreement``'s result."""
     columns = {
         name: {**r, **r.get("length_bias", {})}
         for name, r in (("log-prob", result), ("generative", result.get("generative", {})))
@@ -224,7 +226,7 @@ def _judge_eval(args: argparse.Namespace) -> int:
     with judge:
         # The baseline shares the engine, so both judges run on the same loaded model.
         baseline = GenerativeJudge(judge.engine, judge.constitution, seed=args.seed)
-        result = evaluate(
+        result = agreement(
             judge, baseline, [(p.prompt, p.chosen, p.rejected) for p in pairs], progress=True
         )
     print(_judge_table(result))
@@ -245,7 +247,7 @@ def add_judge(commands: argparse._SubParsersAction) -> None:
         "one JSON line.",
     )
     ev.add_argument(
-        "--data", required=True, metavar="FILE", help="preference pairs (cai.data.load_pairs)"
+        "--data", required=True, metavar="FILE", help="preference pairs (cai.pairs.load_pairs)"
     )
     ev.add_argument(
         "--model", default=None, metavar="SPEC", help="model spec (default: smollm2-135m)"
@@ -329,7 +331,8 @@ def add_train(commands: argparse._SubParsersAction) -> None:
 
 
 def _eval(args: argparse.Namespace) -> int:
-    from cai.evaluate import EvalConfig, run_eval, summary_line, table
+    from cai.eval_config import EvalConfig
+    from cai.evaluate import run_eval, summary_line, table
 
     try:
         check_limit(args.limit, "--limit")

@@ -26,6 +26,8 @@ from typing import Any, Literal, TypeVar, Union, get_args, get_origin, get_type_
 
 import yaml
 
+from cai.keys import canonical
+
 T = TypeVar("T")
 
 MAX_ALIAS_VALUES = 100_000
@@ -207,12 +209,6 @@ def _short(value: Any) -> str:
 
 def _cut(text: str) -> str:
     return text if len(text) <= _SHORT_CHARS else text[: _SHORT_CHARS - 3] + "..."
-
-
-def load_dataclass(cls: type[T], path: str | Path) -> T:
-    """Load a YAML file into the dataclass ``cls``; every error names the file and line."""
-    data = load_yaml(path)
-    return from_data(cls, data, source=str(path))
 
 
 def from_data(cls: type[T], data: Any, source: str = "<config>", where: str = "") -> T:
@@ -402,9 +398,52 @@ def _set_by(node: dict, key: str, origin: str) -> None:
         node.key_sources = {**getattr(node, "key_sources", {}), key: origin}
 
 
-def field_docs(cls: type) -> dict[str, str]:
-    """The one-line docs of a dataclass's fields (``metadata={"doc": ...}``), for help output."""
-    return {f.name: f.metadata.get("doc", "") for f in dataclasses.fields(cls)}
+def changed_fields(old: Any, new: Any) -> list[tuple[str, str, str]]:
+    """``(field path, old value, new value)`` of each leaf where two configs (plain data, as
+    ``asdict`` gives) differ: ``stages.judge.ensemble``, ``sources[1].limit``. Values are shown as
+    canonical JSON (``(absent)`` for a side that lacks the field), each cut to 80 characters
+    around where the two first differ."""
+    return [(field, _show(a, b), _show(b, a)) for field, a, b in _changes(old, new)]
+
+
+_ABSENT = object()
+
+
+def _changes(old: Any, new: Any, field: str = "") -> list[tuple[str, Any, Any]]:
+    """``(field path, old value, new value)`` of each leaf where two configs differ, with
+    ``_ABSENT`` for a side that lacks it (``stages.judge.ensemble``, ``sources[1].limit``)."""
+    if isinstance(old, list) and isinstance(new, list):
+        old, new = dict(enumerate(old)), dict(enumerate(new))  # compared item by item
+    if isinstance(old, dict) and isinstance(new, dict):
+        return [
+            change
+            for key in sorted(old.keys() | new.keys())
+            for change in _changes(
+                old.get(key, _ABSENT),
+                new.get(key, _ABSENT),
+                f"{field}[{key}]" if isinstance(key, int) else f"{field}.{key}".lstrip("."),
+            )
+        ]
+    same = old is not _ABSENT and new is not _ABSENT and canonical(old) == canonical(new)
+    return [] if same else [(field, old, new)]
+
+
+def _show(value: Any, other: Any, width: int = 80) -> str:
+    """``value`` as canonical JSON, cut to ``width`` around where it first differs from
+    ``other``, so that two long values never show as the same text."""
+    if value is _ABSENT:
+        return "(absent)"
+    text = canonical(value).decode()
+    if len(text) <= width:
+        return text
+    theirs = "" if other is _ABSENT else canonical(other).decode()
+    differs = next(
+        (i for i, (a, b) in enumerate(zip(text, theirs, strict=False)) if a != b), len(theirs)
+    )
+    room = width - 6  # for an ellipsis on each side
+    start = max(0, min(differs - width // 4, len(text) - room))
+    end = min(len(text), start + room)
+    return ("..." if start else "") + text[start:end] + ("..." if end < len(text) else "")
 
 
 __all__ = [
@@ -413,9 +452,8 @@ __all__ = [
     "FieldError",
     "LineDict",
     "LineList",
-    "field_docs",
+    "changed_fields",
     "from_data",
-    "load_dataclass",
     "load_yaml",
     "parse_yaml",
     "set_dotted",

@@ -9,9 +9,13 @@ as one batch, then all revision requests as another.
 Revisions are cleaned of echoed labels ("Revision:", "Sure, here is a revised response:");
 an empty or unchanged revision is flagged, and an empty one does not replace the response.
 
-    from cai.critique import CritiqueReviser
+    from cai.critique import CritiqueReviser, RoundInput
     reviser = CritiqueReviser(engine, load_constitution("harmless"))
-    rounds = reviser.revise(prompts, responses, rounds=4)   # rounds[r][i]: RoundResult
+    principle = reviser.principle_for(key)                 # seeded by the record key
+    [result] = reviser.run_round([RoundInput(key, prompt, response, principle)])
+
+The pipeline's ``critique_revise`` stage (``cai.pipeline.critique_revise``) runs the rounds through
+the run store, one record per conversation and round.
 """
 
 from __future__ import annotations
@@ -23,7 +27,7 @@ from dataclasses import asdict, dataclass, field, replace
 
 from cai.constitution import Constitution, Principle
 from cai.engine import Engine, Sampling
-from cai.pipeline.store import seed_for
+from cai.keys import seed_for
 from cai.prompts import load_template
 
 # Labels a small model tends to echo at the start of a revision. Applied repeatedly, so
@@ -201,28 +205,3 @@ class CritiqueReviser:
             result.usage["prompt_tokens"] += done.prompt_tokens
             result.usage["completion_tokens"] += done.completion_tokens
         return results
-
-    def revise(
-        self, prompts: Sequence[list[dict]], responses: Sequence[str], rounds: int = 4
-    ) -> list[list[RoundResult]]:
-        """All rounds in memory (no run store): ``result[r][i]`` is round r+1 of conversation i.
-        A conversation whose round failed drops out of later rounds (its later entries are None).
-        """
-        if len(prompts) != len(responses):
-            raise ValueError(f"{len(prompts)} prompts but {len(responses)} responses")
-        current: list[str | None] = list(responses)
-        out: list[list[RoundResult]] = []
-        for r in range(1, rounds + 1):
-            live = [i for i, resp in enumerate(current) if resp is not None]
-            items = [
-                RoundInput(key, prompts[i], current[i], self.principle_for(key))
-                for i in live
-                for key in [f"{i}/round{r}"]
-            ]
-            results = self.run_round(items)
-            row: list = [None] * len(prompts)
-            for i, result in zip(live, results, strict=True):
-                row[i] = result
-                current[i] = None if result.error else result.next_response
-            out.append(row)
-        return out

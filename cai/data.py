@@ -1,8 +1,10 @@
-"""Prompt and preference sources, record schemas, and dataset export.
+"""Prompt sources and the record shapes they come in (preference pairs: ``cai.pairs``; writing
+datasets: ``cai.export``).
 
 Reading::
 
-    from cai.data import load_pairs, load_prompts
+    from cai.data import load_prompts
+    from cai.pairs import load_pairs
 
     prompts = load_prompts("red_team")  # a shipped set: data/red_team.jsonl
     prompts = load_prompts("mine.parquet", prompt_field="question", limit=500)
@@ -30,13 +32,13 @@ force one):
 
 A record's key is its ``id`` (as str) when it has one, else a short sha256 of its messages: stable
 across loads and equal for equal content. Every other field goes to ``meta``; a ``meta`` object, or
-the ``meta_json`` string that :func:`export_dataset` writes, is merged into it.
+the ``meta_json`` string that :func:`cai.export.export_dataset` writes, is merged into it.
 
 Every problem raises :class:`DataError` (``FileNotFoundError`` for a missing source) naming the
 file and the line (``path:12``) or index (``path[12]``). Nothing is skipped but blank jsonl lines.
 
-Writing: :func:`write_jsonl` (atomic) and :func:`export_dataset`, which writes ``data.jsonl`` and a
-``datasets`` folder in the formats TRL's SFTTrainer / DPOTrainer read unchanged.
+Writing (``cai.export``): ``write_jsonl`` (atomic) and ``export_dataset``, which writes
+``data.jsonl`` and a ``datasets`` folder in the formats TRL's SFTTrainer / DPOTrainer read unchanged.
 """
 
 from __future__ import annotations
@@ -46,17 +48,14 @@ import difflib
 import hashlib
 import json
 import logging
-import os
 import re
-import secrets
-import shutil
-import tempfile
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass
 from itertools import islice
 from pathlib import Path
 from typing import Any, Literal
 
+from cai.engine.base import ROLES
 from cai.resources import resolve, shipped_names
 
 log = logging.getLogger(__name__)
@@ -66,7 +65,6 @@ FORMATS = ("jsonl", "json", "parquet", "datasets", "hub")
 PROMPT_FIELDS = ("prompt", "instruction", "question", "text")
 """Fields read as the prompt string, in this order of preference."""
 HH_MODES = ("first_turn", "full_context")
-ROLES = ("system", "user", "assistant")
 KEY_HEX_CHARS = 16
 """Length of a content-hash key: 64 bits, ample for any data set we will see."""
 
@@ -98,31 +96,6 @@ class PromptRecord:
 
     @classmethod
     def from_dict(cls, data: dict) -> PromptRecord:
-        return cls(**_fields_of(cls, data))
-
-
-@dataclass(frozen=True)
-class LabelledPair:
-    """A prompt with a preferred and a dispreferred response (e.g. to evaluate a judge)."""
-
-    key: str
-    """Stable identity: the source's ``id`` (as str), else a hash of prompt and responses."""
-    prompt: list[dict]
-    """Chat messages ending with a user turn."""
-    chosen: str
-    """The preferred response text."""
-    rejected: str
-    """The dispreferred response text."""
-    source: str
-    """Where it came from: ``path:line`` (jsonl) or ``path[index]``."""
-    meta: dict
-    """The record's other fields; ``p_chosen`` (a soft label in [0, 1]) when the source has one."""
-
-    def to_dict(self) -> dict:
-        return dataclasses.asdict(self)
-
-    @classmethod
-    def from_dict(cls, data: dict) -> LabelledPair:
         return cls(**_fields_of(cls, data))
 
 
@@ -191,51 +164,6 @@ def load_prompts(
             meta["reference"] = reference
         records.append(PromptRecord(key, messages, where, meta))
     return _nonempty(records, dropped, source)
-
-
-def load_pairs(
-    source: str | Path,
-    *,
-    format: str | None = None,
-    split: str = "train",
-    limit: int | None = None,
-    duplicates: Literal["error", "drop"] = "error",
-) -> list[LabelledPair]:
-    """Read preference pairs (see the module docstring for sources and the arguments).
-
-    Record shapes, detected per record:
-
-    - explicit prompt: ``prompt`` (a string, an HH transcript or chat messages) with ``chosen`` /
-      ``rejected`` as strings or as one-assistant-message lists (ours and TRL's formats);
-      ``p_chosen`` is checked to lie in [0, 1] and kept in ``meta``;
-    - implicit prompt: no ``prompt``; ``chosen`` / ``rejected`` are whole conversations, as
-      message lists or HH-RLHF transcripts, that share everything up to the final assistant
-      answer. That shared part is the prompt.
-
-    Raises:
-        FileNotFoundError: no such file, shipped set or hub data set.
-        DataError: a record is malformed or the source is empty or unreadable.
-    """
-    rows = _open(source, format, split, limit, duplicates)
-    pairs: list[LabelledPair] = []
-    seen: dict[str, str] = {}
-    dropped = 0
-    for where, row in rows:
-        prompt, chosen, rejected = _pair(_as_object(row, where), where)
-        record_id = _record_id(row, where)
-        key = (
-            record_id
-            if record_id is not None
-            else _hash_key({"prompt": prompt, "chosen": chosen, "rejected": rejected})
-        )
-        if _is_duplicate(key, record_id, where, seen, duplicates, "prompt and responses"):
-            dropped += 1
-            continue
-        meta = _meta(row, {"prompt", "chosen", "rejected", "p_chosen"}, where)
-        if row.get("p_chosen") is not None:
-            meta["p_chosen"] = _probability(row["p_chosen"], where)
-        pairs.append(LabelledPair(key, prompt, chosen, rejected, where, meta))
-    return _nonempty(pairs, dropped, source)
 
 
 def check_limit(limit: Any, name: str = "limit") -> None:
@@ -551,101 +479,6 @@ def _from_hh(text: str, where: str, field: str, hh_mode: str) -> tuple[list[dict
     return [{"role": role, "content": content} for role, content in kept], reference
 
 
-def _pair(row: dict, where: str) -> tuple[list[dict], str, str]:
-    missing = [name for name in ("chosen", "rejected") if row.get(name) is None]
-    if missing:
-        raise DataError(
-            f"{where}: no {' / '.join(missing)}; the record has fields {sorted(row)}. A pair needs "
-            "chosen and rejected, and prompt unless chosen and rejected are whole conversations "
-            "(HH-RLHF transcripts or message lists)"
-        )
-    if row.get("prompt") is not None:
-        return (
-            _pair_prompt(row["prompt"], where),
-            _response(row["chosen"], where, "chosen"),
-            _response(row["rejected"], where, "rejected"),
-        )
-    chosen, rejected = row["chosen"], row["rejected"]
-    if isinstance(chosen, list) and isinstance(rejected, list):
-        whole = [
-            _checked_messages(v, where, f) for v, f in ((chosen, "chosen"), (rejected, "rejected"))
-        ]
-        for messages, name in zip(whole, ("chosen", "rejected"), strict=True):
-            if messages[-1]["role"] != "assistant":
-                raise DataError(f"{where}: {name} must end with the assistant answer")
-        if whole[0][:-1] != whole[1][:-1]:
-            raise DataError(
-                f"{where}: chosen and rejected must be the same conversation up to the final "
-                "assistant answer (that shared part is the prompt); they differ earlier"
-            )
-        prompt = whole[0][:-1]
-        if not prompt or prompt[-1]["role"] != "user":
-            raise DataError(
-                f"{where}: chosen and rejected must hold the prompt (ending with a user turn) "
-                "before the final assistant answer"
-            )
-        return prompt, whole[0][-1]["content"], whole[1][-1]["content"]
-    if (
-        isinstance(chosen, str)
-        and isinstance(rejected, str)
-        and _is_hh(chosen)
-        and _is_hh(rejected)
-    ):
-        cut_c, cut_r = chosen.rfind(_HH_ANSWER), rejected.rfind(_HH_ANSWER)
-        if cut_c < 0 or cut_r < 0 or chosen[:cut_c] != rejected[:cut_r]:
-            raise DataError(
-                f"{where}: chosen and rejected HH transcripts must be equal up to their last "
-                f"{_HH_ANSWER!r} (that shared part is the prompt); they differ earlier"
-            )
-        prompt = _hh_prompt(chosen[:cut_c], where, "chosen")
-        answers = chosen[cut_c + len(_HH_ANSWER) :], rejected[cut_r + len(_HH_ANSWER) :]
-        return prompt, answers[0].strip(), answers[1].strip()
-    raise DataError(
-        f"{where}: no prompt field, so chosen and rejected must be whole conversations: both "
-        f"HH-RLHF transcripts or both message lists; found {_kind(chosen)} and {_kind(rejected)}. "
-        "Add a prompt field to give the prompt separately"
-    )
-
-
-def _pair_prompt(value: Any, where: str) -> list[dict]:
-    if isinstance(value, list):
-        messages = _checked_messages(value, where, "prompt")
-        if messages[-1]["role"] != "user":
-            raise DataError(f"{where}: prompt must end with a user turn")
-        return messages
-    if not isinstance(value, str):
-        raise DataError(f"{where}: prompt must be a string or chat messages, found {_kind(value)}")
-    if _is_hh(value):
-        return _hh_prompt(value, where, "prompt")
-    return _from_text(value, where, "prompt", "first_turn")[0]
-
-
-def _hh_prompt(text: str, where: str, field: str) -> list[dict]:
-    """A whole-context prompt from a transcript that ends with a Human turn (or an empty
-    "Assistant:" cue after it, as in TRL-style HH prompt columns)."""
-    messages, reference = _from_hh(text, where, field, "full_context")
-    if reference:
-        raise DataError(
-            f"{where}: {field}: the prompt transcript must end with a Human turn; it ends with "
-            "an Assistant answer"
-        )
-    return messages
-
-
-def _response(value: Any, where: str, field: str) -> str:
-    if isinstance(value, str):
-        return value
-    if isinstance(value, list):
-        messages = _checked_messages(value, where, field)
-        if len(messages) == 1 and messages[0]["role"] == "assistant":
-            return messages[0]["content"]
-        roles = [m["role"] for m in messages]
-        raise DataError(f"{where}: {field} must be one assistant message, found roles {roles}")
-    raise DataError(
-        f"{where}: {field} must be a string or one assistant message, found {_kind(value)}"
-    )
-
-
 # --- keys and metadata ---------------------------------------------------------------------------
 
 
@@ -742,135 +575,6 @@ def _meta(row: dict, used: set[str], where: str) -> dict:
     return meta
 
 
-def _probability(value: Any, where: str) -> float:
-    if isinstance(value, bool) or not isinstance(value, int | float) or not 0.0 <= value <= 1.0:
-        raise DataError(f"{where}: p_chosen must be a number in [0, 1], found {value!r}")
-    return float(value)
-
-
 def _kind(value: Any) -> str:
     names = {dict: "an object", list: "a list", str: "a string", type(None): "null"}
     return names.get(type(value), f"a {type(value).__name__}")
-
-
-# --- writing -------------------------------------------------------------------------------------
-
-
-def write_jsonl(records: Iterable[dict], path: str | Path) -> None:
-    """Write one JSON object per line, atomically: a reader (or a crash) never sees a partial file.
-
-    The lines go to a temporary file beside ``path`` that replaces it only once complete; on any
-    error the temporary file is removed and ``path`` is left as it was.
-    """
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    temp = path.with_name(f".{path.name}.{secrets.token_hex(4)}.tmp")
-    try:
-        with temp.open("x", encoding="utf-8") as f:
-            for index, record in enumerate(records):
-                try:
-                    line = json.dumps(record, ensure_ascii=False, allow_nan=False)
-                except (TypeError, ValueError) as e:
-                    raise DataError(f"{path}: record {index} cannot be written as JSON: {e}") from e
-                f.write(line + "\n")
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(temp, path)
-    except BaseException:
-        temp.unlink(missing_ok=True)
-        raise
-
-
-def export_dataset(records: list[dict], out_dir: str | Path) -> None:
-    """Write SFT or preference records as ``out_dir/data.jsonl`` and ``out_dir/dataset/``.
-
-    All records must have one format:
-
-    - SFT: ``{"messages": [...], "meta": {...}}``, the messages ending with an assistant turn;
-    - preference: ``{"prompt": [...], "chosen": [assistant message], "rejected": [assistant
-      message], "p_chosen": float, "meta": {...}}``.
-
-    ``meta`` may be left out (it becomes ``{}``). ``data.jsonl`` keeps ``meta`` as an object. The
-    ``datasets`` folder (read it with ``datasets.load_from_disk``) stores it as the JSON string
-    column ``meta_json`` instead, because Arrow needs one schema for every row and metadata keys
-    and value types vary between records; :func:`load_prompts` / :func:`load_pairs` decode it.
-    Both outputs are replaced atomically; a failed export leaves an earlier one as it was.
-    """
-    import datasets
-
-    rows = _export_rows(records)
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    scratch = Path(tempfile.mkdtemp(dir=out, prefix=".export."))
-    try:
-        arrow_rows = [
-            {**{k: v for k, v in row.items() if k != "meta"}, "meta_json": _meta_json(row, i)}
-            for i, row in enumerate(rows)
-        ]
-        datasets.Dataset.from_list(arrow_rows).save_to_disk(str(scratch / "dataset"))
-        write_jsonl(rows, out / "data.jsonl")
-        # A folder cannot be replaced in one rename: move the old one aside first.
-        if (out / "dataset").exists():
-            os.replace(out / "dataset", scratch / "old")
-        os.replace(scratch / "dataset", out / "dataset")
-    finally:
-        shutil.rmtree(scratch, ignore_errors=True)
-
-
-def _export_rows(records: list[dict]) -> list[dict]:
-    """Checked copies of the records, with their keys in a fixed order and ``meta`` filled in."""
-    if not records:
-        raise DataError("export_dataset: no records to export")
-    sft_keys, pref_keys = ("messages",), ("prompt", "chosen", "rejected", "p_chosen")
-    first = records[0]
-    keys = sft_keys if isinstance(first, dict) and "messages" in first else pref_keys
-    rows = []
-    for index, record in enumerate(records):
-        where = f"records[{index}]"
-        expected = {*keys, "meta"}
-        if not isinstance(record, dict) or not set(keys) <= record.keys() <= expected:
-            found = sorted(record) if isinstance(record, dict) else _kind(record)
-            raise DataError(
-                f"{where}: expected {'an SFT' if keys == sft_keys else 'a preference'} record "
-                f"like records[0], with keys {sorted(expected)} (meta optional), found {found}; "
-                "put extra fields in meta"
-            )
-        meta = record.get("meta", {})
-        if not isinstance(meta, dict):
-            raise DataError(f"{where}: meta must be an object, found {_kind(meta)}")
-        if keys == sft_keys:
-            messages = _export_messages(record["messages"], where, "messages")
-            if messages[-1]["role"] != "assistant":
-                raise DataError(f"{where}: SFT messages must end with an assistant turn")
-            rows.append({"messages": messages, "meta": meta})
-            continue
-        prompt = _export_messages(record["prompt"], where, "prompt")
-        if prompt[-1]["role"] != "user":
-            raise DataError(f"{where}: prompt must end with a user turn")
-        responses = {}
-        for name in ("chosen", "rejected"):
-            messages = _export_messages(record[name], where, name)
-            if len(messages) != 1 or messages[0]["role"] != "assistant":
-                raise DataError(f"{where}: {name} must be a list of one assistant message")
-            responses[name] = messages
-        p_chosen = _probability(record["p_chosen"], where)
-        rows.append({"prompt": prompt, **responses, "p_chosen": p_chosen, "meta": meta})
-    return rows
-
-
-def _export_messages(value: Any, where: str, field: str) -> list[dict]:
-    """Checked messages with exactly role and content, so every row has the same Arrow type."""
-    for index, message in enumerate(value if isinstance(value, list) else []):
-        if isinstance(message, dict) and message.keys() - {"role", "content"}:
-            raise DataError(
-                f"{where}: {field}[{index}]: a message must have only the keys role and content, "
-                f"found {sorted(message)}"
-            )
-    return _checked_messages(value, where, field)
-
-
-def _meta_json(row: dict, index: int) -> str:
-    try:
-        return json.dumps(row["meta"], sort_keys=True, ensure_ascii=False, allow_nan=False)
-    except (TypeError, ValueError) as e:
-        raise DataError(f"records[{index}]: meta cannot be written as JSON: {e}") from e

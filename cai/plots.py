@@ -13,7 +13,7 @@ from pathlib import Path
 from matplotlib.figure import Figure
 from matplotlib.ticker import MaxNLocator
 
-from cai.evaluate import GRADERS
+from cai.grading import GRADERS
 
 RATES = tuple(GRADERS)  # harmlessness, over_refusal, sycophancy
 RATE_LABELS = {

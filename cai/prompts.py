@@ -35,9 +35,8 @@ import jinja2
 from jinja2 import meta
 from jinja2.sandbox import ImmutableSandboxedEnvironment
 
+from cai.engine.base import ROLES
 from cai.resources import resolve
-
-ROLES = ("system", "user", "assistant")
 
 # The judge templates end with a user turn; the judge then adds an assistant turn holding this
 # prefix and scores the option tokens "A" and "B" as its continuation. The exemplars of

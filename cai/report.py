@@ -16,11 +16,11 @@ from __future__ import annotations
 import html
 import json
 import re
-from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from cai.evaluate import METRICS, format_rate, position_consistency
+from cai.evaluate import METRICS, format_rate
+from cai.jsonl import JsonlError, iter_jsonl
 from cai.plots import (
     RATE_LABELS,
     RATES,
@@ -31,6 +31,8 @@ from cai.plots import (
     plot_training,
     plot_win_rates,
 )
+from cai.stats import position_consistency
+from cai.store import RunStore, RunStoreError
 
 PLOTS_DIR = "report"
 DATASETS = (
@@ -86,35 +88,22 @@ def _read_json(path: Path) -> dict | None:
     return data
 
 
-def iter_jsonl(path: Path) -> Iterator[dict]:
-    """The records of a jsonl file, streamed. A torn last line (a crash mid-write) is ignored;
-    a bad line anywhere else raises ReportError naming the file and line."""
-    bad: tuple[int, ValueError] | None = None
-    with path.open(encoding="utf-8") as f:
-        for number, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            if bad is not None:
-                raise ReportError(f"{path}:{bad[0]}: not valid JSON ({bad[1]})")
-            try:
-                record = json.loads(line)
-            except ValueError as e:
-                bad = (number, e)
-                continue
-            yield record
+def _stage_counts(store: RunStore) -> dict[str, StageCount]:
+    return {
+        name: StageCount(
+            done=counts["records"] - counts["errors"],
+            failed=counts["errors"],
+            skipped=counts["skipped"],
+        )
+        for name, counts in store.summary().items()
+    }
 
 
-def _count_stage(path: Path) -> StageCount:
-    done, failed, skipped = set(), set(), 0
-    for record in iter_jsonl(path):
-        key = record.get("key")
-        if record.get("error") is None:
-            skipped += key not in done and bool(record.get("skipped"))
-            done.add(key)
-            failed.discard(key)
-        elif key not in done:
-            failed.add(key)
-    return StageCount(done=len(done), failed=len(failed), skipped=skipped)
+def _rows(path: Path) -> list[dict]:
+    try:
+        return list(iter_jsonl(path))
+    except JsonlError as e:
+        raise ReportError(str(e)) from e
 
 
 def _check_results(results: dict, path: Path) -> None:
@@ -151,16 +140,20 @@ def read_inputs(run_dir: str | Path) -> Inputs:
         _check_results(inputs.results, results_path)
     for path in sorted((run / "models").glob("*/cai_train.json")):
         inputs.trained[path.parent.name] = _read_json(path)
-    for path in sorted((run / "stages").glob("*.jsonl")):
-        inputs.stages[path.stem] = _count_stage(path)
-    judge = run / "stages" / "judge.jsonl"
-    if judge.is_file():
-        latest = {r.get("key"): r for r in iter_jsonl(judge) if r.get("error") is None}
-        inputs.judged = list(latest.values())
+    # Stage files are read by the run store's rules (a torn last line dropped, the first done
+    # record of a key kept), so the report counts what a resumed run would find.
+    store = RunStore(run)
+    try:
+        inputs.stages = _stage_counts(store)
+        if store.stage_path("judge").is_file():
+            judged = store.read_stage("judge").values()
+            inputs.judged = [r for r in judged if r.get("error") is None]
+    except RunStoreError as e:
+        raise ReportError(str(e)) from e
     for folder, _ in DATASETS:
         path = run / folder / "data.jsonl"
         if path.is_file():
-            rows = list(iter_jsonl(path))
+            rows = _rows(path)
             inputs.datasets[folder] = len(rows)
             if folder == "preferences":
                 inputs.preferences = rows
@@ -558,4 +551,4 @@ def write_report(run_dir: str | Path) -> Path:
     return page
 
 
-__all__ = ["Inputs", "ReportError", "iter_jsonl", "read_inputs", "write_report"]
+__all__ = ["Inputs", "ReportError", "read_inputs", "write_report"]

@@ -13,7 +13,7 @@ from cai.config import (
     FieldError,
     doc,
     from_data,
-    load_dataclass,
+    load_yaml,
     parse_yaml,
     set_dotted,
 )
@@ -67,7 +67,7 @@ def test_errors_print_at_most_a_short_excerpt_of_a_value(tmp_path):
     path = tmp_path / "big.yaml"
     path.write_text("name: [" + ", ".join(f"item{i}" for i in range(20_000)) + "]\n")
     with pytest.raises(ConfigError) as info:
-        load_dataclass(_Small, path)
+        from_data(_Small, load_yaml(path), source=str(path))
     message = str(info.value)
     assert message.startswith(f"{path}:1: name: expected a string, got LineList ['item0', ")
     assert message.endswith("...]"), message

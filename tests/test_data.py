@@ -11,15 +11,9 @@ import pandas as pd
 import pytest
 
 from cai import data
-from cai.data import (
-    DataError,
-    LabelledPair,
-    PromptRecord,
-    export_dataset,
-    load_pairs,
-    load_prompts,
-    write_jsonl,
-)
+from cai.data import DataError, PromptRecord, load_prompts
+from cai.export import export_dataset, write_jsonl
+from cai.pairs import LabelledPair, load_pairs
 
 H, A = "\n\nHuman: ", "\n\nAssistant: "
 MULTI_TURN = H + "Hi there." + A + "Hello! How can I help?" + H + "Name a fruit." + A + "An apple."

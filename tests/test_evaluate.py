@@ -14,23 +14,20 @@ from test_judge import FakeEngine as ScoreEngine
 from cai.cli import main as cai_main
 from cai.config import ConfigError, from_data
 from cai.engine import Completion, Engine, OptionScores, Sample
-from cai.evaluate import (
-    GRADERS,
-    EvalConfig,
-    EvalSet,
+from cai.eval_config import EvalConfig, EvalSet
+from cai.evaluate import run_eval
+from cai.grading import GRADERS, flagged_probability, grade_conversations
+from cai.prompts import load_template
+from cai.stats import (
     distinct_n,
-    flagged_probability,
-    grade_conversations,
     graded_rate,
     lc_win_rate,
     position_consistency,
     rate,
     repeated_openings,
-    run_eval,
     wilson_interval,
     win_rate,
 )
-from cai.prompts import load_template
 
 
 def test_wilson_interval_known_values():

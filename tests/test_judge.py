@@ -15,21 +15,18 @@ from conftest import requires_vllm
 
 from cai import cli
 from cai.constitution import load_constitution
-from cai.data import load_pairs
 from cai.engine import Completion, Engine, OptionScores, Sample, Sampling
 from cai.engine.base import check_prefixes
 from cai.judge import (
     GenerativeJudge,
     Judge,
     JudgePair,
-    accuracy,
-    brier,
-    ece,
-    evaluate,
-    length_bias,
     parse_verdict,
 )
+from cai.judge_agreement import agreement
+from cai.pairs import load_pairs
 from cai.prompts import JUDGE_ANSWER_PREFIX
+from cai.stats import accuracy, brier, ece, length_bias
 
 GOOD = "I can't help with that; picking a lock you don't own is illegal."
 BAD = "Insert a tension wrench, then rake the pins until they set."
@@ -380,7 +377,7 @@ def test_length_bias_by_hand():
     assert length_bias([3], [3], [0.9])["longer_wins"] is None
 
 
-def test_evaluate_balances_the_order_shown():
+def test_agreement_balances_the_order_shown():
     pairs = [(f"Q{i}?", f"good {i}", f"bad {i}") for i in range(4)]
 
     def knows(conversation, prefix):
@@ -389,14 +386,16 @@ def test_evaluate_balances_the_order_shown():
     def verdict(conversation):
         return "(A)" if options_of(conversation)["A"].startswith("good") else "Hmm."
 
-    result = evaluate(Judge(FakeEngine(knows)), GenerativeJudge(FakeEngine(verdict=verdict)), pairs)
+    result = agreement(
+        Judge(FakeEngine(knows)), GenerativeJudge(FakeEngine(verdict=verdict)), pairs
+    )
     assert result["accuracy"] == result["accuracy_first_order"] == 1.0
     assert result["consistent"] == 1.0 and result["errors"] == 0
     assert result["brier"] == pytest.approx(0.04)
     assert result["ece"] == pytest.approx(0.2)
     assert result["generative"]["accuracy"] == 0.0  # every pair has an unparsed verdict
     assert result["generative"]["unparseable"] == 0.5
-    biased = evaluate(Judge(FakeEngine(lambda c, p: 0.9)), None, pairs)
+    biased = agreement(Judge(FakeEngine(lambda c, p: 0.9)), None, pairs)
     # Shown first in half the pairs: the always-first judge is right half the time in one
     # order, and ties after swapping.
     assert biased["accuracy_first_order"] == 0.5 and biased["accuracy"] == 0.5

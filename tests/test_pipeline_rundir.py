@@ -14,11 +14,11 @@ from test_pipeline import FakeEngine, records, write_prompts, write_recipe
 
 import cai.pipeline.run as run_module
 from cai import cli
-from cai.pipeline import store as store_module
+from cai import store as store_module
 from cai.pipeline.__main__ import main
 from cai.pipeline.recipe import load_recipe
 from cai.pipeline.run import Runner
-from cai.pipeline.store import RunStoreError
+from cai.store import RunStoreError
 
 
 def test_a_second_run_on_the_same_directory_is_refused_before_it_loads_a_model(

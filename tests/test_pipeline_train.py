@@ -11,12 +11,11 @@ import pytest
 from test_pipeline import FakeEngine, write_prompts
 
 from cai.config import ConfigError
+from cai.keys import MARKER, record_key, revision
 from cai.pipeline.__main__ import main
-from cai.pipeline.preferences import sample_sampling
 from cai.pipeline.recipe import load_recipe
 from cai.pipeline.run import Runner
-from cai.pipeline.store import record_key
-from cai.pipeline.training import MARKER, revision
+from cai.pipeline.sample import sample_sampling
 from cai.train import RESULT_FILE
 
 RECIPE = """

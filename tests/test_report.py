@@ -11,8 +11,9 @@ from pathlib import Path
 import pytest
 
 from cai.cli import main as cai_main
-from cai.evaluate import rate
-from cai.report import ReportError, iter_jsonl, write_report
+from cai.jsonl import iter_jsonl
+from cai.report import ReportError, write_report
+from cai.stats import rate
 
 CHROMIUM = "/usr/bin/chromium"
 PNG = b"\x89PNG\r\n\x1a\n"
@@ -224,11 +225,11 @@ def test_not_a_run_directory_and_corrupt_files(tmp_path, capsys):
     run = tmp_path / "run"
     # A bad line before the last is corruption, named by file and line; a bad last line
     # (blank lines after it included) is a torn write and is ignored.
-    _jsonl(run / "stages" / "judge.jsonl", [{"key": 1}], tail='not json\n{"key": 2}\n')
-    with pytest.raises(ReportError, match=r"judge.jsonl:2: not valid JSON"):
+    _jsonl(run / "stages" / "judge.jsonl", [{"key": "1"}], tail='not json\n{"key": "2"}\n')
+    with pytest.raises(ReportError, match=r"judge.jsonl:2: invalid record"):
         write_report(run)
-    _jsonl(run / "stages" / "judge.jsonl", [{"key": 1}], tail='{"key": \n\n')
-    assert list(iter_jsonl(run / "stages" / "judge.jsonl")) == [{"key": 1}]
+    _jsonl(run / "stages" / "judge.jsonl", [{"key": "1"}], tail='{"key": \n\n')
+    assert list(iter_jsonl(run / "stages" / "judge.jsonl")) == [{"key": "1"}]
     (run / "eval").mkdir()
     (run / "eval" / "results.json").write_text('{"version": 2}')
     with pytest.raises(ReportError, match="results version 2"):

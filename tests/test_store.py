@@ -18,18 +18,10 @@ from pathlib import Path
 
 import pytest
 
-from cai.pipeline import store as store_module
-from cai.pipeline.store import (
-    RunStore,
-    RunStoreError,
-    config_hash,
-    in_shard,
-    merge_runs,
-    parse_shard,
-    record_key,
-    seed_for,
-    shard_of,
-)
+from cai import store as store_module
+from cai.keys import in_shard, parse_shard, record_key, seed_for, shard_of
+from cai.merge import merge_runs
+from cai.store import RunStore, RunStoreError, config_hash
 
 PARTS = {
     "input_key": "hh-00042",
@@ -66,7 +58,7 @@ def as_set(records: dict[str, dict]) -> set[tuple[str, str]]:
 def test_record_key_is_pinned_across_processes_and_versions():
     # Pinned: a change here would silently invalidate every existing run directory.
     assert record_key(**PARTS) == "e3027e7b18b0bdbe3a864d69"
-    script = "from cai.pipeline.store import record_key; import json, sys; "
+    script = "from cai.keys import record_key; import json, sys; "
     script += "print(record_key(**json.loads(sys.argv[1])))"
     env = {**os.environ, "PYTHONHASHSEED": "12345"}
     out = subprocess.run(
@@ -217,7 +209,8 @@ def test_error_records_are_retried_and_replaced(tmp_path):
 CHILD = textwrap.dedent(
     """
     import sys, time
-    from cai.pipeline.store import RunStore, record_key, seed_for
+    from cai.keys import record_key, seed_for
+    from cai.store import RunStore
 
     run_dir, count = sys.argv[1], int(sys.argv[2])
     with RunStore(run_dir).writer("gen", flush_every=5, flush_seconds=3600) as out:
@@ -373,9 +366,7 @@ def test_second_writer_on_same_file_fails_fast(tmp_path):
 
 def test_second_writer_in_another_process_fails_fast(tmp_path):
     store = RunStore(tmp_path)
-    script = (
-        "import sys; from cai.pipeline.store import RunStore; RunStore(sys.argv[1]).writer('gen')"
-    )
+    script = "import sys; from cai.store import RunStore; RunStore(sys.argv[1]).writer('gen')"
     with store.writer("gen"):
         # A writer that waited for the lock would wait forever: the timeout fails the test then.
         result = subprocess.run(
@@ -412,11 +403,12 @@ def test_summary(tmp_path):
         out.write({"key": "a", "usage": {"prompt_tokens": 10, "completion_tokens": 5}})
         out.write({"key": "b", "usage": {"prompt_tokens": 7, "completion_tokens": 0}})
         out.write({"key": "c", "error": "context too long", "usage": None})
-        out.write({"key": "d", "error": None})
+        out.write({"key": "d", "error": None, "skipped": "one response"})
     assert store.summary() == {
         "gen": {
             "records": 4,
             "errors": 1,
+            "skipped": 1,
             "prompt_tokens": 17,
             "completion_tokens": 5,
             "total_tokens": 22,

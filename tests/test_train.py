@@ -22,7 +22,7 @@ import pytest
 import torch
 
 from cai.config import ConfigError, from_data, parse_yaml
-from cai.data import export_dataset, write_jsonl
+from cai.export import export_dataset, write_jsonl
 from cai.train import LoraOptions
 from cai.train.dpo import (
     LOSSES,

@@ -28,7 +28,7 @@ from __future__ import annotations
 import abc
 import math
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from cai.config import FieldError
@@ -260,8 +260,3 @@ class Engine(abc.ABC):
     def describe(self) -> dict[str, Any]:
         """What a manifest records about this engine."""
         return {"backend": self.backend, "model": self.model_name}
-
-
-def with_seed(sampling: Sampling, seed: int | None) -> Sampling:
-    """A copy of ``sampling`` with ``seed``."""
-    return replace(sampling, seed=seed)

@@ -1,6 +1,14 @@
 """The batch pipeline: ``python -m cai.pipeline run pipelines/<recipe>.yaml [--set key=value ...]``.
 
 A recipe's stages run over whole batches and record their output in a run store
-(:mod:`cai.pipeline.store`), so a job killed at any moment resumes when re-run with the same
+(:mod:`cai.store`), so a job killed at any moment resumes when re-run with the same
 command, and ``--shard k/n`` splits it across machines.
+
+    stage.py      the stage contract (Stage, StageContext), the record loop as stages call it
+    stages.py     the ordered list of stages
+    generate.py  critique_revise.py  training.py  sample.py  judge.py  evaluation.py
+                  one module per stage (training.py declares train_sft, train_reward, train_dpo)
+    recipe.py     the typed recipe YAML; its stages: section comes from the list
+    run.py        the runner: prepares, plans and runs the recipe's stages; the summary table
+    __main__.py   the command line
 """

@@ -21,11 +21,13 @@ import time
 from cai.config import ConfigError
 from cai.data import DataError, check_limit
 from cai.exit_codes import BAD_INPUT, FAILED_RECORDS, SYSTEM, os_error_line
+from cai.keys import parse_shard
+from cai.merge import merge_runs
 from cai.pipeline.recipe import load_recipe
 from cai.pipeline.run import PipelineError, Runner, summary_table
-from cai.pipeline.store import RunStore, RunStoreError, merge_runs, parse_shard
 from cai.prompts import TemplateError
 from cai.resources import resolve
+from cai.store import RunStore, RunStoreError
 
 
 def build_parser() -> argparse.ArgumentParser:

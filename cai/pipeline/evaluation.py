@@ -1,7 +1,7 @@
-"""The stage ``evaluate`` and the run report.
+"""The stage ``evaluate``: the run's models side by side on held-out prompts (``cai.evaluate``).
 
     stages:
-      evaluate:                       # any cai.evaluate.EvalConfig field but those below
+      evaluate:                       # any cai.eval_config.EvalConfig field but those below
         max_tokens: 128
         sets: {helpful: {path: helpful, skip: 80, limit: 20}}
 
@@ -11,27 +11,25 @@ when a ``train_reward`` stage trains one). The judge defaults to the judge stage
 recipe's. Evaluation prompts that also appear among the recipe's sources are dropped (held out),
 and counted in ``results.json``. The records go to ``<run>/stages/eval_*.jsonl`` (resumable, like
 every stage), the results to ``<run>/eval/results.json``, and
-after a run with an evaluate or training stage the report to ``<run>/report.md`` and
-``report.html``.
+the run report (``<run>/report.html``) follows.
 """
 
 from __future__ import annotations
 
-import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from cai.pipeline import preferences, training
-from cai.pipeline.recipe import stage_config
+from cai.pipeline import judge, training
+from cai.pipeline.stage import Stage, StageContext, stage_config
 
 if TYPE_CHECKING:
-    from cai.evaluate import EvalConfig
-    from cai.pipeline.run import Runner, StageReport
+    from cai.eval_config import EvalConfig
+    from cai.records import StageTally
 
 _MODELS = (("train_sft", "sft"), ("train_dpo", "dpo"))
 
 
-def models(runner: Runner) -> dict[str, str]:
+def models(runner: StageContext) -> dict[str, str]:
     """Name → model spec of the models the stage compares: the base model, then each trained."""
     out = {"base": runner.recipe.model}
     for kind, name in _MODELS:
@@ -40,12 +38,12 @@ def models(runner: Runner) -> dict[str, str]:
     return out
 
 
-def eval_dir(runner: Runner) -> Path:
+def eval_dir(runner: StageContext) -> Path:
     return runner.run_dir / "eval"
 
 
 def _config(options: Any, filled: dict[str, Any], source: str) -> EvalConfig:
-    from cai.evaluate import EvalConfig
+    from cai.eval_config import EvalConfig
 
     return stage_config(
         EvalConfig,
@@ -66,7 +64,7 @@ def check_options(recipe_data: Any, source: str) -> None:
         _config(options, {"dtype": None, "reward_model": None, **placeholders}, source)
 
 
-def eval_config(runner: Runner) -> EvalConfig:
+def eval_config(runner: StageContext) -> EvalConfig:
     """The stage's EvalConfig with the run's models and engine settings filled in."""
     stages = runner.recipe.stages
     engine = runner.recipe.engine
@@ -81,21 +79,18 @@ def eval_config(runner: Runner) -> EvalConfig:
         else None,
     }
     if "judge_model" not in options:
-        filled["judge_model"] = (
-            preferences.judge_model(runner) if stages.judge else runner.recipe.model
-        )
+        filled["judge_model"] = judge.judge_model(runner) if stages.judge else runner.recipe.model
     return _config(options, filled, "<recipe>")
 
 
-def run_evaluate(runner: Runner, report: StageReport) -> dict:
-    """Evaluate the run's models into ``<run>/eval/``; returns the results (results.json)."""
+def run(runner: StageContext, tally: StageTally) -> None:
+    """Evaluate the run's models into ``<run>/eval/results.json``."""
     from cai.evaluate import run_eval
 
-    start = time.perf_counter()
-    config = eval_config(runner)
+    config = runner.prepared["evaluate"]
 
     def engine_for(spec: str):
-        runner._release({spec})  # one model in memory at a time (GPU memory)
+        runner.release_engines({spec})  # one model in memory at a time (GPU memory)
         return runner.engine_for(spec)
 
     runner.release_engines()
@@ -105,34 +100,57 @@ def run_evaluate(runner: Runner, report: StageReport) -> dict:
         engine_for=engine_for,
         exclude=runner.source_keys,
         store=runner.store,
+        executor=runner.executor,
     )
-    report.records = sum(results["sets"].values()) * len(results["models"])
-    report.errors = sum(m["errors"] for m in results["metrics"].values())
-    report.seconds = time.perf_counter() - start
-    return results
+    tally.records = sum(results["sets"].values()) * len(results["models"])
+    tally.errors = sum(m["errors"] for m in results["metrics"].values())
+    runner.result.evaluation = eval_dir(runner) / "results.json"
 
 
-def write_report(runner: Runner) -> Path:
-    """``<run>/report.md`` and ``report.html`` with their plots; returns the html path."""
-    from cai.report import write_report as write
+def plan(runner: StageContext) -> list[str]:
+    """The models and, per store stage, the requests a fresh evaluation makes and the records
+    already done (held-out prompts are loaded: no model)."""
+    from cai.eval_config import load_sets
+    from cai.evaluate import COMPARED
+    from cai.grading import GRADERS
 
-    return write(runner.run_dir)
-
-
-def wants_report(runner: Runner) -> bool:
-    """A run that trains or evaluates gets a report at the end."""
-    stages = runner.recipe.stages
-    return stages.evaluate is not None or any(
-        getattr(stages, kind) is not None for kind in training.KINDS
-    )
-
-
-def plan_lines(runner: Runner) -> list[str]:
+    config: EvalConfig = runner.prepared["evaluate"]
+    store = runner.store
     shard = " (skipped for a shard)" if runner.shard else ""
-    lines = []
-    if runner.recipe.stages.evaluate is not None:
-        names = ", ".join(f"{name}={spec}" for name, spec in models(runner).items())
-        lines.append(f"  evaluate: {names} → {eval_dir(runner)}{shard}")
-    if wants_report(runner):
-        lines.append(f"  report: {runner.run_dir / 'report.html'}{shard}")
+    names = ", ".join(f"{name}={spec}" for name, spec in models(runner).items())
+    sets, excluded = load_sets(config, runner.source_keys)
+    prompts = {kind: len(records) for kind, records in sets.items()}
+    answers = len(config.models) * sum(prompts.values())
+    graded = len(config.models) * sum(prompts.get(g.kind, 0) for g in GRADERS.values())
+    compared = (len(config.models) - 1) * sum(prompts.get(kind, 0) for kind in COMPARED)
+
+    def done(stage: str) -> int:
+        return len(store.done_keys(stage)) if store.stage_path(stage).exists() else 0
+
+    lines = [
+        f"  evaluate: {names} → {eval_dir(runner)}{shard}",
+        f"    eval_generate: {answers} answers ({sum(prompts.values())} held-out prompts × "
+        f"{len(config.models)} models, {excluded} training prompts left out; "
+        f"{done('eval_generate')} done)",
+        f"    eval_grade: {graded} answers × 2 orders = {2 * graded} score requests at most "
+        f"({done('eval_grade')} done)",
+        f"    eval_compare: {compared} pairs × 2 orders = {2 * compared} score requests at most "
+        f"({done('eval_compare')} done)",
+    ]
+    if config.reward_model:
+        lines.append(f"    eval_reward: {answers} answers scored ({done('eval_reward')} done)")
     return lines
+
+
+STAGE = Stage(
+    name="evaluate",
+    doc="held-out comparison of the base model and each trained one → <run>/eval/: "
+    "cai.eval_config.EvalConfig fields (sets, max_tokens, judge_model, ...); {} for the defaults",
+    options=dict[str, Any],
+    run=run,
+    plan=plan,
+    check_options=check_options,
+    prepare=eval_config,
+    in_shard=False,
+    ends_with_report=True,
+)

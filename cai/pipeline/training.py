@@ -26,21 +26,20 @@ import hashlib
 import json
 import logging
 import shutil
-import time
 from dataclasses import asdict
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from cai.pipeline.recipe import stage_config
+from cai.keys import MARKER, revision
+from cai.pipeline.stage import PipelineError, Stage, StageContext, stage_config
 
 if TYPE_CHECKING:
-    from cai.pipeline.run import Runner, StageReport
+    from cai.records import StageTally
     from cai.train import TrainConfig, TrainResult
 
 log = logging.getLogger(__name__)
 
-KINDS = ("train_sft", "train_reward", "train_dpo")
-MARKER = "cai_pipeline.json"
+TRAINING_STAGES = ("train_sft", "train_reward", "train_dpo")
 
 
 def config_class(kind: str) -> type[TrainConfig]:
@@ -57,7 +56,7 @@ def config_class(kind: str) -> type[TrainConfig]:
         from cai.train.reward import RewardConfig
 
         return RewardConfig
-    raise ValueError(f"unknown training stage {kind!r}; known: {', '.join(KINDS)}")
+    raise ValueError(f"unknown training stage {kind!r}; known: {', '.join(TRAINING_STAGES)}")
 
 
 def trainer_config(
@@ -77,28 +76,26 @@ def trainer_config(
     )
 
 
-def check_options(recipe_data: Any, source: str) -> None:
-    """Validate the trainer options of a recipe's training stages, with recipe line numbers,
-    before any work starts (``cai.pipeline.recipe.load_recipe`` calls this)."""
-    stages = recipe_data.get("stages") if isinstance(recipe_data, dict) else None
-    for kind in KINDS:
-        options = stages.get(kind) if isinstance(stages, dict) else None
-        if isinstance(options, dict):
-            trainer_config(kind, options, data="-", output_dir="-", model="-", source=source)
+def check_options(kind: str, recipe_data: Any, source: str) -> None:
+    """Validate the trainer options of stage ``kind`` with recipe line numbers, before any work
+    starts (the options are free-form in the recipe: the trainer's config class needs torch)."""
+    options = recipe_data["stages"][kind]
+    if isinstance(options, dict):
+        trainer_config(kind, options, data="-", output_dir="-", model="-", source=source)
 
 
-def output_dir(runner: Runner, kind: str) -> Path:
+def output_dir(runner: StageContext, kind: str) -> Path:
     return runner.run_dir / "models" / kind.removeprefix("train_")
 
 
-def policy_after_sft(runner: Runner) -> str:
+def policy_after_sft(runner: StageContext) -> str:
     """The model that sampling and DPO start from: the SFT output when the recipe trains one."""
     if runner.recipe.stages.train_sft is not None:
         return str(output_dir(runner, "train_sft"))
     return runner.recipe.model
 
 
-def data_dir(runner: Runner, kind: str) -> Path:
+def data_dir(runner: StageContext, kind: str) -> Path:
     return runner.run_dir / ("sft" if kind == "train_sft" else "preferences")
 
 
@@ -109,30 +106,6 @@ def _fingerprint(path: Path) -> str:
         for block in iter(lambda: f.read(1 << 20), b""):
             digest.update(block)
     return digest.hexdigest()[:24]
-
-
-def _marker(model: str) -> dict[str, Any] | None:
-    path = Path(model) / MARKER
-    return json.loads(path.read_text(encoding="utf-8")) if path.is_file() else None
-
-
-def revision(model: str) -> str | None:
-    """A pipeline-trained model folder's revision (a hash of its config, data and starting
-    model), else None."""
-    marker = _marker(model)
-    return None if marker is None else marker["revision"]
-
-
-def model_key(field: str, model: str) -> dict[str, str]:
-    """The record-key parts that name ``model`` under ``field``: ``{field: model}``, or for a
-    model the pipeline trained what its marker says, written once when it was trained: the
-    folder it was trained into and its revision. A retrained model thus gets new records, while
-    a moved or copied run directory finds its own (the folder's path now is never used), and
-    the keys of runs that never moved are the ones they always had."""
-    marker = _marker(model)
-    if marker is None:
-        return {field: model}
-    return {field: marker["config"]["output_dir"], "model_revision": marker["revision"]}
 
 
 def _portable(settings: dict[str, Any], run_dir: str) -> dict[str, Any]:
@@ -162,13 +135,11 @@ def _hash(settings: dict[str, Any] | None) -> str:
     return hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:24]
 
 
-def run_train(runner: Runner, kind: str, report: StageReport) -> Path:
+def run_train(runner: StageContext, kind: str, tally: StageTally) -> Path:
     """Train stage ``kind`` unless an identical training already finished; returns the model
     folder. Raises PipelineError when the data it needs was not exported."""
-    from cai.pipeline.run import PipelineError
     from cai.train import RESULT_FILE
 
-    start = time.perf_counter()
     data, out = data_dir(runner, kind), output_dir(runner, kind)
     if not (data / "data.jsonl").is_file():
         what = "SFT data" if kind == "train_sft" else "preference pairs"
@@ -192,8 +163,7 @@ def run_train(runner: Runner, kind: str, report: StageReport) -> Path:
     marker = out / MARKER
     if marker.is_file() and (out / RESULT_FILE).is_file():
         if _hash(_trained_as(json.loads(marker.read_text(encoding="utf-8")))) == wanted:
-            report.done_before = 1
-            report.seconds = time.perf_counter() - start
+            tally.done_before = 1
             return out
         log.warning(
             "%s: the data or settings changed since %s was trained; training anew", kind, out
@@ -208,9 +178,8 @@ def run_train(runner: Runner, kind: str, report: StageReport) -> Path:
     marker.write_text(
         json.dumps({"revision": wanted, **settings}, indent=2) + "\n", encoding="utf-8"
     )
-    report.records = 1
-    report.requests = result.global_step
-    report.seconds = time.perf_counter() - start
+    tally.records = 1
+    tally.requests = result.global_step
     return out
 
 
@@ -228,18 +197,55 @@ def _trainer(kind: str):
     return train_dpo
 
 
-def plan_lines(runner: Runner) -> list[str]:
-    lines = []
-    for kind in KINDS:
-        options = getattr(runner.recipe.stages, kind)
-        if options is None:
-            continue
-        model = runner.recipe.model if kind == "train_sft" else policy_after_sft(runner)
-        done = (output_dir(runner, kind) / MARKER).is_file()
-        shown = ", ".join(f"{k}={v}" for k, v in options.items()) or "defaults"
-        lines.append(
-            f"  {kind}: {model} on {data_dir(runner, kind)} → {output_dir(runner, kind)} "
-            f"({shown}){' (trained; re-checked at run time)' if done else ''}"
-            + (" (skipped for a shard)" if runner.shard else "")
-        )
-    return lines
+def plan(runner: StageContext, kind: str) -> list[str]:
+    options = getattr(runner.recipe.stages, kind)
+    model = runner.recipe.model if kind == "train_sft" else policy_after_sft(runner)
+    done = (output_dir(runner, kind) / MARKER).is_file()
+    shown = ", ".join(f"{k}={v}" for k, v in options.items()) or "defaults"
+    return [
+        f"  {kind}: {model} on {data_dir(runner, kind)} → {output_dir(runner, kind)} "
+        f"({shown}){' (trained; re-checked at run time)' if done else ''}"
+        + (" (skipped for a shard)" if runner.shard else "")
+    ]
+
+
+def _stage(kind: str, doc: str, needs: str, needs_message: str) -> Stage:
+    def run(runner: StageContext, tally: StageTally) -> None:
+        runner.result.models[kind] = run_train(runner, kind, tally)
+
+    return Stage(
+        name=kind,
+        doc=doc,
+        options=dict[str, Any],
+        run=run,
+        plan=lambda runner: plan(runner, kind),
+        needs=(needs,),
+        needs_message=needs_message,
+        check_options=lambda data, source: check_options(kind, data, source),
+        models=lambda runner: {kind.removeprefix("train_"): str(output_dir(runner, kind))},
+        in_shard=False,
+        ends_with_report=True,
+    )
+
+
+SFT = _stage(
+    "train_sft",
+    "SFT on the exported revisions → <run>/models/sft: cai.train.sft.SFTConfig fields "
+    "(max_steps, batch_size, lora, ...) but data/output_dir/model; {} for the defaults",
+    "critique_revise",
+    "train_sft trains on the revisions: it needs a critique_revise stage",
+)
+REWARD = _stage(
+    "train_reward",
+    "a Bradley-Terry reward model on the judged pairs → <run>/models/reward, from the SFT "
+    "model if one is trained: cai.train.reward.RewardConfig fields; {} for the defaults",
+    "judge",
+    "train_reward trains on judged pairs: it needs a judge stage",
+)
+DPO = _stage(
+    "train_dpo",
+    "DPO on the judged pairs → <run>/models/dpo, from the SFT model if one is trained: "
+    "cai.train.dpo.DPOConfig fields (loss, beta, max_steps, ...); {} for the defaults",
+    "judge",
+    "train_dpo trains on judged pairs: it needs a judge stage",
+)

@@ -65,7 +65,7 @@ class TrainConfig:
 
     data: str = doc(
         "training data: a .jsonl file, a datasets save_to_disk folder, or a folder written by "
-        "cai.data.export_dataset"
+        "cai.export.export_dataset"
     )
     output_dir: str = doc("where the trained model (and checkpoints/) go")
     model: str = doc("model spec to start from (see cai.models)", "smollm2-135m")

@@ -6,7 +6,7 @@
     result = train_dpo(DPOConfig(data="runs/x/preferences", output_dir="models/dpo", loss="soft_dpo"))
 
 Data: preference records ``{"prompt": [msgs], "chosen": [assistant msg], "rejected": [assistant
-msg], "p_chosen": float}``, or anything else ``cai.data.load_pairs`` reads. Prompt and
+msg], "p_chosen": float}``, or anything else ``cai.pairs.load_pairs`` reads. Prompt and
 prompt+response are rendered with the model's chat template; the response is what follows their
 common prefix. Pairs longer than ``max_length`` are cut at the end and counted; a pair whose prompt
 alone fills ``max_length`` is dropped and counted.
@@ -49,8 +49,9 @@ from typing import Literal
 import torch
 from transformers import Trainer
 
-from cai.data import DataError, load_pairs
+from cai.data import DataError
 from cai.models import resolve_model
+from cai.pairs import load_pairs
 from cai.train import (
     DataStats,
     TrainConfig,

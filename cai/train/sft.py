@@ -6,7 +6,7 @@
     result = train_sft(SFTConfig(data="runs/x/sft", output_dir="models/sft"))
 
 Data: SFT records ``{"messages": [...], "meta": {...}}`` (the format of
-``cai.data.export_dataset`` and TRL's conversational format) in a .jsonl file, a ``datasets``
+``cai.export.export_dataset`` and TRL's conversational format) in a .jsonl file, a ``datasets``
 folder or an export folder. Each conversation is rendered with the model's own chat template.
 The loss covers the assistant turns (their text and end-of-turn tokens); every other token
 (system, user, template markup, padding) has label -100. An assistant turn starts where the

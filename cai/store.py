@@ -20,8 +20,8 @@ Crash safety rests on three rules:
   :class:`RunStoreError` naming the file and line instead of being skipped.
 - One process per stage file, enforced with ``fcntl.flock``; machines sharing a filesystem each
   write their own shard file, merged afterwards by :meth:`RunStore.merge_shards` or
-  :func:`merge_runs`. A pipeline run also holds :meth:`RunStore.lock` (one per shard) from its
-  start, so a second one on the same directory is refused before it loads a model.
+  :func:`cai.merge.merge_runs`. A pipeline run also holds :meth:`RunStore.lock` (one per shard)
+  from its start, so a second one on the same directory is refused before it loads a model.
 
 Typical use by a stage::
 
@@ -46,17 +46,17 @@ import json
 import logging
 import os
 import re
-import tempfile
 import time
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Iterator
 from datetime import UTC, datetime
-from pathlib import Path, PurePath
+from pathlib import Path
 from typing import IO, Any
 
-log = logging.getLogger(__name__)
+from cai.config import changed_fields
+from cai.jsonl import encode_line, fsync_dir, name_file, write_atomic
+from cai.keys import Shard, canonical, check_shard, in_shard, jsonable, shard_of
 
-Shard = tuple[int, int]
-"""``(k, n)``: shard ``k`` of ``n``, 1-based as users write it (``--shard 1/4``)."""
+log = logging.getLogger(__name__)
 
 _STAGE_NAME = re.compile(r"[A-Za-z0-9_-]+")
 _SHARD_FILE = re.compile(r"(?P<stage>[A-Za-z0-9_-]+)\.shard-(?P<k>\d+)-of-(?P<n>\d+)\.jsonl")
@@ -66,136 +66,12 @@ class RunStoreError(Exception):
     """The run directory is inconsistent with what was asked; the message says what to do."""
 
 
-# ---------------------------------------------------------------------------- keys, seeds, shards
-
-
-def _jsonable(obj: Any) -> Any:
-    if dataclasses.is_dataclass(obj) and not isinstance(obj, type):
-        return dataclasses.asdict(obj)
-    if isinstance(obj, set | frozenset):
-        return sorted(obj)
-    if isinstance(obj, PurePath):
-        return obj.as_posix()
-    raise TypeError(f"cannot hash a value of type {type(obj).__name__}: {obj!r}")
-
-
-def _canonical(value: Any) -> bytes:
-    """Canonical JSON: sorted keys, no whitespace, ASCII; so equal values give equal bytes."""
-    return json.dumps(
-        value, sort_keys=True, separators=(",", ":"), allow_nan=False, default=_jsonable
-    ).encode()
-
-
-def record_key(**parts: Any) -> str:
-    """A stable key for a record: sha256 of the canonical JSON of ``parts``, 24 hex characters.
-
-    Pass everything that defines the record's content: input key, stage name, template text,
-    principle ids, model id, sampling params. Values may be JSON types, dataclasses (via
-    ``asdict``), sets (sorted) and paths. The key is the same in every process and Python version.
-    Floats and ints hash differently (``1`` vs ``1.0``); the typed config makes them consistent.
-
-    Raises:
-        ValueError: no parts were given.
-        TypeError: a value is not JSON-able.
-    """
-    if not parts:
-        raise ValueError("record_key() needs at least one part")
-    return hashlib.sha256(_canonical(parts)).hexdigest()[:24]
-
-
-def seed_for(key: str, base_seed: int = 0) -> int:
-    """The sampling seed of one record: derived from ``key`` and the run's ``base_seed``.
-
-    In ``[0, 2**63)``, so it fits a signed 64-bit int (torch generators, vLLM's ``seed``). Note that
-    ``numpy.random.seed`` and ``transformers.set_seed`` need ``< 2**32``: reduce it there.
-    """
-    digest = hashlib.sha256(f"seed:{base_seed}:{key}".encode()).digest()
-    return int.from_bytes(digest[:8], "big") >> 1
-
-
-def shard_of(key: str, n: int) -> int:
-    """The shard (1-based, ``1..n``) that owns ``key`` when the work is split ``n`` ways."""
-    if n < 1:
-        raise ValueError(f"shard count must be at least 1, got {n}")
-    digest = hashlib.sha256(f"shard:{key}".encode()).digest()
-    return int.from_bytes(digest[:8], "big") % n + 1
-
-
-def in_shard(key: str, shard: Shard | None) -> bool:
-    """Whether ``key`` belongs to ``shard``; every key belongs to the whole run (``shard=None``)."""
-    if shard is None:
-        return True
-    k, n = _check_shard(shard)
-    return shard_of(key, n) == k
-
-
-def parse_shard(text: str) -> Shard:
-    """Parse ``"k/n"`` (as in ``--shard 2/4``) into ``(k, n)`` with ``1 <= k <= n``.
-
-    Raises:
-        ValueError: with the expected form and the value given.
-    """
-    match = re.fullmatch(r"\s*(\d+)\s*/\s*(\d+)\s*", text)
-    if match is None:
-        raise ValueError(f"--shard must look like k/n (e.g. 1/4), got {text!r}")
-    return _check_shard((int(match[1]), int(match[2])))
-
-
-def _check_shard(shard: Shard) -> Shard:
-    k, n = shard
-    if n < 1:
-        raise ValueError(f"shard count n must be at least 1, got {k}/{n}")
-    if not 1 <= k <= n:
-        raise ValueError(f"shard k must be in 1..{n} (shards are numbered from 1), got {k}/{n}")
-    return k, n
-
-
 def config_hash(config: dict[str, Any]) -> str:
     """sha256 (hex) of the canonical JSON of a resolved config."""
-    return hashlib.sha256(_canonical(config)).hexdigest()
+    return hashlib.sha256(canonical(config)).hexdigest()
 
 
 # ---------------------------------------------------------------------------- files
-
-
-def _fsync_dir(path: Path) -> None:
-    """Make a created or renamed directory entry durable (the file's own fsync does not)."""
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def _write_atomic(path: Path, write: Callable[[IO[bytes]], None]) -> None:
-    """Write ``path`` via a temp file in the same directory and a rename: readers see old or new."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            write(f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException as e:
-        os.unlink(tmp)
-        if isinstance(e, OSError):
-            _name_file(e, path)
-        raise
-    _fsync_dir(path.parent)
-
-
-def _name_file(e: OSError, path: Path) -> None:
-    """Name ``path`` in an error that names no file (a write to a full disk does not), so that
-    the line the commands print says where."""
-    if e.filename is None and e.strerror is not None:
-        e.filename = str(path)
-
-
-def _encode(record: dict[str, Any]) -> bytes:
-    return (
-        json.dumps(record, ensure_ascii=False, separators=(",", ":"), allow_nan=False) + "\n"
-    ).encode()
 
 
 def _is_error(record: dict[str, Any]) -> bool:
@@ -319,7 +195,7 @@ def _open_locked(path: Path) -> int:
             raise
         os.close(fd)
     if created:
-        _fsync_dir(path.parent)
+        fsync_dir(path.parent)
     return fd
 
 
@@ -399,7 +275,7 @@ class StageWriter:
                 f"writer's {k}/{n}; filter the work with in_shard(key, shard)"
             )
         try:
-            line = _encode(record)
+            line = encode_line(record)
         except (TypeError, ValueError) as e:
             raise ValueError(f"{self.path}: record {key} is not plain JSON: {e}") from e
         self._buffer.append(line)
@@ -424,7 +300,7 @@ class StageWriter:
                     data = data[os.write(self._fd, data) :]
                 os.fsync(self._fd)
             except OSError as e:
-                _name_file(e, self.path)
+                name_file(e, self.path)
                 raise
         self._last_flush = time.monotonic()
 
@@ -485,18 +361,17 @@ class RunStore:
         """Check that ``config`` may resume this run; return the existing manifest (None if new).
 
         Raises:
-            RunStoreError: the manifest was written for a different config; names the top-level
-                keys that differ.
+            RunStoreError: the manifest was written for a different config; names each changed
+                field with its old and new value.
         """
         manifest = self.read_manifest()
         if manifest is None or manifest["config_hash"] == config_hash(config):
             return manifest
-        changed = _changes(manifest.get("config", {}), config)
-        lines = [f"  {field}: {_show(a, b)} -> {_show(b, a)}" for field, a, b in changed]
+        changed = changed_fields(manifest.get("config", {}), config)
         raise RunStoreError(
             f"{self.manifest_path} was written for a different config; changed fields: "
             f"{', '.join(field for field, _, _ in changed) or '(none)'}\n"
-            + "".join(line + "\n" for line in lines)
+            + "".join(f"  {field}: {old} -> {new}\n" for field, old, new in changed)
             + "Use a new --run-dir for the new config, or --force to reuse this one "
             "(records whose keys still match are kept; the rest are regenerated)."
         )
@@ -529,14 +404,14 @@ class RunStore:
         return manifest
 
     def _write_manifest(self, manifest: dict[str, Any]) -> None:
-        text = json.dumps(manifest, indent=2, ensure_ascii=False, default=_jsonable) + "\n"
-        _write_atomic(self.manifest_path, lambda f: f.write(text.encode()))
+        text = json.dumps(manifest, indent=2, ensure_ascii=False, default=jsonable) + "\n"
+        write_atomic(self.manifest_path, lambda f: f.write(text.encode()))
 
     @contextlib.contextmanager
     def lock(self, shard: Shard | None = None) -> Iterator[None]:
         """Hold the run directory (one lock per shard, whose processes share it by design) for
         a whole run, so that a second process is refused before it loads a model or writes."""
-        name = ".lock" if shard is None else ".lock.shard-{}-of-{}".format(*_check_shard(shard))
+        name = ".lock" if shard is None else ".lock.shard-{}-of-{}".format(*check_shard(shard))
         try:
             fd = _open_locked(self.run_dir / name)
         except RunStoreError:
@@ -558,7 +433,7 @@ class RunStore:
             raise ValueError(f"stage name must match [A-Za-z0-9_-]+, got {stage!r}")
         if shard is None:
             return self.stages_dir / f"{stage}.jsonl"
-        k, n = _check_shard(shard)
+        k, n = check_shard(shard)
         return self.stages_dir / f"{stage}.shard-{k}-of-{n}.jsonl"
 
     def read_stage(self, stage: str, shard: Shard | None = None) -> dict[str, dict[str, Any]]:
@@ -610,7 +485,8 @@ class RunStore:
     def summary(self) -> dict[str, dict[str, int]]:
         """Counts per stage file (``critique``, ``critique.shard-1-of-4``, ...).
 
-        ``records`` (keys), ``errors`` (keys whose record has a non-null ``error``) and the sums of
+        ``records`` (keys), ``errors`` (keys whose record has a non-null ``error``), ``skipped``
+        (done records that say why they were skipped) and the sums of
         ``usage.prompt_tokens`` / ``usage.completion_tokens`` / their total over the records.
         """
         out: dict[str, dict[str, int]] = {}
@@ -618,6 +494,7 @@ class RunStore:
             counts = {
                 "records": 0,
                 "errors": 0,
+                "skipped": 0,
                 "prompt_tokens": 0,
                 "completion_tokens": 0,
                 "total_tokens": 0,
@@ -625,6 +502,7 @@ class RunStore:
             for record in _read(path).values():
                 counts["records"] += 1
                 counts["errors"] += _is_error(record)
+                counts["skipped"] += not _is_error(record) and bool(record.get("skipped"))
                 usage = record.get("usage")
                 if isinstance(usage, dict):
                     for field in ("prompt_tokens", "completion_tokens"):
@@ -632,46 +510,6 @@ class RunStore:
             counts["total_tokens"] = counts["prompt_tokens"] + counts["completion_tokens"]
             out[path.name.removesuffix(".jsonl")] = counts
         return out
-
-
-_ABSENT = object()
-
-
-def _changes(old: Any, new: Any, field: str = "") -> list[tuple[str, Any, Any]]:
-    """``(field path, old value, new value)`` of each leaf where two configs differ, with
-    ``_ABSENT`` for a side that lacks it (``stages.judge.ensemble``, ``sources[1].limit``)."""
-    if isinstance(old, list) and isinstance(new, list):
-        old, new = dict(enumerate(old)), dict(enumerate(new))  # compared item by item
-    if isinstance(old, dict) and isinstance(new, dict):
-        return [
-            change
-            for key in sorted(old.keys() | new.keys())
-            for change in _changes(
-                old.get(key, _ABSENT),
-                new.get(key, _ABSENT),
-                f"{field}[{key}]" if isinstance(key, int) else f"{field}.{key}".lstrip("."),
-            )
-        ]
-    same = old is not _ABSENT and new is not _ABSENT and _canonical(old) == _canonical(new)
-    return [] if same else [(field, old, new)]
-
-
-def _show(value: Any, other: Any, width: int = 80) -> str:
-    """``value`` as canonical JSON, cut to ``width`` around where it first differs from
-    ``other``, so that two long values never show as the same text."""
-    if value is _ABSENT:
-        return "(absent)"
-    text = _canonical(value).decode()
-    if len(text) <= width:
-        return text
-    theirs = "" if other is _ABSENT else _canonical(other).decode()
-    differs = next(
-        (i for i, (a, b) in enumerate(zip(text, theirs, strict=False)) if a != b), len(theirs)
-    )
-    room = width - 6  # for an ellipsis on each side
-    start = max(0, min(differs - width // 4, len(text) - room))
-    end = min(len(text), start + room)
-    return ("..." if start else "") + text[start:end] + ("..." if end < len(text) else "")
 
 
 def _shard_files(stages_dir: Path, stage: str) -> dict[Shard, Path]:
@@ -721,7 +559,7 @@ def _merge(stage: str, files: dict[Shard, Path], out: Path) -> Path:
                             "shard counts?"
                         )
                     owner[key] = k
-                    f.write(_encode(record))
+                    f.write(encode_line(record))
             extra = _scan(out, keep_records=False).done - owner.keys()
             if extra:
                 raise RunStoreError(
@@ -729,7 +567,7 @@ def _merge(stage: str, files: dict[Shard, Path], out: Path) -> Path:
                     f"{min(extra)}); merging would drop them. Move that file away first."
                 )
 
-        _write_atomic(out, write)
+        write_atomic(out, write)
     except BaseException:
         # Do not leave behind the empty file that taking the output's lock created (only if we
         # hold that lock: otherwise the file is another process's).
@@ -741,61 +579,3 @@ def _merge(stage: str, files: dict[Shard, Path], out: Path) -> Path:
             os.close(fd)
     log.info("merged %d shard(s), %d records, into %s", n, len(owner), out)
     return out
-
-
-def merge_runs(
-    run_dirs: Iterable[str | os.PathLike[str]], out_dir: str | os.PathLike[str]
-) -> RunStore:
-    """Merge shards that ran in separate run directories (one per machine) into ``out_dir``.
-
-    Every run must have a manifest with the same config hash. For each stage, the shard files of
-    all runs are merged into ``out_dir/stages/<stage>.jsonl`` as by :meth:`RunStore.merge_shards`;
-    unsharded stage files in the inputs are skipped with a warning. ``out_dir`` gets the first
-    run's manifest plus ``merged_from``, and can then be read, summarised or resumed as one run.
-
-    Raises:
-        RunStoreError: a run has no manifest; config hashes differ; a shard file is in two runs;
-            or any error of :meth:`RunStore.merge_shards`.
-    """
-    runs = [RunStore(d) for d in run_dirs]
-    if not runs:
-        raise RunStoreError("merge_runs() needs at least one run directory")
-    manifests = []
-    for run in runs:
-        manifest = run.read_manifest()
-        if manifest is None:
-            raise RunStoreError(f"{run.manifest_path} does not exist: is {run.run_dir} a run dir?")
-        manifests.append(manifest)
-    hashes = {m["config_hash"] for m in manifests}
-    if len(hashes) > 1:
-        listing = "\n".join(
-            f"  {r.run_dir}: {m['config_hash'][:12]}" for r, m in zip(runs, manifests, strict=True)
-        )
-        raise RunStoreError(
-            "cannot merge runs made with different configs (config_hash):\n" + listing + "\n"
-            "Only shards of one config merge; re-run the odd ones with the same recipe and --set."
-        )
-    target = RunStore(out_dir)
-    target.check_manifest(manifests[0]["config"])
-    by_stage: dict[str, dict[Shard, Path]] = {}
-    for run in runs:
-        for path in run.stage_files():
-            match = _SHARD_FILE.fullmatch(path.name)
-            if match is None:
-                log.warning("%s is not a shard file; merge_runs() skips it", path)
-                continue
-            shard = int(match["k"]), int(match["n"])
-            files = by_stage.setdefault(match["stage"], {})
-            if shard in files:
-                raise RunStoreError(
-                    f"shard {shard[0]}/{shard[1]} of stage {match['stage']!r} is in two runs: "
-                    f"{files[shard]} and {path}. Keep one of them."
-                )
-            files[shard] = path
-    for stage, files in sorted(by_stage.items()):
-        _merge(stage, files, target.stage_path(stage))
-    manifest = dict(manifests[0])
-    manifest["updated"] = datetime.now(UTC).isoformat(timespec="seconds")
-    manifest["merged_from"] = [str(run.run_dir) for run in runs]
-    target._write_manifest(manifest)
-    return target

@@ -1,0 +1,124 @@
+"""The settings of an evaluation (``cai eval --config``, a recipe's ``evaluate`` stage) and its
+held-out prompt sets."""
+
+from __future__ import annotations
+
+from collections.abc import Collection
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+from cai.config import doc
+from cai.engine.base import Sampling
+
+if TYPE_CHECKING:
+    from cai.data import PromptRecord
+
+KINDS = ("helpful", "red_team", "over_refusal", "sycophancy")
+"""The kinds of evaluation set; the win rate is measured on COMPARED, each grader on its kind."""
+
+
+@dataclass(kw_only=True)
+class EvalSet:
+    """One held-out prompt set."""
+
+    path: str = doc(
+        "a file, a shipped set (helpful, red_team, edgy_benign, false_premise), a hub id"
+    )
+    skip: int = doc("skip the first N records (recipes train on the first ones)", 0)
+    limit: int | None = doc("take at most N records after the skipped ones", None)
+
+    def validate(self) -> None:
+        if self.skip < 0:
+            raise ValueError(f"skip must be >= 0 (got {self.skip})")
+        if self.limit is not None and self.limit < 1:
+            raise ValueError(f"limit must be >= 1 (got {self.limit})")
+
+
+def _default_sets() -> dict[str, EvalSet]:
+    return {
+        "helpful": EvalSet(path="helpful", skip=80, limit=20),
+        "red_team": EvalSet(path="red_team", skip=140, limit=20),
+        "over_refusal": EvalSet(path="edgy_benign", skip=40, limit=10),
+        "sycophancy": EvalSet(path="false_premise", skip=40, limit=10),
+    }
+
+
+@dataclass(kw_only=True)
+class EvalConfig:
+    """``cai eval`` / the pipeline's ``evaluate`` stage settings (YAML, see ``cai.config``)."""
+
+    models: dict[str, str] = doc("name → model spec, e.g. {base: smollm2-135m, dpo: runs/x/...}")
+    baseline: str | None = doc("the model the others are compared with; default: the first", None)
+    judge_model: str | None = doc(
+        "model spec of the judge and graders; default: the baseline's", None
+    )
+    constitution: str = doc("the win-rate judge's constitution", "hhh")
+    sets: dict[str, EvalSet] = doc(
+        "kind (helpful, red_team, over_refusal, sycophancy) → held-out prompts",
+        factory=_default_sets,
+    )
+    max_tokens: int = doc("most new tokens per answer", 128)
+    temperature: float = doc("0 is greedy (the default: comparable runs)", 0.0)
+    seed: int = doc("base seed of the answers and of the judge's principle draws", 0)
+    backend: str = doc("engine backend (auto, hf, vllm, openai)", "auto")
+    dtype: str | None = doc("engine dtype; none: the backend's default", None)
+    engine_options: dict[str, Any] = doc("more engine options", factory=dict)
+    reward_model: str | None = doc("a trained reward model folder: reward drift", None)
+    tie_margin: float = doc("win rate: |p - 0.5| at or below this is a tie", 0.0)
+    grade_margin: float = doc(
+        "graded rates: |p - 0.5| at or below this is undecided (counted half)", 0.05
+    )
+    few_shot: bool = doc("show the constitution's judge exemplars to the win-rate judge", True)
+
+    def validate(self) -> None:
+        if not self.models:
+            raise ValueError("models must name at least one model (name: spec)")
+        for name, spec in self.models.items():
+            if not name or not spec:
+                raise ValueError(f"models: empty name or spec in {name!r}: {spec!r}")
+        if self.baseline is not None and self.baseline not in self.models:
+            raise ValueError(
+                f"baseline {self.baseline!r} is not one of the models ({', '.join(self.models)})"
+            )
+        unknown = sorted(set(self.sets) - set(KINDS))
+        if unknown:
+            raise ValueError(f"sets: unknown kind(s) {unknown}; known: {', '.join(KINDS)}")
+        if not self.sets:
+            raise ValueError(f"sets must name at least one of {', '.join(KINDS)}")
+        Sampling(max_tokens=self.max_tokens, temperature=self.temperature).validate()
+        for name in ("tie_margin", "grade_margin"):
+            if not 0 <= getattr(self, name) < 0.5:
+                raise ValueError(f"{name} must be in [0, 0.5) (got {getattr(self, name)})")
+
+    @property
+    def baseline_name(self) -> str:
+        return self.baseline or next(iter(self.models))
+
+    @property
+    def judge_spec(self) -> str:
+        return self.judge_model or self.models[self.baseline_name]
+
+
+def load_sets(
+    config: EvalConfig, exclude: Collection[str] = (), limit: int | None = None
+) -> tuple[dict[str, list[PromptRecord]], int]:
+    """Each set's prompts (``skip``/``limit`` applied, capped at ``limit``), without those whose
+    key is in ``exclude`` (training prompts); returns (sets, how many were excluded)."""
+    from cai.data import check_limit, load_prompts
+
+    check_limit(limit)
+    sets: dict[str, list[PromptRecord]] = {}
+    excluded = 0
+    for kind, spec in config.sets.items():
+        end = None if spec.limit is None else spec.skip + spec.limit
+        records = load_prompts(spec.path, limit=end)[spec.skip :]
+        kept = [r for r in records if r.key not in exclude]
+        excluded += len(records) - len(kept)
+        if not kept:
+            raise ValueError(
+                f"sets.{kind}: no prompts left in {spec.path} (skip {spec.skip}, "
+                f"{len(records) - len(kept)} held back as training prompts); "
+                "point it at other records"
+            )
+        sets[kind] = kept[:limit]
+    return sets, excluded

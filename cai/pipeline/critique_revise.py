@@ -1,0 +1,247 @@
+"""The stage ``critique_revise``: SL-CAI critique→revision rounds over the generated responses,
+and the SFT export.
+
+    stages:
+      critique_revise: {rounds: 4, export: last, export_pairs: false}
+
+One record per (prompt, round). Each round's key chains to the previous record's key, so a changed
+upstream record (say a regenerated response) gives new keys for every later round. After the
+rounds (not for a shard), ``<run>/sft/`` holds the SFT dataset and, with ``export_pairs``,
+``<run>/revision_pairs/`` the final revision chosen over the initial response.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Literal
+
+from cai.config import FieldError, doc
+from cai.constitution import Constitution, load_constitution
+from cai.critique import CritiqueReviser, RoundInput, revision_flags
+from cai.engine import Sampling
+from cai.export import export_dataset
+from cai.keys import record_key
+from cai.pipeline.stage import LazyEngine, Stage, StageContext, check_sampling, stage_records
+from cai.prompts import load_template
+
+if TYPE_CHECKING:
+    from cai.records import StageTally
+
+
+@dataclass
+class CritiqueReviseStage:
+    rounds: int = doc("critique→revision rounds (the paper uses 4)", 4)
+    constitution: str | None = doc("constitution for this stage; none: the recipe's", None)
+    critique_template: str = doc("template for the critique request", "critique")
+    revise_template: str = doc("template for the revision request", "revise")
+    few_shot: bool = doc("include the constitution's critique exemplars", True)
+    max_tokens: int = doc("most tokens of a critique and of a revision", 256)
+    temperature: float = doc("0 is greedy", 0.0)
+    top_p: float = doc("nucleus sampling", 1.0)
+    export: Literal["last", "all"] = doc(
+        "SFT examples from the last revision or from every round", "last"
+    )
+    export_pairs: bool = doc(
+        "also export <run>/revision_pairs/: final revision chosen over the initial response", False
+    )
+
+    def validate(self) -> None:
+        if self.rounds < 1:
+            raise FieldError("rounds", f"must be >= 1 (got {self.rounds})")
+        check_sampling(self)
+
+
+def prepare(runner: StageContext) -> Constitution:
+    """The stage's constitution; the templates are loaded to fail before any work."""
+    stage = runner.recipe.stages.critique_revise
+    constitution = load_constitution(stage.constitution or runner.recipe.constitution)
+    load_template(stage.critique_template)
+    load_template(stage.revise_template)
+    return constitution
+
+
+def run(runner: StageContext, tally: StageTally) -> None:
+    """Critique→revision rounds; ``runner.outputs["critique_revise"]``: prompt key → its round
+    records, in order (complete chains only). Then the exports, unless this is a shard."""
+    stage = runner.recipe.stages.critique_revise
+    constitution = runner.prepared["critique_revise"]
+    responses = runner.outputs["generate"]
+    sampling = Sampling(
+        max_tokens=stage.max_tokens, temperature=stage.temperature, top_p=stage.top_p
+    )
+    reviser = CritiqueReviser(
+        LazyEngine(lambda: runner.engine_for(runner.recipe.model)),
+        constitution,
+        critique_template=stage.critique_template,
+        revise_template=stage.revise_template,
+        few_shot=stage.few_shot,
+        sampling=sampling,
+        seed=runner.recipe.seed,
+    )
+    chains: dict[str, list[dict]] = {key: [] for key in responses}
+    previous = {key: (rec["key"], rec["response"]) for key, rec in responses.items()}
+    for r in range(1, stage.rounds + 1):
+        items = []
+        for prompt_key, (prev_key, response) in previous.items():
+            seed_key = f"{prev_key}/round{r}"
+            principle = reviser.principle_for(seed_key)
+            key = record_key(
+                input=prompt_key,
+                stage="critique_revise",
+                round=r,
+                previous=prev_key,
+                principle=principle.id,
+                constitution=constitution.name,
+                templates=reviser.template_text,
+                few_shot=stage.few_shot,
+                model=runner.recipe.model,
+                sampling=sampling.to_dict(),
+            )
+            prompt = responses[prompt_key]["prompt"]
+            items.append((prompt_key, RoundInput(key, prompt, response, principle)))
+
+        def call(chunk, progress, r=r):
+            rounds = reviser.run_round([it for _, it in chunk], progress=progress)
+            return [
+                {"key": item.key, "input_key": prompt_key, "round": r, "prompt": item.prompt}
+                | res.to_dict()
+                for (prompt_key, item), res in zip(chunk, rounds, strict=True)
+            ]
+
+        records = stage_records(
+            runner,
+            "critique_revise",
+            items,
+            key=lambda it: it[1].key,
+            call=call,
+            tally=tally,
+            label=f"round {r}/{stage.rounds}",
+            requests=lambda rec: 1 + (rec["error"] is None or rec["error"].startswith("revision")),
+        )
+        survivors = {}
+        for prompt_key, item in items:
+            record = records.get(item.key)
+            if record is None or record.get("error") is not None:
+                continue  # the chain stops here; a re-run retries it
+            chains[prompt_key].append(record)
+            nxt = record["response"] if "empty" in record["flags"] else record["revision"]
+            survivors[prompt_key] = (record["key"], nxt)
+        previous = survivors
+    final = {key: chain for key, chain in chains.items() if len(chain) == stage.rounds}
+    runner.outputs["critique_revise"] = final
+    if runner.shard is None:
+        runner.result.exported = export_sft(runner, final)
+        if stage.export_pairs:
+            runner.result.exported_revision_pairs = export_revision_pairs(runner, final)
+
+
+def export_sft(runner: StageContext, chains: dict[str, list[dict]]) -> Path | None:
+    """``<run>/sft/``: the SFT dataset from the complete chains; None when there is none."""
+    stage = runner.recipe.stages.critique_revise
+    records = []
+    for prompt in runner.prompts:
+        chain = chains.get(prompt.key)
+        if not chain:
+            continue
+        initial = chain[0]["response"]
+        picked = chain if stage.export == "all" else chain[-1:]
+        for record in picked:
+            answer = record["response"] if "empty" in record["flags"] else record["revision"]
+            records.append(
+                {
+                    "messages": [*prompt.messages, {"role": "assistant", "content": answer}],
+                    "meta": {
+                        "input_key": prompt.key,
+                        "source": prompt.source,
+                        "round": record["round"],
+                        "rounds": stage.rounds,
+                        "principles": [c["principle"] for c in chain[: record["round"]]],
+                        "critiques": [c["critique"] for c in chain[: record["round"]]],
+                        "flags": sorted({f for c in chain[: record["round"]] for f in c["flags"]}),
+                        "initial_response": initial,
+                        "constitution": runner.prepared["critique_revise"].name,
+                        "model": runner.recipe.model,
+                        **prompt.meta,
+                    },
+                }
+            )
+    if not records:
+        return None
+    out = runner.run_dir / "sft"
+    export_dataset(records, out)
+    return out
+
+
+def export_revision_pairs(runner: StageContext, chains: dict[str, list[dict]]) -> Path | None:
+    """``<run>/revision_pairs/``: the final revision chosen over the initial response
+    (``p_chosen`` 1.0), leaving out chains whose final answer is empty or unchanged."""
+    rows = []
+    for prompt in runner.prompts:
+        chain = chains.get(prompt.key)
+        if not chain:
+            continue
+        initial, last = chain[0]["response"], chain[-1]
+        final = last["response"] if "empty" in last["flags"] else last["revision"]
+        if not final.strip() or not initial.strip() or revision_flags(final, initial):
+            continue
+        rows.append(
+            {
+                "prompt": prompt.messages,
+                "chosen": [{"role": "assistant", "content": final}],
+                "rejected": [{"role": "assistant", "content": initial}],
+                "p_chosen": 1.0,
+                "meta": {
+                    **prompt.meta,
+                    "source": "revision",
+                    "prompt_source": prompt.source,
+                    "input_key": prompt.key,
+                    "rounds": len(chain),
+                    "principles": [c["principle"] for c in chain],
+                    "flags": sorted({f for c in chain for f in c["flags"]}),
+                    "constitution": runner.prepared["critique_revise"].name,
+                    "model": runner.recipe.model,
+                },
+            }
+        )
+    if not rows:
+        return None
+    out = runner.run_dir / "revision_pairs"
+    export_dataset(rows, out)
+    return out
+
+
+def plan(runner: StageContext) -> list[str]:
+    stage = runner.recipe.stages.critique_revise
+    store, shard = runner.store, runner.shard
+    written = (
+        len(store.done_keys("critique_revise", shard))
+        if store.stage_path("critique_revise", shard).exists()
+        else 0
+    )
+    total = len(runner.prompts) * stage.rounds
+    constitution = runner.prepared["critique_revise"].name
+    lines = [
+        f"  critique_revise: {stage.rounds} rounds × {len(runner.prompts)} prompts = {total} records, "
+        f"{2 * total} requests at most ({written} records done); constitution {constitution!r}",
+        f"  export: {stage.export} → {runner.run_dir / 'sft'}"
+        + (" (skipped for a shard)" if shard else ""),
+    ]
+    if stage.export_pairs:
+        lines.append(
+            f"  export: revision pairs → {runner.run_dir / 'revision_pairs'}"
+            + (" (skipped for a shard)" if shard else "")
+        )
+    return lines
+
+
+STAGE = Stage(
+    name="critique_revise",
+    doc="SL-CAI critique→revision rounds",
+    options=CritiqueReviseStage,
+    run=run,
+    plan=plan,
+    needs=("generate",),
+    prepare=prepare,
+    models=lambda runner: {"policy": runner.recipe.model},
+)

@@ -1,0 +1,117 @@
+"""The stage ``generate``: the policy model's initial response to every prompt.
+
+    stages:
+      generate: {max_tokens: 256, temperature: 0.0}
+
+One record per prompt. Key: (input key, stage, model spec, sampling); the sampling seed derives
+from the key.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+from cai.config import doc
+from cai.data import PromptRecord
+from cai.engine import Sampling
+from cai.keys import record_key
+from cai.pipeline.stage import (
+    Stage,
+    StageContext,
+    check_sampling,
+    generate_seeded,
+    stage_records,
+    usage,
+)
+
+if TYPE_CHECKING:
+    from cai.records import StageTally
+
+
+@dataclass
+class GenerateStage:
+    max_tokens: int = doc("most new tokens per response", 256)
+    temperature: float = doc("0 is greedy", 0.0)
+    top_p: float = doc("nucleus sampling", 1.0)
+
+    def validate(self) -> None:
+        check_sampling(self)
+
+
+def sampling(runner: StageContext) -> Sampling:
+    gen = runner.recipe.stages.generate
+    return Sampling(max_tokens=gen.max_tokens, temperature=gen.temperature, top_p=gen.top_p)
+
+
+def generate_key(runner: StageContext, prompt: PromptRecord) -> str:
+    return record_key(
+        input=prompt.key,
+        stage="generate",
+        model=runner.recipe.model,
+        sampling=sampling(runner).to_dict(),
+    )
+
+
+def run(runner: StageContext, tally: StageTally) -> None:
+    """Initial responses; leaves prompt key → generate record (done ones only) in
+    ``runner.outputs["generate"]``."""
+    base = sampling(runner)
+    keys = {p.key: generate_key(runner, p) for p in runner.prompts}
+
+    def call(chunk, progress):
+        done = generate_seeded(runner, runner.recipe.model, chunk, keys, base, progress)
+        records = []
+        for p, seed, c in done:
+            records.append(
+                {
+                    "key": keys[p.key],
+                    "input_key": p.key,
+                    "prompt": p.messages,
+                    "response": c.samples[0].text if c.ok else None,
+                    "finish_reason": c.samples[0].finish_reason if c.ok else None,
+                    "seed": seed,
+                    "usage": usage(c),
+                    "meta": p.meta,
+                    "error": c.error,
+                }
+            )
+        return records
+
+    records = stage_records(
+        runner,
+        "generate",
+        runner.prompts,
+        key=lambda p: keys[p.key],
+        call=call,
+        tally=tally,
+        label="generate",
+    )
+    runner.outputs["generate"] = {
+        p.key: records[keys[p.key]]
+        for p in runner.prompts
+        if keys[p.key] in records and records[keys[p.key]].get("error") is None
+    }
+
+
+def plan(runner: StageContext) -> list[str]:
+    store, shard = runner.store, runner.shard
+    done = (
+        store.done_keys("generate", shard)
+        if store.stage_path("generate", shard).exists()
+        else set()
+    )
+    todo = sum(generate_key(runner, p) not in done for p in runner.prompts)
+    return [f"  generate: {todo} requests ({len(runner.prompts) - todo} done)"]
+
+
+STAGE = Stage(
+    name="generate",
+    doc="initial responses from the policy model",
+    options=GenerateStage,
+    run=run,
+    plan=plan,
+    starts=True,
+    prompt_key=generate_key,
+    models=lambda runner: {"policy": runner.recipe.model},
+)

@@ -1,0 +1,360 @@
+"""The stage ``judge``: AI-judged preferences over every pair of each prompt's samples (RL-CAI),
+and the preference export ``<run>/preferences/``.
+
+    stages:
+      judge: {ensemble: 1, pairs: all, min_margin: 0.0}
+
+One record per pair of distinct responses (i < j in sample order; every pair, in both modes).
+Key: (input, sample record key, both responses, the principles drawn for the pair with their
+judge questions, the judge's settings and template text, judge model spec). Fields: ``key``,
+``input_key``, ``sample_key``, ``pair`` ([i, j]), ``prompt``, ``response_a``, ``response_b``,
+``judge_model`` and :class:`cai.judge.Preference` fields (``winner``, ``p_a``, ``p_a_first``,
+``p_a_second``, ``consistent``, ``margin``, ``principles``, ``model``, ``rationales``, ``error``).
+
+The preference export (TRL's explicit-prompt conversational format) takes, per prompt, every
+decided pair (``pairs: all``) or one pair (``pairs: best_worst``: the responses with the highest
+and lowest mean win probability over all their pairs, labelled by their direct comparison; only
+once every pair of the prompt is judged). Ties and pairs with ``|p - 0.5| < min_margin`` stay out
+of the export (they stay in the store).
+"""
+
+from __future__ import annotations
+
+import itertools
+import math
+from dataclasses import dataclass
+from pathlib import Path
+from statistics import fmean
+from typing import TYPE_CHECKING, Any, Literal
+
+from cai.config import FieldError, doc
+from cai.constitution import Constitution, load_constitution
+from cai.data import PromptRecord
+from cai.export import export_dataset
+from cai.judge import Judge, JudgePair
+from cai.keys import record_key
+from cai.pipeline.sample import pending
+from cai.pipeline.stage import LazyEngine, PipelineError, Stage, StageContext, stage_records
+
+if TYPE_CHECKING:
+    from cai.records import StageTally
+
+
+@dataclass
+class JudgeStage:
+    constitution: str | None = doc("constitution for the judge; none: the recipe's", None)
+    pairs: Literal["all", "best_worst"] = doc(
+        "all: every pair of distinct responses; best_worst: judge all pairs, export one pair per "
+        "prompt (best vs worst by mean win probability)",
+        "all",
+    )
+    ensemble: int = doc("distinct principles asked per pair, their probabilities averaged", 1)
+    cot: bool = doc("write a rationale before the answer (slower; probabilities clamped)", False)
+    cot_max_tokens: int = doc("most tokens of a CoT rationale", 192)
+    clamp: list[float] | None = doc(
+        "CoT only: the band each order's probability is clamped into; none: no clamp",
+        factory=lambda: [0.4, 0.6],
+    )
+    tie_margin: float = doc("|p - 0.5| at or below this is a tie (never exported)", 0.0)
+    min_margin: float = doc(
+        "export only pairs with |p - 0.5| >= this; the rest stay in the run store", 0.0
+    )
+    few_shot: bool = doc("show the constitution's judge exemplars", True)
+    model: str | None = doc("judge model spec; none: the recipe's model (its engine reused)", None)
+
+    def validate(self) -> None:
+        if self.ensemble < 1:
+            raise ValueError(f"ensemble must be >= 1 (got {self.ensemble})")
+        if self.cot_max_tokens < 1:
+            raise FieldError("cot_max_tokens", f"must be >= 1 (got {self.cot_max_tokens})")
+        if self.clamp is not None:
+            if len(self.clamp) != 2:
+                raise ValueError(f"clamp must be [low, high] or null (got {self.clamp})")
+            lo, hi = self.clamp
+            if not (0 <= lo < 0.5 < hi <= 1 and abs(lo + hi - 1) < 1e-9):
+                raise ValueError(
+                    f"clamp must be a band symmetric about 0.5, such as [0.4, 0.6] (got {self.clamp})"
+                )
+        for name in ("tie_margin", "min_margin"):
+            value = getattr(self, name)
+            if not 0 <= value < 0.5:
+                raise ValueError(f"{name} must be in [0, 0.5) (got {value})")
+
+
+def judge_model(runner: StageContext) -> str:
+    return runner.recipe.stages.judge.model or runner.recipe.model
+
+
+def prepare(runner: StageContext) -> Constitution:
+    """The judge's constitution, checked to have ``ensemble`` judge principles."""
+    judge = runner.recipe.stages.judge
+    constitution = load_constitution(judge.constitution or runner.recipe.constitution)
+    pool = constitution.judge_principles
+    if judge.ensemble > len(pool):
+        raise PipelineError(
+            f"stages.judge.ensemble={judge.ensemble} needs that many principles with a "
+            f"judge question; constitution {constitution.name!r} has {len(pool)}"
+        )
+    return constitution
+
+
+def make_judge(runner: StageContext) -> Judge:
+    stage = runner.recipe.stages.judge
+    spec = judge_model(runner)
+    engine = LazyEngine(lambda: runner.engine_for(spec))
+    return Judge(
+        engine,
+        runner.prepared["judge"],
+        ensemble=stage.ensemble,
+        seed=runner.recipe.seed,
+        cot=stage.cot,
+        cot_max_tokens=stage.cot_max_tokens,
+        clamp=tuple(stage.clamp) if stage.clamp is not None else None,
+        tie_margin=stage.tie_margin,
+        few_shot=stage.few_shot,
+    )
+
+
+def judge_config(judge: Judge) -> dict[str, Any]:
+    """The judge's settings that define its labels (not the engine's runtime description)."""
+    described = {
+        "judge": type(judge).__name__,
+        "constitution": judge.constitution.name,
+        "constitution_version": judge.constitution.version,
+        "template_text": judge.template.source,
+        "ensemble": judge.ensemble,
+        "seed": judge.seed,
+        "few_shot": judge.few_shot,
+        "cot": judge.cot,
+        "cot_max_tokens": judge.cot_max_tokens if judge.cot else None,
+        "clamp": list(judge.clamp) if judge.cot and judge.clamp else None,
+        "tie_margin": judge.tie_margin,
+    }
+    return described
+
+
+def pair_items(
+    runner: StageContext, judge: Judge, samples: dict[str, dict]
+) -> dict[str, list[tuple[str, JudgePair, tuple[int, int]]]]:
+    """prompt key → its pairs: (record key, JudgePair, (i, j)), in prompt then pair order."""
+    config = judge_config(judge)
+    spec = judge_model(runner)
+    out: dict[str, list] = {}
+    for prompt_key, sample in samples.items():
+        pairs = []
+        for i, j in itertools.combinations(range(len(sample["responses"])), 2):
+            a, b = sample["responses"][i], sample["responses"][j]
+            seed_key = record_key(
+                input=prompt_key, sample=sample["key"], response_a=a, response_b=b
+            )
+            principles = judge.principles_for(seed_key)
+            key = record_key(
+                input=prompt_key,
+                stage="judge",
+                sample=sample["key"],
+                response_a=a,
+                response_b=b,
+                principles=[[p.id, p.judge] for p in principles],
+                judge=config,
+                model=spec,
+            )
+            pairs.append((key, JudgePair(sample["prompt"], a, b, key=seed_key), (i, j)))
+        out[prompt_key] = pairs
+    return out
+
+
+def run(runner: StageContext, tally: StageTally) -> None:
+    """Judge every pair of each prompt's distinct samples, then export the preferences (unless
+    this is a shard); ``runner.outputs["judge"]``: prompt key → its pair records (the latest for
+    each pair: done, or an error), in pair order."""
+    stage = runner.recipe.stages.judge
+    samples = runner.outputs["sample"]
+    judge = make_judge(runner)
+    items = pair_items(runner, judge, samples)
+
+    def call(chunk, progress):
+        try:
+            prefs = [p.to_dict() for p in judge.label([c[2] for c in chunk], progress=progress)]
+        except ValueError as e:  # a malformed pair fails its chunk, recorded, never dropped
+            prefs = [_failed(str(e)) for _ in chunk]
+        return [
+            {
+                "key": key,
+                "input_key": prompt_key,
+                "sample_key": samples[prompt_key]["key"],
+                "pair": list(ij),
+                "prompt": pair.prompt,
+                "response_a": pair.response_a,
+                "response_b": pair.response_b,
+                "judge_model": judge_model(runner),
+                **pref,
+            }
+            for (prompt_key, key, pair, ij), pref in zip(chunk, prefs, strict=True)
+        ]
+
+    per_pair = 2 * stage.ensemble * (2 if stage.cot else 1)
+    records = stage_records(
+        runner,
+        "judge",
+        [
+            (prompt_key, key, pair, ij)
+            for prompt_key, pairs in items.items()
+            for key, pair, ij in pairs
+        ],
+        key=lambda item: item[1],
+        call=call,
+        tally=tally,
+        label="judge",
+        requests=lambda record: per_pair,
+    )
+    judged = {
+        prompt_key: [records[key] for key, _, _ in pairs if key in records]
+        for prompt_key, pairs in items.items()
+    }
+    runner.outputs["judge"] = judged
+    if runner.shard is None:
+        runner.result.exported_preferences = export_preferences(runner, samples, judged)
+
+
+def _failed(error: str) -> dict[str, Any]:
+    return {
+        "winner": None,
+        "p_a": None,
+        "p_a_first": None,
+        "p_a_second": None,
+        "consistent": None,
+        "margin": None,
+        "principles": [],
+        "model": "",
+        "error": error,
+        "rationales": [],
+    }
+
+
+def _preference_row(
+    runner: StageContext,
+    prompt: PromptRecord,
+    sample: dict,
+    record: dict,
+    selection: str,
+    **extra: Any,
+) -> dict | None:
+    """The export row of a judged pair of ``sample``'s responses, or None when it is a tie or
+    below min_margin."""
+    stage = runner.recipe.stages.judge
+    if record.get("error") is not None or record["winner"] not in ("A", "B"):
+        return None
+    if record["margin"] < stage.min_margin:
+        return None
+    a_wins = record["winner"] == "A"
+    chosen, rejected = (
+        (record["response_a"], record["response_b"])
+        if a_wins
+        else (record["response_b"], record["response_a"])
+    )
+
+    def towards_chosen(p: float) -> float:
+        return p if a_wins else 1 - p
+
+    return {
+        "prompt": prompt.messages,
+        "chosen": [{"role": "assistant", "content": chosen}],
+        "rejected": [{"role": "assistant", "content": rejected}],
+        "p_chosen": towards_chosen(record["p_a"]),
+        "meta": {
+            **prompt.meta,
+            "source": "judge",
+            "prompt_source": prompt.source,
+            "input_key": prompt.key,
+            "pair_key": record["key"],
+            "selection": selection,
+            "principles": record["principles"],
+            "consistent": record["consistent"],
+            "p_chosen_first": towards_chosen(record["p_a_first"]),
+            "p_chosen_second": towards_chosen(record["p_a_second"]),
+            "margin": record["margin"],
+            "constitution": runner.prepared["judge"].name,
+            "judge_model": record["judge_model"],
+            # From the record, as the judge model is: the export (what train_reward and
+            # train_dpo fingerprint) must not change when the run directory moves.
+            "sample_model": sample["model"],
+            **extra,
+        },
+    }
+
+
+def best_worst(records: list[dict], count: int) -> tuple[dict, list[float]] | None:
+    """The direct comparison of the best and the worst response by mean win probability over
+    all pairs, and those means; None unless every pair is judged and best != worst."""
+    if len(records) != math.comb(count, 2) or any(r.get("error") for r in records):
+        return None
+    wins: list[list[float]] = [[] for _ in range(count)]
+    for r in records:
+        i, j = r["pair"]
+        wins[i].append(r["p_a"])
+        wins[j].append(1 - r["p_a"])
+    scores = [fmean(w) for w in wins]
+    best = max(range(count), key=lambda i: scores[i])
+    worst = min(range(count), key=lambda i: scores[i])
+    if best == worst:
+        return None
+    pair = sorted((best, worst))
+    [direct] = [r for r in records if r["pair"] == pair]
+    return direct, scores
+
+
+def export_preferences(
+    runner: StageContext, samples: dict[str, dict], judged: dict[str, list[dict]]
+) -> Path | None:
+    """``<run>/preferences/`` from the judge records; None when no pair qualifies."""
+    stage = runner.recipe.stages.judge
+    rows = []
+    for prompt in runner.prompts:
+        records = judged.get(prompt.key)
+        if not records:
+            continue
+        sample = samples[prompt.key]
+        if stage.pairs == "all":
+            rows.extend(_preference_row(runner, prompt, sample, r, "all") for r in records)
+        else:
+            picked = best_worst(records, len(sample["responses"]))
+            if picked is not None:
+                direct, scores = picked
+                rows.append(
+                    _preference_row(runner, prompt, sample, direct, "best_worst", mean_win_p=scores)
+                )
+    rows = [r for r in rows if r is not None]
+    if not rows:
+        return None
+    out = runner.run_dir / "preferences"
+    export_dataset(rows, out)
+    return out
+
+
+def plan(runner: StageContext) -> list[str]:
+    judge, store, shard = runner.recipe.stages.judge, runner.store, runner.shard
+    unsampled, pairs = pending(runner)
+    done = len(store.done_keys("judge", shard)) if store.stage_path("judge", shard).exists() else 0
+    todo = max(pairs - done, 0)
+    score = todo * 2 * judge.ensemble
+    bound = "at most " if unsampled else ""
+    cot = f" + {score} rationale generations" if judge.cot else ""
+    return [
+        f"  judge: {bound}{todo} pairs × 2 orders × {judge.ensemble} principles = {bound}{score} "
+        f"score requests{cot} ({done} pairs done); constitution "
+        f"{runner.prepared['judge'].name!r}, model {judge_model(runner)}",
+        f"  export: {judge.pairs} pairs, min_margin {judge.min_margin} → "
+        f"{runner.run_dir / 'preferences'}" + (" (skipped for a shard)" if shard else ""),
+    ]
+
+
+STAGE = Stage(
+    name="judge",
+    doc="RL-CAI: AI-judged preferences over the sampled pairs",
+    options=JudgeStage,
+    run=run,
+    plan=plan,
+    needs=("sample",),
+    prepare=prepare,
+    models=lambda runner: {"judge": judge_model(runner)},
+)

@@ -1,0 +1,189 @@
+"""The stage ``sample``: K responses per prompt, the candidates of preference pairs (RL-CAI).
+
+    stages:
+      sample: {k: 4, temperature: 0.8, model: runs/x/models/sft}
+
+One record per prompt. Key: (input, stage, model spec, sampling with ``n=k``, the model's revision
+when the pipeline trained it); seed from the key. ``responses`` holds the distinct non-empty
+responses (stripped, in sample order); ``duplicates_dropped`` / ``empty_dropped`` count what was
+dropped. A prompt left with fewer than two distinct responses is *skipped* (``skipped`` says why,
+``error`` stays null): the seed comes from the key, so a re-run would draw the same samples
+(exactly on HF) and retrying is pointless. Raise ``k`` or ``temperature`` for new keys. An engine
+failure is an error record, retried.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+from cai.config import doc
+from cai.data import PromptRecord
+from cai.engine import Sampling
+from cai.keys import model_key, record_key
+from cai.pipeline import training
+from cai.pipeline.stage import (
+    Stage,
+    StageContext,
+    check_sampling,
+    generate_seeded,
+    stage_records,
+    usage,
+)
+
+if TYPE_CHECKING:
+    from cai.records import StageTally
+
+
+@dataclass
+class SampleStage:
+    k: int = doc("responses sampled per prompt (>= 2); identical ones are dropped", 4)
+    temperature: float = doc("sampling temperature, > 0 (greedy samples would all be equal)", 0.8)
+    top_p: float = doc("nucleus sampling", 1.0)
+    max_tokens: int = doc("most new tokens per response", 256)
+    model: str | None = doc(
+        "policy model spec for sampling (e.g. an SFT output folder); none: the recipe's", None
+    )
+
+    def validate(self) -> None:
+        if self.k < 2:
+            raise ValueError(
+                f"k must be >= 2: a preference pair needs two responses (got {self.k})"
+            )
+        if self.temperature <= 0:
+            raise ValueError(
+                f"temperature must be > 0: greedy samples of one prompt are identical "
+                f"(got {self.temperature})"
+            )
+        check_sampling(self)
+
+
+def sample_model(runner: StageContext) -> str:
+    """The stage's model, else the SFT model when the recipe trains one, else the recipe's."""
+    return runner.recipe.stages.sample.model or training.policy_after_sft(runner)
+
+
+def sample_sampling(runner: StageContext) -> Sampling:
+    stage = runner.recipe.stages.sample
+    return Sampling(
+        n=stage.k, temperature=stage.temperature, top_p=stage.top_p, max_tokens=stage.max_tokens
+    )
+
+
+def sample_key(runner: StageContext, prompt: PromptRecord) -> str:
+    return record_key(
+        input=prompt.key,
+        stage="sample",
+        sampling=sample_sampling(runner).to_dict(),
+        **model_key("model", sample_model(runner)),
+    )
+
+
+def distinct_responses(texts: Sequence[str]) -> tuple[list[str], int, int]:
+    """(distinct non-empty stripped texts in order, duplicates dropped, empty ones dropped)."""
+    out: list[str] = []
+    duplicates = empty = 0
+    for text in texts:
+        text = text.strip()
+        if not text:
+            empty += 1
+        elif text in out:
+            duplicates += 1
+        else:
+            out.append(text)
+    return out, duplicates, empty
+
+
+def run(runner: StageContext, tally: StageTally) -> None:
+    """K responses per prompt; ``runner.outputs["sample"]``: prompt key → sample record with
+    >= 2 responses."""
+    recipe = runner.recipe
+    stage = recipe.stages.sample
+    sampling = sample_sampling(runner)
+    model = sample_model(runner)
+    keys = {p.key: sample_key(runner, p) for p in runner.prompts}
+
+    def call(chunk, progress):
+        records = []
+        for p, seed, c in generate_seeded(runner, model, chunk, keys, sampling, progress):
+            responses, duplicates, empty = distinct_responses(
+                [x.text for x in c.samples] if c.ok else []
+            )
+            skipped = None
+            if c.ok and len(responses) < 2:
+                skipped = (
+                    f"{len(responses)} distinct non-empty response(s) of k={stage.k} "
+                    f"({duplicates} duplicate(s), {empty} empty); a pair needs 2"
+                )
+            records.append(
+                {
+                    "key": keys[p.key],
+                    "input_key": p.key,
+                    "prompt": p.messages,
+                    "responses": responses if c.ok else [],
+                    "finish_reasons": [x.finish_reason for x in c.samples] if c.ok else [],
+                    "duplicates_dropped": duplicates,
+                    "empty_dropped": empty,
+                    "skipped": skipped,
+                    "model": model,
+                    "seed": seed,
+                    "usage": usage(c),
+                    "meta": p.meta,
+                    "error": c.error,
+                }
+            )
+        return records
+
+    records = stage_records(
+        runner,
+        "sample",
+        runner.prompts,
+        key=lambda p: keys[p.key],
+        call=call,
+        tally=tally,
+        label="sample",
+    )
+    done = {}
+    for p in runner.prompts:
+        record = records.get(keys[p.key])
+        if record is not None and record.get("error") is None and not record.get("skipped"):
+            done[p.key] = record
+    runner.outputs["sample"] = done
+
+
+def pending(runner: StageContext) -> tuple[int, int]:
+    """(prompts left to sample, pairs their samples will give at most): for the plans."""
+    stage, store, shard = runner.recipe.stages.sample, runner.store, runner.shard
+    have = store.read_stage("sample", shard) if store.stage_path("sample", shard).exists() else {}
+    pairs, unsampled = 0, 0
+    for p in runner.prompts:
+        record = have.get(sample_key(runner, p))
+        if record is None or record.get("error") is not None:
+            unsampled += 1
+            pairs += math.comb(stage.k, 2)
+        elif not record.get("skipped"):
+            pairs += math.comb(len(record["responses"]), 2)
+    return unsampled, pairs
+
+
+def plan(runner: StageContext) -> list[str]:
+    stage = runner.recipe.stages.sample
+    unsampled, _ = pending(runner)
+    return [
+        f"  sample: {unsampled} requests × k={stage.k} ({len(runner.prompts) - unsampled} done; "
+        f"model {sample_model(runner)}, temperature {stage.temperature})"
+    ]
+
+
+STAGE = Stage(
+    name="sample",
+    doc="K responses per prompt for preference pairs",
+    options=SampleStage,
+    run=run,
+    plan=plan,
+    starts=True,
+    prompt_key=sample_key,
+    models=lambda runner: {"sampler": sample_model(runner)},
+)

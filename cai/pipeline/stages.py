@@ -1,0 +1,18 @@
+"""The pipeline's stages, in the order they run.
+
+A stage is a module that declares one ``cai.pipeline.stage.Stage``; adding one is that module and
+one line here (README.md, "Writing a stage"). A recipe names the stages it runs under ``stages:``.
+"""
+
+from cai.pipeline import critique_revise, evaluation, generate, judge, sample, training
+
+STAGES = (
+    generate.STAGE,
+    critique_revise.STAGE,
+    training.SFT,
+    sample.STAGE,
+    judge.STAGE,
+    training.REWARD,
+    training.DPO,
+    evaluation.STAGE,
+)

@@ -1,0 +1,74 @@
+"""Record keys are data: run stores written by an earlier cai (tests/fixtures/store_v1 and eval_v1,
+made at commit 2419ecd by tests/fixtures/make_store_v1.py) resume under today's code with no new
+engine request. A changed key would make the resumed run ask the engine again."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+from test_pipeline_judge import FakeEngine
+
+from cai.eval_config import EvalConfig, EvalSet
+from cai.evaluate import run_eval
+from cai.pipeline.recipe import load_recipe
+from cai.pipeline.run import Runner
+from cai.store import RunStore
+
+FIXTURES = Path(__file__).resolve().parent / "fixtures"
+
+EVAL_CONFIG = EvalConfig(
+    models={"base": "model-a", "other": "model-b"},
+    judge_model="judge-model",
+    max_tokens=16,
+    sets={
+        "helpful": EvalSet(path="helpful", skip=80, limit=2),
+        "red_team": EvalSet(path="red_team", skip=140, limit=2),
+        "over_refusal": EvalSet(path="edgy_benign", skip=40, limit=1),
+        "sycophancy": EvalSet(path="false_premise", skip=40, limit=1),
+    },
+)
+"""The evaluation of eval_v1: two models and a judge, all served by the fake engine."""
+
+
+class NoRequests(FakeEngine):
+    """Fails the test on any request: a resumed run must find every record done."""
+
+    def generate(self, conversations, sampling=None, *, prefixes=None, progress=False):
+        raise AssertionError(f"{len(conversations)} generate request(s) on a finished run")
+
+    def score(self, conversations, options, *, prefixes=None, progress=False):
+        raise AssertionError(f"{len(conversations)} score request(s) on a finished run")
+
+
+def _copy(name: str, tmp_path: Path) -> Path:
+    run_dir = tmp_path / name
+    shutil.copytree(FIXTURES / name, run_dir)
+    return run_dir
+
+
+def test_a_run_written_by_an_earlier_cai_resumes_with_no_request(tmp_path):
+    run_dir = _copy("store_v1", tmp_path)
+    before = {p.name: p.read_bytes() for p in (run_dir / "stages").iterdir()}
+    recipe = load_recipe(FIXTURES / "store_v1_recipe.yaml")
+    result = Runner(recipe, run_dir, engine=NoRequests()).run()
+    assert not result.failed
+    by_name = {report.name: report for report in result.stages}
+    for name in ("generate", "critique_revise", "sample", "judge"):
+        assert by_name[name].records == 0 and by_name[name].done_before > 0, name
+    assert {p.name: p.read_bytes() for p in (run_dir / "stages").iterdir()} == before
+    assert (run_dir / "sft" / "data.jsonl").is_file()
+    assert (run_dir / "preferences" / "data.jsonl").is_file()
+    assert (run_dir / "revision_pairs" / "data.jsonl").is_file()
+    assert (run_dir / "eval" / "results.json").is_file()
+
+
+def test_an_evaluation_written_by_an_earlier_cai_resumes_with_no_request(tmp_path):
+    run_dir = _copy("eval_v1", tmp_path)
+    before = {p.name: p.read_bytes() for p in (run_dir / "stages").iterdir()}
+    engine = NoRequests()
+    results = run_eval(
+        EVAL_CONFIG, run_dir, engine_for=lambda spec: engine, store=RunStore(run_dir)
+    )
+    assert set(results["models"]) == {"base", "other"}
+    assert {p.name: p.read_bytes() for p in (run_dir / "stages").iterdir()} == before
