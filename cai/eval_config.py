@@ -8,6 +8,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from cai.config import doc
+from cai.engine import check_dtype
 from cai.engine.base import Sampling
 
 if TYPE_CHECKING:
@@ -71,6 +72,9 @@ class EvalConfig:
     few_shot: bool = doc("show the constitution's judge exemplars to the win-rate judge", True)
 
     def validate(self) -> None:
+        check_dtype(self.backend, self.dtype)
+        if "dtype" in self.engine_options:
+            raise ValueError("engine_options.dtype: set dtype instead (a field of its own)")
         if not self.models:
             raise ValueError("models must name at least one model (name: spec)")
         for name, spec in self.models.items():

@@ -108,10 +108,9 @@ class _Engines:
         self.close()
         from cai.engine import create_engine
 
-        options = dict(self.config.engine_options)
-        if self.config.dtype is not None and self.config.backend != "openai":
-            options.setdefault("dtype", self.config.dtype)
-        engine = create_engine(self.config.backend, model=spec, **options)
+        engine = create_engine(
+            self.config.backend, model=spec, dtype=self.config.dtype, **self.config.engine_options
+        )
         self.current = (spec, engine)
         return engine
 

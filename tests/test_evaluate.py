@@ -293,6 +293,10 @@ def test_eval_config_errors_are_clear(tmp_path):
         from_data(EvalConfig, {"models": {"a": "x"}, "sets": {"jokes": {"path": "p"}}})
     with pytest.raises(ConfigError, match="baseline 'c' is not one of the models"):
         from_data(EvalConfig, {"models": {"a": "x"}, "baseline": "c"})
+    with pytest.raises(ConfigError, match="engine_options.dtype: set dtype instead"):
+        from_data(EvalConfig, {"models": {"a": "x"}, "engine_options": {"dtype": "float16"}})
+    with pytest.raises(ConfigError, match="the openai backend runs on the server"):
+        from_data(EvalConfig, {"models": {"a": "x"}, "backend": "openai", "dtype": "float32"})
     config = EvalConfig(models={"a": "x"}, sets={"helpful": EvalSet(path="helpful", skip=200)})
     with pytest.raises(ValueError, match=r"sets\.helpful: no prompts left"):
         run_eval(config, tmp_path, engine_for=lambda spec: EvalEngine(), progress=False)

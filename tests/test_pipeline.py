@@ -259,6 +259,18 @@ BAD_RECIPES = [
         "4",
         "must be one of",
     ),
+    (
+        "name: x\nsources: [{path: helpful}]\nstages: {generate: {}}\n"
+        "engine:\n  backend: hf\n  options: {dtype: float16}\n",
+        "5",
+        "options.dtype: set engine.dtype instead",
+    ),
+    (
+        "name: x\nsources: [{path: helpful}]\nstages: {generate: {}}\n"
+        "engine: {backend: openai, dtype: float32}\n",
+        "4",
+        "the openai backend runs on the server",
+    ),
     ("name: x\nsources: [{path: helpful}\nstages: {generate: {}}\n", "", "invalid YAML"),
     ("- just\n- a list\n", "", "a recipe is a mapping"),
     ("name: a/b\nsources: [{path: helpful}]\nstages: {generate: {}}\n", "1", "without '/'"),

@@ -37,9 +37,33 @@ def pick_backend(backend: str = "auto") -> str:
     return "hf"
 
 
-def create_engine(backend: str = "auto", model: str | None = None, **options) -> Engine:
-    """Build an engine. ``options`` go to the backend's constructor (dtype, max_model_len, ...)."""
+def check_dtype(backend: str, dtype: str | None) -> None:
+    """Raise ValueError for a dtype the backend cannot take (configs call this when they load)."""
+    if backend == "openai" and dtype not in (None, "auto"):
+        raise ValueError(
+            f"dtype={dtype!r}: the openai backend runs on the server, which picks its dtype "
+            "(vllm serve --dtype); remove dtype or set it to auto"
+        )
+
+
+def create_engine(
+    backend: str = "auto",
+    model: str | None = None,
+    *,
+    dtype: str | None = None,
+    max_model_len: int | None = None,
+    **options,
+) -> Engine:
+    """Build an engine. ``options`` go to the backend's constructor (``overflow``, ``base_url``,
+    ``gpu_memory_utilization``, ...); ``dtype`` and ``max_model_len`` left at None keep the
+    backend's defaults. The openai backend computes on the server: it takes no dtype but 'auto'.
+    The one place where a recipe's or an evaluation's engine settings become an engine."""
     backend = pick_backend(backend)
+    if max_model_len is not None:
+        options["max_model_len"] = max_model_len
+    check_dtype(backend, dtype)
+    if backend != "openai" and dtype is not None:
+        options["dtype"] = dtype
     if backend == "hf":
         from cai.engine.hf import HFEngine
 
@@ -62,6 +86,7 @@ __all__ = [
     "OptionScores",
     "Sample",
     "Sampling",
+    "check_dtype",
     "create_engine",
     "pick_backend",
 ]

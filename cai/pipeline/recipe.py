@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 from cai.config import ConfigError, LineDict, doc, from_data, load_yaml, set_dotted
+from cai.engine import check_dtype
 from cai.pipeline.stage import Stage
 from cai.pipeline.stages import STAGES
 
@@ -23,6 +24,12 @@ class EngineConfig:
     dtype: str = doc("auto, float32, bfloat16 or float16", "auto")
     max_model_len: int | None = doc("context length cap (tokens); none: the model's", None)
     options: dict[str, Any] = doc("extra backend options (e.g. base_url for openai)", factory=dict)
+
+    def validate(self) -> None:
+        check_dtype(self.backend, self.dtype)
+        for name in ("dtype", "max_model_len"):
+            if name in self.options:
+                raise ValueError(f"options.{name}: set engine.{name} instead (a field of its own)")
 
 
 @dataclass

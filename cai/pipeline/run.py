@@ -168,13 +168,13 @@ class Runner:
             return self.injected_engine
         if model not in self._engines:
             e = self.recipe.engine
-            options = dict(e.options)
-            if e.max_model_len is not None:
-                options["max_model_len"] = e.max_model_len
-            if e.backend != "openai":
-                options.setdefault("dtype", e.dtype)
             self._engines[model] = create_engine(
-                e.backend, model=model, overflow="error", **options
+                e.backend,
+                model=model,
+                dtype=e.dtype,
+                max_model_len=e.max_model_len,
+                overflow="error",
+                **e.options,
             )
             self._described[model] = self._engines[model].describe()
         return self._engines[model]
