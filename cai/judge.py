@@ -187,6 +187,23 @@ def _check_pair(pair: Any, index: int) -> tuple[list[dict], str, str, str | None
     return messages, a, b, key
 
 
+def check_ensemble(constitution: Constitution, ensemble: int) -> None:
+    """Raise ValueError unless ``constitution`` has ``ensemble`` (an integer >= 1) distinct
+    principles with a judge question: the judge draws that many per pair."""
+    pool = constitution.judge_principles
+    if not pool:
+        raise ValueError(
+            f"constitution {constitution.name!r} has no principle with a judge question"
+        )
+    if isinstance(ensemble, bool) or not isinstance(ensemble, int) or ensemble < 1:
+        raise ValueError(f"ensemble must be an integer >= 1, got {ensemble!r}")
+    if ensemble > len(pool):
+        raise ValueError(
+            f"ensemble={ensemble} needs that many distinct judge principles; constitution "
+            f"{constitution.name!r} has {len(pool)}"
+        )
+
+
 class _PairJudge:
     """What both judges share: the engine, constitution, template, principle draws, prompts."""
 
@@ -207,18 +224,7 @@ class _PairJudge:
             if isinstance(constitution, Constitution)
             else load_constitution(constitution)
         )
-        pool = self.constitution.judge_principles
-        if not pool:
-            raise ValueError(
-                f"constitution {self.constitution.name!r} has no principle with a judge question"
-            )
-        if isinstance(ensemble, bool) or not isinstance(ensemble, int) or ensemble < 1:
-            raise ValueError(f"ensemble must be an integer >= 1, got {ensemble!r}")
-        if ensemble > len(pool):
-            raise ValueError(
-                f"ensemble={ensemble} needs that many distinct judge principles; constitution "
-                f"{self.constitution.name!r} has {len(pool)}"
-            )
+        check_ensemble(self.constitution, ensemble)
         if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
             raise ValueError(f"seed must be a non-negative integer, got {seed!r}")
         self.template = load_template(template)
@@ -575,5 +581,6 @@ __all__ = [
     "Judge",
     "JudgePair",
     "Preference",
+    "check_ensemble",
     "parse_verdict",
 ]

@@ -293,7 +293,7 @@ def test_eval_config_errors_are_clear(tmp_path):
         from_data(EvalConfig, {"models": {"a": "x"}, "sets": {"jokes": {"path": "p"}}})
     with pytest.raises(ConfigError, match="baseline 'c' is not one of the models"):
         from_data(EvalConfig, {"models": {"a": "x"}, "baseline": "c"})
-    with pytest.raises(ConfigError, match="engine_options.dtype: set dtype instead"):
+    with pytest.raises(ConfigError, match=r"engine_options\.dtype: set dtype instead"):
         from_data(EvalConfig, {"models": {"a": "x"}, "engine_options": {"dtype": "float16"}})
     with pytest.raises(ConfigError, match="the openai backend runs on the server"):
         from_data(EvalConfig, {"models": {"a": "x"}, "backend": "openai", "dtype": "float32"})

@@ -31,7 +31,7 @@ from cai.config import FieldError, doc
 from cai.constitution import Constitution, load_constitution
 from cai.data import PromptRecord
 from cai.export import export_dataset
-from cai.judge import Judge, JudgePair
+from cai.judge import Judge, JudgePair, check_ensemble
 from cai.keys import record_key
 from cai.pipeline.sample import pending
 from cai.pipeline.stage import LazyEngine, PipelineError, Stage, StageContext, stage_records
@@ -89,12 +89,10 @@ def prepare(runner: StageContext) -> Constitution:
     """The judge's constitution, checked to have ``ensemble`` judge principles."""
     judge = runner.recipe.stages.judge
     constitution = load_constitution(judge.constitution or runner.recipe.constitution)
-    pool = constitution.judge_principles
-    if judge.ensemble > len(pool):
-        raise PipelineError(
-            f"stages.judge.ensemble={judge.ensemble} needs that many principles with a "
-            f"judge question; constitution {constitution.name!r} has {len(pool)}"
-        )
+    try:
+        check_ensemble(constitution, judge.ensemble)
+    except ValueError as e:
+        raise PipelineError(f"stages.judge: {e}") from None
     return constitution
 
 
