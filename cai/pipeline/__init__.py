@@ -6,7 +6,7 @@ command, and ``--shard k/n`` splits it across machines.
 
     stage.py      the stage contract (Stage, StageContext), the record loop as stages call it
     stages.py     the ordered list of stages
-    generate.py  critique_revise.py  training.py  sample.py  judge.py  evaluation.py
+    generate.py  critique_revise.py  training.py  sample.py  judge.py  grpo.py  evaluation.py
                   one module per stage (training.py declares train_sft, train_reward, train_dpo)
     recipe.py     the typed recipe YAML; its stages: section comes from the list
     run.py        the runner: prepares, plans and runs the recipe's stages; the summary table

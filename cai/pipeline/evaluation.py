@@ -26,7 +26,7 @@ if TYPE_CHECKING:
     from cai.eval_config import EvalConfig
     from cai.records import StageTally
 
-_MODELS = (("train_sft", "sft"), ("train_dpo", "dpo"))
+_MODELS = (("train_sft", "sft"), ("train_dpo", "dpo"), ("train_grpo", "grpo"))
 
 
 def models(runner: StageContext) -> dict[str, str]:

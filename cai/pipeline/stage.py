@@ -42,7 +42,7 @@ class RunResult:
     exported_preferences: Path | None = None
     exported_revision_pairs: Path | None = None
     models: dict[str, Path] = field(default_factory=dict)
-    """Trained model folders by stage (train_sft, train_reward, train_dpo)."""
+    """Trained model folders by stage (train_sft, train_reward, train_dpo, train_grpo)."""
     evaluation: Path | None = None
     """``<run>/eval/results.json`` when the recipe evaluates."""
     report: Path | None = None

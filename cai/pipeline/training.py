@@ -39,7 +39,7 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-TRAINING_STAGES = ("train_sft", "train_reward", "train_dpo")
+TRAINING_STAGES = ("train_sft", "train_reward", "train_dpo", "train_grpo")
 
 
 def config_class(kind: str) -> type[TrainConfig]:
@@ -56,6 +56,10 @@ def config_class(kind: str) -> type[TrainConfig]:
         from cai.train.reward import RewardConfig
 
         return RewardConfig
+    if kind == "train_grpo":
+        from cai.train.grpo import GRPOConfig
+
+        return GRPOConfig
     raise ValueError(f"unknown training stage {kind!r}; known: {', '.join(TRAINING_STAGES)}")
 
 
@@ -96,7 +100,8 @@ def policy_after_sft(runner: StageContext) -> str:
 
 
 def data_dir(runner: StageContext, kind: str) -> Path:
-    return runner.run_dir / ("sft" if kind == "train_sft" else "preferences")
+    names = {"train_sft": "sft", "train_grpo": "grpo_prompts"}
+    return runner.run_dir / names.get(kind, "preferences")
 
 
 def _fingerprint(path: Path) -> str:
@@ -142,7 +147,7 @@ def run_train(runner: StageContext, kind: str, tally: StageTally) -> Path:
 
     data, out = data_dir(runner, kind), output_dir(runner, kind)
     if not (data / "data.jsonl").is_file():
-        what = "SFT data" if kind == "train_sft" else "preference pairs"
+        what = {"train_sft": "SFT data", "train_grpo": "prompts"}.get(kind, "preference pairs")
         raise PipelineError(
             f"{kind}: no {what} in {data} to train on (every record of the stage before failed, "
             "or none qualified); see the summary above and the stage records in "
@@ -192,6 +197,10 @@ def _trainer(kind: str):
         from cai.train.reward import train_reward
 
         return train_reward
+    if kind == "train_grpo":
+        from cai.train.grpo import train_grpo
+
+        return train_grpo
     from cai.train.dpo import train_dpo
 
     return train_dpo
