@@ -8,6 +8,7 @@
     cai train sft --config FILE [--set key=value ...]   supervised fine-tuning (cai.train.sft)
     cai train dpo --config FILE [--set key=value ...]   preference training (cai.train.dpo)
     cai train reward --config FILE [--set key=value ...]  a Bradley-Terry reward model
+    cai train grpo --config FILE [--set key=value ...]  GRPO with the judge as the reward
     cai judge eval --data FILE [--model SPEC] [--backend B] [--constitution NAME] [--limit N]
         [--ensemble K] [--cot]            the judge's agreement with labelled preference pairs
     cai eval --model NAME=SPEC [--model NAME=SPEC ...] [--config FILE] [--out DIR]
@@ -278,6 +279,9 @@ def _train(args: argparse.Namespace) -> int:
     elif args.action == "reward":
         from cai.train.reward import RewardConfig as Config
         from cai.train.reward import train_reward as train
+    elif args.action == "grpo":
+        from cai.train.grpo import GRPOConfig as Config
+        from cai.train.grpo import train_grpo as train
     else:
         from cai.train.dpo import DPOConfig as Config
         from cai.train.dpo import train_dpo as train
@@ -316,13 +320,16 @@ def _add_set(parser: argparse.ArgumentParser, example: str) -> None:
 
 
 def add_train(commands: argparse._SubParsersAction) -> None:
-    """``cai train sft | dpo | reward``."""
-    group = commands.add_parser("train", help="the built-in SFT, DPO and reward-model trainers")
+    """``cai train sft | dpo | reward | grpo``."""
+    group = commands.add_parser(
+        "train", help="the built-in SFT, DPO, reward-model and GRPO trainers"
+    )
     sub = group.add_subparsers(dest="action", required=True, metavar="ACTION")
     for name, help in (
         ("sft", "supervised fine-tuning on the assistant turns of conversations"),
         ("dpo", "preference training on pairs (dpo, soft_dpo, ipo, hinge, kto, orpo, simpo)"),
         ("reward", "a Bradley-Terry reward model on pairs, with held-out accuracy"),
+        ("grpo", "GRPO on prompts, the constitution judge's group-wise win rate as the reward"),
     ):
         command = sub.add_parser(name, help=help)
         command.add_argument("--config", required=True, metavar="FILE", help="trainer YAML")

@@ -51,6 +51,19 @@ def test_options_are_checked_when_the_recipe_loads(tmp_path):
     assert "train_grpo: smollm2-135m on" in plan.plan()
 
 
+def test_cli_names_a_bad_config_line(tmp_path, capsys):
+    from cai.cli import main
+
+    config = tmp_path / "grpo.yaml"
+    config.write_text("data: p.jsonl\noutput_dir: out\nbatch_size: 3\nnum_generations: 2\n")
+    assert main(["train", "grpo", "--config", str(config)]) == 1
+    err = capsys.readouterr().err
+    assert f"error: {config}:" in err and "multiple of num_generations" in err
+    assert main(["train", "grpo", "--config", str(config), "--set", "temperature=hot"]) == 1
+    assert "temperature: expected a number" in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()
+
+
 def test_prompts_are_read_as_strings_messages_or_conversations(tmp_path):
     path = tmp_path / "p.jsonl"
     rows = [
