@@ -12,7 +12,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 
 from cai.keys import Shard
-from cai.store import _SHARD_FILE, RunStore, RunStoreError, _merge
+from cai.store import _SHARD_FILE, RunStore, RunStoreError, _merge, config_hash
 
 log = logging.getLogger(__name__)
 
@@ -40,10 +40,11 @@ def merge_runs(
         if manifest is None:
             raise RunStoreError(f"{run.manifest_path} does not exist: is {run.run_dir} a run dir?")
         manifests.append(manifest)
-    hashes = {m["config_hash"] for m in manifests}
+    hashes = {config_hash(m["config"]) for m in manifests}
     if len(hashes) > 1:
         listing = "\n".join(
-            f"  {r.run_dir}: {m['config_hash'][:12]}" for r, m in zip(runs, manifests, strict=True)
+            f"  {r.run_dir}: {config_hash(m['config'])[:12]}"
+            for r, m in zip(runs, manifests, strict=True)
         )
         raise RunStoreError(
             "cannot merge runs made with different configs (config_hash):\n" + listing + "\n"

@@ -67,8 +67,19 @@ class RunStoreError(Exception):
 
 
 def config_hash(config: dict[str, Any]) -> str:
-    """sha256 (hex) of the canonical JSON of a resolved config."""
-    return hashlib.sha256(canonical(config)).hexdigest()
+    """sha256 (hex) of the canonical JSON of a resolved config, unset (None) values left out."""
+    return hashlib.sha256(canonical(_set_values(config))).hexdigest()
+
+
+def _set_values(value: Any) -> Any:
+    """``value`` without the mapping entries whose value is None, at any depth: an unset field and
+    a field that did not exist yet are the same setting, so a stage or an optional field added to
+    cai (unset in every existing recipe) does not make existing runs look changed."""
+    if isinstance(value, dict):
+        return {k: _set_values(v) for k, v in value.items() if v is not None}
+    if isinstance(value, list):
+        return [_set_values(v) for v in value]
+    return value
 
 
 # ---------------------------------------------------------------------------- files
@@ -365,9 +376,11 @@ class RunStore:
                 field with its old and new value.
         """
         manifest = self.read_manifest()
-        if manifest is None or manifest["config_hash"] == config_hash(config):
+        # Hashed anew from the stored config, not compared with the stored hash: manifests
+        # written before unset values were left out of the hash still match.
+        if manifest is None or config_hash(manifest["config"]) == config_hash(config):
             return manifest
-        changed = changed_fields(manifest.get("config", {}), config)
+        changed = changed_fields(_set_values(manifest["config"]), _set_values(config))
         raise RunStoreError(
             f"{self.manifest_path} was written for a different config; changed fields: "
             f"{', '.join(field for field, _, _ in changed) or '(none)'}\n"

@@ -62,6 +62,11 @@ def test_cli_names_a_bad_config_line(tmp_path, capsys):
     assert main(["train", "grpo", "--config", str(config), "--set", "temperature=hot"]) == 1
     assert "temperature: expected a number" in capsys.readouterr().err
     assert not (tmp_path / "out").exists()
+    for bad in ('{"prompt": ["hi"]}\n', "not json\n"):  # a line, not a traceback
+        (tmp_path / "p.jsonl").write_text(bad)
+        config.write_text(f"data: {tmp_path / 'p.jsonl'}\noutput_dir: {tmp_path / 'out'}\n")
+        assert main(["train", "grpo", "--config", str(config)]) == 1
+        assert "p.jsonl" in capsys.readouterr().err
 
 
 def test_prompts_are_read_as_strings_messages_or_conversations(tmp_path):

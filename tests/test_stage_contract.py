@@ -132,3 +132,15 @@ def test_its_options_and_needs_are_checked_when_the_recipe_loads(tmp_path):
     # Without the stage in the list, the recipe key is unknown, as any misspelt stage.
     with pytest.raises(ConfigError, match="summarize"):
         load_recipe(_recipe(tmp_path, "  summarize: {}"))
+
+
+def test_adding_a_stage_leaves_existing_runs_resumable(tmp_path):
+    # A run made before the stage existed: the new stage is unset in its recipe, and the run
+    # resumes, neither refused as a changed config nor asking the engine again.
+    path = _recipe(tmp_path, "")
+    run_dir = tmp_path / "run"
+    Runner(load_recipe(path), run_dir, engine=FakeEngine()).run()
+    engine = FakeEngine()
+    again = Runner(load_recipe(path, stages=[*STAGES, STAGE]), run_dir, engine=engine).run()
+    assert {r.name: r.done_before for r in again.stages} == {"generate": 2}
+    assert engine.batches == []

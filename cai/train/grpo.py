@@ -27,6 +27,8 @@ import logging
 from typing import Any
 
 from cai.config import doc
+from cai.data import DataError
+from cai.engine.base import check_conversation
 from cai.train import (
     DataStats,
     TrainConfig,
@@ -84,27 +86,42 @@ def load_prompts(path: str) -> list[dict[str, Any]]:
 
         rows = list(load_from_disk(str(source)))
     else:
+        rows = []
         with open(source, encoding="utf-8") as f:
-            rows = [json.loads(line) for line in f if line.strip()]
+            for line_no, line in enumerate(f, 1):
+                if line.strip():
+                    try:
+                        rows.append(json.loads(line))
+                    except json.JSONDecodeError as e:
+                        raise DataError(f"{source}:{line_no}: not JSON ({e.msg})") from None
     out = []
     for i, row in enumerate(rows, 1):
         prompt = row.get("prompt") if isinstance(row, dict) else None
         if prompt is None and isinstance(row, dict) and isinstance(row.get("messages"), list):
             messages = row["messages"]
             last_user = max(
-                (j for j, m in enumerate(messages) if m.get("role") == "user"), default=None
+                (
+                    j
+                    for j, m in enumerate(messages)
+                    if isinstance(m, dict) and m.get("role") == "user"
+                ),
+                default=None,
             )
             prompt = messages[: last_user + 1] if last_user is not None else None
         if isinstance(prompt, str) and prompt.strip():
             prompt = [{"role": "user", "content": prompt}]
-        if not isinstance(prompt, list) or not prompt or prompt[-1].get("role") != "user":
-            raise ValueError(
+        try:
+            check_conversation(prompt, i)
+            if prompt[-1]["role"] != "user":
+                raise ValueError("the last message is not a user turn")
+        except (ValueError, TypeError, IndexError, KeyError) as e:
+            raise DataError(
                 f"{path}: row {i}: expected a 'prompt' (a string, or messages ending with a user "
-                "turn) or 'messages'"
-            )
+                f"turn) or 'messages' ({e})"
+            ) from None
         out.append({"prompt": prompt})
     if not out:
-        raise ValueError(f"{path}: no prompts")
+        raise DataError(f"{path}: no prompts")
     return out
 
 
