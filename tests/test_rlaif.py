@@ -91,6 +91,9 @@ def test_rlaif_tiny_end_to_end_writes_every_report_file(tmp_path, capsys, monkey
     for kind in ("train_sft", "train_reward", "train_dpo"):
         assert f"{kind}: training" not in err
     assert json.loads((run / "eval" / "results.json").read_text())["metrics"] == results["metrics"]
+    # No engine loaded on that run, yet the manifest still describes the models it used.
+    models = json.loads((run / "manifest.json").read_text())["models"]
+    assert models["policy"]["backend"] == "hf" and models["policy"]["dtype"] == "float32"
 
     # A copied (or moved) run resumes with zero new work: no training, no engine request, no
     # record written (`cp -a runs/x runs/y`, then --run-dir runs/y).

@@ -186,14 +186,21 @@ class Runner:
             self._engines.pop(model).close()
 
     def _write_manifest(self) -> None:
+        # A resumed stage with nothing left to do loads no engine: keep what an earlier run
+        # wrote of that model (backend, dtype, ...) rather than just its name.
+        before = (self.store.read_manifest() or {}).get("models", {})
         models = {}
         for stage in self.stages:
             for role, model in stage.models(self).items():
                 engine = self.injected_engine or self._engines.get(model)
                 if engine is not None:
-                    models[role] = engine.describe()
+                    models[role] = {**engine.describe(), "spec": model}
+                elif model in self._described:
+                    models[role] = {**self._described[model], "spec": model}
+                elif isinstance(before.get(role), dict) and before[role].get("spec") == model:
+                    models[role] = before[role]
                 else:
-                    models[role] = self._described.get(model, {"model": model})
+                    models[role] = {"model": model, "spec": model}
         self.store.write_manifest(
             self.config, versions=_versions(), seeds={"base": self.recipe.seed}, models=models
         )
