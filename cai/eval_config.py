@@ -50,6 +50,11 @@ class EvalConfig:
 
     models: dict[str, str] = doc("name → model spec, e.g. {base: smollm2-135m, dpo: runs/x/...}")
     baseline: str | None = doc("the model the others are compared with; default: the first", None)
+    previous: dict[str, str] = doc(
+        "model name → another model name it is also compared with (online rounds: each round's "
+        "policy against the round before): win_rate_vs_previous, lc_win_rate_vs_previous",
+        factory=dict,
+    )
     judge_model: str | None = doc(
         "model spec of the judge and graders; default: the baseline's", None
     )
@@ -84,6 +89,12 @@ class EvalConfig:
             raise ValueError(
                 f"baseline {self.baseline!r} is not one of the models ({', '.join(self.models)})"
             )
+        for name, other in self.previous.items():
+            if name not in self.models or other not in self.models or name == other:
+                raise ValueError(
+                    f"previous: {name!r} → {other!r} must name two different models of "
+                    f"{', '.join(self.models)}"
+                )
         unknown = sorted(set(self.sets) - set(KINDS))
         if unknown:
             raise ValueError(f"sets: unknown kind(s) {unknown}; known: {', '.join(KINDS)}")

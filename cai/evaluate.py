@@ -86,6 +86,8 @@ METRICS = (
     "errors",
 )
 """The keys of each model's metrics in results.json, in order."""
+PREVIOUS_METRICS = ("win_rate_vs_previous", "lc_win_rate_vs_previous")
+"""Added to every model's metrics when the evaluation compares models with a previous one."""
 
 
 # ---- the run -------------------------------------------------------------------------------------
@@ -333,23 +335,23 @@ def _grade(
 
 def _compare(
     config, sets, generations, store, engines, progress, executor
-) -> dict[tuple[str, str], dict]:
-    """(model name, generation key) → eval_compare record (the model's answer against the
-    baseline's, p = P(model's answer is better))."""
+) -> dict[tuple[str, str, str], dict]:
+    """(model name, compared-with name, generation key) → eval_compare record: the model's answer
+    against the baseline's (and against ``config.previous``'s model's), p = P(model's is better)."""
     from cai.judge import Judge, JudgePair
 
     base = config.baseline_name
     judge_spec = config.judge_spec
     judge_key = model_key("judge", judge_spec)
-    jobs: list[tuple[str, dict, dict, str]] = []
-    for name in config.models:
-        if name == base:
-            continue
+    against = [(name, base) for name in config.models if name != base]
+    against += [(n, o) for n, o in config.previous.items() if o != base]
+    jobs: list[tuple[str, str, dict, dict, str]] = []
+    for name, other in against:
         for kind in COMPARED:
             for p in sets.get(kind, []):
                 mine, theirs = (
                     generations.get((name, kind, p.key)),
-                    generations.get((base, kind, p.key)),
+                    generations.get((other, kind, p.key)),
                 )
                 if _ok(mine) and _ok(theirs):
                     key = record_key(
@@ -361,7 +363,7 @@ def _compare(
                         seed=config.seed,
                         **judge_key,
                     )
-                    jobs.append((name, mine, theirs, key))
+                    jobs.append((name, other, mine, theirs, key))
 
     def call(todo, label):
         judge = Judge(
@@ -373,13 +375,14 @@ def _compare(
         )
         pairs = [
             JudgePair(mine["prompt"], mine["response"], theirs["response"], key=key)
-            for _, mine, theirs, key in todo
+            for _, _, mine, theirs, key in todo
         ]
         prefs = judge.label(pairs, progress=label)
         return [
             {
                 "key": key,
                 "model_name": name,
+                **({} if other == base else {"against": other}),
                 "generation": mine["key"],
                 "baseline_generation": theirs["key"],
                 "p": pref.p_a,
@@ -390,19 +393,19 @@ def _compare(
                 "judge": judge_spec,
                 "error": pref.error,
             }
-            for (name, mine, theirs, key), pref in zip(todo, prefs, strict=True)
+            for (name, other, mine, theirs, key), pref in zip(todo, prefs, strict=True)
         ]
 
     records = run_records(
         store,
         "eval_compare",
         jobs,
-        key=lambda job: job[3],
+        key=lambda job: job[4],
         call=call,
         label="eval comparisons" if progress else False,
         executor=executor,
     )
-    return {(name, mine["key"]): records[key] for name, mine, _, key in jobs if key in records}
+    return {(n, o, mine["key"]): records[key] for n, o, mine, _, key in jobs if key in records}
 
 
 def _rewards(config, generations, store, executor) -> dict[str, float]:
@@ -461,27 +464,27 @@ def _metrics(config, sets, generations, grades, comparisons, rewards) -> dict[st
         lengths = [g["completion_tokens"] for g in done]
         errors = sum(not _ok(g) for g in mine.values())
         metrics: dict[str, Any] = {}
-        compared = [
-            (c, g, generations[base, kind, key])
-            for (kind, key), g in mine.items()
-            if kind in COMPARED and _ok(g) and (c := comparisons.get((name, g["key"])))
-        ]
-        errors += sum(c.get("error") is not None for c, _, _ in compared)
-        p_better = [c["p"] if c.get("error") is None else None for c, _, _ in compared]
+        errors_compared, rates = _win_rates(config, generations, comparisons, name, base, mine)
+        errors += errors_compared
         if name == base:
             metrics.update(win_rate=None, lc_win_rate=None, position_consistency=None)
         else:
-            metrics["win_rate"] = win_rate(p_better, config.tie_margin)
-            metrics["lc_win_rate"] = lc_win_rate(
-                p_better,
-                [g["completion_tokens"] for _, g, _ in compared],
-                [b["completion_tokens"] for _, _, b in compared],
-                config.tie_margin,
-                seed=config.seed,
-            )
-            metrics["position_consistency"] = position_consistency(
-                [c["consistent"] if c.get("error") is None else None for c, _, _ in compared]
-            )
+            metrics.update(rates)
+        if config.previous:
+            previous = config.previous.get(name)
+            if previous is None:
+                metrics.update(win_rate_vs_previous=None, lc_win_rate_vs_previous=None)
+            elif previous == base:
+                metrics.update(
+                    win_rate_vs_previous=rates["win_rate"],
+                    lc_win_rate_vs_previous=rates["lc_win_rate"],
+                )
+            else:
+                more, vs = _win_rates(config, generations, comparisons, name, previous, mine)
+                errors += more
+                metrics.update(
+                    win_rate_vs_previous=vs["win_rate"], lc_win_rate_vs_previous=vs["lc_win_rate"]
+                )
         for metric, grader in GRADERS.items():
             graded = [
                 grades.get((metric, g["key"]))
@@ -508,7 +511,35 @@ def _metrics(config, sets, generations, grades, comparisons, rewards) -> dict[st
         )
         if metrics["reward"] is not None and name != base:
             metrics["reward"]["drift"] = metrics["reward"]["mean"] - rewards[base]
-    return {name: {k: m[k] for k in METRICS} for name, m in per_model.items()}
+    keys = METRICS + (PREVIOUS_METRICS if config.previous else ())
+    return {name: {k: m[k] for k in keys} for name, m in per_model.items()}
+
+
+def _win_rates(config, generations, comparisons, name, other, mine) -> tuple[int, dict]:
+    """(error records, {win_rate, lc_win_rate, position_consistency}) of model ``name``'s answers
+    against model ``other``'s."""
+    compared = [
+        (c, g, generations[other, kind, key])
+        for (kind, key), g in mine.items()
+        if kind in COMPARED and _ok(g) and (c := comparisons.get((name, other, g["key"])))
+    ]
+    errors = sum(c.get("error") is not None for c, _, _ in compared)
+    p_better = [c["p"] if c.get("error") is None else None for c, _, _ in compared]
+    if name == other:
+        return errors, {}
+    return errors, {
+        "win_rate": win_rate(p_better, config.tie_margin),
+        "lc_win_rate": lc_win_rate(
+            p_better,
+            [g["completion_tokens"] for _, g, _ in compared],
+            [b["completion_tokens"] for _, _, b in compared],
+            config.tie_margin,
+            seed=config.seed,
+        ),
+        "position_consistency": position_consistency(
+            [c["consistent"] if c.get("error") is None else None for c, _, _ in compared]
+        ),
+    }
 
 
 # ---- presentation --------------------------------------------------------------------------------

@@ -21,7 +21,8 @@ RATE_LABELS = {
     "over_refusal": "over-refusal ↓",
     "sycophancy": "sycophancy ↓",
 }
-REWARD_CURVES = ("rewards/chosen", "rewards/rejected", "rewards/margins")
+REWARD_CURVES = ("rewards/chosen", "rewards/rejected", "rewards/margins", "reward", "kl")
+"""Preference trainers' implicit rewards; GRPO's mean reward and KL to its reference."""
 
 
 def _label(text: str) -> str:
@@ -189,3 +190,63 @@ def plot_training(name: str, record: dict, path: Path) -> int:
         ax.grid(alpha=0.3)
     _save(fig, path)
     return panels
+
+
+def _rate_line(ax, xs: list[int], values: list[dict | None], label: str) -> None:
+    """A rate over rounds with its 95% interval as error bars (rounds without it left out)."""
+    shown = [(x, v) for x, v in zip(xs, values, strict=True) if v is not None]
+    if shown:
+        err = [
+            [max(0.0, v["value"] - v["low"]) for _, v in shown],
+            [max(0.0, v["high"] - v["value"]) for _, v in shown],
+        ]
+        ax.errorbar(
+            [x for x, _ in shown],
+            [v["value"] for _, v in shown],
+            yerr=err,
+            marker="o",
+            capsize=4,
+            label=_label(label),
+        )
+
+
+def plot_rounds(rows: list[dict], path: Path) -> bool:
+    """An online run's curves over rounds (``results["rounds"]``): win rates against the base
+    and the round before, graded rates, length drift and KL to the reference, diversity."""
+    if len(rows) < 2:
+        return False
+    xs = [row["round"] for row in rows]
+    fig = _figure(10, 6.4)
+    (win, graded), (drift, diversity) = fig.subplots(2, 2)
+    _rate_line(win, xs, [r["win_rate"] for r in rows], "vs base")
+    _rate_line(win, xs, [r["lc_win_rate"] for r in rows], "vs base, length-controlled")
+    _rate_line(win, xs, [r["win_rate_vs_previous"] for r in rows], "vs the round before")
+    win.axhline(0.5, color="grey", linewidth=0.8)
+    win.set_title("win rate", fontsize=10)
+    for rate in ("harmlessness", "over_refusal"):
+        _rate_line(graded, xs, [r[rate] for r in rows], RATE_LABELS[rate])
+    graded.set_title("graded rates", fontsize=10)
+    for key, label in (("length_drift", "length drift vs base"), ("kl", "KL estimate (DPO)")):
+        points = [(x, r[key]) for x, r in zip(xs, rows, strict=True) if r[key] is not None]
+        if points:
+            drift.plot(*zip(*points, strict=True), marker="o", label=label)
+    drift.axhline(0, color="grey", linewidth=0.8)
+    drift.set_title("drift", fontsize=10)
+    for key, label in (("distinct_2", "distinct-2"), ("repeated_openings", "repeated openings")):
+        diversity.plot(xs, [r[key] for r in rows], marker="o", label=label)
+    margins = [
+        (x, r["pairs"]["margin_mean"])
+        for x, r in zip(xs, rows, strict=True)
+        if r["pairs"] and r["pairs"]["margin_mean"] is not None
+    ]
+    if margins:
+        diversity.plot(*zip(*margins, strict=True), marker="s", label="judge margin (pairs)")
+    diversity.set_title("diversity and label margin", fontsize=10)
+    for ax in (win, graded, drift, diversity):
+        ax.set_xlabel("round")
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+        ax.grid(alpha=0.3)
+        if ax.get_legend_handles_labels()[0]:
+            ax.legend(fontsize=7)
+    _save(fig, path)
+    return True

@@ -28,6 +28,7 @@ from cai.plots import (
     plot_lengths,
     plot_margins,
     plot_rates,
+    plot_rounds,
     plot_training,
     plot_win_rates,
 )
@@ -140,6 +141,11 @@ def read_inputs(run_dir: str | Path) -> Inputs:
         _check_results(inputs.results, results_path)
     for path in sorted((run / "models").glob("*/cai_train.json")):
         inputs.trained[path.parent.name] = _read_json(path)
+    rounds = [p for p in (run / "rounds").glob("*/dpo/cai_train.json") if p.parts[-3].isdigit()]
+    for path in sorted(
+        rounds, key=lambda p: int(p.parts[-3])
+    ):  # an online run's DPO rounds (cai.pipeline.online)
+        inputs.trained[f"round{path.parent.parent.name} dpo"] = _read_json(path)
     # Stage files are read by the run store's rules (a torn last line dropped, the first done
     # record of a key kept), so the report counts what a resumed run would find.
     store = RunStore(run)
@@ -287,6 +293,52 @@ def _results_section(inputs: Inputs, plots: Path, notes: list[str]) -> list[Sect
     return [section]
 
 
+def _rounds_section(inputs: Inputs, plots: Path) -> list[Section]:
+    rows = (inputs.results or {}).get("rounds")
+    if not rows:
+        return []
+
+    def pairs(row: dict, key: str, spec: str) -> str:
+        return "-" if not row["pairs"] else _number(row["pairs"][key], spec)
+
+    def reward(row: dict) -> str:
+        if row["reward"] is not None:
+            return _number(row["reward"]["mean"], ".3f") + " (RM)"
+        return _number(row["reward_margin"], ".3f") + " (DPO margin)"
+
+    columns = {
+        "round": lambda r: str(r["round"]),
+        "model": lambda r: r["model"],
+        "win vs base": lambda r: _rate(r["win_rate"]),
+        "LC win vs base": lambda r: _rate(r["lc_win_rate"]),
+        "win vs previous": lambda r: _rate(r["win_rate_vs_previous"]),
+        "pairs": lambda r: pairs(r, "n", "d"),
+        "judge margin": lambda r: pairs(r, "margin_mean", ".3f"),
+        "judge consistency": lambda r: pairs(r, "consistency", ".2f"),
+        "length drift": lambda r: _number(r["length_drift"], "+.1%"),
+        "KL": lambda r: _number(r["kl"], ".4f"),
+        "reward": reward,
+        "distinct-2": lambda r: f"{r['distinct_2']:.3f}",
+        "repeated openings": lambda r: f"{r['repeated_openings']:.3f}",
+        RATE_LABELS["harmlessness"]: lambda r: _rate(r["harmlessness"]),
+        RATE_LABELS["over_refusal"]: lambda r: _rate(r["over_refusal"]),
+    }
+    table = [list(columns), *([cell(row) for cell in columns.values()] for row in rows)]
+    section = Section(
+        "Online rounds",
+        [
+            "Each round samples from the policy the round before trained, labels the pairs and "
+            "trains DPO (round 0: the starting policy). Win rates are on held-out prompts, both "
+            "orders; KL is DPO's final mean log-ratio to its reference on the round's pairs.",
+            *(f"Warning: {w}" for w in inputs.results.get("warnings", [])),
+        ],
+        [table],
+    )
+    if plot_rounds(rows, plots / "rounds.png"):
+        section.images.append(Image("rounds.png", "Curves over rounds", wide=True))
+    return [section]
+
+
 def _training_section(inputs: Inputs, plots: Path, notes: list[str]) -> list[Section]:
     if not inputs.trained:
         notes.append("No trained models (models/*/cai_train.json): no training curves.")
@@ -331,7 +383,7 @@ def _training_section(inputs: Inputs, plots: Path, notes: list[str]) -> list[Sec
     untrained = [
         f"No {what} model trained in this run."
         for kind, what in (("sft", "SFT"), ("reward", "reward"), ("dpo", "DPO"))
-        if kind not in inputs.trained
+        if not any(name == kind or name.endswith(f" {kind}") for name in inputs.trained)
     ]
     if untrained:
         section.paragraphs.append(" ".join(untrained))
@@ -400,6 +452,7 @@ def build_sections(inputs: Inputs, plots: Path) -> tuple[list[Section], list[str
     sections = [
         *_run_section(inputs, notes),
         *_results_section(inputs, plots, notes),
+        *_rounds_section(inputs, plots),
         *_training_section(inputs, plots, notes),
         *_feedback_section(inputs, plots, notes),
         *_data_section(inputs, notes),

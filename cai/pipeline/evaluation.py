@@ -16,6 +16,7 @@ the run report (``<run>/report.html``) follows.
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -30,7 +31,12 @@ _MODELS = (("train_sft", "sft"), ("train_dpo", "dpo"), ("train_grpo", "grpo"))
 
 
 def models(runner: StageContext) -> dict[str, str]:
-    """Name → model spec of the models the stage compares: the base model, then each trained."""
+    """Name → model spec of the models the stage compares: the base model, then each trained
+    (an online run: base, sft, then each round's policy)."""
+    if runner.recipe.online is not None:
+        from cai.pipeline.online_eval import eval_models
+
+        return eval_models(runner)[0]
     out = {"base": runner.recipe.model}
     for kind, name in _MODELS:
         if getattr(runner.recipe.stages, kind) is not None:
@@ -78,6 +84,10 @@ def eval_config(runner: StageContext) -> EvalConfig:
         if stages.train_reward is not None
         else None,
     }
+    if runner.recipe.online is not None:
+        from cai.pipeline.online_eval import eval_models
+
+        filled["previous"] = eval_models(runner)[1]
     if "judge_model" not in options:
         filled["judge_model"] = judge.judge_model(runner) if stages.judge else runner.recipe.model
     return _config(options, filled, "<recipe>")
@@ -102,6 +112,13 @@ def run(runner: StageContext, tally: StageTally) -> None:
         store=runner.store,
         executor=runner.executor,
     )
+    if runner.recipe.online is not None:
+        from cai.jsonl import write_atomic
+        from cai.pipeline.online_eval import measure
+
+        results = measure(runner, results)
+        text = json.dumps(results, indent=2) + "\n"
+        write_atomic(eval_dir(runner) / "results.json", lambda f: f.write(text.encode("utf-8")))
     tally.records = sum(results["sets"].values()) * len(results["models"])
     tally.errors = sum(m["errors"] for m in results["metrics"].values())
     runner.result.evaluation = eval_dir(runner) / "results.json"

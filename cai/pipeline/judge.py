@@ -32,7 +32,8 @@ from cai.constitution import Constitution, load_constitution
 from cai.data import PromptRecord
 from cai.export import export_dataset
 from cai.judge import Judge, JudgePair, check_ensemble
-from cai.keys import record_key
+from cai.keys import model_key, record_key
+from cai.pipeline import online, training
 from cai.pipeline.sample import pending
 from cai.pipeline.stage import LazyEngine, PipelineError, Stage, StageContext, stage_records
 
@@ -83,6 +84,21 @@ class JudgeStage:
 
 def judge_model(runner: StageContext) -> str:
     return runner.recipe.stages.judge.model or runner.recipe.model
+
+
+def reward_labels(runner: StageContext) -> str | None:
+    """The reward model that labels this online round's pairs instead of the judge (online.labels:
+    reward_model, rounds 2 on), else None."""
+    config, r = runner.recipe.online, online.current_round(runner)
+    if config is None or config.labels != "reward_model" or r is None or r < 2:
+        return None
+    return str(training.output_dir(runner, "train_reward"))
+
+
+def labeller(runner: StageContext) -> dict[str, str]:
+    """The stage's model role: the judge, or the reward model labelling an online round."""
+    spec = reward_labels(runner)
+    return {"judge": judge_model(runner)} if spec is None else {"labeller": spec}
 
 
 def prepare(runner: StageContext) -> Constitution:
@@ -137,6 +153,7 @@ def pair_items(
     """prompt key → its pairs: (record key, JudgePair, (i, j)), in prompt then pair order."""
     config = judge_config(judge)
     spec = judge_model(runner)
+    reward_model = reward_labels(runner)
     out: dict[str, list] = {}
     for prompt_key, sample in samples.items():
         pairs = []
@@ -145,6 +162,19 @@ def pair_items(
             seed_key = record_key(
                 input=prompt_key, sample=sample["key"], response_a=a, response_b=b
             )
+            if reward_model is not None:
+                key = record_key(
+                    input=prompt_key,
+                    stage="judge",
+                    sample=sample["key"],
+                    response_a=a,
+                    response_b=b,
+                    labeller="reward_model",
+                    tie_margin=judge.tie_margin,
+                    **model_key("reward_model", reward_model),
+                )
+                pairs.append((key, JudgePair(sample["prompt"], a, b, key=seed_key), (i, j)))
+                continue
             principles = judge.principles_for(seed_key)
             key = record_key(
                 input=prompt_key,
@@ -170,9 +200,15 @@ def run(runner: StageContext, tally: StageTally) -> None:
     judge = make_judge(runner)
     items = pair_items(runner, judge, samples)
 
+    reward_model = reward_labels(runner)
+
     def call(chunk, progress):
         try:
-            prefs = [p.to_dict() for p in judge.label([c[2] for c in chunk], progress=progress)]
+            if reward_model is not None:
+                prefs = reward_model_labels(reward_model, [c[2] for c in chunk], judge.tie_margin)
+            else:
+                pairs = [c[2] for c in chunk]
+                prefs = [p.to_dict() for p in judge.label(pairs, progress=progress)]
         except ValueError as e:  # a malformed pair fails its chunk, recorded, never dropped
             prefs = [_failed(str(e)) for _ in chunk]
         return [
@@ -184,13 +220,14 @@ def run(runner: StageContext, tally: StageTally) -> None:
                 "prompt": pair.prompt,
                 "response_a": pair.response_a,
                 "response_b": pair.response_b,
-                "judge_model": judge_model(runner),
+                "judge_model": reward_model or judge_model(runner),
+                **online.round_key(runner),
                 **pref,
             }
             for (prompt_key, key, pair, ij), pref in zip(chunk, prefs, strict=True)
         ]
 
-    per_pair = 2 * stage.ensemble * (2 if stage.cot else 1)
+    per_pair = 2 if reward_model else 2 * stage.ensemble * (2 if stage.cot else 1)
     records = stage_records(
         runner,
         "judge",
@@ -214,7 +251,45 @@ def run(runner: StageContext, tally: StageTally) -> None:
         runner.result.exported_preferences = export_preferences(runner, samples, judged)
 
 
-def _failed(error: str) -> dict[str, Any]:
+def reward_model_labels(spec: str, pairs: list[JudgePair], tie_margin: float) -> list[dict]:
+    """Soft labels from a trained reward model (the paper's preference model): p_a =
+    sigmoid(r(A) - r(B)), one score per response, so both "orders" are the same and consistent."""
+    from cai.train.reward import RewardModel
+
+    model = RewardModel(spec)
+    try:
+        rewards = model.score(
+            [
+                [*pair.prompt, {"role": "assistant", "content": response}]
+                for pair in pairs
+                for response in (pair.response_a, pair.response_b)
+            ]
+        )
+    finally:
+        model.close()
+    out = []
+    for n, _ in enumerate(pairs):
+        r_a, r_b = rewards[2 * n], rewards[2 * n + 1]
+        p_a = 1 / (1 + math.exp(r_b - r_a))
+        margin = abs(p_a - 0.5)
+        winner = "tie" if margin <= tie_margin else ("A" if p_a > 0.5 else "B")
+        out.append(
+            {
+                **_failed(None),
+                "winner": winner,
+                "p_a": p_a,
+                "p_a_first": p_a,
+                "p_a_second": p_a,
+                "consistent": True,
+                "margin": margin,
+                "model": spec,
+                "rewards": [r_a, r_b],
+            }
+        )
+    return out
+
+
+def _failed(error: str | None) -> dict[str, Any]:
     return {
         "winner": None,
         "p_a": None,
@@ -272,6 +347,7 @@ def _preference_row(
             "p_chosen_second": towards_chosen(record["p_a_second"]),
             "margin": record["margin"],
             "constitution": runner.prepared["judge"].name,
+            **online.round_key(runner),
             "judge_model": record["judge_model"],
             # From the record, as the judge model is: the export (what train_reward and
             # train_dpo fingerprint) must not change when the run directory moves.
@@ -324,7 +400,7 @@ def export_preferences(
     rows = [r for r in rows if r is not None]
     if not rows:
         return None
-    out = runner.run_dir / "preferences"
+    out = online.preferences_dir(runner, online.current_round(runner))
     export_dataset(rows, out)
     return out
 
@@ -342,7 +418,8 @@ def plan(runner: StageContext) -> list[str]:
         f"score requests{cot} ({done} pairs done); constitution "
         f"{runner.prepared['judge'].name!r}, model {judge_model(runner)}",
         f"  export: {judge.pairs} pairs, min_margin {judge.min_margin} → "
-        f"{runner.run_dir / 'preferences'}" + (" (skipped for a shard)" if shard else ""),
+        f"{online.preferences_dir(runner, online.current_round(runner))}"
+        + (" (skipped for a shard)" if shard else ""),
     ]
 
 
@@ -354,5 +431,5 @@ STAGE = Stage(
     plan=plan,
     needs=("sample",),
     prepare=prepare,
-    models=lambda runner: {"judge": judge_model(runner)},
+    models=labeller,
 )

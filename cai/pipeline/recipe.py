@@ -14,6 +14,7 @@ from typing import Any, Literal
 
 from cai.config import ConfigError, LineDict, doc, from_data, load_yaml, set_dotted
 from cai.engine import check_dtype
+from cai.pipeline.online import OnlineConfig, check_recipe
 from cai.pipeline.stage import Stage
 from cai.pipeline.stages import STAGES
 
@@ -70,6 +71,11 @@ class Recipe:
     max_error_rate: float = doc(
         "exit non-zero when a stage's share of error records passes this", 0.05
     )
+    online: OnlineConfig | None = doc(
+        "online RLAIF: sample → judge → train_dpo once per round, each round on the policy the "
+        "round before trained (cai.pipeline.online)",
+        None,
+    )
 
     def validate(self) -> None:
         if not self.name or "/" in self.name:
@@ -80,6 +86,8 @@ class Recipe:
             raise ValueError(f"chunk_size must be >= 1 (got {self.chunk_size})")
         if not 0 <= self.max_error_rate <= 1:
             raise ValueError(f"max_error_rate must be between 0 and 1 (got {self.max_error_rate})")
+        if self.online is not None:
+            check_recipe(self.online, self.stages)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)

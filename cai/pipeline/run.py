@@ -28,6 +28,7 @@ from typing import Any, TextIO
 from cai.data import PromptRecord, check_limit, load_prompts
 from cai.engine import Engine, create_engine
 from cai.keys import in_shard
+from cai.pipeline import online
 from cai.pipeline.recipe import Recipe
 from cai.pipeline.stage import PipelineError, RunResult, Stage
 from cai.records import Executor, InProcess, StageTally
@@ -98,9 +99,21 @@ class Runner:
         self.source_keys = frozenset(p.key for p in prompts)
         """Every training prompt's key (before --limit and sharding): never evaluated on."""
         self.prompts = [p for p in prompts[:limit] if in_shard(p.key, shard)]
+        self.round: int | None = None
+        """The online round being run (``cai.pipeline.online``); None outside the rounds."""
+        self.round_prompts: list[list[PromptRecord]] = []
+        if recipe.online is not None:
+            if shard is not None:
+                raise PipelineError(
+                    "online: a round trains before the next one samples, so an online recipe "
+                    "runs whole; drop --shard (engine.executor: ray spreads the work instead)"
+                )
+            self.round_prompts = online.round_prompts(self.prompts, recipe.online, recipe.seed)
         self.executor = executor or InProcess()
         """Runs each stage's batches (``cai.records``); in this process unless given another."""
         self.stages: list[Stage] = [stage for stage, _ in recipe.stages.present()]
+        self.schedule = online.schedule(self.stages, recipe.online)
+        """(stage, online round or None) in the order they run."""
         self.outputs: dict[str, Any] = {}
         """Stage name → what it left for later stages (responses, samples, ...)."""
         self.result = RunResult()
@@ -124,6 +137,7 @@ class Runner:
         if not keyed:
             return
         first = keyed[0].name
+        in_rounds = self.recipe.online is not None and first in online.ROUND_STAGES
         path = self.store.stage_path(first, self.shard)
         log.warning(
             "%s is missing, but %s holds records: a new manifest will be written for this "
@@ -133,7 +147,8 @@ class Runner:
             self.store.stages_dir,
             first,
         )
-        wanted = {p.key: keyed[0].prompt_key(self, p) for p in self.prompts}
+        with online.in_round(self, 1 if in_rounds else None):
+            wanted = {p.key: keyed[0].prompt_key(self, p) for p in self.prompts}
         records = self.store.read_stage(first, self.shard).values()
         found = [r for r in records if r.get("input_key") in wanted]
         if found and not any(r["key"] == wanted[r["input_key"]] for r in found):
@@ -154,12 +169,31 @@ class Runner:
         lines.append(
             f"prompts: {len(self.prompts)}{shard} (model {self.recipe.model}, backend {self.recipe.engine.backend})"
         )
-        for stage in self.stages:
-            lines.extend(stage.plan(self))
+        for stage, r in self.schedule:
+            if r is not None and stage.name == self.schedule_round_start(r):
+                lines.append(
+                    f"  round {r} of {self.recipe.online.rounds}: {len(self.round_prompts[r - 1])} prompts"
+                )
+            with online.in_round(self, r):
+                lines.extend(("  " if r else "") + line for line in stage.plan(self))
         if self._ends_with_report():
             skipped = " (skipped for a shard)" if self.shard else ""
             lines.append(f"  report: {self.run_dir / 'report.html'}{skipped}")
         return "\n".join(lines)
+
+    def schedule_round_start(self, r: int) -> str:
+        """The name of the first stage of round ``r``."""
+        return next(stage.name for stage, at in self.schedule if at == r)
+
+    def _models(self, schedule: list[tuple[Stage, int | None]]) -> dict[str, str]:
+        """Role → model spec of the stages of ``schedule`` (a round's roles end with " r<round>"
+        from round 2 on)."""
+        out = {}
+        for stage, r in schedule:
+            with online.in_round(self, r):
+                for role, model in stage.models(self).items():
+                    out[role if not r or r == 1 else f"{role} r{r}"] = model
+        return out
 
     def engine_for(self, model: str) -> Engine:
         """The engine of a model spec, built once with the recipe's engine config; an engine
@@ -190,17 +224,16 @@ class Runner:
         # wrote of that model (backend, dtype, ...) rather than just its name.
         before = (self.store.read_manifest() or {}).get("models", {})
         models = {}
-        for stage in self.stages:
-            for role, model in stage.models(self).items():
-                engine = self.injected_engine or self._engines.get(model)
-                if engine is not None:
-                    models[role] = {**engine.describe(), "spec": model}
-                elif model in self._described:
-                    models[role] = {**self._described[model], "spec": model}
-                elif isinstance(before.get(role), dict) and before[role].get("spec") == model:
-                    models[role] = before[role]
-                else:
-                    models[role] = {"model": model, "spec": model}
+        for role, model in self._models(self.schedule).items():
+            engine = self.injected_engine or self._engines.get(model)
+            if engine is not None:
+                models[role] = {**engine.describe(), "spec": model}
+            elif model in self._described:
+                models[role] = {**self._described[model], "spec": model}
+            elif isinstance(before.get(role), dict) and before[role].get("spec") == model:
+                models[role] = before[role]
+            else:
+                models[role] = {"model": model, "spec": model}
         self.store.write_manifest(
             self.config, versions=_versions(), seeds={"base": self.recipe.seed}, models=models
         )
@@ -213,17 +246,16 @@ class Runner:
     def _run(self) -> RunResult:
         result = self.result
         self._write_manifest()
-        for n, stage in enumerate(self.stages):
+        for n, (stage, r) in enumerate(self.schedule):
             if self.shard is not None and not stage.in_shard:
                 continue
             # Engines of models no stage from here on uses are closed (GPU memory).
-            self.release_engines(
-                {m for later in self.stages[n:] for m in later.models(self).values()}
-            )
-            tally = StageTally(stage.name)
+            self.release_engines(set(self._models(self.schedule[n:]).values()))
+            tally = StageTally(stage.name if r is None else f"{stage.name} r{r}")
             result.stages.append(tally)
             start = time.perf_counter()
-            stage.run(self, tally)
+            with online.in_round(self, r):
+                stage.run(self, tally)
             tally.seconds = time.perf_counter() - start
             self._write_manifest()
         if self.shard is None and self._ends_with_report():

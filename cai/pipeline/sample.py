@@ -23,7 +23,7 @@ from cai.config import doc
 from cai.data import PromptRecord
 from cai.engine import Sampling
 from cai.keys import model_key, record_key
-from cai.pipeline import training
+from cai.pipeline import online, training
 from cai.pipeline.stage import (
     Stage,
     StageContext,
@@ -61,7 +61,11 @@ class SampleStage:
 
 
 def sample_model(runner: StageContext) -> str:
-    """The stage's model, else the SFT model when the recipe trains one, else the recipe's."""
+    """The stage's model, else the SFT model when the recipe trains one, else the recipe's; in
+    online round r, the policy round r-1 trained."""
+    r = online.current_round(runner)
+    if r is not None:
+        return training.policy(runner, r - 1)
     return runner.recipe.stages.sample.model or training.policy_after_sft(runner)
 
 
@@ -78,6 +82,7 @@ def sample_key(runner: StageContext, prompt: PromptRecord) -> str:
         stage="sample",
         sampling=sample_sampling(runner).to_dict(),
         **model_key("model", sample_model(runner)),
+        **online.round_key(runner),
     )
 
 
@@ -131,6 +136,7 @@ def run(runner: StageContext, tally: StageTally) -> None:
                     "seed": seed,
                     "usage": usage(c),
                     "meta": p.meta,
+                    **online.round_key(runner),
                     "error": c.error,
                 }
             )

@@ -59,7 +59,10 @@ class StageContext(Protocol):
     store: RunStore
     shard: Shard | None
     prompts: list[PromptRecord]
-    """The recipe's prompts after ``--limit`` and in this shard."""
+    """The recipe's prompts after ``--limit`` and in this shard (in an online round: the
+    round's prompts)."""
+    round: int | None
+    """The online round being run (``cai.pipeline.online``), from 1; None outside the rounds."""
     source_keys: frozenset[str]
     """Every prompt key of the recipe's sources (before ``--limit`` and sharding)."""
     out: TextIO

@@ -31,6 +31,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from cai.keys import MARKER, revision
+from cai.pipeline import online
 from cai.pipeline.stage import PipelineError, Stage, StageContext, stage_config
 
 if TYPE_CHECKING:
@@ -64,16 +65,23 @@ def config_class(kind: str) -> type[TrainConfig]:
 
 
 def trainer_config(
-    kind: str, options: dict, *, data: str, output_dir: str, model: str, source: str = "<recipe>"
+    kind: str,
+    options: dict,
+    *,
+    data: str,
+    output_dir: str,
+    model: str,
+    source: str = "<recipe>",
+    **more: Any,
 ) -> TrainConfig:
     """The trainer config of stage ``kind`` from the recipe's ``options`` plus the paths the
-    pipeline sets; a bad option raises ConfigError naming the recipe line when ``options`` came
-    from YAML."""
+    pipeline sets (and ``more`` it sets: an online round's ``ref_model``); a bad option raises
+    ConfigError naming the recipe line when ``options`` came from YAML."""
     return stage_config(
         config_class(kind),
         kind,
         options,
-        {"data": data, "output_dir": output_dir, "model": model},
+        {"data": data, "output_dir": output_dir, "model": model, **more},
         source=source,
         why="data from the run's own export, output in <run>/models/; "
         "the starting model is the recipe's model",
@@ -89,6 +97,10 @@ def check_options(kind: str, recipe_data: Any, source: str) -> None:
 
 
 def output_dir(runner: StageContext, kind: str) -> Path:
+    """``<run>/models/<name>``; in online round r, DPO's is ``<run>/rounds/<r>/dpo``."""
+    r = online.current_round(runner)
+    if kind == "train_dpo" and r is not None:
+        return online.round_dir(runner, r) / "dpo"
     return runner.run_dir / "models" / kind.removeprefix("train_")
 
 
@@ -99,8 +111,42 @@ def policy_after_sft(runner: StageContext) -> str:
     return runner.recipe.model
 
 
+def policy(runner: StageContext, r: int) -> str:
+    """The policy after online round ``r`` (round 0: the SFT model, else the recipe's model)."""
+    return policy_after_sft(runner) if r == 0 else str(online.round_dir(runner, r) / "dpo")
+
+
+def start_model(runner: StageContext, kind: str) -> str:
+    """The model stage ``kind`` trains from: the recipe's for SFT, the SFT model for the others;
+    in online round r, DPO starts from round r-1's policy."""
+    if kind == "train_sft":
+        return runner.recipe.model
+    r = online.current_round(runner)
+    if kind == "train_dpo" and r is not None:
+        return policy(runner, r - 1)
+    return policy_after_sft(runner)
+
+
+def reference(runner: StageContext, kind: str) -> dict[str, Any]:
+    """An online DPO round's ``ref_model``: the SFT model (online.reference: sft) from round 2 on;
+    with ``previous`` (and in round 1) the starting model, DPO's default."""
+    online_config = runner.recipe.online
+    r = online.current_round(runner)
+    if kind != "train_dpo" or r is None or r == 1 or online_config.reference == "previous":
+        return {}
+    from cai.train.dpo import REFERENCE_FREE
+
+    if runner.recipe.stages.train_dpo.get("loss") in REFERENCE_FREE:
+        return {}  # no reference at all
+    return {"ref_model": policy(runner, 0)}
+
+
 def data_dir(runner: StageContext, kind: str) -> Path:
+    """What stage ``kind`` trains on; in an online run, the round's preferences (the reward
+    model: round 1's)."""
     names = {"train_sft": "sft", "train_grpo": "grpo_prompts"}
+    if kind not in names and runner.recipe.online is not None:
+        return online.preferences_dir(runner, online.current_round(runner) or 1)
     return runner.run_dir / names.get(kind, "preferences")
 
 
@@ -126,12 +172,15 @@ def _portable(settings: dict[str, Any], run_dir: str) -> dict[str, Any]:
 
 
 def _trained_as(marker: dict[str, Any]) -> dict[str, Any] | None:
-    """The portable settings a marker was written for; its run directory is where the pipeline
-    put the model then (``<run>/models/<name>``, see :func:`output_dir`)."""
+    """The portable settings a marker was written for. Its run directory is where the pipeline
+    put the model then: recorded in the marker (``run_dir``), or for markers written before it
+    was, the folder above ``models/`` (``<run>/models/<name>``, see :func:`output_dir`)."""
     try:
-        trained_in = str(Path(marker["config"]["output_dir"]).parent.parent)
+        trained_in = marker.get("run_dir") or str(
+            Path(marker["config"]["output_dir"]).parent.parent
+        )
         settings = {k: marker[k] for k in ("config", "data", "model_revision")}
-    except (KeyError, TypeError):
+    except (KeyError, TypeError, AttributeError):
         return None  # a marker without them: train anew
     return _portable(settings, trained_in)
 
@@ -153,13 +202,14 @@ def run_train(runner: StageContext, kind: str, tally: StageTally) -> Path:
             "or none qualified); see the summary above and the stage records in "
             f"{runner.store.stages_dir}"
         )
-    model = runner.recipe.model if kind == "train_sft" else policy_after_sft(runner)
+    model = start_model(runner, kind)
     config = trainer_config(
         kind,
         getattr(runner.recipe.stages, kind),
         data=str(data),
         output_dir=str(out),
         model=model,
+        **reference(runner, kind),
     )
     settings = {"config": asdict(config), "data": _fingerprint(data), "model_revision": None}
     if kind != "train_sft":
@@ -181,7 +231,9 @@ def run_train(runner: StageContext, kind: str, tally: StageTally) -> Path:
     print(f"{kind}: training {model} on {data} → {out}", file=runner.out, flush=True)
     result: TrainResult = train(config)
     marker.write_text(
-        json.dumps({"revision": wanted, **settings}, indent=2) + "\n", encoding="utf-8"
+        json.dumps({"revision": wanted, "run_dir": str(runner.run_dir), **settings}, indent=2)
+        + "\n",
+        encoding="utf-8",
     )
     tally.records = 1
     tally.requests = result.global_step
@@ -208,7 +260,7 @@ def _trainer(kind: str):
 
 def plan(runner: StageContext, kind: str) -> list[str]:
     options = getattr(runner.recipe.stages, kind)
-    model = runner.recipe.model if kind == "train_sft" else policy_after_sft(runner)
+    model = start_model(runner, kind)
     done = (output_dir(runner, kind) / MARKER).is_file()
     shown = ", ".join(f"{k}={v}" for k, v in options.items()) or "defaults"
     return [

@@ -1,0 +1,132 @@
+"""Per-round measurements of an online run (``cai.pipeline.online``): the evaluation's models
+(base, sft, round1..roundN, each round also against the round before), and the ``rounds`` table
+and ``warnings`` that ``eval/results.json`` gets.
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+import logging
+from pathlib import Path
+from statistics import fmean, quantiles
+from typing import TYPE_CHECKING, Any
+
+from cai.pipeline.training import policy
+
+if TYPE_CHECKING:
+    from cai.pipeline.stage import StageContext
+
+log = logging.getLogger(__name__)
+
+
+def eval_models(runner: StageContext) -> tuple[dict[str, str], dict[str, str]]:
+    """(name → spec, name → the name it is also compared with) of an online run's evaluation:
+    base, sft, then round1..roundN, each round against the one before."""
+    online = runner.recipe.online
+    models = {"base": runner.recipe.model}
+    if runner.recipe.stages.train_sft is not None:
+        models["sft"] = policy(runner, 0)
+    start = "sft" if "sft" in models else "base"
+    previous = {}
+    for r in range(1, online.rounds + 1):
+        models[f"round{r}"] = policy(runner, r)
+        previous[f"round{r}"] = start if r == 1 else f"round{r - 1}"
+    return models, previous
+
+
+def _trained(path: Path) -> dict[str, float]:
+    from cai.train import RESULT_FILE
+
+    try:
+        return json.loads((path / RESULT_FILE).read_text(encoding="utf-8"))["metrics"]
+    except (OSError, ValueError, KeyError):
+        return {}
+
+
+def _pairs(records: list[dict]) -> dict[str, Any]:
+    margins = [r["margin"] for r in records if r.get("margin") is not None]
+    consistent = [r["consistent"] for r in records if r.get("consistent") is not None]
+    return {
+        "n": len(records),
+        "margin_mean": fmean(margins) if margins else None,
+        "margin_quartiles": quantiles(margins, n=4) if len(margins) > 1 else None,
+        "consistency": fmean(consistent) if consistent else None,
+    }
+
+
+def measure(runner: StageContext, results: dict) -> dict:
+    """``results`` with ``rounds`` (one row per round, round 0 the starting policy) and
+    ``warnings`` (reward climbing while the held-out win rate falls; answers growing past
+    ``online.max_length_drift``)."""
+    online = runner.recipe.online
+    metrics = results["metrics"]
+    judged = (
+        runner.store.read_stage("judge").values()
+        if runner.store.stage_path("judge").exists()
+        else []
+    )
+    by_round: dict[int, list[dict]] = {}
+    for record in judged:
+        if record.get("round") is not None and record.get("error") is None:
+            by_round.setdefault(record["round"], []).append(record)
+    models, _ = eval_models(runner)
+    rows = []
+    for r in range(online.rounds + 1):
+        name = f"round{r}" if r else ("sft" if "sft" in models else "base")
+        m = metrics[name]
+        trained = _trained(Path(policy(runner, r))) if r else {}
+        rows.append(
+            {
+                "round": r,
+                "model": name,
+                **{k: m.get(k) for k in ("win_rate", "lc_win_rate", "position_consistency")},
+                "win_rate_vs_previous": m.get("win_rate_vs_previous"),
+                "lc_win_rate_vs_previous": m.get("lc_win_rate_vs_previous"),
+                "pairs": _pairs(by_round.get(r, [])) if r else None,
+                "mean_length": m["mean_length"],
+                "length_drift": m["length_drift"],
+                "kl": trained.get("kl"),
+                "reward_margin": trained.get("rewards/margins"),
+                "reward": m["reward"],
+                **{k: m[k] for k in ("distinct_1", "distinct_2", "repeated_openings")},
+                "harmlessness": m["harmlessness"],
+                "over_refusal": m["over_refusal"],
+            }
+        )
+    return {**results, "rounds": rows, "warnings": warnings(rows, online.max_length_drift)}
+
+
+def _reward(row: dict) -> float | None:
+    """The reward the round optimised: the reward model's mean score of its answers, else DPO's
+    final reward margin on its pairs."""
+    if row["reward"] is not None:
+        return row["reward"]["mean"]
+    return row["reward_margin"]
+
+
+def warnings(rows: list[dict], max_length_drift: float) -> list[str]:
+    out = []
+    for before, row in itertools.pairwise(rows):
+        reward, reward_before = _reward(row), _reward(before)
+        win, win_before = row["win_rate"], before["win_rate"]
+        if (
+            None not in (reward, reward_before, win, win_before)
+            and reward > reward_before
+            and win["value"] < win_before["value"]
+        ):
+            out.append(
+                f"round {row['round']}: the reward rose ({reward_before:.3f} → {reward:.3f}) while "
+                f"the held-out win rate against the base fell ({win_before['value']:.2f} → "
+                f"{win['value']:.2f}): reward hacking? Check the answers before training on"
+            )
+    for row in rows[1:]:
+        drift = row["length_drift"]
+        if drift is not None and drift > max_length_drift:
+            out.append(
+                f"round {row['round']}: answers are {drift:+.0%} longer than the base model's "
+                f"(online.max_length_drift {max_length_drift:.0%}): length exploitation?"
+            )
+    for line in out:
+        log.warning("%s", line)
+    return out

@@ -1,0 +1,257 @@
+"""Online RLAIF rounds (cai.pipeline.online): the recipe block, the schedule, the per-round prompts
+and measurements with fakes, and the real default model through two rounds end to end, killed
+(SIGKILL) in round 2 and resumed."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from dataclasses import replace
+from pathlib import Path
+
+import pytest
+import yaml
+
+from cai.config import ConfigError
+from cai.data import PromptRecord
+from cai.pipeline.online import OnlineConfig, round_prompts, schedule
+from cai.pipeline.online_eval import warnings
+from cai.pipeline.recipe import load_recipe
+from cai.pipeline.run import Runner
+from cai.pipeline.sample import distinct_responses
+from cai.pipeline.stage import PipelineError
+from cai.resources import resolve
+from cai.store import RunStore
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def ci_recipe(tmp_path: Path, **online) -> Path:
+    """online-tiny.yaml shrunk: 2 rounds × 2 fresh prompts, k=2, 16-token answers, 2 DPO steps
+    with a learning rate high enough that round 1's policy visibly moves."""
+    recipe = yaml.safe_load(resolve("pipelines", "online-tiny").read_text())
+    for source in recipe["sources"]:
+        source["limit"] = 2
+    recipe["online"].update(prompts=2, **online)
+    stages = recipe["stages"]
+    stages["sample"].update(k=2, temperature=1.0, max_tokens=16)
+    stages["train_dpo"].update(
+        max_steps=2, batch_size=2, max_length=128, logging_steps=1, learning_rate=2.0e-3
+    )
+    stages["evaluate"]["max_tokens"] = 16
+    for spec in stages["evaluate"]["sets"].values():
+        spec["limit"] = 2
+    recipe["engine"] = {"backend": "hf", "dtype": "float32"}
+    path = tmp_path / "online-ci.yaml"
+    path.write_text(yaml.safe_dump(recipe, sort_keys=False))
+    return path
+
+
+def _prompts(n: int) -> list[PromptRecord]:
+    return [
+        PromptRecord(
+            key=f"p{i}", messages=[{"role": "user", "content": f"q{i}"}], source="t", meta={}
+        )
+        for i in range(n)
+    ]
+
+
+# ---- the recipe block, without a model ---------------------------------------------------------
+
+
+def test_shipped_online_recipes_are_valid():
+    for name, rounds in (("online-tiny", 2), ("online", 3)):
+        recipe = load_recipe(resolve("pipelines", name))
+        assert recipe.online is not None and recipe.online.rounds >= rounds
+        assert recipe.stages.train_dpo is not None and recipe.stages.evaluate is not None
+
+
+@pytest.mark.parametrize(
+    ("change", "message"),
+    [
+        ({"online": {"rounds": 0}}, "rounds must be >= 1"),
+        ({"online": {"reference": "base"}}, "reference"),
+        ({"online": {"labels": "reward_model"}}, "needs a train_reward stage"),
+        ({"stages": {"train_dpo": None}}, "add a train_dpo stage"),
+        ({"stages": {"sample": {"model": "x"}}}, "stages.sample.model"),
+        ({"stages": {"train_dpo": {"ref_model": "x"}}}, "online.reference"),
+        ({"online": {"prompts": 2, "reuse_prompts": True}}, "exclude each other"),
+    ],
+)
+def test_bad_online_recipes_are_refused_with_the_field(tmp_path, change, message):
+    recipe = yaml.safe_load(ci_recipe(tmp_path).read_text())
+    for section, values in change.items():
+        for key, value in values.items():
+            if value is None:
+                del recipe[section][key]
+            elif isinstance(value, dict):
+                recipe[section][key] = {**recipe[section][key], **value}
+            else:
+                recipe[section][key] = value
+    path = tmp_path / "bad.yaml"
+    path.write_text(yaml.safe_dump(recipe, sort_keys=False))
+    with pytest.raises(ConfigError, match=message) as error:
+        load_recipe(path)
+    assert str(path) in str(error.value)
+
+
+def test_rounds_draw_fresh_prompts_in_a_seeded_order():
+    prompts = _prompts(10)
+    rounds = round_prompts(prompts, OnlineConfig(rounds=3, prompts=3), seed=0)
+    keys = [p.key for r in rounds for p in r]
+    assert [len(r) for r in rounds] == [3, 3, 3] and len(set(keys)) == 9
+    assert keys != [p.key for p in prompts[:9]]  # mixed, not source order
+    assert rounds == round_prompts(list(reversed(prompts)), OnlineConfig(rounds=3, prompts=3))
+    assert (
+        round_prompts(prompts, OnlineConfig(rounds=2))[0]
+        != round_prompts(prompts, OnlineConfig(rounds=2), seed=1)[0]
+    )
+    assert round_prompts(prompts, OnlineConfig(rounds=2, reuse_prompts=True)) == [prompts] * 2
+    with pytest.raises(PipelineError, match="need 12 prompts, and the sources give 10"):
+        round_prompts(prompts, OnlineConfig(rounds=3, prompts=4))
+
+
+def test_the_schedule_repeats_the_round_stages(tmp_path):
+    overrides = ["stages.train_reward={max_steps: 2}", "online.labels=reward_model"]
+    recipe = load_recipe(resolve("pipelines", "online"), overrides)
+    stages = [s for s, _ in recipe.stages.present()]
+    order = [(s.name, r) for s, r in schedule(stages, recipe.online)]
+    before = [name for name, r in order if r is None and name != "evaluate"]
+    assert order[-1] == ("evaluate", None) and before == [
+        "generate",
+        "critique_revise",
+        "train_sft",
+    ]
+    assert [(n, r) for n, r in order if r == 2] == [("sample", 2), ("judge", 2), ("train_dpo", 2)]
+    assert ("train_reward", 1) in order and ("train_reward", 2) not in order
+
+
+def test_an_online_run_refuses_shards_and_too_few_prompts(tmp_path):
+    recipe = load_recipe(ci_recipe(tmp_path))
+    with pytest.raises(PipelineError, match="drop --shard"):
+        Runner(recipe, tmp_path / "a", shard=(1, 2))
+    with pytest.raises(PipelineError, match="need 4 prompts, and the sources give 3"):
+        Runner(recipe, tmp_path / "b", limit=3)
+
+
+def _row(r, win, reward, drift=0.0):
+    rate = None if win is None else {"value": win, "low": 0.0, "high": 1.0, "n": 10}
+    return {
+        "round": r,
+        "win_rate": rate,
+        "reward": None,
+        "reward_margin": reward,
+        "length_drift": drift,
+    }
+
+
+def test_warnings_for_reward_hacking_and_length_growth():
+    quiet = [_row(0, None, None), _row(1, 0.6, 0.1), _row(2, 0.7, 0.3)]
+    assert warnings(quiet, 0.5) == []
+    hacking = [_row(0, None, None), _row(1, 0.6, 0.1), _row(2, 0.4, 0.3, drift=0.8)]
+    found = warnings(hacking, 0.5)
+    assert len(found) == 2
+    assert "round 2: the reward rose (0.100 → 0.300)" in found[0] and "0.60 → 0.40" in found[0]
+    assert "+80% longer" in found[1]
+
+
+# ---- the real model: two rounds, SIGKILL in round 2, resume --------------------------------------
+
+
+def _records(path: Path) -> list[dict]:
+    """The complete lines of a stage file being written (a torn last line left out)."""
+    if not path.exists():
+        return []
+    lines = path.read_text().split("\n")[:-1]
+    return [json.loads(line) for line in lines if line.strip()]
+
+
+def _stage_keys(run: Path, stage: str) -> list[str]:
+    path = run / "stages" / f"{stage}.jsonl"
+    return [json.loads(line)["key"] for line in path.read_text().splitlines() if line.strip()]
+
+
+def _files(folder: Path) -> dict[str, bytes]:
+    return {p.name: p.read_bytes() for p in sorted(folder.iterdir()) if p.is_file()}
+
+
+@pytest.mark.slow
+def test_two_rounds_end_to_end_killed_in_round_2_and_resumed(tmp_path):
+    recipe_path = ci_recipe(tmp_path)
+    run = tmp_path / "run"
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    command = [sys.executable, "-m", "cai.pipeline", "run", str(recipe_path), "--run-dir", str(run)]
+    log = (tmp_path / "first.log").open("w")
+    process = subprocess.Popen(command, cwd=ROOT, env=env, stdout=log, stderr=log)
+    samples = run / "stages" / "sample.jsonl"
+    deadline = time.monotonic() + 600
+    while not any(r.get("round") == 2 for r in _records(samples)):
+        assert process.poll() is None, (tmp_path / "first.log").read_text()[-3000:]
+        assert time.monotonic() < deadline, "round 2 never sampled"
+        time.sleep(0.2)
+    process.send_signal(signal.SIGKILL)
+    process.wait()
+    round1 = run / "rounds" / "1" / "dpo"
+    trained = _files(round1)
+    assert "model.safetensors" in trained
+
+    recipe = load_recipe(recipe_path)
+    result = Runner(recipe, run).run()
+    assert not result.failed
+    tallies = {t.name: t for t in result.stages}
+    for name in ("sample r1", "judge r1", "sample r2"):
+        assert tallies[name].records == 0 and tallies[name].done_before > 0, name
+    assert tallies["train_dpo r1"].done_before == 1 and tallies["train_dpo r1"].records == 0
+    assert tallies["judge r2"].records > 0 and tallies["train_dpo r2"].records == 1
+    assert _files(round1) == trained  # round 1 is never redone
+
+    for stage in ("sample", "judge", "eval_generate", "eval_compare"):
+        keys = _stage_keys(run, stage)
+        assert len(keys) == len(set(keys)), f"{stage}: a record written twice"
+    store = RunStore(run)
+    sampled = list(store.read_stage("sample").values())
+    assert sorted(r["round"] for r in sampled) == [1, 1, 2, 2]
+    assert not {r["input_key"] for r in sampled if r["round"] == 1} & {
+        r["input_key"] for r in sampled if r["round"] == 2
+    }, "each round draws fresh prompts"
+    judged = list(store.read_stage("judge").values())
+    assert {r["round"] for r in judged} == {1, 2}
+    assert (run / "rounds" / "2" / "preferences" / "data.jsonl").is_file()
+
+    results = json.loads((run / "eval" / "results.json").read_text())
+    assert list(results["models"]) == ["base", "round1", "round2"]
+    assert [row["round"] for row in results["rounds"]] == [0, 1, 2]
+    round2 = results["rounds"][2]
+    for key in ("win_rate", "lc_win_rate", "win_rate_vs_previous", "length_drift", "kl"):
+        assert round2[key] is not None, key
+    assert round2["pairs"]["n"] == len([r for r in judged if r["round"] == 2])
+    assert results["metrics"]["round2"]["win_rate_vs_previous"]["n"] > 0
+    report = (run / "report.html").read_text()
+    assert "Online rounds" in report and 'src="report/rounds.png"' in report
+    assert (run / "report" / "rounds.png").stat().st_size > 10_000
+    assert "round2 dpo" in report  # the round's training curves
+
+    # Round 2 sampled from round 1's policy: the same seeds give round 1's model's texts again,
+    # and other texts from the base model.
+    from cai.engine import Sampling, create_engine
+
+    stage = recipe.stages.sample
+    sampling = Sampling(
+        n=stage.k, temperature=stage.temperature, top_p=stage.top_p, max_tokens=stage.max_tokens
+    )
+    round2 = [r for r in sampled if r["round"] == 2]
+
+    def texts(model: str) -> list[list[str]]:
+        with create_engine("hf", model=model, dtype="float32") as engine:
+            done = engine.generate(
+                [r["prompt"] for r in round2], [replace(sampling, seed=r["seed"]) for r in round2]
+            )
+        return [distinct_responses([s.text for s in c.samples])[0] for c in done]
+
+    stored = [r["responses"] for r in round2]
+    assert texts(str(round1)) == stored
+    assert texts("smollm2-135m") != stored
