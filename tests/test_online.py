@@ -5,6 +5,7 @@ and measurements with fakes, and the real default model through two rounds end t
 from __future__ import annotations
 
 import json
+import math
 import os
 import signal
 import subprocess
@@ -42,6 +43,15 @@ def ci_recipe(tmp_path: Path, **online) -> Path:
     stages["train_dpo"].update(
         max_steps=2, batch_size=2, max_length=128, logging_steps=1, learning_rate=2.0e-3
     )
+    if online.get("labels") == "reward_model":  # round 1's judged pairs train it
+        stages["train_reward"] = {
+            "max_steps": 2,
+            "batch_size": 2,
+            "max_length": 128,
+            "logging_steps": 1,
+            "eval_split": 0.5,
+            "lora": {"r": 8, "alpha": 16},
+        }
     stages["evaluate"]["max_tokens"] = 16
     for spec in stages["evaluate"]["sets"].values():
         spec["limit"] = 2
@@ -138,6 +148,41 @@ def test_an_online_run_refuses_shards_and_too_few_prompts(tmp_path):
         Runner(recipe, tmp_path / "b", limit=3)
 
 
+def test_each_round_trains_from_the_previous_policy_against_the_chosen_reference(tmp_path):
+    from types import SimpleNamespace
+
+    from cai.pipeline import training
+
+    def runner(reference: str, r: int | None, loss: str = "soft_dpo"):
+        recipe = load_recipe(
+            ci_recipe(tmp_path),
+            [f"online.reference={reference}", f"stages.train_dpo.loss={loss}"],
+        )
+        return SimpleNamespace(recipe=recipe, round=r, run_dir=tmp_path / "run")
+
+    run = tmp_path / "run"
+    assert training.start_model(runner("sft", 1), "train_dpo") == "smollm2-135m"
+    assert training.start_model(runner("sft", 3), "train_dpo") == str(run / "rounds/2/dpo")
+    assert training.output_dir(runner("sft", 3), "train_dpo") == run / "rounds/3/dpo"
+    assert training.data_dir(runner("sft", 3), "train_dpo") == run / "rounds/3/preferences"
+    assert training.data_dir(runner("sft", 3), "train_reward") == run / "rounds/3/preferences"
+    assert training.output_dir(runner("sft", 3), "train_reward") == run / "models/reward"
+    assert training.reference(runner("sft", 1), "train_dpo") == {}  # starts from it already
+    assert training.reference(runner("sft", 2), "train_dpo") == {"ref_model": "smollm2-135m"}
+    assert training.reference(runner("previous", 2), "train_dpo") == {}  # the starting model
+    assert training.reference(runner("sft", 2, loss="simpo"), "train_dpo") == {}  # none used
+
+
+def test_grpo_curves_show_reward_and_kl(tmp_path):
+    from cai.plots import plot_training
+
+    history = [{"step": s, "loss": 0.1, "reward": 0.5, "kl": 0.01 * s} for s in (1, 2)]
+    assert plot_training("grpo", {"log_history": history}, tmp_path / "g.png") == 2
+    assert (
+        plot_training("sft", {"log_history": [{"step": 1, "loss": 1.0}]}, tmp_path / "s.png") == 1
+    )
+
+
 def _row(r, win, reward, drift=0.0):
     rate = None if win is None else {"value": win, "low": 0.0, "high": 1.0, "n": 10}
     return {
@@ -181,7 +226,9 @@ def _files(folder: Path) -> dict[str, bytes]:
 
 @pytest.mark.slow
 def test_two_rounds_end_to_end_killed_in_round_2_and_resumed(tmp_path):
-    recipe_path = ci_recipe(tmp_path)
+    """Round 1: the judge labels, a reward model trains on its pairs; round 2 samples from round
+    1's policy and the reward model labels; DPO's reference stays the starting model."""
+    recipe_path = ci_recipe(tmp_path, labels="reward_model")
     run = tmp_path / "run"
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
     command = [sys.executable, "-m", "cai.pipeline", "run", str(recipe_path), "--run-dir", str(run)]
@@ -205,7 +252,9 @@ def test_two_rounds_end_to_end_killed_in_round_2_and_resumed(tmp_path):
     tallies = {t.name: t for t in result.stages}
     for name in ("sample r1", "judge r1", "sample r2"):
         assert tallies[name].records == 0 and tallies[name].done_before > 0, name
-    assert tallies["train_dpo r1"].done_before == 1 and tallies["train_dpo r1"].records == 0
+    for name in ("train_dpo r1", "train_reward r1"):
+        assert tallies[name].done_before == 1 and tallies[name].records == 0, name
+    assert "train_reward r2" not in tallies
     assert tallies["judge r2"].records > 0 and tallies["train_dpo r2"].records == 1
     assert _files(round1) == trained  # round 1 is never redone
 
@@ -221,6 +270,29 @@ def test_two_rounds_end_to_end_killed_in_round_2_and_resumed(tmp_path):
     judged = list(store.read_stage("judge").values())
     assert {r["round"] for r in judged} == {1, 2}
     assert (run / "rounds" / "2" / "preferences" / "data.jsonl").is_file()
+    marker = json.loads((run / "rounds" / "2" / "dpo" / "cai_pipeline.json").read_text())
+    assert marker["config"]["ref_model"] == "smollm2-135m"  # reference: sft (no SFT: the base)
+    assert marker["config"]["model"] == str(round1)
+
+    # Round 2's pairs carry the reward model's label: p_a = sigmoid(r(A) - r(B)), and the same
+    # model as an RL reward function (cai.rewards) gives the same scores.
+    from cai.rewards import RewardModelReward
+    from cai.train.reward import RewardModel
+
+    by_rm = [r for r in judged if r["round"] == 2]
+    assert by_rm and all(r["judge_model"] == str(run / "models" / "reward") for r in by_rm)
+    first = by_rm[0]
+    r_a, r_b = first["rewards"]
+    assert first["p_a"] == pytest.approx(1 / (1 + math.exp(r_b - r_a)))
+    model = RewardModel(str(run / "models" / "reward"))
+    try:
+        scores = RewardModelReward(model)(
+            [first["prompt"]] * 2, [first["response_a"], first["response_b"]]
+        )
+    finally:
+        model.close()
+    assert scores == pytest.approx([r_a, r_b], abs=1e-4)
+    assert all("rewards" not in r for r in judged if r["round"] == 1)
 
     results = json.loads((run / "eval" / "results.json").read_text())
     assert list(results["models"]) == ["base", "round1", "round2"]

@@ -139,7 +139,8 @@ def plan(runner: StageContext) -> list[str]:
     prompts = {kind: len(records) for kind, records in sets.items()}
     answers = len(config.models) * sum(prompts.values())
     graded = len(config.models) * sum(prompts.get(g.kind, 0) for g in GRADERS.values())
-    compared = (len(config.models) - 1) * sum(prompts.get(kind, 0) for kind in COMPARED)
+    also = sum(other != config.baseline_name for other in config.previous.values())
+    compared = (len(config.models) - 1 + also) * sum(prompts.get(kind, 0) for kind in COMPARED)
 
     def done(stage: str) -> int:
         return len(store.done_keys(stage)) if store.stage_path(stage).exists() else 0

@@ -162,30 +162,16 @@ def pair_items(
             seed_key = record_key(
                 input=prompt_key, sample=sample["key"], response_a=a, response_b=b
             )
+            pair = {"input": prompt_key, "stage": "judge", "sample": sample["key"]}
+            pair.update(response_a=a, response_b=b)
             if reward_model is not None:
-                key = record_key(
-                    input=prompt_key,
-                    stage="judge",
-                    sample=sample["key"],
-                    response_a=a,
-                    response_b=b,
-                    labeller="reward_model",
-                    tie_margin=judge.tie_margin,
-                    **model_key("reward_model", reward_model),
-                )
-                pairs.append((key, JudgePair(sample["prompt"], a, b, key=seed_key), (i, j)))
-                continue
-            principles = judge.principles_for(seed_key)
-            key = record_key(
-                input=prompt_key,
-                stage="judge",
-                sample=sample["key"],
-                response_a=a,
-                response_b=b,
-                principles=[[p.id, p.judge] for p in principles],
-                judge=config,
-                model=spec,
-            )
+                labelled_by = {"labeller": "reward_model", "tie_margin": judge.tie_margin}
+                labelled_by.update(model_key("reward_model", reward_model))
+            else:
+                principles = judge.principles_for(seed_key)
+                principle_ids = [[p.id, p.judge] for p in principles]
+                labelled_by = {"principles": principle_ids, "judge": config, "model": spec}
+            key = record_key(**pair, **labelled_by)
             pairs.append((key, JudgePair(sample["prompt"], a, b, key=seed_key), (i, j)))
         out[prompt_key] = pairs
     return out

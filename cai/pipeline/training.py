@@ -263,6 +263,8 @@ def plan(runner: StageContext, kind: str) -> list[str]:
     model = start_model(runner, kind)
     done = (output_dir(runner, kind) / MARKER).is_file()
     shown = ", ".join(f"{k}={v}" for k, v in options.items()) or "defaults"
+    for name, value in reference(runner, kind).items():
+        shown += f", {name}={value}"
     return [
         f"  {kind}: {model} on {data_dir(runner, kind)} → {output_dir(runner, kind)} "
         f"({shown}){' (trained; re-checked at run time)' if done else ''}"
