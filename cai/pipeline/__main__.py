@@ -2,18 +2,21 @@
 
     python -m cai.pipeline run pipelines/quickstart.yaml [--run-dir DIR] [--set key=value ...]
                                [--limit N] [--shard k/n] [--dry-run] [--force]
+                               [--executor local|ray] [--ray-address HOST:PORT]
     python -m cai.pipeline merge RUN_DIR                  # shard files of one run directory
     python -m cai.pipeline merge RUN_DIR... --out DIR     # shards that ran in separate directories
 
 A killed run resumes when the same command is run again. Exit codes (``cai.exit_codes``): 0 done;
 1 a stage's share of error records passed the recipe's max_error_rate; 2 bad input (recipe,
-sources, arguments); 3 the operating system refused (disk full, permission denied, connection
-refused): one line says what and where; fix it and run the same command again.
+sources, arguments; no ray package for --executor ray); 3 the operating system refused (disk full,
+permission denied, connection refused, no Ray cluster at --ray-address, a local Ray that cannot
+start): one line says what and where; fix it and run the same command again.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import sys
 import time
@@ -54,15 +57,37 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument(
         "--force", action="store_true", help="run even if the recipe changed since the run began"
     )
+    run.add_argument(
+        "--executor",
+        choices=("local", "ray"),
+        help="where engines run: in this process, or replicas on Ray (engine.executor)",
+    )
+    run.add_argument(
+        "--ray-address",
+        metavar="HOST:PORT",
+        help="the Ray cluster to use (engine.ray.address; implies --executor ray)",
+    )
     merge = sub.add_parser("merge", help="merge shard outputs")
     merge.add_argument("run_dirs", nargs="+")
     merge.add_argument("--out", help="output run directory (when merging several run directories)")
     return parser
 
 
+def _executor(args: argparse.Namespace) -> list[str]:
+    """``--executor`` and ``--ray-address`` as recipe overrides (checked like any ``--set``)."""
+    if args.ray_address is not None and args.executor == "local":
+        raise PipelineError("--ray-address needs the ray executor; drop --executor local")
+    overrides = []
+    if args.executor or args.ray_address is not None:
+        overrides.append(f"engine.executor={args.executor or 'ray'}")
+    if args.ray_address is not None:
+        overrides.append(f"engine.ray.address={json.dumps(args.ray_address)}")
+    return overrides
+
+
 def _run(args: argparse.Namespace) -> int:
     check_limit(args.limit, "--limit")
-    recipe = load_recipe(resolve("pipelines", args.recipe), args.overrides)
+    recipe = load_recipe(resolve("pipelines", args.recipe), args.overrides + _executor(args))
     shard = parse_shard(args.shard) if args.shard else None
     runner = Runner(recipe, args.run_dir, limit=args.limit, shard=shard, force=args.force)
     print(runner.plan(), file=sys.stderr)

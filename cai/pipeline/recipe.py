@@ -12,11 +12,42 @@ from dataclasses import asdict, dataclass, make_dataclass
 from pathlib import Path
 from typing import Any, Literal
 
-from cai.config import ConfigError, LineDict, doc, from_data, load_yaml, set_dotted
+from cai.config import ConfigError, FieldError, LineDict, doc, from_data, load_yaml, set_dotted
 from cai.engine import check_dtype
+from cai.engine.ray import check_address, replica_gpus
 from cai.pipeline.online import OnlineConfig, check_recipe
 from cai.pipeline.stage import Stage
 from cai.pipeline.stages import STAGES
+
+
+@dataclass
+class RayConfig:
+    """Where the engine replicas run with ``engine.executor: ray`` (``cai.engine.ray``)."""
+
+    address: str | None = doc(
+        "HOST:PORT of a running Ray cluster's head (ray start --head), ray://HOST:PORT or auto; "
+        "null: RAY_ADDRESS where set, else a local Ray on this machine",
+        None,
+    )
+    replicas: int = doc("engine replicas, each a Ray actor holding the model", 1)
+    num_cpus: float = doc("CPUs per replica (its torch threads, too)", 1)
+    num_gpus: float | None = doc(
+        "GPUs per replica; null: tensor_parallel_size of a vllm engine where set, else 1 "
+        "where the cluster has GPUs and the backend is vllm or auto, else 0",
+        None,
+    )
+
+    def validate(self) -> None:
+        try:
+            check_address(self.address)
+        except ValueError as e:
+            raise FieldError("address", str(e)) from None
+        if self.replicas < 1:
+            raise FieldError("replicas", f"must be >= 1 (got {self.replicas})")
+        if self.num_cpus <= 0:
+            raise FieldError("num_cpus", f"must be > 0 (got {self.num_cpus})")
+        if self.num_gpus is not None and self.num_gpus < 0:
+            raise FieldError("num_gpus", f"must be >= 0 (got {self.num_gpus})")
 
 
 @dataclass
@@ -25,12 +56,19 @@ class EngineConfig:
     dtype: str = doc("auto, float32, bfloat16 or float16", "auto")
     max_model_len: int | None = doc("context length cap (tokens); none: the model's", None)
     options: dict[str, Any] = doc("extra backend options (e.g. base_url for openai)", factory=dict)
+    executor: Literal["local", "ray"] = doc(
+        "where engines run: local (in this process) or ray (replicas on a Ray cluster); "
+        "not part of the run's config: switching resumes the same run",
+        "local",
+    )
+    ray: RayConfig = doc("the Ray replicas (executor: ray)", factory=RayConfig)
 
     def validate(self) -> None:
         check_dtype(self.backend, self.dtype)
         for name in ("dtype", "max_model_len"):
             if name in self.options:
                 raise ValueError(f"options.{name}: set engine.{name} instead (a field of its own)")
+        replica_gpus(self.backend, self.options, self.ray.num_gpus)  # GPUs given once
 
 
 @dataclass

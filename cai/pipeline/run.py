@@ -39,6 +39,16 @@ log = logging.getLogger(__name__)
 # Recipe keys that select which records to make, not what a record contains: left out of the
 # manifest's config hash so `--limit 5` then a full run, or shards, share one run.
 _VOLATILE = ("chunk_size", "max_error_rate")
+# Engine keys that say where the engines run, not what they compute: left out too, so a run
+# begun in-process resumes on Ray and back (record keys never depend on them).
+_VOLATILE_ENGINE = ("executor", "ray")
+
+
+def run_config(recipe: Recipe) -> dict[str, Any]:
+    """The recipe as the manifest records and hashes it: without the volatile keys."""
+    config = {k: v for k, v in recipe.to_dict().items() if k not in _VOLATILE}
+    config["engine"] = {k: v for k, v in config["engine"].items() if k not in _VOLATILE_ENGINE}
+    return config
 
 
 def load_sources(recipe: Recipe) -> list[PromptRecord]:
@@ -123,7 +133,9 @@ class Runner:
         for stage in self.stages:
             if stage.prepare is not None:
                 self.prepared[stage.name] = stage.prepare(self)
-        self.config = {k: v for k, v in recipe.to_dict().items() if k not in _VOLATILE}
+        self.config = run_config(recipe)
+        self.ray_gpus: float = 0
+        """GPUs per Ray replica, resolved when Ray starts (``engine.executor: ray``)."""
         if not force and self.store.check_manifest(self.config) is None:
             self._check_records()
 
@@ -202,14 +214,21 @@ class Runner:
             return self.injected_engine
         if model not in self._engines:
             e = self.recipe.engine
-            self._engines[model] = create_engine(
-                e.backend,
-                model=model,
-                dtype=e.dtype,
-                max_model_len=e.max_model_len,
-                overflow="error",
-                **e.options,
-            )
+            options = dict(dtype=e.dtype, max_model_len=e.max_model_len, overflow="error")
+            if e.executor == "ray":
+                from cai.engine.ray import replicated
+
+                self._engines[model] = replicated(
+                    e.backend,
+                    model,
+                    replicas=e.ray.replicas,
+                    num_cpus=e.ray.num_cpus,
+                    num_gpus=self.ray_gpus,
+                    **options,
+                    **e.options,
+                )
+            else:
+                self._engines[model] = create_engine(e.backend, model=model, **options, **e.options)
             self._described[model] = self._engines[model].describe()
         return self._engines[model]
 
@@ -241,7 +260,48 @@ class Runner:
     def run(self) -> RunResult:
         """Run every stage, holding the run directory's lock from before any model loads."""
         with self.store.lock(self.shard):
-            return self._run()
+            started_ray = self._start_ray()
+            try:
+                return self._run()
+            finally:
+                if self.recipe.engine.executor == "ray":
+                    self.release_engines()  # the replicas (Ray actors) end with the run
+                if started_ray:
+                    from cai.engine.ray import stop
+
+                    stop()
+
+    def _start_ray(self) -> bool:
+        """With ``engine.executor: ray``, start or connect to Ray before any work or model load,
+        and check that the replicas fit the cluster; True when this runner started it.
+        No ray package or a bad fit: PipelineError; an address nobody answers at, or Ray that
+        cannot start: ConnectionError (an OSError)."""
+        settings = self.recipe.engine
+        if settings.executor != "ray" or self.injected_engine is not None:
+            return False
+        from cai.engine.ray import check_resources, import_ray, resolve_gpus, start
+
+        try:
+            ray = import_ray()
+        except ModuleNotFoundError as e:
+            raise PipelineError(str(e)) from None
+        started = not ray.is_initialized()
+        seconds = start(settings.ray.address)
+        try:
+            self.ray_gpus = resolve_gpus(settings.backend, settings.options, settings.ray.num_gpus)
+            check_resources(settings.ray.replicas, settings.ray.num_cpus, self.ray_gpus)
+        except ValueError as e:
+            if started:
+                ray.shutdown()
+            raise PipelineError(str(e)) from None
+        have = ray.cluster_resources()
+        print(
+            f"ray: {'started' if started else 'using'} Ray ({have.get('CPU', 0):g} CPUs, "
+            f"{have.get('GPU', 0):g} GPUs) in {seconds:.1f} s; {settings.ray.replicas} "
+            f"replica(s) × {settings.ray.num_cpus:g} CPU, {self.ray_gpus:g} GPU",
+            file=self.out,
+        )
+        return started
 
     def _run(self) -> RunResult:
         result = self.result
