@@ -26,6 +26,19 @@ requires_vllm = pytest.mark.skipif(
 )
 
 
+def ray_available() -> bool:
+    """True where Ray can be imported. Under CI it must be: a missing Ray fails the run."""
+    found = importlib.util.find_spec("ray") is not None
+    if not found and os.environ.get("CI"):
+        raise RuntimeError("CI=true but Ray is not installed: `make test` installs cai[test]")
+    return found
+
+
+requires_ray = pytest.mark.skipif(
+    not ray_available(), reason="Ray not installed (pip install 'cai[ray]'; CI installs it)"
+)
+
+
 @pytest.fixture(scope="session")
 def model_path() -> str:
     from cai.models import resolve_model

@@ -89,7 +89,7 @@ def replica_gpus(backend: str, options: dict[str, Any], num_gpus: float | None) 
         return num_gpus
     if num_gpus is not None and num_gpus != tensor_parallel:
         raise ValueError(
-            f"engine.ray.num_gpus ({num_gpus}) conflicts with engine.options."
+            f"engine.ray.num_gpus ({num_gpus:g}) conflicts with engine.options."
             f"tensor_parallel_size ({tensor_parallel}): a replica takes one GPU per "
             "tensor-parallel rank; remove engine.ray.num_gpus"
         )
