@@ -1,12 +1,22 @@
-"""Pipeline overhead: the critique-revise stage against the bare engine fed the same requests.
+"""Pipeline overhead: the critique-revise stage against the bare engine fed the same requests;
+with ``--executor ray``, the same recipe in-process against engine replicas on Ray.
 
     python bench/pipeline.py [--prompts 16] [--rounds 2] [--max-tokens 64] [--backend auto]
+    python bench/pipeline.py --executor ray [--replicas 2] [--num-cpus 1] [--ray-address ADDR]
 
 The stage runs through the real runner (templates, principle sampling, record keys, the run
 store with its fsyncs, cleaning, export) while a thin wrapper records every batch it sends the
 engine. The recorded batches are then replayed through the same engine, timed alone. Greedy
 decoding makes both do the same token work. Prints a table, then one JSON line whose
 ``pipeline_over_engine`` is the ratio of wall times (goal: at most 1.10).
+
+``--executor ray`` runs the recipe (generate and critique-revise) twice, on one in-process
+engine and on ``--replicas`` Ray replicas, each engine built and warmed before its run, and
+prints one JSON line with ``ray_over_local`` (the in-process wall time over Ray's: above 1,
+Ray has the higher throughput), whether both wrote the same records, and Ray's start-up cost
+(``ray_init_s``: starting or joining Ray; ``replicas_start_s``: every replica's model loaded).
+On one machine the replicas share its cores with each other: 2 one-CPU replicas on 2 cores do
+the work of one engine with 2 threads, plus Ray's transfers and the pieces' smaller batches.
 """
 
 from __future__ import annotations
@@ -53,21 +63,99 @@ class Recording(Engine):
         return self.inner.describe()
 
 
+def write_recipe(folder: Path, args: argparse.Namespace) -> tuple[Path, int]:
+    path = folder / "bench.yaml"
+    half = max(1, args.prompts // 2)
+    path.write_text(RECIPE.format(half=half, rounds=args.rounds, max_tokens=args.max_tokens))
+    return path, half * 2
+
+
+def stage_records(run_dir: Path) -> dict[str, list[str]]:
+    return {
+        stage: sorted((run_dir / "stages" / f"{stage}.jsonl").read_text().splitlines())
+        for stage in ("generate", "critique_revise")
+    }
+
+
+def compare_executors(args: argparse.Namespace) -> None:
+    """The same recipe on one in-process engine and on Ray replicas; one JSON line."""
+    from cai.engine.ray import replicated, start, stop
+
+    warm = [[{"role": "user", "content": "Warm up."}]] * (2 * args.replicas)
+    local = create_engine(args.backend, model="smollm2-135m")
+    local.generate(warm[:1], Sampling(max_tokens=8))
+    ray_init = start(args.ray_address)
+    replicas = replicated(
+        args.backend, "smollm2-135m", replicas=args.replicas, num_cpus=args.num_cpus
+    )
+    replicas.generate(warm, Sampling(max_tokens=8))  # a piece on every replica
+    rows = []
+    with tempfile.TemporaryDirectory() as tmp:
+        path, prompts = write_recipe(Path(tmp), args)
+        for name, engine in (("in-process", local), (f"ray ({args.replicas} replicas)", replicas)):
+            run_dir = Path(tmp) / name.split()[0]
+            result = Runner(load_recipe(path), run_dir, engine=engine).run()
+            wall = sum(stage.seconds for stage in result.stages)
+            tokens = sum(stage.completion_tokens for stage in result.stages)
+            requests = sum(stage.requests for stage in result.stages)
+            rows.append((name, wall, tokens, requests, stage_records(run_dir)))
+    described = local.describe()
+    local.close()
+    replicas.close()
+    stop()
+    (_, local_wall, local_tokens, requests, local_records), ray_row = rows
+    _, ray_wall, ray_tokens, _, ray_records = ray_row
+    print(
+        f"\ngenerate + critique-revise: {prompts} prompts × {args.rounds} rounds, {requests} "
+        f"requests, greedy, up to {args.max_tokens} tokens ({described['backend']})\n"
+    )
+    print(f"{'executor':<22}{'wall s':>9}{'gen tok':>9}{'gen tok/s':>11}")
+    for name, wall, tokens, _, _ in rows:
+        print(f"{name:<22}{wall:>9.1f}{tokens:>9}{tokens / wall:>11.1f}")
+    print(f"ray start-up: ray.init {ray_init:.1f} s, replicas {replicas.start_seconds:.1f} s\n")
+    print(
+        json.dumps(
+            {
+                "bench": "pipeline_executors",
+                "backend": described["backend"],
+                "prompts": prompts,
+                "rounds": args.rounds,
+                "requests": requests,
+                "replicas": args.replicas,
+                "num_cpus_per_replica": args.num_cpus,
+                "local_s": round(local_wall, 2),
+                "ray_s": round(ray_wall, 2),
+                "ray_over_local": round(local_wall / ray_wall, 3),
+                "same_records": local_records == ray_records,
+                "same_tokens": local_tokens == ray_tokens,
+                "ray_init_s": round(ray_init, 2),
+                "replicas_start_s": round(replicas.start_seconds, 2),
+            }
+        )
+    )
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--prompts", type=int, default=16)
     parser.add_argument("--rounds", type=int, default=2)
     parser.add_argument("--max-tokens", type=int, default=64)
     parser.add_argument("--backend", default="auto")
+    parser.add_argument("--executor", choices=("local", "ray"), default="local")
+    parser.add_argument("--replicas", type=int, default=2, help="Ray replicas (--executor ray)")
+    parser.add_argument("--num-cpus", type=float, default=1, help="CPUs per Ray replica")
+    parser.add_argument("--ray-address", help="a running Ray cluster (default: a local Ray)")
     args = parser.parse_args()
+    if args.executor == "ray":
+        compare_executors(args)
+        return
 
     engine = create_engine(args.backend, model="smollm2-135m")
     engine.generate([[{"role": "user", "content": "Warm up."}]], Sampling(max_tokens=8))
     recording = Recording(engine)
     with tempfile.TemporaryDirectory() as tmp:
-        path = Path(tmp) / "bench.yaml"
-        half = max(1, args.prompts // 2)
-        path.write_text(RECIPE.format(half=half, rounds=args.rounds, max_tokens=args.max_tokens))
+        path, prompts = write_recipe(Path(tmp), args)
+        half = prompts // 2
         recipe = load_recipe(path)
         result = Runner(recipe, Path(tmp) / "run", engine=recording).run()
     stage = next(s for s in result.stages if s.name == "critique_revise")

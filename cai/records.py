@@ -5,9 +5,13 @@ sends the rest to an executor in batches, writes each batch's records (results a
 alike) and flushes, then returns the stored record of every item. A kill loses at most the batch
 in flight; a re-run asks only for what is missing or failed.
 
-The executor is the seam for running batches elsewhere: :class:`InProcess` (today's only one)
-calls the stage's batch function here, one batch after another. A distributed executor sends each
-batch to a worker and yields the results as they come back; no stage changes.
+The executor is the seam for running batches elsewhere: :class:`InProcess` (the only one) calls
+the stage's batch function here, one batch after another, and each batch's records are written
+as soon as it returns. Ray plugs in below this seam, behind the engine (``engine.executor: ray``,
+``cai.engine.ray.RayEngine``): a stage's batch function closes over the run (its store,
+constitution, several dependent engine calls such as critique then revision), so it cannot be
+shipped to a worker; instead each engine call inside it is spread over replicas, while keys,
+seeds and the writing stay here. A killed driver still loses only the batch in flight.
 
     records = run_records(store, "generate", prompts, key=lambda p: keys[p.key],
                           call=lambda batch, progress: [...one record per item...],
