@@ -10,10 +10,11 @@ engine. The recorded batches are then replayed through the same engine, timed al
 decoding makes both do the same token work. Prints a table, then one JSON line whose
 ``pipeline_over_engine`` is the ratio of wall times (goal: at most 1.10).
 
-``--executor ray`` runs the recipe (generate and critique-revise) twice, on one in-process
-engine and on ``--replicas`` Ray replicas, each engine built and warmed before its run, and
-prints one JSON line with ``ray_over_local`` (the in-process wall time over Ray's: above 1,
-Ray has the higher throughput), whether both wrote the same records, and Ray's start-up cost
+``--executor ray`` runs the recipe (generate and critique-revise) on one in-process engine and
+on ``--replicas`` Ray replicas, each engine built and warmed before its runs (``--repeats``
+alternating runs each, the fastest kept), and prints one JSON line with ``ray_over_local`` (the
+in-process wall time over Ray's: above 1, Ray has the higher throughput), whether both wrote
+the same records, and Ray's start-up cost
 (``ray_init_s``: starting or joining Ray; ``replicas_start_s``: every replica's model loaded).
 On one machine the replicas share its cores with each other: 2 one-CPU replicas on 2 cores do
 the work of one engine with 2 threads, plus Ray's transfers and the pieces' smaller batches.
@@ -89,16 +90,22 @@ def compare_executors(args: argparse.Namespace) -> None:
         args.backend, "smollm2-135m", replicas=args.replicas, num_cpus=args.num_cpus
     )
     replicas.generate(warm, Sampling(max_tokens=8))  # a piece on every replica
-    rows = []
+    executors = (("in-process", local), (f"ray ({args.replicas} replicas)", replicas))
+    best: dict[str, tuple] = {}
     with tempfile.TemporaryDirectory() as tmp:
         path, prompts = write_recipe(Path(tmp), args)
-        for name, engine in (("in-process", local), (f"ray ({args.replicas} replicas)", replicas)):
-            run_dir = Path(tmp) / name.split()[0]
-            result = Runner(load_recipe(path), run_dir, engine=engine).run()
-            wall = sum(stage.seconds for stage in result.stages)
-            tokens = sum(stage.completion_tokens for stage in result.stages)
-            requests = sum(stage.requests for stage in result.stages)
-            rows.append((name, wall, tokens, requests, stage_records(run_dir)))
+        # Alternating runs, the fastest of each kept: load from other processes hits both alike.
+        for repeat in range(args.repeats):
+            for name, engine in executors:
+                run_dir = Path(tmp) / f"{name.split()[0]}-{repeat}"
+                result = Runner(load_recipe(path), run_dir, engine=engine).run()
+                wall = sum(stage.seconds for stage in result.stages)
+                tokens = sum(stage.completion_tokens for stage in result.stages)
+                requests = sum(stage.requests for stage in result.stages)
+                row = (name, wall, tokens, requests, stage_records(run_dir))
+                if name not in best or wall < best[name][1]:
+                    best[name] = row
+    rows = [best[name] for name, _ in executors]
     described = local.describe()
     local.close()
     replicas.close()
@@ -123,6 +130,7 @@ def compare_executors(args: argparse.Namespace) -> None:
                 "requests": requests,
                 "replicas": args.replicas,
                 "num_cpus_per_replica": args.num_cpus,
+                "repeats": args.repeats,
                 "local_s": round(local_wall, 2),
                 "ray_s": round(ray_wall, 2),
                 "ray_over_local": round(local_wall / ray_wall, 3),
@@ -145,6 +153,9 @@ def main() -> None:
     parser.add_argument("--replicas", type=int, default=2, help="Ray replicas (--executor ray)")
     parser.add_argument("--num-cpus", type=float, default=1, help="CPUs per Ray replica")
     parser.add_argument("--ray-address", help="a running Ray cluster (default: a local Ray)")
+    parser.add_argument(
+        "--repeats", type=int, default=2, help="alternating runs per executor (--executor ray)"
+    )
     args = parser.parse_args()
     if args.executor == "ray":
         compare_executors(args)

@@ -109,7 +109,12 @@ def start(address: str | None = None, *, connect_timeout: float = 5.0) -> float:
     ray = import_ray()
     if ray.is_initialized():
         return 0.0
-    address = address or os.environ.get("RAY_ADDRESS") or None
+    if address is None and os.environ.get("RAY_ADDRESS"):
+        address = os.environ["RAY_ADDRESS"]
+        try:
+            check_address(address)
+        except ValueError as e:
+            raise ValueError(f"the environment's RAY_ADDRESS {e}") from None
     check_address(address)
     began = time.perf_counter()
     if address is not None and address != "auto":
