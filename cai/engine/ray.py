@@ -101,10 +101,11 @@ def start(address: str | None = None, *, connect_timeout: float = 5.0) -> float:
     or with None to ``RAY_ADDRESS`` where it is set, else start a local Ray on this machine.
     Nothing happens where Ray is already initialised in this process. Returns the seconds taken.
 
-    Raises ModuleNotFoundError (no ray package), ValueError (a malformed address) or
-    ConnectionError (nothing answers at the address within ``connect_timeout`` seconds; Ray
-    that cannot start). ``ray.init`` itself retries an unreachable address for minutes, so the
-    address is first checked with a plain TCP connection.
+    Raises ModuleNotFoundError (no ray package), ValueError (a malformed address),
+    ConnectionError (nothing answers at the address within ``connect_timeout`` seconds, or
+    what answers is no Ray) or RuntimeError (a local Ray that cannot start). ``ray.init``
+    itself retries an unreachable address for minutes, so the address is first checked with a
+    plain TCP connection.
     """
     ray = import_ray()
     if ray.is_initialized():
@@ -125,14 +126,19 @@ def start(address: str | None = None, *, connect_timeout: float = 5.0) -> float:
             socket.create_connection((host, port), timeout=connect_timeout).close()
         except OSError as e:
             raise ConnectionError(
-                f"no Ray cluster answers at {address} ({e.strerror or e}); start one there "
-                "(ray start --head) or fix --ray-address / engine.ray.address"
+                f"no Ray cluster answers at {address} ({e.strerror or e}; a head node starts "
+                "with `ray start --head`, or give another --ray-address)"
             ) from None
     try:
         ray.init(address=address, log_to_driver=True, include_dashboard=False)
     except (ConnectionError, RuntimeError, TimeoutError) as e:
-        where = f"connect to Ray at {address}" if address else "start a local Ray"
-        raise ConnectionError(f"could not {where}: {str(e).splitlines()[0]}") from None
+        reason = str(e).splitlines()[0].rstrip(".") if str(e) else type(e).__name__
+        if address is not None:
+            raise ConnectionError(f"could not connect to Ray at {address} ({reason})") from None
+        raise RuntimeError(
+            f"could not start a local Ray ({reason}); its logs are in "
+            "/tmp/ray/session_latest/logs, or give --ray-address of a running cluster"
+        ) from None
     return time.perf_counter() - began
 
 

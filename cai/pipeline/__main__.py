@@ -8,9 +8,10 @@
 
 A killed run resumes when the same command is run again. Exit codes (``cai.exit_codes``): 0 done;
 1 a stage's share of error records passed the recipe's max_error_rate; 2 bad input (recipe,
-sources, arguments; no ray package for --executor ray); 3 the operating system refused (disk full,
-permission denied, connection refused, no Ray cluster at --ray-address, a local Ray that cannot
-start): one line says what and where; fix it and run the same command again.
+sources, arguments; for --executor ray: no ray package, a local Ray that cannot start, replicas
+that do not fit the cluster); 3 the operating system refused (disk full, permission denied,
+connection refused, no Ray cluster at --ray-address): one line says what and where; fix it and
+run the same command again.
 """
 
 from __future__ import annotations

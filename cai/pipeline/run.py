@@ -274,8 +274,8 @@ class Runner:
     def _start_ray(self) -> bool:
         """With ``engine.executor: ray``, start or connect to Ray before any work or model load,
         and check that the replicas fit the cluster; True when this runner started it.
-        No ray package or a bad fit: PipelineError; an address nobody answers at, or Ray that
-        cannot start: ConnectionError (an OSError)."""
+        No ray package, a local Ray that cannot start, or replicas that do not fit: PipelineError
+        (exit 2); an address nobody answers at: ConnectionError (an OSError, exit 3)."""
         settings = self.recipe.engine
         if settings.executor != "ray" or self.injected_engine is not None:
             return False
@@ -286,7 +286,10 @@ class Runner:
         except ModuleNotFoundError as e:
             raise PipelineError(str(e)) from None
         started = not ray.is_initialized()
-        seconds = start(settings.ray.address)
+        try:
+            seconds = start(settings.ray.address)
+        except RuntimeError as e:  # a local Ray that cannot start
+            raise PipelineError(str(e)) from None
         try:
             self.ray_gpus = resolve_gpus(settings.backend, settings.options, settings.ray.num_gpus)
             check_resources(settings.ray.replicas, settings.ray.num_cpus, self.ray_gpus)
