@@ -31,6 +31,7 @@ import socket
 import time
 from collections import deque
 from collections.abc import Callable, Sequence
+from pathlib import Path
 from typing import Any
 
 from cai.engine import create_engine
@@ -213,6 +214,7 @@ class RayEngine(Engine):
         num_cpus: float = 1,
         num_gpus: float = 0,
         max_restarts: int = 3,
+        model_name: str | None = None,
     ):
         ray = import_ray()
         if replicas < 1:
@@ -238,7 +240,9 @@ class RayEngine(Engine):
         except ray.exceptions.RayError:
             self.close()
             raise
-        self.inner = described[0]
+        # The name the driver knows the model by, where the replicas got another (an absolute
+        # path): records and the manifest say what an in-process engine would.
+        self.inner = {**described[0], "model": model_name or described[0]["model"]}
         self.backend, self.model_name = self.inner["backend"], self.inner["model"]
         self.start_seconds = time.perf_counter() - began
         """Seconds until every replica had its engine (the model loaded)."""
@@ -388,5 +392,9 @@ def replicated(
     """A :class:`RayEngine` of ``replicas`` engines, each ``create_engine(backend, model=model,
     **engine_options)`` in its actor; ``num_gpus`` None as :func:`resolve_gpus` decides."""
     gpus = resolve_gpus(backend, engine_options, num_gpus)
-    factory = functools.partial(create_engine, backend, model=model, **engine_options)
-    return RayEngine(factory, replicas=replicas, num_cpus=num_cpus, num_gpus=gpus)
+    path = Path(model).expanduser()
+    # A relative folder (runs/<name>/models/sft) means the driver's working directory, which a
+    # replica on another node does not share: replicas get the absolute path.
+    where = str(path.resolve()) if path.exists() and not path.is_absolute() else model
+    factory = functools.partial(create_engine, backend, model=where, **engine_options)
+    return RayEngine(factory, replicas=replicas, num_cpus=num_cpus, num_gpus=gpus, model_name=model)
