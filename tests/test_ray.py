@@ -270,6 +270,19 @@ def test_a_replica_that_cannot_build_its_engine_raises_its_error(ray_cluster):
         RayEngine(SlowEcho, replicas=3, num_cpus=1)
 
 
+@pytest.mark.timeout(120)
+def test_a_relative_model_folder_reaches_the_replicas(ray_cluster, tiny_model, monkeypatch):
+    from cai.engine.ray import replicated
+
+    # The replicas' working directory is not this one (on another node it never is).
+    monkeypatch.chdir(Path(tiny_model).parent)
+    name = Path(tiny_model).name
+    with replicated("hf", name, replicas=1, num_cpus=1, dtype="float32") as engine:
+        assert engine.model_name == name and engine.describe()["model"] == name
+        [done] = engine.generate(chats(1), Sampling(max_tokens=2))
+        assert done.ok
+
+
 # ---- the real model ---------------------------------------------------------------------------
 
 
