@@ -119,6 +119,7 @@ def test_the_executor_is_not_part_of_the_run_config(tmp_path, capsys):
     Runner(local, run_dir, limit=1)._write_manifest()
     args = ["run", str(QUICKSTART), "--run-dir", str(run_dir), "--dry-run", "--limit", "1"]
     assert main([*args, *(f"--set={s}" for s in TINY), "--executor", "ray"]) == 0
+    assert "engines on Ray (RAY_ADDRESS or a local Ray): 1 replica(s)" in capsys.readouterr().err
     changed = [*(f"--set={s}" for s in TINY), "--set=engine.dtype=bfloat16"]
     assert main([*args, *changed]) == 2  # a real change is still refused
     assert "engine.dtype" in capsys.readouterr().err

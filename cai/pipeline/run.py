@@ -181,6 +181,13 @@ class Runner:
         lines.append(
             f"prompts: {len(self.prompts)}{shard} (model {self.recipe.model}, backend {self.recipe.engine.backend})"
         )
+        if self.recipe.engine.executor == "ray":
+            ray = self.recipe.engine.ray
+            gpus = "" if ray.num_gpus is None else f", {ray.num_gpus:g} GPU"
+            lines.append(
+                f"engines on Ray ({ray.address or 'RAY_ADDRESS or a local Ray'}): "
+                f"{ray.replicas} replica(s) × {ray.num_cpus:g} CPU{gpus}"
+            )
         for stage, r in self.schedule:
             if r is not None and stage.name == self.schedule_round_start(r):
                 lines.append(
