@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import tempfile
 import time
 from pathlib import Path
@@ -82,6 +83,7 @@ def compare_executors(args: argparse.Namespace) -> None:
     """The same recipe on one in-process engine and on Ray replicas; one JSON line."""
     from cai.engine.ray import replicated, start, stop
 
+    load = os.getloadavg()[0]  # other processes' work slows the 2-thread engine most
     warm = [[{"role": "user", "content": "Warm up."}]] * (2 * args.replicas)
     local = create_engine(args.backend, model="smollm2-135m")
     local.generate(warm[:1], Sampling(max_tokens=8))
@@ -138,6 +140,7 @@ def compare_executors(args: argparse.Namespace) -> None:
                 "same_tokens": local_tokens == ray_tokens,
                 "ray_init_s": round(ray_init, 2),
                 "replicas_start_s": round(replicas.start_seconds, 2),
+                "load_average_before": round(load, 2),
             }
         )
     )
