@@ -15,6 +15,16 @@ process dies (``max_restarts``) and a piece in flight is retried on the restarte
 the call returns, nothing is written twice. A replica that is gone for good (restarts spent)
 leaves its pieces to the others; with none left, the call raises.
 
+Security: whoever reaches a Ray cluster's ports can run code on it (work travels as pickled
+Python objects); keep it on a private network, and across machines set ``RAY_AUTH_MODE=token``
+with one ``RAY_AUTH_TOKEN`` on every node and the driver (a local Ray has a token already).
+
+On one machine the replicas share its cores: 2 one-CPU replicas on 2 cores do about the work
+of one in-process engine with 2 torch threads (``bench/pipeline.py --executor ray``), plus
+Ray's start-up (~4 s, and ~7 s until two replicas of the default model are loaded). While
+another process keeps a core busy, the in-process engine's two threads wait on each other and
+one-thread replicas come out far ahead. Ray pays off with more machines or GPUs.
+
     from cai.engine.ray import replicated, start
 
     start()  # a local Ray, or start("head-node:6379") for a running cluster
