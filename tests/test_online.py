@@ -54,7 +54,7 @@ def ci_recipe(tmp_path: Path, **online) -> Path:
         }
     stages["evaluate"]["max_tokens"] = 16
     for spec in stages["evaluate"]["sets"].values():
-        spec["limit"] = 2
+        spec["limit"] = 1
     recipe["engine"] = {"backend": "hf", "dtype": "float32"}
     path = tmp_path / "online-ci.yaml"
     path.write_text(yaml.safe_dump(recipe, sort_keys=False))
