@@ -26,6 +26,7 @@ a win probability is the Bradley-Terry ``sigmoid(s_c - s_other)`` (and ``against
 raw score ``s_c``).
 
     from cai.judge import Judge
+from cai.stats import sigmoid
     from cai.rewards import JudgeReward
     judge = Judge("smollm2-135m", constitution="harmless")
     reward = JudgeReward(judge, against="group", num_generations=4)
@@ -42,6 +43,7 @@ from collections.abc import Callable, Sequence
 from typing import Any, Literal, Protocol
 
 from cai.judge import Judge
+from cai.stats import sigmoid
 
 Against = Literal["reference", "group"]
 
@@ -288,7 +290,7 @@ class RewardModelReward(_PairwiseReward):
             [*m, {"role": "assistant", "content": r}] for m, a, b in pairs for r in (a, b)
         ]
         s = self._score(conversations)
-        return [1 / (1 + math.exp(s[2 * k + 1] - s[2 * k])) for k in range(len(pairs))]
+        return [sigmoid(s[2 * k] - s[2 * k + 1]) for k in range(len(pairs))]
 
 
 # ---- other trainers' hooks -----------------------------------------------------------------------

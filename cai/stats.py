@@ -49,7 +49,8 @@ def win_rate(p_better: Sequence[float | None], tie_margin: float = 0.0) -> dict 
     return rate(sum(outcome(p, tie_margin) for p in decided), len(decided))
 
 
-def _sigmoid(z: float) -> float:
+def sigmoid(z: float) -> float:
+    """1 / (1 + e^-z), without overflow for large |z|."""
     if z >= 0:
         return 1 / (1 + math.exp(-z))
     e = math.exp(z)
@@ -65,7 +66,7 @@ def _logistic_fit(x: Sequence[float], y: Sequence[float]) -> tuple[float, float]
     for _ in range(200):
         ga, gb, haa, hab, hbb = ridge_a * a, ridge_b * b, ridge_a, 0.0, ridge_b
         for xi, yi in zip(x, y, strict=True):
-            s = _sigmoid(a + b * xi)
+            s = sigmoid(a + b * xi)
             w = s * (1 - s)
             ga += s - yi
             gb += (s - yi) * xi
@@ -88,7 +89,7 @@ def _logistic_fit(x: Sequence[float], y: Sequence[float]) -> tuple[float, float]
 
 def _lc_value(y: Sequence[float], x: Sequence[float]) -> float:
     a, _ = _logistic_fit(x, y)
-    return _sigmoid(a)
+    return sigmoid(a)
 
 
 def lc_win_rate(

@@ -36,6 +36,7 @@ from cai.keys import model_key, record_key
 from cai.pipeline import online, training
 from cai.pipeline.sample import pending
 from cai.pipeline.stage import LazyEngine, PipelineError, Stage, StageContext, stage_records
+from cai.stats import sigmoid
 
 if TYPE_CHECKING:
     from cai.records import StageTally
@@ -187,11 +188,12 @@ def run(runner: StageContext, tally: StageTally) -> None:
     items = pair_items(runner, judge, samples)
 
     reward_model = reward_labels(runner)
+    scorer = RewardScorer(reward_model) if reward_model is not None else None
 
     def call(chunk, progress):
         try:
-            if reward_model is not None:
-                prefs = reward_model_labels(reward_model, [c[2] for c in chunk], judge.tie_margin)
+            if scorer is not None:
+                prefs = reward_model_labels(scorer, [c[2] for c in chunk], judge.tie_margin)
             else:
                 pairs = [c[2] for c in chunk]
                 prefs = [p.to_dict() for p in judge.label(pairs, progress=progress)]
@@ -214,20 +216,24 @@ def run(runner: StageContext, tally: StageTally) -> None:
         ]
 
     per_pair = 2 if reward_model else 2 * stage.ensemble * (2 if stage.cot else 1)
-    records = stage_records(
-        runner,
-        "judge",
-        [
-            (prompt_key, key, pair, ij)
-            for prompt_key, pairs in items.items()
-            for key, pair, ij in pairs
-        ],
-        key=lambda item: item[1],
-        call=call,
-        tally=tally,
-        label="judge",
-        requests=lambda record: per_pair,
-    )
+    try:
+        records = stage_records(
+            runner,
+            "judge",
+            [
+                (prompt_key, key, pair, ij)
+                for prompt_key, pairs in items.items()
+                for key, pair, ij in pairs
+            ],
+            key=lambda item: item[1],
+            call=call,
+            tally=tally,
+            label="judge",
+            requests=lambda record: per_pair,
+        )
+    finally:
+        if scorer is not None:
+            scorer.close()
     judged = {
         prompt_key: [records[key] for key, _, _ in pairs if key in records]
         for prompt_key, pairs in items.items()
@@ -237,26 +243,42 @@ def run(runner: StageContext, tally: StageTally) -> None:
         runner.result.exported_preferences = export_preferences(runner, samples, judged)
 
 
-def reward_model_labels(spec: str, pairs: list[JudgePair], tie_margin: float) -> list[dict]:
+class RewardScorer:
+    """A trained reward model, loaded on its first chunk and kept for the stage's others."""
+
+    def __init__(self, spec: str):
+        self.spec = spec
+        self._model = None
+
+    def score(self, conversations: list[list[dict]]) -> list[float]:
+        if self._model is None:
+            from cai.train.reward import RewardModel
+
+            self._model = RewardModel(self.spec)
+        return self._model.score(conversations)
+
+    def close(self) -> None:
+        if self._model is not None:
+            self._model.close()
+            self._model = None
+
+
+def reward_model_labels(
+    scorer: RewardScorer, pairs: list[JudgePair], tie_margin: float
+) -> list[dict]:
     """Soft labels from a trained reward model (the paper's preference model): p_a =
     sigmoid(r(A) - r(B)), one score per response, so both "orders" are the same and consistent."""
-    from cai.train.reward import RewardModel
-
-    model = RewardModel(spec)
-    try:
-        rewards = model.score(
-            [
-                [*pair.prompt, {"role": "assistant", "content": response}]
-                for pair in pairs
-                for response in (pair.response_a, pair.response_b)
-            ]
-        )
-    finally:
-        model.close()
+    rewards = scorer.score(
+        [
+            [*pair.prompt, {"role": "assistant", "content": response}]
+            for pair in pairs
+            for response in (pair.response_a, pair.response_b)
+        ]
+    )
     out = []
     for n, _ in enumerate(pairs):
         r_a, r_b = rewards[2 * n], rewards[2 * n + 1]
-        p_a = 1 / (1 + math.exp(r_b - r_a))
+        p_a = sigmoid(r_a - r_b)
         margin = abs(p_a - 0.5)
         winner = "tie" if margin <= tie_margin else ("A" if p_a > 0.5 else "B")
         out.append(
@@ -268,7 +290,7 @@ def reward_model_labels(spec: str, pairs: list[JudgePair], tie_margin: float) ->
                 "p_a_second": p_a,
                 "consistent": True,
                 "margin": margin,
-                "model": spec,
+                "model": scorer.spec,
                 "rewards": [r_a, r_b],
             }
         )
