@@ -132,6 +132,7 @@ def run_eval(
     limit: int | None = None,
     progress: bool = True,
     executor: Executor | None = None,
+    extend: Callable[[dict], dict] | None = None,
 ) -> dict:
     """Evaluate ``config.models`` and write ``out_dir/results.json``; returns the results.
 
@@ -142,6 +143,8 @@ def run_eval(
         store: the run store for the stage records; default ``RunStore(out_dir)``.
         limit: cap on the prompts of each set.
         executor: runs the batches (``cai.records``); default: in this process.
+        extend: results → results with more in them, before they are written (the pipeline's
+            online rounds add their ``rounds`` table).
     """
 
     config.validate()
@@ -172,6 +175,8 @@ def run_eval(
         "seconds": time.perf_counter() - start,
     }
     _warn_if_unreliable(results)
+    if extend is not None:
+        results = extend(results)
     text = json.dumps(results, indent=2) + "\n"
     write_atomic(out / RESULTS_FILE, lambda f: f.write(text.encode("utf-8")))
     return results

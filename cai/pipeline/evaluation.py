@@ -16,7 +16,7 @@ the run report (``<run>/report.html``) follows.
 
 from __future__ import annotations
 
-import json
+import functools
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -103,6 +103,11 @@ def run(runner: StageContext, tally: StageTally) -> None:
         runner.release_engines({spec})  # one model in memory at a time (GPU memory)
         return runner.engine_for(spec)
 
+    extend = None
+    if runner.recipe.online is not None:  # the rounds table joins results.json
+        from cai.pipeline.online_eval import measure
+
+        extend = functools.partial(measure, runner)
     runner.release_engines()
     results = run_eval(
         config,
@@ -111,14 +116,8 @@ def run(runner: StageContext, tally: StageTally) -> None:
         exclude=runner.source_keys,
         store=runner.store,
         executor=runner.executor,
+        extend=extend,
     )
-    if runner.recipe.online is not None:
-        from cai.jsonl import write_atomic
-        from cai.pipeline.online_eval import measure
-
-        results = measure(runner, results)
-        text = json.dumps(results, indent=2) + "\n"
-        write_atomic(eval_dir(runner) / "results.json", lambda f: f.write(text.encode("utf-8")))
     tally.records = sum(results["sets"].values()) * len(results["models"])
     tally.errors = sum(m["errors"] for m in results["metrics"].values())
     runner.result.evaluation = eval_dir(runner) / "results.json"
