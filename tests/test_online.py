@@ -140,6 +140,20 @@ def test_the_schedule_repeats_the_round_stages(tmp_path):
     assert ("train_reward", 1) in order and ("train_reward", 2) not in order
 
 
+def test_the_dry_run_plans_each_round(tmp_path, capsys):
+    from cai.pipeline.__main__ import main
+
+    run = tmp_path / "run"
+    assert main(["run", str(ci_recipe(tmp_path)), "--run-dir", str(run), "--dry-run"]) == 0
+    plan = capsys.readouterr().err
+    assert plan.count("round 1 of 2: 2 prompts") == 1 and plan.count("round 2 of 2: 2 prompts") == 1
+    assert plan.index("round 1 of 2") < plan.index("round 2 of 2") < plan.index("evaluate:")
+    assert f"sample: 2 requests × k=2 (0 done; model {run / 'rounds/1/dpo'}" in plan
+    assert "ref_model=smollm2-135m" in plan.split("round 2 of 2")[1]
+    assert "ref_model" not in plan.split("round 2 of 2")[0]
+    assert not run.exists() or not (run / "stages").exists()
+
+
 def test_an_online_run_refuses_shards_and_too_few_prompts(tmp_path):
     recipe = load_recipe(ci_recipe(tmp_path))
     with pytest.raises(PipelineError, match="drop --shard"):

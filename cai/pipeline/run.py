@@ -188,21 +188,19 @@ class Runner:
                 f"engines on Ray ({ray.address or 'RAY_ADDRESS or a local Ray'}): "
                 f"{ray.replicas} replica(s) × {ray.num_cpus:g} CPU{gpus}"
             )
+        last = None
         for stage, r in self.schedule:
-            if r is not None and stage.name == self.schedule_round_start(r):
+            if r is not None and r != last:
                 lines.append(
                     f"  round {r} of {self.recipe.online.rounds}: {len(self.round_prompts[r - 1])} prompts"
                 )
             with online.in_round(self, r):
                 lines.extend(("  " if r else "") + line for line in stage.plan(self))
+            last = r
         if self._ends_with_report():
             skipped = " (skipped for a shard)" if self.shard else ""
             lines.append(f"  report: {self.run_dir / 'report.html'}{skipped}")
         return "\n".join(lines)
-
-    def schedule_round_start(self, r: int) -> str:
-        """The name of the first stage of round ``r``."""
-        return next(stage.name for stage, at in self.schedule if at == r)
 
     def _models(self, schedule: list[tuple[Stage, int | None]]) -> dict[str, str]:
         """Role → model spec of the stages of ``schedule`` (a round's roles end with " r<round>"
