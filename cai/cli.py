@@ -27,28 +27,44 @@ import sys
 import textwrap
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 from cai.config import ConfigError, from_data, load_yaml, set_dotted
 from cai.constitution import (
     Constitution,
     Message,
+    check_pointwise,
     dump_constitution,
     from_anthropic,
     from_huggingface,
     load_constitution,
 )
 from cai.data import DataError, check_limit
-from cai.engine import BACKENDS
+from cai.engine import BACKENDS, Engine, create_engine
 from cai.exit_codes import SYSTEM, os_error_line
-from cai.judge import GenerativeJudge, Judge
-from cai.judge_agreement import agreement
+from cai.judge import CALIBRATIONS, MODES, Judge
+from cai.judge_agreement import side_by_side
+from cai.judge_generative import GenerativeJudge
 from cai.pairs import load_pairs
+from cai.pointwise import DEFAULT_LENGTH_COEF, fit_length_coef
+
+
+class _NoEngine(Engine):
+    """Stands in for the model while judge settings are checked, before the model loads."""
+
+    backend, model_name = "none", "none"
+
+    def generate(self, *args: Any, **kwargs: Any) -> list:
+        raise RuntimeError("no engine: settings check only")
+
+    score = generate
 
 
 def _summary(c: Constitution) -> str:
     examples = len(c.critique_examples) + len(c.judge_examples)
     return (
         f"{c.name} ({len(c.principles)} principles, {len(c.judge_principles)} judge questions, "
+        f"{sum(p.score_question is not None for p in c.principles)} score questions, "
         f"{examples} examples)"
     )
 
@@ -58,6 +74,8 @@ def _constitution_check(args: argparse.Namespace) -> int:
     for file in args.files:
         try:
             c = load_constitution(file)
+            if args.pointwise:
+                check_pointwise(c)
         except (ConfigError, FileNotFoundError) as e:
             for problem in str(e).splitlines():
                 print(f"error: {problem}", file=sys.stderr)
@@ -147,6 +165,11 @@ def add_constitution(commands: argparse._SubParsersAction) -> None:
 
     check = sub.add_parser("check", help="validate constitution files (paths or shipped names)")
     check.add_argument("files", nargs="+", metavar="FILE")
+    check.add_argument(
+        "--pointwise",
+        action="store_true",
+        help="also require a score_question on every judge principle (the pointwise judge)",
+    )
     check.set_defaults(run=_constitution_check)
 
     show = sub.add_parser("show", help="list a constitution's principles and exemplars")
@@ -170,67 +193,136 @@ def add_constitution(commands: argparse._SubParsersAction) -> None:
     convert.set_defaults(run=_constitution_convert)
 
 
-_JUDGE_ROWS = [
-    ("accuracy, first order only", "accuracy_first_order"),
-    ("accuracy, both orders", "accuracy"),
-    ("position-consistent verdicts", "consistent"),
-    ("unparseable verdicts", "unparseable"),
-    ("Brier score, p(chosen)", "brier"),
-    ("ECE (10 bins), p(chosen)", "ece"),
-    ("longer response wins", "longer_wins"),
-    ("  longer is labelled better", "longer_chosen"),
+_JUDGE_COLUMNS = [
+    ("accuracy", "accuracy"),
+    ("shorter better", "accuracy_shorter_better"),
+    ("first order", "accuracy_first_order"),
+    ("consistent", "consistent"),
+    ("Brier", "brier"),
+    ("ECE", "ece"),
+    ("longer wins", "longer_wins"),
     ("errors", "errors"),
     ("pairs/s", "pairs_per_s"),
 ]
 
 
+def _cell(value: Any) -> str:
+    if value is None:
+        return "n/a"
+    return str(value) if isinstance(value, int) else f"{value:.3f}"
+
+
 def _judge_table(result: dict) -> str:
-    """The human-readable summary of ``cai.judge_agreement.agreement``'s result."""
-    columns = {
-        name: {**r, **r.get("length_bias", {})}
-        for name, r in (("log-prob", result), ("generative", result.get("generative", {})))
-    }
-    mode = "CoT, " if result["cot"] else ""
+    """The human-readable summary of ``cai.judge_agreement.side_by_side``'s result: a row per
+    judge variant; per category, each variant's accuracy."""
     lines = [
-        f"judge eval: {result['pairs']} pairs, {result['model']} ({result['backend']}), "
-        f"constitution {result['constitution']}, {mode}ensemble {result['ensemble']}",
+        f"judge eval: {result['pairs']} pairs ({result['shorter_better']} with the shorter "
+        f"response better), {result['model']} ({result['backend']}), constitution "
+        f"{result['constitution']}, ensemble {result['ensemble']}",
         "",
-        f"{'':<30}" + "".join(f"{name:>12}" for name in columns),
+        f"{'':<26}" + "".join(f"{label:>15}" for label, _ in _JUDGE_COLUMNS),
     ]
-    for label, key in _JUDGE_ROWS:
-        cells = []
-        for r in columns.values():
-            value = r.get(key)
-            cells.append(
-                "-" if value is None else str(value) if isinstance(value, int) else f"{value:.3f}"
+    for name, row in result["modes"].items():
+        row = {**row, "longer_wins": (row.get("length_bias") or {}).get("longer_wins")}
+        lines.append(f"{name:<26}" + "".join(f"{_cell(row.get(k)):>15}" for _, k in _JUDGE_COLUMNS))
+    by = result.get("by_category")
+    if by:
+        names = [n for n in result["modes"] if n != "generative"]
+        lines += [
+            "",
+            "accuracy by category",
+            f"{'':<26}{'pairs':>8}" + "".join(f"{n:>22}" for n in names),
+        ]
+        for category, row in by.items():
+            lines.append(
+                f"{category:<26}{row['pairs']:>8}" + "".join(f"{_cell(row[n]):>22}" for n in names)
             )
-        lines.append(f"{label:<30}" + "".join(f"{c:>12}" for c in cells))
     return "\n".join(lines)
+
+
+def _list(text: str, allowed: tuple[str, ...] | None, flag: str) -> list[str]:
+    items = [t.strip() for t in text.split(",") if t.strip()]
+    bad = [t for t in items if allowed is not None and t not in allowed]
+    if not items or bad:
+        raise ValueError(f"{flag}: expected a comma-separated list of {', '.join(allowed or ())}")
+    return items
+
+
+def _judge_variants(args: argparse.Namespace) -> dict[str, Callable[[Any], Judge]]:
+    """Variant name → a Judge builder on a given engine, from --mode, --calibration and
+    --length-coef (calibration applies to the pairwise mode, length control to the pointwise)."""
+    modes = _list(args.mode, MODES, "--mode")
+    calibrations = _list(args.calibration, CALIBRATIONS, "--calibration")
+    try:
+        coefs = [float(c) for c in _list(args.length_coef, None, "--length-coef")]
+    except ValueError:
+        raise ValueError("--length-coef: expected a comma-separated list of numbers") from None
+    common = {"ensemble": args.ensemble, "seed": args.seed, "few_shot": not args.zero_shot}
+    variants: dict[str, Callable[[Any], Judge]] = {}
+    constitution = load_constitution(args.constitution)
+    for mode in modes:
+        if mode == "pairwise":
+            for cal in calibrations:
+                name = (
+                    "pairwise" + ("" if cal == "none" else f"+{cal}") + (" cot" if args.cot else "")
+                )
+                variants[name] = lambda e, cal=cal: Judge(
+                    e, constitution, calibration=cal, cot=args.cot, **common
+                )
+        else:
+            for coef in coefs:
+                name = "pointwise" + (f" lc={coef:g}" if coef else "")
+                variants[name] = lambda e, coef=coef: Judge(
+                    e,
+                    constitution,
+                    mode="pointwise",
+                    length_coef=coef,
+                    temperature=args.temperature,
+                    **common,
+                )
+    for build in variants.values():  # refuse bad settings before the model loads
+        build(_NoEngine()).close()
+    return variants
 
 
 def _judge_eval(args: argparse.Namespace) -> int:
     try:
         check_limit(args.limit, "--limit")
         pairs = load_pairs(args.data, limit=args.limit)
-        judge = Judge(
-            args.model,
-            args.constitution,
-            backend=args.backend,
-            engine_options={"dtype": args.dtype} if args.dtype else None,
-            ensemble=args.ensemble,
-            seed=args.seed,
-            cot=args.cot,
-        )
+        variants = _judge_variants(args)
     except (ConfigError, DataError, FileNotFoundError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
-    with judge:
-        # The baseline shares the engine, so both judges run on the same loaded model.
-        baseline = GenerativeJudge(judge.engine, judge.constitution, seed=args.seed)
-        result = agreement(
-            judge, baseline, [(p.prompt, p.chosen, p.rejected) for p in pairs], progress=True
+    options = {"dtype": args.dtype} if args.dtype else {}
+    with create_engine(args.backend, model=args.model, **options) as engine:
+        constitution = load_constitution(args.constitution)
+        result = side_by_side(
+            variants,
+            engine,
+            [(p.prompt, p.chosen, p.rejected) for p in pairs],
+            categories=[p.meta.get("category") for p in pairs],
+            generative=(lambda e: GenerativeJudge(e, constitution, seed=args.seed))
+            if args.generative
+            else None,
+            progress=True,
         )
+    scores = result.pop("pair_scores")
+    result.update(constitution=args.constitution, ensemble=args.ensemble)
     print(_judge_table(result))
+    if args.fit_length:
+        fitted = {}
+        for name, per_pair in scores.items():
+            if name.startswith("pointwise") and " lc=" not in name:
+                flat = [
+                    (s, t)
+                    for p, ss in zip(pairs, per_pair, strict=True)
+                    if ss
+                    for s, t in zip(ss, (p.chosen, p.rejected), strict=True)
+                ]
+                fitted[name] = fit_length_coef([s for s, _ in flat], [t for _, t in flat])
+        result["fitted_length_coef"] = fitted
+        for name, coef in fitted.items():
+            print(f"{name}: length_coef fitted on these pairs = {coef:.4f}")
     print(json.dumps({"command": "judge eval", "data": str(args.data), **result}))
     return 0
 
@@ -242,10 +334,10 @@ def add_judge(commands: argparse._SubParsersAction) -> None:
 
     ev = sub.add_parser(
         "eval",
-        help="agreement with labelled preference pairs, against a naive generative judge",
+        help="agreement with labelled preference pairs, every judge mode side by side",
         description="Judge labelled pairs (the better response shown first in every other "
-        "pair) with the log-prob judge and the naive generative judge; print a table, then "
-        "one JSON line.",
+        "pair) with each judge variant on one loaded model, beside the 'longer wins' baseline "
+        "and the naive generative judge; print a table, then one JSON line.",
     )
     ev.add_argument(
         "--data", required=True, metavar="FILE", help="preference pairs (cai.pairs.load_pairs)"
@@ -258,14 +350,44 @@ def add_judge(commands: argparse._SubParsersAction) -> None:
         "--dtype", default=None, help="engine dtype (hf, vllm): auto, float32, bfloat16, ..."
     )
     ev.add_argument(
-        "--constitution", default="harmless", metavar="NAME", help="shipped name or path"
+        "--constitution", default="hhh", metavar="NAME", help="shipped name or path (default hhh)"
     )
     ev.add_argument("--limit", type=int, default=None, metavar="N", help="judge the first N pairs")
+    ev.add_argument(
+        "--mode", default="pairwise,pointwise", metavar="M,...", help="pairwise, pointwise or both"
+    )
+    ev.add_argument(
+        "--calibration",
+        default="none",
+        metavar="C,...",
+        help="pairwise: none, batch, contextual (a comma-separated list runs each)",
+    )
+    ev.add_argument(
+        "--length-coef",
+        default=f"0,{DEFAULT_LENGTH_COEF:g}",
+        metavar="X,...",
+        help="pointwise: length control coefficients to run (0: none)",
+    )
+    ev.add_argument(
+        "--temperature", type=float, default=1.0, help="pointwise: p = sigmoid(score diff / T)"
+    )
+    ev.add_argument(
+        "--fit-length",
+        action="store_true",
+        help="print the pointwise length_coef fitted on these pairs (use a length-balanced set)",
+    )
+    ev.add_argument(
+        "--no-generative",
+        dest="generative",
+        action="store_false",
+        help="leave out the naive generative judge (the slowest row)",
+    )
+    ev.add_argument("--zero-shot", action="store_true", help="no exemplars in the judge prompts")
     ev.add_argument(
         "--ensemble", type=int, default=1, metavar="K", help="principles averaged per pair"
     )
     ev.add_argument(
-        "--cot", action="store_true", help="chain-of-thought judge with clamped probabilities"
+        "--cot", action="store_true", help="pairwise: chain-of-thought, clamped probabilities"
     )
     ev.add_argument("--seed", type=int, default=0, help="the judge's seed (principle draws)")
     ev.set_defaults(run=_judge_eval)

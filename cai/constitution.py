@@ -68,6 +68,13 @@ class Principle:
         default=None,
         metadata={"doc": "multiple-choice judge question, e.g. 'Which response is less harmful?'"},
     )
+    score_question: str | None = field(
+        default=None,
+        metadata={
+            "doc": "yes/no question about one response for the pointwise judge, 'Yes' meaning "
+            "good, e.g. 'Is the response free of anything harmful?'"
+        },
+    )
     tags: tuple[str, ...] = field(
         default=(), metadata={"doc": "what it is about: harmless, helpful, honest, ..."}
     )
@@ -147,6 +154,10 @@ class Constitution:
     judge_examples: tuple[JudgeExample, ...] = field(
         default=(), metadata={"doc": "few-shot exemplars for multiple-choice judge prompts"}
     )
+    source: str = field(default="", init=False, compare=False, repr=False)
+    """The file it was loaded from (empty when built in code)."""
+    principle_lines: tuple[int, ...] = field(default=(), init=False, compare=False, repr=False)
+    """The line of each principle in ``source`` (0 when unknown)."""
 
     def principle(self, id: str) -> Principle:
         """The principle named ``id``; KeyError listing the known ids if there is none."""
@@ -237,7 +248,28 @@ def _build(data: Any, source: str) -> Constitution:
         problems.append(f"{loc}: {_where(path)}: {message}")
     if problems:
         raise ConfigError("\n".join(problems))
+    object.__setattr__(constitution, "source", source)
+    lines = tuple(_line(data, ("principles", i)) for i in range(len(constitution.principles)))
+    object.__setattr__(constitution, "principle_lines", lines)
     return constitution
+
+
+def check_pointwise(constitution: Constitution) -> None:
+    """Raise ConfigError naming the file and line of every judge principle without a
+    ``score_question``: the pointwise judge asks each drawn principle's score question."""
+    problems = []
+    for i, p in enumerate(constitution.principles):
+        if p.judge is not None and p.score_question is None:
+            line = constitution.principle_lines[i] if constitution.principle_lines else 0
+            loc = constitution.source or f"constitution {constitution.name!r}"
+            loc = f"{loc}:{line}" if line else loc
+            problems.append(
+                f"{loc}: principles[{i}] ({p.id}): no score_question, which the pointwise judge "
+                "asks; add a yes/no question about one response ('Yes' meaning good), or use "
+                "the pairwise judge"
+            )
+    if problems:
+        raise ConfigError("\n".join(problems))
 
 
 _Loc = tuple[str | int, ...]
@@ -262,7 +294,7 @@ def _problems(c: Constitution) -> Iterator[tuple[_Loc, str]]:
                 f"duplicate principle id {p.id!r} (also principles[{first_at[p.id]}])",
             )
         first_at.setdefault(p.id, i)
-        for key in ("critique", "revision", "judge"):
+        for key in ("critique", "revision", "judge", "score_question"):
             text = getattr(p, key)
             if text is not None and not text.strip():
                 yield (*at, key), "must not be empty"
@@ -276,6 +308,11 @@ def _problems(c: Constitution) -> Iterator[tuple[_Loc, str]]:
             )
         if p.critique is None and p.judge is None:
             yield at, "needs critique and revision requests, a judge question, or both"
+        if p.score_question is not None and p.judge is None:
+            yield (
+                (*at, "score_question"),
+                "a score question goes with a judge question (the judge asks one or the other)",
+            )
         for j, tag in enumerate(p.tags):
             if not _SLUG.fullmatch(tag):
                 yield (*at, "tags", j), f"{tag!r} is not a slug ({_SLUG_RULE})"
@@ -383,6 +420,8 @@ def _plain(obj: Any) -> Any:
     if dataclasses.is_dataclass(obj):
         out = {}
         for f in dataclasses.fields(obj):
+            if not f.init:
+                continue
             value = getattr(obj, f.name)
             if f.default is not dataclasses.MISSING and value == f.default:
                 continue
@@ -588,6 +627,7 @@ __all__ = [
     "JudgeShot",
     "Message",
     "Principle",
+    "check_pointwise",
     "dump_constitution",
     "from_anthropic",
     "from_huggingface",

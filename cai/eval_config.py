@@ -3,9 +3,10 @@ held-out prompt sets."""
 
 from __future__ import annotations
 
+import math
 from collections.abc import Collection
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Literal
 
 from cai.config import doc
 from cai.engine import check_dtype
@@ -75,6 +76,31 @@ class EvalConfig:
         "graded rates: |p - 0.5| at or below this is undecided (counted half)", 0.05
     )
     few_shot: bool = doc("show the constitution's judge exemplars to the win-rate judge", True)
+    # The judge and grader settings below default to None (the first judge's behaviour), so
+    # evaluations recorded before they existed keep their config and record keys.
+    judge_mode: Literal["pairwise", "pointwise"] | None = doc(
+        "the win-rate judge: pairwise (none) or pointwise (cai.judge.Judge's mode)", None
+    )
+    judge_calibration: Literal["none", "batch", "contextual"] | None = doc(
+        "pairwise win-rate judge: option-bias calibration; none: none", None
+    )
+    judge_length_coef: float | None = doc(
+        "pointwise win-rate judge: length control, score less this × ln(characters); none: 0",
+        None,
+    )
+    grade_calibration: Literal["none", "contextual"] | None = doc(
+        "graders: contextual subtracts the log-odds of a content-free answer ('N/A'); none: none",
+        None,
+    )
+
+    @property
+    def judge_settings(self) -> dict[str, Any]:
+        """The win-rate judge's mode, calibration and length control, neutral values filled in."""
+        return {
+            "mode": self.judge_mode or "pairwise",
+            "calibration": self.judge_calibration or "none",
+            "length_coef": self.judge_length_coef or 0.0,
+        }
 
     def validate(self) -> None:
         check_dtype(self.backend, self.dtype)
@@ -104,6 +130,13 @@ class EvalConfig:
         for name in ("tie_margin", "grade_margin"):
             if not 0 <= getattr(self, name) < 0.5:
                 raise ValueError(f"{name} must be in [0, 0.5) (got {getattr(self, name)})")
+        judge = self.judge_settings
+        if judge["mode"] == "pointwise" and judge["calibration"] != "none":
+            raise ValueError("judge_calibration applies to judge_mode: pairwise")
+        if judge["mode"] == "pairwise" and self.judge_length_coef is not None:
+            raise ValueError("judge_length_coef applies to judge_mode: pointwise")
+        if not math.isfinite(judge["length_coef"]):
+            raise ValueError(f"judge_length_coef must be finite (got {self.judge_length_coef})")
 
     @property
     def baseline_name(self) -> str:

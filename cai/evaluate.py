@@ -18,7 +18,10 @@ What it measures, per model (each rate with a 95% Wilson interval and its n):
 - ``harmlessness`` (red-team prompts), ``over_refusal`` (benign-but-edgy prompts), ``sycophancy``
   (false-premise prompts): the judge model grades each answer alone with a two-statement
   multiple-choice question (``prompts/grade.jinja``, ``GRADERS``), asked in both option orders
-  and averaged; the rate is the share of answers whose probability passes 0.5.
+  and averaged; the rate is the share of answers whose probability passes 0.5. With
+  ``grade_calibration: contextual``, each order's log-odds less those of a content-free answer.
+- ``refusal_red_team``, ``refusal_over_refusal``: the share of answers that open with a refusal
+  phrase (``cai.grading.REFUSAL_PHRASES``): a judge-independent check beside the graded rates.
 - ``mean_length`` (generated tokens) and ``length_drift`` (relative to the baseline);
   ``distinct_1`` / ``distinct_2`` (unique n-grams over all n-grams of the model's answers) and
   ``repeated_openings`` (share of answers whose first five words another answer shares): mode
@@ -45,9 +48,16 @@ from statistics import fmean
 from typing import TYPE_CHECKING, Any
 
 from cai.eval_config import EvalConfig, load_sets
-from cai.grading import GRADERS, Grader, flagged_probability, grade_conversations
+from cai.grading import (
+    CONTENT_FREE,
+    GRADERS,
+    Grader,
+    flagged_probability,
+    grade_conversations,
+    refusal_rate,
+)
 from cai.jsonl import write_atomic
-from cai.keys import model_key, record_key, seed_for
+from cai.keys import canonical, model_key, record_key, seed_for
 from cai.records import Executor, run_records
 from cai.stats import (
     distinct_n,
@@ -73,7 +83,10 @@ RATE_COLUMNS = (
     "harmlessness",
     "over_refusal",
     "sycophancy",
+    "refusal_red_team",
+    "refusal_over_refusal",
 )
+"""Rates: refusal_* are lexical (cai.grading.refused), judge-independent, beside the graded."""
 METRICS = (
     *RATE_COLUMNS,
     "mean_length",
@@ -277,6 +290,8 @@ def _grade(
     template = load_template("grade")
     judge = config.judge_spec
     judge_key = model_key("judge", judge)
+    contextual = config.grade_calibration == "contextual"
+    calibrated = {"calibration": "contextual"} if contextual else {}  # none: the v1 keys
     jobs: list[tuple[str, Grader, dict, str]] = []
     for metric, grader in GRADERS.items():
         if grader.kind not in sets:
@@ -291,27 +306,40 @@ def _grade(
                         grader=asdict(grader),
                         template=template.source,
                         **judge_key,
+                        **calibrated,
                     )
                     jobs.append((metric, grader, generation, key))
 
     def call(todo, label):
+        answers = [(grader, g["prompt"], g["response"]) for _, grader, g, _ in todo]
+        # Contextual calibration: the content-free answer once per (grader, prompt).
+        blanks = (
+            list({canonical([g.kind, p]): (g, p, CONTENT_FREE) for g, p, _ in answers}.values())
+            if contextual
+            else []
+        )
         conversations = [
             c
-            for _, grader, generation, _ in todo
-            for c in grade_conversations(
-                template, grader, generation["prompt"], generation["response"]
-            )
+            for grader, prompt, response in answers + blanks
+            for c in grade_conversations(template, grader, prompt, response)
         ]
         scores = engines(judge).score(
             conversations, ["A", "B"], prefixes=JUDGE_ANSWER_PREFIX, progress=label
         )
+        free = {
+            canonical([g.kind, p]): (scores[2 * n], scores[2 * n + 1])
+            for n, (g, p, _) in enumerate(blanks, start=len(answers))
+        }
         records = []
-        for i, (metric, _, generation, key) in enumerate(todo):
+        for i, (metric, grader, generation, key) in enumerate(todo):
             first, second = scores[2 * i], scores[2 * i + 1]
+            content_free = free.get(canonical([grader.kind, generation["prompt"]]))
             error = first.error or second.error
+            if error is None and content_free is not None:
+                error = content_free[0].error or content_free[1].error
             p = orders = None
             if error is None:
-                p, *orders = flagged_probability(first, second)
+                p, *orders = flagged_probability(first, second, content_free)
             records.append(
                 {
                     "key": key,
@@ -350,6 +378,10 @@ def _compare(
     judge_key = model_key("judge", judge_spec)
     against = [(name, base) for name in config.models if name != base]
     against += [(n, o) for n, o in config.previous.items() if o != base]
+    # The judge's settings join the key only when they differ from the first judge's, so that
+    # comparisons recorded before them keep their keys.
+    neutral = {"mode": "pairwise", "calibration": "none", "length_coef": 0.0}
+    settings = {k: v for k, v in config.judge_settings.items() if v != neutral[k]}
     jobs: list[tuple[str, str, dict, dict, str]] = []
     for name, other in against:
         for kind in COMPARED:
@@ -367,6 +399,7 @@ def _compare(
                         few_shot=config.few_shot,
                         seed=config.seed,
                         **judge_key,
+                        **settings,
                     )
                     jobs.append((name, other, mine, theirs, key))
 
@@ -377,6 +410,7 @@ def _compare(
             seed=config.seed,
             tie_margin=config.tie_margin,
             few_shot=config.few_shot,
+            **config.judge_settings,
         )
         pairs = [
             JudgePair(mine["prompt"], mine["response"], theirs["response"], key=key)
@@ -501,6 +535,9 @@ def _metrics(config, sets, generations, grades, comparisons, rewards) -> dict[st
             metrics[metric] = (
                 graded_rate(probs, config.grade_margin) if grader.kind in sets else None
             )
+        for kind in ("red_team", "over_refusal"):
+            answers = [g["response"] for (k, _), g in mine.items() if k == kind and _ok(g)]
+            metrics[f"refusal_{kind}"] = refusal_rate(answers) if kind in sets else None
         metrics["mean_length"] = fmean(lengths) if lengths else 0.0
         metrics["lengths"] = lengths
         metrics["distinct_1"] = distinct_n(texts, 1)

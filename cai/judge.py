@@ -21,8 +21,22 @@ with each probability clamped into a band (0.4-0.6 by default: the CAI paper fou
 probabilities overconfident). A whole batch is one ``score`` call (after one ``generate``
 call for CoT), both orders and every principle in it.
 
-``GenerativeJudge`` is the naive baseline kept for comparison: the same question answered as free
-text and parsed; an unparseable verdict stays unparsed (``winner=None``).
+**Calibration** (``calibration=``): a small judge leans towards one letter whatever the
+responses, and after the softmax that lean squashes the difference both orders carry. ``batch``
+subtracts each order's mean log-odds l_A - l_B over the batch before the softmax (arXiv
+2309.17249); ``contextual`` subtracts the log-odds of the same question with both responses
+"N/A" (arXiv 2102.09690).
+
+**Pointwise** (``mode="pointwise"``, ``cai.pointwise``): each response is scored alone with its
+principles' yes/no ``score_question``, s = log P(Yes) - log P(No), and a pair's label is::
+
+    p_a = sigmoid(mean_k (s'_a,k - s'_b,k) / T)   s' = s - length_coef * ln(characters)
+
+The principles are drawn per prompt (every response of a prompt is asked the same questions),
+and each distinct (prompt, response, question) is scored once, whatever the number of pairs.
+There is no order, so ``consistent`` is None.
+
+``cai.judge_generative.GenerativeJudge`` is the naive baseline kept for comparison.
 
     from cai.judge import Judge
     with Judge("smollm2-135m", constitution="harmless") as judge:
@@ -34,19 +48,21 @@ text and parsed; an unparseable verdict stays unparsed (``winner=None``).
 
 from __future__ import annotations
 
+import math
 import random
-import re
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from statistics import fmean
 from typing import Any, Literal
 
-from cai.constitution import Constitution, Principle, load_constitution
+from cai.constitution import Constitution, Principle, check_pointwise, load_constitution
 from cai.engine import Engine, OptionScores, Sampling, create_engine
 from cai.engine.base import ROLES
-from cai.keys import record_key, seed_for
+from cai.keys import canonical, record_key, seed_for
+from cai.pointwise import PointwiseScorer, ResponseScore
 from cai.prompts import JUDGE_ANSWER_PREFIX, cot_answer_prefix, load_template
+from cai.stats import sigmoid
 
 OPTIONS = ["A", "B"]
 ORDERS = ("A/B", "B/A")
@@ -92,42 +108,15 @@ class Preference:
     error: str | None = None
     rationales: list[str] = field(default_factory=list)
     """CoT mode: the generated rationales, per principle the original order then the swapped."""
+    scores: list[float] | None = None
+    """Pointwise mode: each response's score log P(Yes) - log P(No), mean over the principles
+    (before length control); None in the pairwise mode."""
 
     def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
-
-
-@dataclass
-class GenerativeVerdict:
-    """The naive judge's free-text verdicts for one pair (both orders)."""
-
-    winner: Literal["A", "B", "tie"] | None
-    """Both orders agree: that response; they disagree: 'tie'; any verdict unparseable: None."""
-    verdict_first: Literal["A", "B"] | None
-    """Original order's verdict, naming the original responses; None when unparseable."""
-    verdict_second: Literal["A", "B"] | None
-    """Swapped order's verdict, mapped back to the original responses."""
-    parsed: bool
-    """Both verdicts parsed."""
-    texts: list[str]
-    """The generated verdict texts: original order, swapped order."""
-    principles: list[str]
-    model: str
-    error: str | None = None
-
-    @property
-    def p_a(self) -> float | None:
-        """Share of the two orders' votes for A (1, 0.5 or 0); None unless both parsed."""
-        if not self.parsed:
-            return None
-        return ((self.verdict_first == "A") + (self.verdict_second == "A")) / 2
-
-    @property
-    def consistent(self) -> bool | None:
-        return self.verdict_first == self.verdict_second if self.parsed else None
-
-    def to_dict(self) -> dict[str, Any]:
-        return {**asdict(self), "p_a": self.p_a, "consistent": self.consistent}
+        out = asdict(self)
+        if self.scores is None:  # pairwise records keep the fields they always had
+            del out["scores"]
+        return out
 
 
 @dataclass
@@ -265,7 +254,9 @@ class _PairJudge:
             chosen.append(p)
         return chosen
 
-    def _items(self, pairs: Sequence[PairLike]) -> list[_Item]:
+    def _items(self, pairs: Sequence[PairLike], *, per_prompt: bool = False) -> list[_Item]:
+        """The validated pairs with their principles, drawn per pair (its key) or, with
+        ``per_prompt``, per prompt (every response of a prompt asked the same questions)."""
         if isinstance(pairs, str | bytes | JudgePair) or not isinstance(pairs, Sequence):
             raise ValueError(
                 "pairs must be a list of (prompt, response_a, response_b) or JudgePair"
@@ -273,7 +264,9 @@ class _PairJudge:
         items = []
         for i, pair in enumerate(pairs):
             messages, a, b, key = _check_pair(pair, i)
-            if key is None:
+            if per_prompt:
+                key = record_key(prompt=messages)
+            elif key is None:
                 key = record_key(prompt=messages, response_a=a, response_b=b)
             items.append(_Item(messages, (a, b), self.principles_for(key)))
         return items
@@ -313,8 +306,17 @@ class _PairJudge:
         }
 
 
+Mode = Literal["pairwise", "pointwise"]
+MODES: tuple[str, ...] = ("pairwise", "pointwise")
+Calibration = Literal["none", "batch", "contextual"]
+CALIBRATIONS: tuple[str, ...] = ("none", "batch", "contextual")
+CONTENT_FREE = "N/A"
+"""The content-free response of contextual calibration (arXiv 2102.09690)."""
+
+
 class Judge(_PairJudge):
-    """The multiple-choice log-prob judge (see the module docstring for the method)."""
+    """The AI-feedback judge from option log-probs: pairwise multiple-choice (the module
+    docstring) or pointwise yes/no scores (``mode="pointwise"``, ``cai.pointwise``)."""
 
     def __init__(
         self,
@@ -324,6 +326,7 @@ class Judge(_PairJudge):
         backend: str = "auto",
         engine_options: dict | None = None,
         template: str | Path | None = None,
+        mode: Mode = "pairwise",
         ensemble: int = 1,
         seed: int = 0,
         cot: bool = False,
@@ -331,6 +334,9 @@ class Judge(_PairJudge):
         clamp: tuple[float, float] | None = (0.4, 0.6),
         tie_margin: float = 0.0,
         few_shot: bool = True,
+        calibration: Calibration = "none",
+        temperature: float = 1.0,
+        length_coef: float = 0.0,
     ):
         """
         Args:
@@ -338,25 +344,44 @@ class Judge(_PairJudge):
                 the judge builds an engine with ``create_engine(backend, model, **engine_options)``
                 and closes it on ``close()``.
             constitution: a Constitution, a shipped name or a path.
-            template: default ``judge_cot`` with ``cot``, else ``judge_mc``.
-            ensemble: distinct principles asked per pair, their probabilities averaged.
-            seed: the judge's seed; with the pair it fixes each pair's principles.
+            template: default ``judge_score`` in the pointwise mode, ``judge_cot`` with ``cot``,
+                else ``judge_mc``.
+            mode: ``pairwise`` (both responses in one multiple-choice prompt, both orders) or
+                ``pointwise`` (each response scored alone with its principles' score questions).
+            ensemble: distinct principles asked per pair (pointwise: per prompt), averaged.
+            seed: the judge's seed; with the pair (pointwise: the prompt) it fixes the principles.
             cot: write a rationale first (greedy, up to ``cot_max_tokens``), then score.
             clamp: CoT only: the band each order's probability is clamped into, symmetric about
                 0.5 so that position debiasing stays exact; None: no clamp.
             tie_margin: a margin |p_a - 0.5| at or below this is a tie.
-            few_shot: show the constitution's judge exemplars (judge_mc only).
+            few_shot: show the constitution's judge exemplars.
+            calibration: pairwise only: ``batch`` subtracts, per order, the batch's mean option
+                log-odds before the softmax (arXiv 2309.17249); ``contextual`` subtracts the
+                log-odds of the same question with both responses content-free ("N/A"), one
+                extra request per prompt and principle (arXiv 2102.09690); ``none``.
+            temperature: pointwise only: p_a = sigmoid((s_a - s_b) / temperature).
+            length_coef: pointwise only: each score less ``length_coef * ln(characters)``.
         """
+        if mode not in MODES:
+            raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
+        if mode == "pointwise":
+            if cot:
+                raise ValueError("cot applies to the pairwise judge; the pointwise judge scores")
+            default_template = "judge_score"
+        else:
+            default_template = "judge_cot" if cot else "judge_mc"
         super().__init__(
             model,
             constitution,
             backend=backend,
             engine_options=engine_options,
-            template=template or ("judge_cot" if cot else "judge_mc"),
+            template=template or default_template,
             ensemble=ensemble,
             seed=seed,
             few_shot=few_shot,
         )
+        if mode == "pointwise":
+            check_pointwise(self.constitution)
         if clamp is not None:
             lo, hi = clamp
             if not (0 <= lo < 0.5 < hi <= 1 and abs(lo + hi - 1) < 1e-12):
@@ -368,19 +393,55 @@ class Judge(_PairJudge):
             raise ValueError(f"tie_margin must be in [0, 0.5), got {tie_margin!r}")
         if not isinstance(cot_max_tokens, int) or cot_max_tokens < 1:
             raise ValueError(f"cot_max_tokens must be an integer >= 1, got {cot_max_tokens!r}")
+        if calibration not in CALIBRATIONS:
+            raise ValueError(f"calibration must be one of {CALIBRATIONS}, got {calibration!r}")
+        if mode == "pointwise" and calibration != "none":
+            raise ValueError(
+                "calibration applies to the pairwise judge: a pointwise label compares two "
+                "scores of the same question, so a shared offset cancels already"
+            )
+        if not (isinstance(temperature, int | float) and math.isfinite(temperature)) or (
+            temperature <= 0
+        ):
+            raise ValueError(f"temperature must be a number > 0, got {temperature!r}")
+        if not (isinstance(length_coef, int | float) and math.isfinite(length_coef)):
+            raise ValueError(f"length_coef must be a finite number, got {length_coef!r}")
+        if mode == "pairwise" and (temperature != 1.0 or length_coef != 0.0):
+            raise ValueError("temperature and length_coef apply to the pointwise judge")
+        self.mode = mode
         self.cot = cot
         self.cot_max_tokens = cot_max_tokens
         self.clamp = clamp
         self.tie_margin = tie_margin
+        self.calibration = calibration
+        self.temperature = float(temperature)
+        self.length_coef = float(length_coef)
+        self._scorer = PointwiseScorer(
+            self.engine,
+            self.template,
+            self.constitution,
+            self.principles_for,
+            few_shot=few_shot,
+            length_coef=self.length_coef,
+        )
 
     def describe(self) -> dict[str, Any]:
         return {
             **super().describe(),
+            "mode": self.mode,
             "cot": self.cot,
             "cot_max_tokens": self.cot_max_tokens if self.cot else None,
             "clamp": list(self.clamp) if self.cot and self.clamp else None,
             "tie_margin": self.tie_margin,
+            "calibration": self.calibration,
+            "temperature": self.temperature,
+            "length_coef": self.length_coef,
         }
+
+    def principles_of(self, pair: PairLike) -> list[Principle]:
+        """The principles this judge asks about ``pair``: drawn per pair (pairwise) or per
+        prompt (pointwise)."""
+        return self._items([pair], per_prompt=self.mode == "pointwise")[0].principles
 
     def compare(self, prompt: Prompt, response_a: str, response_b: str) -> Preference:
         """Judge one pair: which of ``response_a`` and ``response_b`` better answers ``prompt``."""
@@ -392,6 +453,8 @@ class Judge(_PairJudge):
         ``pairs``: ``(prompt, response_a, response_b)`` tuples or JudgePairs; a prompt is a
         string or chat messages ending with a user turn.
         """
+        if self.mode == "pointwise":
+            return self._label_pointwise(self._items(pairs, per_prompt=True), progress)
         items = self._items(pairs)
         requests = self._requests(items)
         conversations = [self._render(items[i], p, swapped) for i, p, swapped in requests]
@@ -420,16 +483,21 @@ class Judge(_PairJudge):
                 strict=True,
             )
         )
-        first_slot: list[float | None] = [None] * len(requests)
+        log_odds: dict[int, float] = {}
         for r, s in scores.items():
             if not s.ok:
                 failures[r] = s.error
                 continue
             try:
-                p = s.probs()[0]
+                s.probs()
             except RuntimeError as e:
                 failures[r] = str(e)
                 continue
+            log_odds[r] = s.logprobs[0] - s.logprobs[1]
+        self._calibrate(items, requests, log_odds, failures, progress)
+        first_slot: list[float | None] = [None] * len(requests)
+        for r, d in log_odds.items():
+            p = sigmoid(d)
             if self.cot and self.clamp is not None:
                 p = min(max(p, self.clamp[0]), self.clamp[1])
             first_slot[r] = p
@@ -451,10 +519,9 @@ class Judge(_PairJudge):
             q = fmean(first_slot[r] for r in rows if requests[r][2])
             p_a = 0.5 + (p_first - q) / 2
             margin = abs(p_a - 0.5)
-            winner = "tie" if margin <= self.tie_margin else ("A" if p_a > 0.5 else "B")
             out.append(
                 Preference(
-                    winner=winner,
+                    winner=self._winner(p_a),
                     p_a=p_a,
                     p_a_first=p_first,
                     p_a_second=1 - q,
@@ -467,120 +534,104 @@ class Judge(_PairJudge):
             )
         return out
 
+    def _winner(self, p_a: float) -> Literal["A", "B", "tie"]:
+        return "tie" if abs(p_a - 0.5) <= self.tie_margin else ("A" if p_a > 0.5 else "B")
 
-# ---- the naive generative baseline ---------------------------------------------------------------
-
-# "The answer is (A)", "the answer is: B": the wording the judge exemplars teach.
-_ANSWER_IS = re.compile(r"(?i:\banswer\s+is)\s*:?\s*\(?([AB])\b")
-# The whole reply is a verdict: "A", "(B).", "**A**", "Response B", "Answer: (A)".
-_BARE = re.compile(r"\W*(?i:(?:the\s+)?(?:response|option|answer)\s*:?\s*)?\(?([AB])\)?\W*")
-# The reply opens with a verdict: "A. Because ...", "(B) is better", "Option A is safer". The
-# verdict must end there (punctuation, "is", the end): "A good answer ..." names no A, and
-# "Response A or response B" names no verdict at its start.
-_LEADING = re.compile(
-    r"\W*(?:(?i:response|option)\s+\(?([ABab])\)?|\(([AB])\)|([AB]))(?=\s*[.:,!)]|\s+is\b|\s*$)"
-)
-# A verdict named anywhere: "I think response B is safer", "... so (A)".
-_MENTION = re.compile(r"(?i:\b(?:response|option)\s+\(?)([ABab])\b|\(([AB])\)")
-
-
-def parse_verdict(text: str) -> Literal["A", "B"] | None:
-    """The option a free-text verdict names, or None when it names none or both.
-
-    Tried in order, the first rule that finds anything decides: "answer is (X)"; the whole text
-    is a verdict ("A", "(B).", "Response A"); the text opens with one ("B. Because ...");
-    "Response X" / "Option X" / "(X)" anywhere. A rule finding both letters gives None: an
-    ambiguous verdict is never guessed.
-    """
-
-    def one(letters: list[str]) -> Literal["A", "B"] | None:
-        found = {letter.upper() for letter in letters if letter}
-        return found.pop() if len(found) == 1 else None  # type: ignore[return-value]
-
-    answers = _ANSWER_IS.findall(text)
-    if answers:
-        return one(answers)
-    bare = _BARE.fullmatch(text)
-    if bare:
-        return one([bare.group(1)])
-    leading = _LEADING.match(text)
-    if leading:
-        return one(list(leading.groups()))
-    mentions = _MENTION.findall(text)
-    return one([letter for pair in mentions for letter in pair]) if mentions else None
-
-
-class GenerativeJudge(_PairJudge):
-    """The naive baseline: the same question, answered in free text and parsed (both orders).
-
-    It asks ``judge_mc`` with the same exemplars, lets the model write up to ``max_tokens``
-    (greedy) and parses the verdict with :func:`parse_verdict`.
-    """
-
-    def __init__(
+    def _calibrate(
         self,
-        model: Engine | str | None = None,
-        constitution: Constitution | str | Path = "harmless",
-        *,
-        backend: str = "auto",
-        engine_options: dict | None = None,
-        template: str | Path = "judge_mc",
-        seed: int = 0,
-        few_shot: bool = True,
-        max_tokens: int = 24,
-    ):
-        super().__init__(
-            model,
-            constitution,
-            backend=backend,
-            engine_options=engine_options,
-            template=template,
-            ensemble=1,
-            seed=seed,
-            few_shot=few_shot,
-        )
-        self.sampling = Sampling(max_tokens=max_tokens)
+        items: list[_Item],
+        requests: list[tuple[int, Principle, bool]],
+        log_odds: dict[int, float],
+        failures: dict[int, str],
+        progress: bool | str,
+    ) -> None:
+        """Subtract each request's estimated bias towards option A from its log-odds, in place."""
+        if self.calibration == "batch":
+            for swapped in (False, True):
+                rows = [r for r in log_odds if requests[r][2] == swapped]
+                if rows:
+                    mean = fmean(log_odds[r] for r in rows)
+                    for r in rows:
+                        log_odds[r] -= mean
+        elif self.calibration == "contextual":
+            # One content-free request per (prompt, principle): both responses "N/A", so both
+            # orders render the same and one request serves them.
+            keys = {r: (canonical(items[i].messages), p.id) for r, (i, p, _) in enumerate(requests)}
+            todo: dict[tuple[bytes, str], list[dict]] = {}
+            for r, (i, p, _) in enumerate(requests):
+                if keys[r] not in todo:
+                    blank = _Item(items[i].messages, (CONTENT_FREE, CONTENT_FREE), [p])
+                    todo[keys[r]] = self._render(blank, p, False)
+            label = f"{progress} calibration" if isinstance(progress, str) else progress
+            done = dict(
+                zip(
+                    todo,
+                    self.engine.score(
+                        list(todo.values()), OPTIONS, prefixes=JUDGE_ANSWER_PREFIX, progress=label
+                    ),
+                    strict=True,
+                )
+            )
+            for r in list(log_odds):
+                s = done[keys[r]]
+                if not s.ok:
+                    failures[r] = f"calibration request failed: {s.error}"
+                    del log_odds[r]
+                else:
+                    log_odds[r] -= s.logprobs[0] - s.logprobs[1]
 
-    def compare(self, prompt: Prompt, response_a: str, response_b: str) -> GenerativeVerdict:
-        return self.label([(prompt, response_a, response_b)])[0]
+    def score_responses(
+        self, responses: Sequence[tuple[Prompt, str]], *, progress: bool | str = False
+    ) -> list[ResponseScore]:
+        """Pointwise mode: each (prompt, response) scored alone under its prompt's principles;
+        each distinct (prompt, response, question) is one score request, made once per judge."""
+        if self.mode != "pointwise":
+            raise ValueError("score_responses needs the pointwise judge (mode='pointwise')")
+        if isinstance(responses, str | bytes) or not isinstance(responses, Sequence):
+            raise ValueError("responses must be a list of (prompt, response) pairs")
+        checked = []
+        for i, pair in enumerate(responses):
+            if not isinstance(pair, tuple | list) or len(pair) != 2:
+                raise ValueError(f"response {i}: expected a (prompt, response) pair")
+            messages, text, _, _ = _check_pair((pair[0], pair[1], pair[1]), i)
+            checked.append((messages, text))
+        return self._scorer.score(checked, progress)
 
-    def label(
-        self, pairs: Sequence[PairLike], *, progress: bool | str = False
-    ) -> list[GenerativeVerdict]:
-        """Judge every pair (one generate call, both orders)."""
-        items = self._items(pairs)
-        requests = self._requests(items)
-        done = self.engine.generate(
-            [self._render(items[i], p, swapped) for i, p, swapped in requests],
-            self.sampling,
-            progress=progress,
+    def _label_pointwise(self, items: list[_Item], progress: bool | str) -> list[Preference]:
+        """p_a = sigmoid((s'_a - s'_b) / temperature), s' the length-controlled mean score over
+        the prompt's principles (equal to the mean over the principles of the differences)."""
+        scores = self._scorer.score(
+            [(item.messages, r) for item in items for r in item.responses], progress
         )
         out = []
-        for n, item in enumerate(items):
-            first, second = done[2 * n], done[2 * n + 1]
-            ids = [p.id for p in item.principles]
-            model = self.engine.model_name
-            bad = next((o for o, c in zip(ORDERS, (first, second), strict=True) if not c.ok), None)
-            if bad is not None:
-                error = f"order {bad}: {(first if bad == ORDERS[0] else second).error}"
-                out.append(GenerativeVerdict(None, None, None, False, [], ids, model, error))
+        for n in range(len(items)):
+            a, b = scores[2 * n], scores[2 * n + 1]
+            error = a.error or b.error
+            if error is not None:
+                out.append(Preference(*[None] * 6, a.principles, self.engine.model_name, error))
                 continue
-            v1 = parse_verdict(first.text)
-            v2 = {"A": "B", "B": "A", None: None}[parse_verdict(second.text)]
-            parsed = v1 is not None and v2 is not None
-            winner = (v1 if v1 == v2 else "tie") if parsed else None
+            p_a = sigmoid((a.adjusted - b.adjusted) / self.temperature)
             out.append(
-                GenerativeVerdict(winner, v1, v2, parsed, [first.text, second.text], ids, model)
+                Preference(
+                    winner=self._winner(p_a),
+                    p_a=p_a,
+                    p_a_first=p_a,
+                    p_a_second=p_a,
+                    consistent=None,
+                    margin=abs(p_a - 0.5),
+                    principles=a.principles,
+                    model=self.engine.model_name,
+                    scores=[a.score, b.score],
+                )
             )
         return out
 
 
 __all__ = [
-    "GenerativeJudge",
-    "GenerativeVerdict",
+    "CALIBRATIONS",
+    "MODES",
     "Judge",
     "JudgePair",
     "Preference",
     "check_ensemble",
-    "parse_verdict",
 ]

@@ -16,10 +16,14 @@ from matplotlib.ticker import MaxNLocator
 from cai.grading import GRADERS
 
 RATES = tuple(GRADERS)  # harmlessness, over_refusal, sycophancy
+LEXICAL = ("refusal_red_team", "refusal_over_refusal")
+"""The judge-independent refusal rates (cai.grading.refused); results before them lack them."""
 RATE_LABELS = {
     "harmlessness": "harmlessness ↑",
     "over_refusal": "over-refusal ↓",
     "sycophancy": "sycophancy ↓",
+    "refusal_red_team": "refusals, red-team (lexical)",
+    "refusal_over_refusal": "refusals, benign-edgy (lexical) ↓",
 }
 REWARD_CURVES = ("rewards/chosen", "rewards/rejected", "rewards/margins", "reward", "kl")
 """Preference trainers' implicit rewards; GRPO's mean reward and KL to its reference."""

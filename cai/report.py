@@ -20,6 +20,7 @@ from pathlib import Path
 from cai.evaluate import METRICS, format_rate
 from cai.jsonl import JsonlError, iter_jsonl
 from cai.plots import (
+    LEXICAL,
     RATE_LABELS,
     RATES,
     plot_consistency,
@@ -115,7 +116,7 @@ def _check_results(results: dict, path: Path) -> None:
         if key not in results:
             raise ReportError(f"{path}: no {key!r} key; re-run the evaluate stage")
     for name, metrics in results["metrics"].items():
-        missing = [k for k in METRICS if k not in metrics]
+        missing = [k for k in METRICS if k not in metrics and k not in LEXICAL]
         if missing:
             raise ReportError(f"{path}: model {name!r} has no {', '.join(missing)}")
 
@@ -237,6 +238,7 @@ def _results_section(inputs: Inputs, plots: Path, notes: list[str]) -> list[Sect
         row("length-controlled win rate", lambda m: _rate(m["lc_win_rate"])),
         row("position consistency", lambda m: _rate(m["position_consistency"])),
         *(row(RATE_LABELS[r], lambda m, r=r: _rate(m[r])) for r in RATES),
+        *(row(RATE_LABELS[r], lambda m, r=r: _rate(m.get(r))) for r in LEXICAL),
         row("mean length (tokens)", lambda m: f"{m['mean_length']:.1f}"),
         row("length drift", lambda m: _number(m["length_drift"], "+.1%")),
         row("distinct-1", lambda m: f"{m['distinct_1']:.3f}"),
@@ -300,6 +302,8 @@ def _rounds_section(inputs: Inputs, plots: Path) -> list[Section]:
         "repeated openings": lambda r: f"{r['repeated_openings']:.3f}",
         RATE_LABELS["harmlessness"]: lambda r: _rate(r["harmlessness"]),
         RATE_LABELS["over_refusal"]: lambda r: _rate(r["over_refusal"]),
+        RATE_LABELS["refusal_red_team"]: lambda r: _rate(r.get("refusal_red_team")),
+        RATE_LABELS["refusal_over_refusal"]: lambda r: _rate(r.get("refusal_over_refusal")),
     }
     table = [list(columns), *([cell(row) for cell in columns.values()] for row in rows)]
     section = Section(

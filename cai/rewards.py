@@ -208,13 +208,16 @@ _TRAINER_KWARGS = {"completion_ids", "trainer_state", "log_extra", "log_metric",
 
 
 class JudgeReward(_PairwiseReward):
-    """The constitution judge's win probability as a reward (see the module docstring)."""
+    """The constitution judge as a reward (see the module docstring): a win probability
+    against the group or a reference, or, with the pointwise judge, each completion's own
+    score."""
 
     def __init__(
         self,
         judge: Judge,
         *,
-        against: Against = "group",
+        against: Against | None = "group",
+        mode: Literal["pairwise", "pointwise"] | None = None,
         num_generations: int | None = None,
         reference_key: str = "reference",
         centered: bool = False,
@@ -223,18 +226,55 @@ class JudgeReward(_PairwiseReward):
         """
         Args:
             judge: the judge, built by the caller (who closes it).
-            against: ``"group"`` (the other completions of the prompt) or ``"reference"``.
+            against: ``"group"`` (the other completions of the prompt) or ``"reference"``; with
+                the pointwise judge also None: each completion scored alone, the reward
+                ``sigmoid(s')`` of its length-controlled score (no group or reference needed).
+            mode: the judge's mode, stated (``JudgeReward(judge, mode="pointwise")``); None:
+                whatever the judge is. A mode the judge is not raises.
             num_generations: the group size, the trainer's completions per prompt (group only).
             reference_key: the dataset column holding the reference response (reference only).
             centered: rewards in [-1, 1] (``2p - 1``) instead of probabilities in [0, 1].
-            name: the name the trainer logs; default ``judge_group`` / ``judge_reference``.
+            name: the name the trainer logs; default ``judge_group`` / ``judge_reference`` /
+                ``judge_score``.
         """
-        if against is None:
-            raise ValueError("against must be 'reference' or 'group', got None")
+        if mode is not None and mode != judge.mode:
+            raise ValueError(
+                f"mode={mode!r} but the judge is {judge.mode}: build it with Judge(..., "
+                f"mode={mode!r})"
+            )
+        if mode == "pointwise" and against == "group" and num_generations is None:
+            against = None  # JudgeReward(judge, mode="pointwise"): the score alone
+        if against is None and judge.mode != "pointwise":
+            raise ValueError(
+                "against=None (each completion's own score) needs the pointwise judge; the "
+                "pairwise judge rewards against 'group' or 'reference'"
+            )
         super().__init__(
-            against, num_generations, reference_key, centered, name or f"judge_{against}"
+            against,
+            num_generations,
+            reference_key,
+            centered,
+            name or f"judge_{against or 'score'}",
         )
         self.judge = judge
+
+    def __call__(
+        self, prompts: Sequence[Any], completions: Sequence[Any], **kwargs: Any
+    ) -> list[float | None]:
+        rewards = super().__call__(prompts, completions, **kwargs)
+        if self.centered and self.against is None:
+            return [None if r is None else 2 * r - 1 for r in rewards]
+        return rewards
+
+    def _scores(self, messages: list[list[dict]], texts: list[str]) -> list[float | None]:
+        """One score request per completion (and principle): sigmoid of its score; an empty
+        completion gets 0 without being asked about."""
+        asked = [i for i, t in enumerate(texts) if t.strip()]
+        scored = self.judge.score_responses([(messages[i], texts[i]) for i in asked])
+        out: list[float | None] = [0.0] * len(texts)
+        for i, s in zip(asked, scored, strict=True):
+            out[i] = None if s.adjusted is None else sigmoid(s.adjusted)
+        return out
 
     def _win_probs(self, pairs: list[tuple[list[dict], str, str]]) -> list[float | None]:
         if not pairs:

@@ -411,8 +411,8 @@ def test_cli_check_ok(capsys):
     assert main(["constitution", "check", "harmless", "sycophancy"]) == 0
     out = capsys.readouterr().out.splitlines()
     assert out == [
-        "ok: harmless (16 principles, 16 judge questions, 6 examples)",
-        "ok: sycophancy (6 principles, 6 judge questions, 6 examples)",
+        "ok: harmless (16 principles, 16 judge questions, 16 score questions, 6 examples)",
+        "ok: sycophancy (6 principles, 6 judge questions, 6 score questions, 6 examples)",
     ]
 
 
@@ -447,7 +447,10 @@ def test_cli_convert(tmp_path, capsys):
     out = tmp_path / "out.yaml"
     args = ["constitution", "convert", "--anthropic", str(cr_path), "--judge", str(rl_path)]
     assert main([*args, "-o", str(out)]) == 0
-    assert "anthropic (4 principles, 2 judge questions, 0 examples)" in capsys.readouterr().out
+    assert (
+        "anthropic (4 principles, 2 judge questions, 0 score questions, 0 examples)"
+        in capsys.readouterr().out
+    )
     assert load_constitution(out) == from_anthropic(cr_path, rl_path)
 
     hf = tmp_path / "hf.json"

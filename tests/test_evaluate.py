@@ -197,10 +197,13 @@ def test_run_eval_writes_the_schema_resumes_and_counts_errors(tmp_path):
     assert base["mean_length"] == pytest.approx(sum(base["lengths"]) / 11)
     assert sft["length_drift"] == pytest.approx(sft["mean_length"] / base["mean_length"] - 1)
     assert base["distinct_1"] > 0 and base["repeated_openings"] == 1.0  # all open "Sure thing"
+    # Lexical refusals: "Sure thing, ..." opens no answer with a refusal phrase.
+    assert base["refusal_red_team"] == rate(0, 3) and sft["refusal_over_refusal"] == rate(0, 2)
     assert set(base) == {
         "win_rate", "lc_win_rate", "position_consistency", "harmlessness", "over_refusal",
-        "sycophancy", "mean_length", "length_drift", "lengths", "distinct_1", "distinct_2",
-        "repeated_openings", "reward", "errors",
+        "sycophancy", "refusal_red_team", "refusal_over_refusal", "mean_length",
+        "length_drift", "lengths", "distinct_1", "distinct_2", "repeated_openings", "reward",
+        "errors",
     }  # fmt: skip
 
     # A second run makes no new answers, grades or comparisons except the failed ones, retried.

@@ -17,13 +17,9 @@ from cai import cli
 from cai.constitution import load_constitution
 from cai.engine import Completion, Engine, OptionScores, Sample, Sampling
 from cai.engine.base import check_prefixes
-from cai.judge import (
-    GenerativeJudge,
-    Judge,
-    JudgePair,
-    parse_verdict,
-)
+from cai.judge import Judge, JudgePair
 from cai.judge_agreement import agreement
+from cai.judge_generative import GenerativeJudge, parse_verdict
 from cai.pairs import load_pairs
 from cai.prompts import JUDGE_ANSWER_PREFIX
 from cai.stats import accuracy, brier, ece, length_bias

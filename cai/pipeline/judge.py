@@ -28,7 +28,7 @@ from statistics import fmean
 from typing import TYPE_CHECKING, Any, Literal
 
 from cai.config import FieldError, doc
-from cai.constitution import Constitution, load_constitution
+from cai.constitution import Constitution, check_pointwise, load_constitution
 from cai.data import PromptRecord
 from cai.export import export_dataset
 from cai.judge import Judge, JudgePair, check_ensemble
@@ -63,6 +63,34 @@ class JudgeStage:
     )
     few_shot: bool = doc("show the constitution's judge exemplars", True)
     model: str | None = doc("judge model spec; none: the recipe's model (its engine reused)", None)
+    # The settings below default to None (their neutral value) so that runs recorded before
+    # they existed keep their config hash.
+    mode: Literal["pairwise", "pointwise"] | None = doc(
+        "pairwise (none): both responses in one multiple-choice prompt, both orders; pointwise: "
+        "each response scored alone with its principles' score questions",
+        None,
+    )
+    calibration: Literal["none", "batch", "contextual"] | None = doc(
+        "pairwise: subtract the option bias before the softmax (batch: the chunk's mean per "
+        "order; contextual: a content-free 'N/A' response pair); none (default)",
+        None,
+    )
+    temperature: float | None = doc(
+        "pointwise: p = sigmoid(score difference / temperature); none: 1", None
+    )
+    length_coef: float | None = doc(
+        "pointwise: each score less length_coef * ln(characters) (length control); none: 0", None
+    )
+
+    @property
+    def settings(self) -> dict[str, Any]:
+        """mode, calibration, temperature and length_coef with their neutral values filled in."""
+        return {
+            "mode": self.mode or "pairwise",
+            "calibration": self.calibration or "none",
+            "temperature": 1.0 if self.temperature is None else self.temperature,
+            "length_coef": 0.0 if self.length_coef is None else self.length_coef,
+        }
 
     def validate(self) -> None:
         if self.ensemble < 1:
@@ -81,6 +109,17 @@ class JudgeStage:
             value = getattr(self, name)
             if not 0 <= value < 0.5:
                 raise ValueError(f"{name} must be in [0, 0.5) (got {value})")
+        s = self.settings
+        if s["mode"] == "pointwise" and (self.cot or s["calibration"] != "none"):
+            raise ValueError("cot and calibration apply to mode: pairwise")
+        if s["mode"] == "pairwise" and (
+            self.temperature is not None or self.length_coef is not None
+        ):
+            raise ValueError("temperature and length_coef apply to mode: pointwise")
+        if not (math.isfinite(s["temperature"]) and s["temperature"] > 0):
+            raise FieldError("temperature", f"must be a number > 0 (got {self.temperature})")
+        if not math.isfinite(s["length_coef"]):
+            raise FieldError("length_coef", f"must be a finite number (got {self.length_coef})")
 
 
 def judge_model(runner: StageContext) -> str:
@@ -108,6 +147,8 @@ def prepare(runner: StageContext) -> Constitution:
     constitution = load_constitution(judge.constitution or runner.recipe.constitution)
     try:
         check_ensemble(constitution, judge.ensemble)
+        if judge.settings["mode"] == "pointwise":
+            check_pointwise(constitution)
     except ValueError as e:
         raise PipelineError(f"stages.judge: {e}") from None
     return constitution
@@ -127,6 +168,7 @@ def make_judge(runner: StageContext) -> Judge:
         clamp=tuple(stage.clamp) if stage.clamp is not None else None,
         tie_margin=stage.tie_margin,
         few_shot=stage.few_shot,
+        **stage.settings,
     )
 
 
@@ -145,6 +187,14 @@ def judge_config(judge: Judge) -> dict[str, Any]:
         "clamp": list(judge.clamp) if judge.cot and judge.clamp else None,
         "tie_margin": judge.tie_margin,
     }
+    # Settings beyond the first judge's join the key only when used, so that pairwise records
+    # written before them keep their keys.
+    if judge.mode == "pointwise":
+        described.update(
+            mode=judge.mode, temperature=judge.temperature, length_coef=judge.length_coef
+        )
+    if judge.calibration != "none":
+        described["calibration"] = judge.calibration
     return described
 
 
@@ -169,8 +219,12 @@ def pair_items(
                 labelled_by = {"labeller": "reward_model", "tie_margin": judge.tie_margin}
                 labelled_by.update(model_key("reward_model", reward_model))
             else:
-                principles = judge.principles_for(seed_key)
-                principle_ids = [[p.id, p.judge] for p in principles]
+                judged = JudgePair(sample["prompt"], a, b, key=seed_key)
+                principles = judge.principles_of(judged)
+                principle_ids = [
+                    [p.id, p.score_question if judge.mode == "pointwise" else p.judge]
+                    for p in principles
+                ]
                 labelled_by = {"principles": principle_ids, "judge": config, "model": spec}
             key = record_key(**pair, **labelled_by)
             pairs.append((key, JudgePair(sample["prompt"], a, b, key=seed_key), (i, j)))
@@ -215,7 +269,14 @@ def run(runner: StageContext, tally: StageTally) -> None:
             for (prompt_key, key, pair, ij), pref in zip(chunk, prefs, strict=True)
         ]
 
-    per_pair = 2 if reward_model else 2 * stage.ensemble * (2 if stage.cot else 1)
+    # Pointwise: a prompt's k samples take k × ensemble requests for its k(k-1)/2 pairs, one
+    # request per pair and principle at k = 3 (the count is per record, so approximate).
+    if reward_model:
+        per_pair = 2
+    elif stage.settings["mode"] == "pointwise":
+        per_pair = stage.ensemble
+    else:
+        per_pair = 2 * stage.ensemble * (2 if stage.cot else 1)
     try:
         records = stage_records(
             runner,
@@ -418,12 +479,23 @@ def plan(runner: StageContext) -> list[str]:
     unsampled, pairs = pending(runner)
     done = len(store.done_keys("judge", shard)) if store.stage_path("judge", shard).exists() else 0
     todo = max(pairs - done, 0)
-    score = todo * 2 * judge.ensemble
     bound = "at most " if unsampled else ""
-    cot = f" + {score} rationale generations" if judge.cot else ""
+    if judge.settings["mode"] == "pointwise":
+        how = (
+            f"{bound}{todo} pairs, pointwise: each response × {judge.ensemble} principles scored "
+            "once"
+        )
+    else:
+        score = todo * 2 * judge.ensemble
+        cot = f" + {score} rationale generations" if judge.cot else ""
+        how = (
+            f"{bound}{todo} pairs × 2 orders × {judge.ensemble} principles = {bound}{score} "
+            f"score requests{cot}"
+        )
+        if judge.settings["calibration"] != "none":
+            how += f", {judge.settings['calibration']} calibration"
     return [
-        f"  judge: {bound}{todo} pairs × 2 orders × {judge.ensemble} principles = {bound}{score} "
-        f"score requests{cot} ({done} pairs done); constitution "
+        f"  judge: {how} ({done} pairs done); constitution "
         f"{runner.prepared['judge'].name!r}, model {judge_model(runner)}",
         f"  export: {judge.pairs} pairs, min_margin {judge.min_margin} → "
         f"{online.preferences_dir(runner, online.current_round(runner))}"

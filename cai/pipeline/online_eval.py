@@ -92,6 +92,8 @@ def measure(runner: StageContext, results: dict) -> dict:
                 **{k: m[k] for k in ("distinct_1", "distinct_2", "repeated_openings")},
                 "harmlessness": m["harmlessness"],
                 "over_refusal": m["over_refusal"],
+                "refusal_red_team": m.get("refusal_red_team"),
+                "refusal_over_refusal": m.get("refusal_over_refusal"),
             }
         )
     return {**results, "rounds": rows, "warnings": warnings(rows, online.max_length_drift)}
