@@ -451,12 +451,20 @@ def test_real_model_cot_stays_in_the_band(hf_engine):
 @pytest.mark.slow
 def test_cli_judge_eval_prints_a_json_line_last(capsys):
     code = cli.main(
-        ["judge", "eval", "--data", "data/hh_sample.jsonl", "--backend", "hf", "--limit", "3"]
+        ["judge", "eval", "--data", "data/judge_dev.jsonl", "--backend", "hf", "--limit", "4"]
+        + ["--calibration", "none,batch", "--length-coef", "0", "--zero-shot"]
     )
     out = capsys.readouterr().out.strip().splitlines()
     assert code == 0
     result = json.loads(out[-1])
-    assert result["pairs"] == 3 and result["errors"] == 0
-    assert 0 <= result["accuracy"] <= 1 and 0 <= result["generative"]["accuracy"] <= 1
-    assert result["pairs_per_s"] > 0 and result["generative"]["pairs_per_s"] > 0
-    assert any("accuracy" in line for line in out[:-1])
+    modes = result["modes"]
+    assert list(modes) == ["longer wins", "pairwise", "pairwise+batch", "pointwise", "generative"]
+    assert result["pairs"] == 4 and all(modes[m].get("errors", 0) == 0 for m in modes)
+    # jd-001..004: the shorter response is the better one in pairs 1, 2 and 4
+    assert modes["longer wins"]["accuracy"] == 0.25 and result["shorter_better"] == 3
+    for name in ("pairwise", "pairwise+batch", "pointwise", "generative"):
+        assert 0 <= modes[name]["accuracy"] <= 1 and modes[name]["pairs_per_s"] > 0
+    assert modes["pointwise"]["consistent"] is None and modes["pairwise"]["consistent"] is not None
+    assert set(result["by_category"]) <= {"harmlessness", "helpfulness", "honesty", "sycophancy"}
+    table = "\n".join(out[:-1])
+    assert "shorter better" in table and "accuracy by category" in table
