@@ -42,7 +42,7 @@ from cai.engine import BACKENDS
 from cai.exit_codes import SYSTEM, os_error_line
 from cai.judge import GenerativeJudge, Judge
 from cai.judge_agreement import agreement
-from cai.pairs import load_pairs
+from cai.pairs import LabelledPair, load_pairs
 
 
 def _summary(c: Constitution) -> str:
@@ -208,13 +208,50 @@ def _judge_table(result: dict) -> str:
     return "\n".join(lines)
 
 
+CHARS_PER_TOKEN_BOUND = 16
+"""Text longer than this many characters per token of context is refused from its length
+alone: no tokenizer's tokens run that long on average, and tokenizing 40 MB takes gigabytes."""
+
+
+def _check_pair_lengths(pairs: list[LabelledPair], spec: str | None, backend: str) -> None:
+    """Refuse, before the judge's model loads, a pair whose prompt and two responses together
+    exceed the model's context in tokens: the judge shows both responses in one prompt, so such
+    a pair could never be judged. An OpenAI-compatible server's model is checked by the server."""
+    if backend == "openai":
+        return
+    from transformers import AutoConfig, AutoTokenizer
+
+    from cai.models import resolve_model
+
+    path = resolve_model(spec).path
+    tokenizer = AutoTokenizer.from_pretrained(path)
+    context = getattr(AutoConfig.from_pretrained(path), "max_position_embeddings", None) or 2048
+    for pair in pairs:
+        texts = [m["content"] for m in pair.prompt] + [pair.chosen, pair.rejected]
+        chars = sum(len(t) for t in texts)
+        if chars > CHARS_PER_TOKEN_BOUND * context:
+            size = f"{chars:,} characters"
+        else:
+            tokens = sum(len(tokenizer(t, add_special_tokens=False)["input_ids"]) for t in texts)
+            if tokens <= context:
+                continue
+            size = f"{tokens:,} tokens"
+        raise DataError(
+            f"{pair.source}: the prompt and both responses are {size}, more than the judge "
+            f"model's context of {context:,} tokens (the judge reads both in one prompt); "
+            "shorten or remove the pair"
+        )
+
+
 def _judge_eval(args: argparse.Namespace) -> int:
     try:
         check_limit(args.limit, "--limit")
         pairs = load_pairs(args.data, limit=args.limit)
+        constitution = load_constitution(args.constitution)
+        _check_pair_lengths(pairs, args.model, args.backend)
         judge = Judge(
             args.model,
-            args.constitution,
+            constitution,
             backend=args.backend,
             engine_options={"dtype": args.dtype} if args.dtype else None,
             ensemble=args.ensemble,

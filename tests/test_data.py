@@ -515,6 +515,16 @@ def test_pairs_implicit_prompt_formats(tmp_path):
             {"prompt": [user("q"), assistant("a")], "chosen": "a", "rejected": "b"},
             "prompt must end with a user turn",
         ),
+        ({"prompt": "q", "chosen": "", "rejected": "b"}, "chosen is empty"),
+        ({"prompt": "q", "chosen": "a", "rejected": [assistant(" \n")]}, "rejected is empty"),
+        (
+            {"prompt": "q", "chosen": "same", "rejected": "same "},
+            "chosen and rejected are the same",
+        ),
+        (
+            {"chosen": [user("x"), assistant("a")], "rejected": [user("x"), assistant("a")]},
+            "chosen and rejected are the same",
+        ),
     ],
 )
 def test_malformed_pairs(tmp_path, row, match):
