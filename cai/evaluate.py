@@ -436,7 +436,12 @@ def _rewards(config, generations, store, executor) -> dict[str, float]:
         finally:
             model.close()
         return [
-            {"key": keys[g["key"]], "generation": g["key"], "reward": value, "error": None}
+            {
+                "key": keys[g["key"]],
+                "generation": g["key"],
+                "reward": value,
+                "error": None if value is not None else "longer than the reward model's context",
+            }
             for g, value in zip(todo, scores, strict=True)
         ]
 
@@ -451,6 +456,7 @@ def _rewards(config, generations, store, executor) -> dict[str, float]:
     out = {}
     for name in config.models:
         values = [records[keys[g["key"]]]["reward"] for n, g in done if n == name]
+        values = [v for v in values if v is not None]  # too long to score: left out
         out[name] = fmean(values) if values else math.nan
     return out
 

@@ -300,6 +300,11 @@ def test_bad_input_to_the_scorer_is_named(tiny_model, tmp_path):
     with pytest.raises(ValueError, match="conversation 1: must end with the assistant response"):
         rm.score([[*prompt, {"role": "assistant", "content": "Hello"}], prompt])
     assert rm.score([]) == []
+    # Longer than the model's context (256 positions): not scored, the rest scored as alone.
+    short = [*prompt, {"role": "assistant", "content": "Hello"}]
+    long = [*prompt, {"role": "assistant", "content": "word " * 400}]
+    [alone] = rm.score([short])
+    assert rm.score([short, long, short]) == [pytest.approx(alone), None, pytest.approx(alone)]
     rm.close()
     with pytest.raises(RuntimeError, match="is closed"):
         rm.score([[*prompt, {"role": "assistant", "content": "Hello"}]])

@@ -250,7 +250,7 @@ class RewardScorer:
         self.spec = spec
         self._model = None
 
-    def score(self, conversations: list[list[dict]]) -> list[float]:
+    def score(self, conversations: list[list[dict]]) -> list[float | None]:
         if self._model is None:
             from cai.train.reward import RewardModel
 
@@ -278,6 +278,9 @@ def reward_model_labels(
     out = []
     for n, _ in enumerate(pairs):
         r_a, r_b = rewards[2 * n], rewards[2 * n + 1]
+        if r_a is None or r_b is None:
+            out.append(_failed("longer than the reward model's context: not scored"))
+            continue
         p_a = sigmoid(r_a - r_b)
         margin = abs(p_a - 0.5)
         winner = "tie" if margin <= tie_margin else ("A" if p_a > 0.5 else "B")

@@ -165,7 +165,8 @@ def train_grpo(config: GRPOConfig) -> TrainResult:
         config.judge_model,
         constitution=config.constitution,
         backend="hf",
-        engine_options={"dtype": "float32"},
+        # An over-long completion is an error result (its reward None), not a failed step.
+        engine_options={"dtype": "float32", "overflow": "error"},
         ensemble=config.judge_ensemble,
         seed=config.seed,
     ) as judge:
