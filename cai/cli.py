@@ -122,7 +122,7 @@ def _constitution_show(args: argparse.Namespace) -> int:
 def _constitution_convert(args: argparse.Namespace) -> int:
     if args.judge is not None and args.anthropic is None:
         print("error: --judge goes with --anthropic", file=sys.stderr)
-        return 2
+        return 1
     try:
         if args.anthropic is not None:
             c = from_anthropic(args.anthropic, args.judge)
@@ -472,7 +472,10 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     """Run ``cai`` with ``argv`` (default: the command line); returns the exit code."""
     parser = build_parser()
-    args = parser.parse_args(argv)
+    try:
+        args = parser.parse_args(argv)
+    except SystemExit as e:  # argparse printed the usage or --help; its 2 for bad arguments
+        return 0 if e.code in (0, None) else 1  # is a command failing on its input: 1
     try:
         return args.run(args)
     except OSError as e:  # a full disk, a denied permission, a refused connection: not the input

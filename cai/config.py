@@ -331,6 +331,13 @@ def _plain(value: Any) -> Any:
 
 def _convert_dataclass(cls: Any, value: Any, ctx: _Ctx) -> Any:
     if not isinstance(value, dict):
+        if not ctx.where:
+            # The whole file is no mapping: perhaps no config at all (a system file given by
+            # mistake), so its content is not shown.
+            raise ctx.error(
+                f"expected a YAML mapping of keys for {cls.__name__}; the file holds a "
+                f"{type(value).__name__}"
+            )
         raise ctx.error(
             f"expected a mapping for {cls.__name__}, got {type(value).__name__} {_short(value)}"
         )
