@@ -187,6 +187,64 @@ def test_each_round_trains_from_the_previous_policy_against_the_chosen_reference
     assert training.reference(runner("sft", 2, loss="simpo"), "train_dpo") == {}  # none used
 
 
+def test_round_2_keys_depend_neither_on_float_noise_nor_on_the_run_directory(tmp_path, monkeypatch):
+    """One online recipe in two run directories, the second judge's probabilities off by ~1e-7
+    (what smaller batches on Ray give): the same round-1 preferences, so the same trained
+    model's identity, so the same round-2 keys, seeds and samples (issue 22)."""
+    import hashlib
+
+    from test_pipeline_judge import FakeEngine
+
+    from cai.engine import OptionScores
+    from cai.keys import model_key
+    from cai.pipeline import training
+    from cai.train import RESULT_FILE, DataStats, TrainResult
+
+    class Noisy(FakeEngine):
+        def score(self, conversations, options, *, prefixes=None, progress=False):
+            return [
+                OptionScores(s.options, [s.logprobs[0] + 1e-7, s.logprobs[1]], s.token_counts)
+                for s in super().score(conversations, options, prefixes=prefixes)
+            ]
+
+    def fake_train(config):  # deterministic in its data and settings, as training on a CPU is
+        out = Path(config.output_dir)
+        out.mkdir(parents=True, exist_ok=True)
+        data = (Path(config.data) / "data.jsonl").read_bytes()
+        (out / "weights").write_text(hashlib.sha256(data).hexdigest())
+        (out / RESULT_FILE).write_text("{}")
+        return TrainResult(str(out), 1, {}, DataStats(), [])
+
+    monkeypatch.setattr(training, "_trainer", lambda kind: fake_train)
+    recipe = yaml.safe_load(ci_recipe(tmp_path).read_text())
+    del recipe["stages"]["evaluate"]
+    recipe["stages"]["judge"]["few_shot"] = False
+    path = tmp_path / "fake.yaml"
+    path.write_text(yaml.safe_dump(recipe, sort_keys=False))
+    runs = {"a": FakeEngine(), "elsewhere/b": Noisy()}
+    for name, engine in runs.items():
+        assert not Runner(load_recipe(path), tmp_path / name, engine=engine).run().failed
+
+    a, b = (RunStore(tmp_path / name) for name in runs)
+    p_a = {k: r["p_a"] for k, r in a.read_stage("judge").items()}
+    p_b = {k: r["p_a"] for k, r in b.read_stage("judge").items()}
+    assert p_a.keys() == p_b.keys() and p_a != p_b  # the noise reached the judge records
+    for r in (1, 2):
+        pairs = f"rounds/{r}/preferences/data.jsonl"
+        assert (tmp_path / "a" / pairs).read_bytes() == (
+            tmp_path / "elsewhere/b" / pairs
+        ).read_bytes()
+    dpo = [model_key("model", str(tmp_path / name / "rounds/1/dpo")) for name in runs]
+    assert dpo[0] == dpo[1] and "<run>/rounds/1/dpo" in dpo[0].values()
+    sampled = [
+        sorted((r["key"], r["seed"], r["responses"]) for r in store.read_stage("sample").values())
+        for store in (a, b)
+    ]
+    assert sampled[0] == sampled[1]
+    assert {r["round"] for r in a.read_stage("sample").values()} == {1, 2}
+    assert sorted(a.read_stage("judge")) == sorted(b.read_stage("judge"))
+
+
 def test_grpo_curves_show_reward_and_kl(tmp_path):
     from cai.plots import plot_training
 
@@ -294,7 +352,9 @@ def test_two_rounds_end_to_end_killed_in_round_2_and_resumed(tmp_path):
     from cai.train.reward import RewardModel
 
     by_rm = [r for r in judged if r["round"] == 2]
-    assert by_rm and all(r["judge_model"] == str(run / "models" / "reward") for r in by_rm)
+    # Named relative to the run: the same recipe elsewhere writes the same records (issue 22).
+    assert by_rm and all(r["judge_model"] == "<run>/models/reward" for r in by_rm)
+    assert {r["model"] for r in sampled if r["round"] == 2} == {"<run>/rounds/1/dpo"}
     first = by_rm[0]
     r_a, r_b = first["rewards"]
     assert first["p_a"] == pytest.approx(1 / (1 + math.exp(r_b - r_a)))

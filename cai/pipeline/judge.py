@@ -15,7 +15,8 @@ The preference export (TRL's explicit-prompt conversational format) takes, per p
 decided pair (``pairs: all``) or one pair (``pairs: best_worst``: the responses with the highest
 and lowest mean win probability over all their pairs, labelled by their direct comparison; only
 once every pair of the prompt is judged). Ties and pairs with ``|p - 0.5| < min_margin`` stay out
-of the export (they stay in the store).
+of the export (they stay in the store). Probabilities are exported to :data:`LABEL_DECIMALS`
+decimals.
 """
 
 from __future__ import annotations
@@ -32,11 +33,17 @@ from cai.constitution import Constitution, load_constitution
 from cai.data import PromptRecord
 from cai.export import export_dataset
 from cai.judge import Judge, JudgePair, check_ensemble
-from cai.keys import model_key, record_key
+from cai.keys import model_key, model_name, record_key
 from cai.pipeline import online, training
 from cai.pipeline.sample import pending
 from cai.pipeline.stage import LazyEngine, PipelineError, Stage, StageContext, stage_records
 from cai.stats import sigmoid
+
+LABEL_DECIMALS = 2
+"""Decimals of the probabilities in the preference export. A soft label means nothing finer, and
+the judge's float noise (~1e-6 between batch sizes, as on Ray, and between backends) must not
+change the data a model trains on: that data is the trained model's identity, and so the keys
+and samples of every later round (see ``cai.keys.model_key``)."""
 
 if TYPE_CHECKING:
     from cai.records import StageTally
@@ -208,7 +215,7 @@ def run(runner: StageContext, tally: StageTally) -> None:
                 "prompt": pair.prompt,
                 "response_a": pair.response_a,
                 "response_b": pair.response_b,
-                "judge_model": reward_model or judge_model(runner),
+                "judge_model": model_name(reward_model or judge_model(runner)),
                 **online.round_key(runner),
                 **pref,
             }
@@ -338,7 +345,7 @@ def _preference_row(
     )
 
     def towards_chosen(p: float) -> float:
-        return p if a_wins else 1 - p
+        return round(p if a_wins else 1 - p, LABEL_DECIMALS)
 
     return {
         "prompt": prompt.messages,
@@ -356,7 +363,7 @@ def _preference_row(
             "consistent": record["consistent"],
             "p_chosen_first": towards_chosen(record["p_a_first"]),
             "p_chosen_second": towards_chosen(record["p_a_second"]),
-            "margin": record["margin"],
+            "margin": round(record["margin"], LABEL_DECIMALS),
             "constitution": runner.prepared["judge"].name,
             **online.round_key(runner),
             "judge_model": record["judge_model"],
@@ -406,7 +413,14 @@ def export_preferences(
             if picked is not None:
                 direct, scores = picked
                 rows.append(
-                    _preference_row(runner, prompt, sample, direct, "best_worst", mean_win_p=scores)
+                    _preference_row(
+                        runner,
+                        prompt,
+                        sample,
+                        direct,
+                        "best_worst",
+                        mean_win_p=[round(p, LABEL_DECIMALS) for p in scores],
+                    )
                 )
     rows = [r for r in rows if r is not None]
     if not rows:
