@@ -35,7 +35,7 @@ from cai.export import export_dataset
 from cai.judge import Judge, JudgePair, check_ensemble
 from cai.keys import model_key, model_name, record_key
 from cai.pipeline import online, training
-from cai.pipeline.sample import pending
+from cai.pipeline.sample import pending, sample_key
 from cai.pipeline.stage import LazyEngine, PipelineError, Stage, StageContext, stage_records
 from cai.stats import sigmoid
 
@@ -430,18 +430,41 @@ def export_preferences(
     return out
 
 
+def done_pairs(runner: StageContext) -> int:
+    """Pairs judged of the samples this run (this round) judges: the store holds every round's,
+    and records of samples no longer asked for."""
+    store, shard = runner.store, runner.shard
+    if not store.stage_path("judge", shard).exists():
+        return 0
+    samples = {sample_key(runner, p) for p in runner.prompts}
+    return sum(
+        r.get("error") is None and r.get("sample_key") in samples
+        for r in store.read_stage("judge", shard).values()
+    )
+
+
 def plan(runner: StageContext) -> list[str]:
-    judge, store, shard = runner.recipe.stages.judge, runner.store, runner.shard
+    judge, shard = runner.recipe.stages.judge, runner.shard
     unsampled, pairs = pending(runner)
-    done = len(store.done_keys("judge", shard)) if store.stage_path("judge", shard).exists() else 0
+    done = done_pairs(runner)
     todo = max(pairs - done, 0)
-    score = todo * 2 * judge.ensemble
     bound = "at most " if unsampled else ""
-    cot = f" + {score} rationale generations" if judge.cot else ""
+    reward_model = reward_labels(runner)
+    if reward_model is not None:
+        labels = (
+            f"  judge: {bound}{todo} pairs × 2 responses = {bound}{todo * 2} reward-model scores "
+            f"({done} pairs done); labelled by the reward model {reward_model}"
+        )
+    else:
+        score = todo * 2 * judge.ensemble
+        cot = f" + {score} rationale generations" if judge.cot else ""
+        labels = (
+            f"  judge: {bound}{todo} pairs × 2 orders × {judge.ensemble} principles = "
+            f"{bound}{score} score requests{cot} ({done} pairs done); constitution "
+            f"{runner.prepared['judge'].name!r}, model {judge_model(runner)}"
+        )
     return [
-        f"  judge: {bound}{todo} pairs × 2 orders × {judge.ensemble} principles = {bound}{score} "
-        f"score requests{cot} ({done} pairs done); constitution "
-        f"{runner.prepared['judge'].name!r}, model {judge_model(runner)}",
+        labels,
         f"  export: {judge.pairs} pairs, min_margin {judge.min_margin} → "
         f"{online.preferences_dir(runner, online.current_round(runner))}"
         + (" (skipped for a shard)" if shard else ""),
