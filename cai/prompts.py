@@ -247,8 +247,9 @@ def _check_static(node: nodes.Node, name: str, inside: bool = False) -> None:
             f"{name}:{node.lineno}: text outside a message block; put all text (whitespace "
             'aside) inside {% call message("...") %}...{% endcall %}'
         )
-    # A call block's or macro's body is text only where it is called: inside a message.
-    inside = inside or isinstance(node, nodes.CallBlock | nodes.Macro)
+    # A call block's or macro's body is text only where it is called (inside a message), and
+    # a {% set %} block's is a value.
+    inside = inside or isinstance(node, nodes.CallBlock | nodes.Macro | nodes.AssignBlock)
     for child in node.iter_child_nodes():
         _check_static(child, name, inside)
 

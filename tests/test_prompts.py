@@ -326,6 +326,10 @@ def test_whitespace_and_comments_outside_blocks_are_fine(tmp_path):
         tmp_path, '{# note #}\n\n{% call message("user") %}\n  hi  \n{% endcall %}\n\n'
     )
     assert load_template(path).render() == [{"role": "user", "content": "hi"}]
+    text = '{% set intro %}Hello{% endset %}{% call message("user") %}{{ intro }}{% endcall %}'
+    assert load_template(_template(tmp_path, text)).render() == [
+        {"role": "user", "content": "Hello"}
+    ]
 
 
 @pytest.mark.parametrize(
