@@ -45,7 +45,7 @@ from cai.exit_codes import SYSTEM, os_error_line
 from cai.judge import CALIBRATIONS, MODES, Judge
 from cai.judge_agreement import side_by_side
 from cai.judge_generative import GenerativeJudge
-from cai.pairs import load_pairs
+from cai.pairs import LabelledPair, load_pairs
 from cai.pointwise import DEFAULT_LENGTH_COEF, fit_length_coef
 
 
@@ -140,7 +140,7 @@ def _constitution_show(args: argparse.Namespace) -> int:
 def _constitution_convert(args: argparse.Namespace) -> int:
     if args.judge is not None and args.anthropic is None:
         print("error: --judge goes with --anthropic", file=sys.stderr)
-        return 2
+        return 1
     try:
         if args.anthropic is not None:
             c = from_anthropic(args.anthropic, args.judge)
@@ -285,10 +285,46 @@ def _judge_variants(args: argparse.Namespace) -> dict[str, Callable[[Any], Judge
     return variants
 
 
+CHARS_PER_TOKEN_BOUND = 16
+"""Text longer than this many characters per token of context is refused from its length
+alone: no tokenizer's tokens run that long on average, and tokenizing 40 MB takes gigabytes."""
+
+
+def _check_pair_lengths(pairs: list[LabelledPair], spec: str | None, backend: str) -> None:
+    """Refuse, before the judge's model loads, a pair whose prompt and two responses together
+    exceed the model's context in tokens: the judge shows both responses in one prompt, so such
+    a pair could never be judged. An OpenAI-compatible server's model is checked by the server."""
+    if backend == "openai":
+        return
+    from transformers import AutoConfig, AutoTokenizer
+
+    from cai.models import resolve_model
+
+    path = resolve_model(spec).path
+    tokenizer = AutoTokenizer.from_pretrained(path)
+    context = getattr(AutoConfig.from_pretrained(path), "max_position_embeddings", None) or 2048
+    for pair in pairs:
+        texts = [m["content"] for m in pair.prompt] + [pair.chosen, pair.rejected]
+        chars = sum(len(t) for t in texts)
+        if chars > CHARS_PER_TOKEN_BOUND * context:
+            size = f"{chars:,} characters"
+        else:
+            tokens = sum(len(tokenizer(t, add_special_tokens=False)["input_ids"]) for t in texts)
+            if tokens <= context:
+                continue
+            size = f"{tokens:,} tokens"
+        raise DataError(
+            f"{pair.source}: the prompt and both responses are {size}, more than the judge "
+            f"model's context of {context:,} tokens (the judge reads both in one prompt); "
+            "shorten or remove the pair"
+        )
+
+
 def _judge_eval(args: argparse.Namespace) -> int:
     try:
         check_limit(args.limit, "--limit")
         pairs = load_pairs(args.data, limit=args.limit)
+        _check_pair_lengths(pairs, args.model, args.backend)
         variants = _judge_variants(args)
     except (ConfigError, DataError, FileNotFoundError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
@@ -557,7 +593,10 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     """Run ``cai`` with ``argv`` (default: the command line); returns the exit code."""
     parser = build_parser()
-    args = parser.parse_args(argv)
+    try:
+        args = parser.parse_args(argv)
+    except SystemExit as e:  # argparse printed the usage or --help; its 2 for bad arguments
+        return 0 if e.code in (0, None) else 1  # is a command failing on its input: 1
     try:
         return args.run(args)
     except OSError as e:  # a full disk, a denied permission, a refused connection: not the input

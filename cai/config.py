@@ -7,7 +7,8 @@ every user mistake is reported the same way::
 
 Rules: YAML is read with ``yaml.SafeLoader``; unknown keys raise; a field with no default is
 required; values are checked against the dataclass type hints (str, int, float, bool, Literal,
-``X | None``, ``list[X]``, ``tuple[X, ...]``, ``dict[str, X]`` and nested dataclasses).
+``X | None``, ``list[X]``, ``tuple[X, ...]``, ``dict[str, X]`` and nested dataclasses); a float
+is finite (``.nan`` and ``.inf`` are refused).
 Dataclasses may define ``validate(self) -> None`` that raises ``ValueError``; the message is
 reported at the object's line.
 
@@ -19,6 +20,7 @@ built. Errors show at most a short excerpt of a value.
 from __future__ import annotations
 
 import dataclasses
+import math
 import reprlib
 import types
 from pathlib import Path
@@ -308,6 +310,9 @@ def _convert(tp: Any, value: Any, ctx: _Ctx) -> Any:
     if tp is float:
         if isinstance(value, bool) or not isinstance(value, int | float):
             raise ctx.error(f"expected a number, got {_short(value)}")
+        if not math.isfinite(value):
+            # NaN compares false with everything: a bound or threshold set to it never applies.
+            raise ctx.error(f"must be a finite number (got {value})")
         return float(value)
     if tp is str:
         if not isinstance(value, str):
@@ -326,6 +331,13 @@ def _plain(value: Any) -> Any:
 
 def _convert_dataclass(cls: Any, value: Any, ctx: _Ctx) -> Any:
     if not isinstance(value, dict):
+        if not ctx.where:
+            # The whole file is no mapping: perhaps no config at all (a system file given by
+            # mistake), so its content is not shown.
+            raise ctx.error(
+                f"expected a YAML mapping of keys for {cls.__name__}; the file holds a "
+                f"{type(value).__name__}"
+            )
         raise ctx.error(
             f"expected a mapping for {cls.__name__}, got {type(value).__name__} {_short(value)}"
         )

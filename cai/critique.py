@@ -28,7 +28,7 @@ from dataclasses import asdict, dataclass, field, replace
 from cai.constitution import Constitution, Principle
 from cai.engine import Engine, Sampling
 from cai.keys import seed_for
-from cai.prompts import load_template
+from cai.prompts import Template, load_template
 
 # Labels a small model tends to echo at the start of a revision. Applied repeatedly, so
 # "Revision: Sure, here is the revised response: ..." loses both.
@@ -103,6 +103,40 @@ class RoundResult:
         return asdict(self)
 
 
+def _variables(constitution: Constitution, examples: list, item: RoundInput) -> dict:
+    # The data's own system turn would land mid-prompt after the exemplars; the critique
+    # concerns the user/assistant exchange, so it is left out here (the SFT record keeps it).
+    turns = [m for m in item.prompt if m["role"] != "system"]
+    return {
+        "system": constitution.system_prompt,
+        "examples": examples,
+        "conversation": [*turns, {"role": "assistant", "content": item.response}],
+        "critique_request": item.principle.critique,
+    }
+
+
+def load_templates(
+    constitution: Constitution, critique_template: str, revise_template: str, few_shot: bool
+) -> tuple[Template, Template]:
+    """The critique and revise templates, each rendered once with a fixture conversation, so
+    that a template that cannot render fails here, before a model loads or a record is written
+    (``TemplateError`` naming the template)."""
+    if not constitution.critique_principles:
+        raise ValueError(f"constitution {constitution.name!r} has no critique/revision principles")
+    critique, revise = load_template(critique_template), load_template(revise_template)
+    examples = constitution.critique_shots() if few_shot else []
+    fixture = RoundInput(
+        "fixture",
+        [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hello?"}],
+        "Hi.",
+        constitution.critique_principles[0],
+    )
+    variables = _variables(constitution, examples, fixture)
+    critique.render(**variables)
+    revise.render(**variables, critique="A critique.", revision_request="A request.")
+    return critique, revise
+
+
 class CritiqueReviser:
     """Runs critique → revision rounds through an engine, a whole batch per step."""
 
@@ -117,14 +151,11 @@ class CritiqueReviser:
         sampling: Sampling = Sampling(max_tokens=256),
         seed: int = 0,
     ):
-        if not constitution.critique_principles:
-            raise ValueError(
-                f"constitution {constitution.name!r} has no critique/revision principles"
-            )
         self.engine = engine
         self.constitution = constitution
-        self.critique_template = load_template(critique_template)
-        self.revise_template = load_template(revise_template)
+        self.critique_template, self.revise_template = load_templates(
+            constitution, critique_template, revise_template, few_shot
+        )
         self.examples = constitution.critique_shots() if few_shot else []
         self.sampling = sampling
         self.seed = seed
@@ -142,15 +173,7 @@ class CritiqueReviser:
         return principle
 
     def _variables(self, item: RoundInput) -> dict:
-        # The data's own system turn would land mid-prompt after the exemplars; the critique
-        # concerns the user/assistant exchange, so it is left out here (the SFT record keeps it).
-        turns = [m for m in item.prompt if m["role"] != "system"]
-        return {
-            "system": self.constitution.system_prompt,
-            "examples": self.examples,
-            "conversation": [*turns, {"role": "assistant", "content": item.response}],
-            "critique_request": item.principle.critique,
-        }
+        return _variables(self.constitution, self.examples, item)
 
     def run_round(
         self, items: Sequence[RoundInput], progress: str | bool = False

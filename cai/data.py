@@ -174,6 +174,21 @@ def check_limit(limit: Any, name: str = "limit") -> None:
         raise ValueError(f"{name} must be >= 1 (got {limit!r})")
 
 
+def read_rows(source: str | Path, split: str = "train") -> Iterator[tuple[str, dict]]:
+    """The records of a source as ``(where, record)``, ``where`` being ``path:line`` or
+    ``path[index]``: the one reader of every data file (prompts, pairs, the trainers' data), so
+    that bad bytes, bad JSON and non-object rows get the same error naming the file and line."""
+    return (
+        (where, _as_object(row, where)) for where, row in _open(source, None, split, None, "error")
+    )
+
+
+def check_messages(value: Any, where: str, field: str = "messages") -> list[dict]:
+    """Chat messages reduced to role and content: roles system (first only), user, assistant;
+    string contents; user and system text not empty. Raises DataError naming ``where``."""
+    return _checked_messages(value, where, field)
+
+
 def _open(
     source: str | Path, format: str | None, split: str, limit: int | None, duplicates: str
 ) -> Iterator[tuple[str, Any]]:

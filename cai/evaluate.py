@@ -58,7 +58,7 @@ from cai.grading import (
 )
 from cai.jsonl import write_atomic
 from cai.keys import canonical, model_key, record_key, seed_for
-from cai.records import Executor, run_records
+from cai.records import Executor, StageTally, run_records
 from cai.stats import (
     distinct_n,
     graded_rate,
@@ -146,6 +146,7 @@ def run_eval(
     progress: bool = True,
     executor: Executor | None = None,
     extend: Callable[[dict], dict] | None = None,
+    tally: StageTally | None = None,
 ) -> dict:
     """Evaluate ``config.models`` and write ``out_dir/results.json``; returns the results.
 
@@ -158,6 +159,7 @@ def run_eval(
         executor: runs the batches (``cai.records``); default: in this process.
         extend: results → results with more in them, before they are written (the pipeline's
             online rounds add their ``rounds`` table).
+        tally: counts the records written and found done (the pipeline's summary row).
     """
 
     config.validate()
@@ -167,10 +169,11 @@ def run_eval(
     sets, excluded = load_sets(config, exclude, limit)
     engines = _Engines(config, engine_for)
     try:
-        generations = _generate(config, sets, store, engines, progress, executor)
-        grades = _grade(config, sets, generations, store, engines, progress, executor)
-        comparisons = _compare(config, sets, generations, store, engines, progress, executor)
-        rewards = _rewards(config, generations, store, executor) if config.reward_model else None
+        runs = {"executor": executor, "tally": tally}  # how every stage's records run
+        generations = _generate(config, sets, store, engines, progress, **runs)
+        grades = _grade(config, sets, generations, store, engines, progress, **runs)
+        comparisons = _compare(config, sets, generations, store, engines, progress, **runs)
+        rewards = _rewards(config, generations, store, **runs) if config.reward_model else None
     finally:
         engines.close()
     results = {
@@ -220,7 +223,9 @@ def _warn_if_unreliable(results: dict) -> None:
                 )
 
 
-def _generate(config, sets, store, engines, progress, executor) -> dict[tuple[str, str, str], dict]:
+def _generate(
+    config, sets, store, engines, progress, executor, tally
+) -> dict[tuple[str, str, str], dict]:
     """(model name, kind, prompt key) → eval_generate record (done or error)."""
     from cai.engine import Sampling
 
@@ -272,6 +277,7 @@ def _generate(config, sets, store, engines, progress, executor) -> dict[tuple[st
             call=call,
             label=f"eval {name}: answers" if progress else False,
             executor=executor,
+            tally=tally,
         )
     records = store.read_stage("eval_generate")
     return {where: records[key] for where, key in keys.items() if key in records}
@@ -282,7 +288,7 @@ def _ok(record: dict | None) -> bool:
 
 
 def _grade(
-    config, sets, generations, store, engines, progress, executor
+    config, sets, generations, store, engines, progress, executor, tally
 ) -> dict[tuple[str, str], dict]:
     """(metric, generation key) → eval_grade record."""
     from cai.prompts import JUDGE_ANSWER_PREFIX, load_template
@@ -362,12 +368,13 @@ def _grade(
         call=call,
         label="eval grading" if progress else False,
         executor=executor,
+        tally=tally,
     )
     return {(metric, g["key"]): records[key] for metric, _, g, key in jobs if key in records}
 
 
 def _compare(
-    config, sets, generations, store, engines, progress, executor
+    config, sets, generations, store, engines, progress, executor, tally
 ) -> dict[tuple[str, str, str], dict]:
     """(model name, compared-with name, generation key) → eval_compare record: the model's answer
     against the baseline's (and against ``config.previous``'s model's), p = P(model's is better)."""
@@ -443,11 +450,12 @@ def _compare(
         call=call,
         label="eval comparisons" if progress else False,
         executor=executor,
+        tally=tally,
     )
     return {(n, o, mine["key"]): records[key] for n, o, mine, _, key in jobs if key in records}
 
 
-def _rewards(config, generations, store, executor) -> dict[str, float]:
+def _rewards(config, generations, store, executor, tally) -> dict[str, float]:
     """Model name → mean reward of its answers under the trained reward model (each answer's
     reward is a record of the stage ``eval_reward``, so a re-run scores nothing twice)."""
 
@@ -470,7 +478,12 @@ def _rewards(config, generations, store, executor) -> dict[str, float]:
         finally:
             model.close()
         return [
-            {"key": keys[g["key"]], "generation": g["key"], "reward": value, "error": None}
+            {
+                "key": keys[g["key"]],
+                "generation": g["key"],
+                "reward": value,
+                "error": None if value is not None else "longer than the reward model's context",
+            }
             for g, value in zip(todo, scores, strict=True)
         ]
 
@@ -481,10 +494,12 @@ def _rewards(config, generations, store, executor) -> dict[str, float]:
         key=lambda g: keys[g["key"]],
         call=call,
         executor=executor,
+        tally=tally,
     )
     out = {}
     for name in config.models:
         values = [records[keys[g["key"]]]["reward"] for n, g in done if n == name]
+        values = [v for v in values if v is not None]  # too long to score: left out
         out[name] = fmean(values) if values else math.nan
     return out
 

@@ -3,8 +3,8 @@ error (a full disk, a refused connection, a denied permission) prints in place o
 
     0  done
     1  ``python -m cai.pipeline``: a stage's share of error records passed ``max_error_rate``;
-       ``cai``: the command failed on its input (a bad config, data or model)
-    2  ``python -m cai.pipeline``: bad input (recipe, sources, arguments); ``cai``: bad arguments
+       ``cai``: the command failed on its input (bad arguments, a bad config, data or model)
+    2  ``python -m cai.pipeline``: bad input (recipe, sources, arguments)
     3  the operating system refused (disk full, permission denied, connection refused, ...):
        nothing is wrong with the input; fix the cause and run the same command again
 """

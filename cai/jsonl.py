@@ -30,11 +30,22 @@ def fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
+def umask_mode(mode: int) -> int:
+    """``mode`` less the process's umask: the permissions ``open`` and ``mkdir`` would give.
+    ``tempfile`` makes its files 0600 and folders 0700 whatever the umask; an output renamed
+    from one gets these instead, as other tools' outputs do."""
+    umask = os.umask(0)
+    os.umask(umask)
+    return mode & ~umask
+
+
 def write_atomic(path: Path, write: Callable[[IO[bytes]], None]) -> None:
-    """Write ``path`` via a temp file in the same directory and a rename: readers see old or new."""
+    """Write ``path`` via a temp file in the same directory and a rename: readers see old or new.
+    The file gets the permissions the umask gives a new file (not tempfile's 0600)."""
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
+        os.fchmod(fd, umask_mode(0o666))
         with os.fdopen(fd, "wb") as f:
             write(f)
             f.flush()

@@ -111,6 +111,9 @@ class Preference:
     scores: list[float] | None = None
     """Pointwise mode: each response's score log P(Yes) - log P(No), mean over the principles
     (before length control); None in the pairwise mode."""
+    usage: dict[str, int] = field(default_factory=dict)
+    """Tokens the engine read (``prompt_tokens``: every order and principle, each prompt scored
+    and, in CoT mode, generated from) and wrote (``completion_tokens``: the rationales)."""
 
     def to_dict(self) -> dict[str, Any]:
         out = asdict(self)
@@ -460,12 +463,15 @@ class Judge(_PairJudge):
         conversations = [self._render(items[i], p, swapped) for i, p, swapped in requests]
         failures: dict[int, str] = {}
         rationales: list[str] = [""] * len(requests)
+        read, written = [0] * len(requests), [0] * len(requests)
         if self.cot:
             label = f"{progress} rationales" if isinstance(progress, str) else progress
             done = self.engine.generate(
                 conversations, Sampling(max_tokens=self.cot_max_tokens), progress=label
             )
             for r, completion in enumerate(done):
+                read[r] += completion.prompt_tokens
+                written[r] += completion.completion_tokens
                 if completion.ok:
                     rationales[r] = completion.text
                 else:
@@ -485,6 +491,7 @@ class Judge(_PairJudge):
         )
         log_odds: dict[int, float] = {}
         for r, s in scores.items():
+            read[r] += s.prompt_tokens
             if not s.ok:
                 failures[r] = s.error
                 continue
@@ -509,11 +516,17 @@ class Judge(_PairJudge):
             start = rows.stop
             ids = [p.id for p in item.principles]
             texts = [rationales[r] for r in rows] if self.cot else []
+            usage = {
+                "prompt_tokens": sum(read[r] for r in rows),
+                "completion_tokens": sum(written[r] for r in rows),
+            }
             failed = [r for r in rows if r in failures]
             if failed:
                 _, principle, swapped = requests[failed[0]]
                 error = f"order {ORDERS[swapped]}, principle {principle.id}: {failures[failed[0]]}"
-                out.append(Preference(*[None] * 6, ids, self.engine.model_name, error, texts))
+                out.append(
+                    Preference(*[None] * 6, ids, self.engine.model_name, error, texts, usage)
+                )
                 continue
             p_first = fmean(first_slot[r] for r in rows if not requests[r][2])
             q = fmean(first_slot[r] for r in rows if requests[r][2])
@@ -530,6 +543,7 @@ class Judge(_PairJudge):
                     principles=ids,
                     model=self.engine.model_name,
                     rationales=texts,
+                    usage=usage,
                 )
             )
         return out
@@ -610,7 +624,7 @@ class Judge(_PairJudge):
             if error is not None:
                 out.append(Preference(*[None] * 6, a.principles, self.engine.model_name, error))
                 continue
-            p_a = sigmoid((a.adjusted - b.adjusted) / self.temperature)
+            p_a = sigmoid((a.adjusted - b.adjusted) / self.temperature)  # type: ignore[operator]
             out.append(
                 Preference(
                     winner=self._winner(p_a),
@@ -622,6 +636,7 @@ class Judge(_PairJudge):
                     principles=a.principles,
                     model=self.engine.model_name,
                     scores=[a.score, b.score],
+                    usage={"prompt_tokens": a.prompt_tokens + b.prompt_tokens},
                 )
             )
         return out

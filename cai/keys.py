@@ -82,14 +82,27 @@ def revision(model: str) -> str | None:
 
 def model_key(field: str, model: str) -> dict[str, str]:
     """The record-key parts that name ``model`` under ``field``: ``{field: model}``, or for a
-    model the pipeline trained what its marker says, written once when it was trained: the
-    folder it was trained into and its revision. A retrained model thus gets new records, while
-    a moved or copied run directory finds its own (the folder's path now is never used), and
-    the keys of runs that never moved are the ones they always had."""
+    model the pipeline trained what its marker says, written once when it was trained: its
+    folder relative to its run (``<run>/rounds/1/dpo``) and its revision, a hash of what
+    determines it (settings with paths relative to the run, the data it saw, whose labels are
+    rounded so that float noise does not reach it, and its starting model's revision). A
+    retrained model thus gets new records, while the same recipe in another run directory, or a
+    moved or copied one, gets the same keys and seeds. Markers written before ``model_id``
+    existed name the absolute folder they were trained into, as the keys of their runs did."""
     marker = _marker(model)
     if marker is None:
         return {field: model}
-    return {field: marker["config"]["output_dir"], "model_revision": marker["revision"]}
+    return {field: model_name(model), "model_revision": marker["revision"]}
+
+
+def model_name(model: str) -> str:
+    """How keys and records name ``model``: a pipeline-trained model by its folder relative to
+    its run (``<run>/rounds/1/dpo``, from its marker; see :func:`model_key`), any other by its
+    spec. Records and exports that name models so are the same in any run directory."""
+    marker = _marker(model)
+    if marker is None:
+        return model
+    return marker.get("model_id") or marker["config"]["output_dir"]
 
 
 def shard_of(key: str, n: int) -> int:

@@ -29,6 +29,8 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
+from cai.jsonl import umask_mode
+
 log = logging.getLogger(__name__)
 
 DEFAULT_MODEL = "smollm2-135m"
@@ -206,6 +208,7 @@ def _convert_gguf(gguf: Path, target: Path) -> None:
         tokenizer.pad_token = tokenizer.eos_token
     tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
     try:
+        tmp.chmod(umask_mode(0o777))  # the cache folder other users may share, not mkdtemp's 0700
         model.save_pretrained(tmp, safe_serialization=True)
         tokenizer.save_pretrained(tmp)
         (tmp / _MARKER).write_text(f'{{"source": "{gguf.name}"}}\n')

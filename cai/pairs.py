@@ -75,6 +75,8 @@ def load_pairs(
       message lists or HH-RLHF transcripts, that share everything up to the final assistant
       answer. That shared part is the prompt.
 
+    Both responses must be non-empty and differ (ignoring surrounding whitespace).
+
     Raises:
         FileNotFoundError: no such file, shipped set or hub data set.
         DataError: a record is malformed or the source is empty or unreadable.
@@ -85,6 +87,7 @@ def load_pairs(
     dropped = 0
     for where, row in rows:
         prompt, chosen, rejected = _pair(_as_object(row, where), where)
+        _check_meaningful(chosen, rejected, where)
         record_id = _record_id(row, where)
         key = (
             record_id
@@ -99,6 +102,20 @@ def load_pairs(
             meta["p_chosen"] = _probability(row["p_chosen"], where)
         pairs.append(LabelledPair(key, prompt, chosen, rejected, where, meta))
     return _nonempty(pairs, dropped, source)
+
+
+def _check_meaningful(chosen: str, rejected: str, where: str) -> None:
+    """A pair teaches a preference only between two different, non-empty responses: DPO on
+    identical ones learns nothing (loss ln 2 at every step), and a judge scored on them looks
+    like a coin flip."""
+    for name, text in (("chosen", chosen), ("rejected", rejected)):
+        if not text.strip():
+            raise DataError(f"{where}: {name} is empty; a pair needs two non-empty responses")
+    if chosen.strip() == rejected.strip():
+        raise DataError(
+            f"{where}: chosen and rejected are the same text; a pair needs two different "
+            "responses (remove the record)"
+        )
 
 
 def _pair(row: dict, where: str) -> tuple[list[dict], str, str]:

@@ -122,6 +122,9 @@ class ResponseScore:
     """``score`` less the length control, ``length_coef * ln(characters)``."""
     principles: list[str]
     error: str | None = None
+    prompt_tokens: int = 0
+    """Tokens this call read for it (0 when its scores came from the cache or an earlier
+    entry of the same call)."""
 
 
 class PointwiseScorer:
@@ -176,10 +179,12 @@ class PointwiseScorer:
                     todo[key] = self._render(messages, response, question)
             keys.append(row)
         failures: dict[str, str] = {}
+        tokens: dict[str, int] = {}
         scored = {key: self.cache.get(key) for row in keys for key in row if key not in todo}
         if todo:
             done = self.engine.score(list(todo.values()), SCORE_OPTIONS, progress=progress)
             for key, s in zip(todo, done, strict=True):
+                tokens[key] = s.prompt_tokens
                 if not s.ok:
                     failures[key] = s.error or "failed"
                 elif max(s.logprobs) == -math.inf:
@@ -196,7 +201,9 @@ class PointwiseScorer:
                 out.append(ResponseScore(None, None, ids, error))
                 continue
             raw = fmean(scored[key] for key in row)  # type: ignore[misc]
-            out.append(ResponseScore(raw, length_adjusted(raw, response, self.length_coef), ids))
+            read = sum(tokens.pop(key, 0) for key in row)  # counted once, where first met
+            adjusted = length_adjusted(raw, response, self.length_coef)
+            out.append(ResponseScore(raw, adjusted, ids, prompt_tokens=read))
         return out
 
 

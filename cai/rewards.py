@@ -8,7 +8,8 @@ a list of chat messages (a completion is ``[{"role": "assistant", "content": ...
 other dataset column arrives as a keyword argument holding one value per completion, next to
 TRL's own ``completion_ids``, ``trainer_state``, ``log_extra`` and ``log_metric``. A prompt's
 ``num_generations`` completions come consecutively. ``None`` is a reward TRL turns into NaN and
-leaves out of its means: the value here of a pair the judge could not score.
+leaves out of its means: the value here of a pair the judge could not score (an engine error, or
+a pair too long for the judge's context: it costs only its own reward, never the batch).
 
 Two ways to turn a pairwise judge into a reward, for each completion ``c`` of a prompt ``x``:
 
@@ -26,7 +27,6 @@ a win probability is the Bradley-Terry ``sigmoid(s_c - s_other)`` (and ``against
 raw score ``s_c``).
 
     from cai.judge import Judge
-from cai.stats import sigmoid
     from cai.rewards import JudgeReward
     judge = Judge("smollm2-135m", constitution="harmless")
     reward = JudgeReward(judge, against="group", num_generations=4)
@@ -42,6 +42,7 @@ import math
 from collections.abc import Callable, Sequence
 from typing import Any, Literal, Protocol
 
+from cai.engine import PromptTooLong
 from cai.judge import Judge
 from cai.stats import sigmoid
 
@@ -51,7 +52,8 @@ Against = Literal["reference", "group"]
 class Scorer(Protocol):
     """What ``RewardModelReward`` needs of a reward model (``cai.train.reward.RewardModel``)."""
 
-    def score(self, conversations: Sequence[Sequence[dict[str, Any]]]) -> list[float]: ...
+    def score(self, conversations: Sequence[Sequence[dict[str, Any]]]) -> list[float | None]:
+        """One score per conversation; None for one it cannot score (longer than its context)."""
 
 
 def _messages(prompt: Any, index: int) -> list[dict]:
@@ -133,6 +135,11 @@ class _PairwiseReward:
     def __call__(
         self, prompts: Sequence[Any], completions: Sequence[Any], **kwargs: Any
     ) -> list[float | None]:
+        for name, value in (("prompts", prompts), ("completions", completions)):
+            if isinstance(value, str | bytes) or not isinstance(value, Sequence):
+                raise ValueError(
+                    f"{name} must be a list (one item per completion), got {type(value).__name__}"
+                )
         if len(prompts) != len(completions):
             raise ValueError(
                 f"{len(prompts)} prompts but {len(completions)} completions: expected one prompt "
@@ -279,7 +286,15 @@ class JudgeReward(_PairwiseReward):
     def _win_probs(self, pairs: list[tuple[list[dict], str, str]]) -> list[float | None]:
         if not pairs:
             return []
-        return [pref.p_a for pref in self.judge.label(pairs)]
+        try:
+            return [pref.p_a for pref in self.judge.label(pairs)]
+        except PromptTooLong:
+            # A pair too long for the judge's context (an engine that raises on overflow):
+            # judge the pairs one by one, so that it costs only its own reward, None. A pair's
+            # principles and scores do not depend on the batch it is judged in.
+            if len(pairs) == 1:
+                return [None]
+            return [p for pair in pairs for p in self._win_probs([pair])]
 
 
 class RewardModelReward(_PairwiseReward):
@@ -305,7 +320,7 @@ class RewardModelReward(_PairwiseReward):
         )
         self.model = model
 
-    def _score(self, conversations: list[list[dict]]) -> list[float]:
+    def _score(self, conversations: list[list[dict]]) -> list[float | None]:
         """Scores of distinct conversations, each scored once, in one batched call."""
         distinct: dict[str, list[dict]] = {}
         for c in conversations:
@@ -330,7 +345,10 @@ class RewardModelReward(_PairwiseReward):
             [*m, {"role": "assistant", "content": r}] for m, a, b in pairs for r in (a, b)
         ]
         s = self._score(conversations)
-        return [sigmoid(s[2 * k] - s[2 * k + 1]) for k in range(len(pairs))]
+        return [
+            None if s[2 * k] is None or s[2 * k + 1] is None else sigmoid(s[2 * k] - s[2 * k + 1])
+            for k in range(len(pairs))
+        ]
 
 
 # ---- other trainers' hooks -----------------------------------------------------------------------

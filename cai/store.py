@@ -438,6 +438,15 @@ class RunStore:
         finally:
             os.close(fd)  # releases the flock
 
+    def remove_if_unused(self) -> None:
+        """Remove the run directory if it holds nothing but lock files: a run refused before
+        any work (Ray would not start) in a directory its lock created leaves nothing behind."""
+        entries = list(self.run_dir.iterdir()) if self.run_dir.is_dir() else []
+        if entries and all(p.name.startswith(".lock") and p.is_file() for p in entries):
+            for p in entries:
+                p.unlink()
+            self.run_dir.rmdir()
+
     # -- stages
 
     def stage_path(self, stage: str, shard: Shard | None = None) -> Path:

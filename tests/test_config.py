@@ -105,3 +105,19 @@ def test_a_field_error_names_the_field_its_line_and_the_set_that_gave_it():
     set_dotted(data, "stage={rounds: x}")
     with pytest.raises(ConfigError, match=r"^r.yaml \(--set stage=\{rounds: x\}\): stage.rounds: "):
         from_data(_Outer, data, source="r.yaml")
+
+
+@dataclass
+class _Drift:
+    max_length_drift: float = doc("a threshold with no validate of its own", 0.5)
+
+
+@pytest.mark.parametrize("value", [".nan", ".NaN", ".inf", "-.inf"])
+def test_a_float_setting_refuses_nan_and_infinities(value):
+    # NaN compares false with everything: a threshold set to it would never fire.
+    data = parse_yaml("max_length_drift: 0.5\n", "r.yaml")
+    set_dotted(data, f"max_length_drift={value}")
+    with pytest.raises(ConfigError, match=r"^r.yaml \(--set .*\): max_length_drift: must be a fin"):
+        from_data(_Drift, data, source="r.yaml")
+    with pytest.raises(ConfigError, match=r"^r.yaml:2: max_length_drift: must be a finite number"):
+        from_data(_Drift, parse_yaml(f"\nmax_length_drift: {value}\n", "r.yaml"), source="r.yaml")

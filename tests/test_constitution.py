@@ -422,6 +422,14 @@ def test_cli_check_bad_file_exits_1(tmp_path, capsys):
     captured = capsys.readouterr()
     assert captured.out.startswith("ok: hhh (")
     assert f"{bad}:11: principles[0].weight" in captured.err
+    # A file that is no constitution at all (a system file) is named, its content not shown.
+    passwd = _write(tmp_path, "root:x:0:0:root:/root:/bin/bash\nbin:x:1:1::/:/sbin/nologin\n", "p")
+    assert main(["constitution", "check", str(passwd)]) == 1
+    err = capsys.readouterr().err
+    assert (
+        f"{passwd}: expected a YAML mapping of keys for Constitution; the file holds a str" in err
+    )
+    assert "root" not in err.replace(str(passwd), "")
 
 
 def test_cli_show(tmp_path, capsys):
@@ -459,10 +467,13 @@ def test_cli_convert(tmp_path, capsys):
     assert load_constitution(out) == from_huggingface(hf)
 
     args = ["constitution", "convert", "--huggingface", str(hf), "--judge", str(rl_path)]
-    assert main([*args, "-o", str(out)]) == 2
+    # Bad arguments are the command failing on its input: exit 1, as the README says.
+    assert main([*args, "-o", str(out)]) == 1
     assert "--judge goes with --anthropic" in capsys.readouterr().err
-    with pytest.raises(SystemExit):
-        main(["constitution", "convert", "-o", str(out)])
+    assert main(["constitution", "convert", "-o", str(out)]) == 1
+    assert "one of the arguments --anthropic --huggingface is required" in capsys.readouterr().err
+    assert main(["constitution", "convert", "--anthropic", str(cr_path)]) == 1
+    assert "-o/--output" in capsys.readouterr().err
     assert main(["constitution", "convert", "--huggingface", str(hf), "-o", str(tmp_path)]) == 1
     assert str(tmp_path) in capsys.readouterr().err
 

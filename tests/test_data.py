@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 from collections import Counter
 from pathlib import Path
 
@@ -515,6 +516,16 @@ def test_pairs_implicit_prompt_formats(tmp_path):
             {"prompt": [user("q"), assistant("a")], "chosen": "a", "rejected": "b"},
             "prompt must end with a user turn",
         ),
+        ({"prompt": "q", "chosen": "", "rejected": "b"}, "chosen is empty"),
+        ({"prompt": "q", "chosen": "a", "rejected": [assistant(" \n")]}, "rejected is empty"),
+        (
+            {"prompt": "q", "chosen": "same", "rejected": "same "},
+            "chosen and rejected are the same",
+        ),
+        (
+            {"chosen": [user("x"), assistant("a")], "rejected": [user("x"), assistant("a")]},
+            "chosen and rejected are the same",
+        ),
     ],
 )
 def test_malformed_pairs(tmp_path, row, match):
@@ -574,6 +585,19 @@ def test_exported_data_reads_back_as_prompts_and_pairs(tmp_path):
     for source in (tmp_path / "pref" / "dataset", tmp_path / "pref" / "data.jsonl"):
         pairs = load_pairs(source)
         assert [p.meta for p in pairs] == [{"principle": "p1", "p_chosen": 0.75}, {"p_chosen": 1.0}]
+
+
+@pytest.mark.parametrize("umask", [0o022, 0o077])
+def test_exports_get_the_permissions_the_umask_gives(tmp_path, umask):
+    old = os.umask(umask)
+    try:
+        export_dataset(SFT, tmp_path / "sft")
+        write_jsonl(SFT, tmp_path / "plain.jsonl")
+    finally:
+        os.umask(old)
+    for path in (tmp_path / "sft" / "data.jsonl", tmp_path / "plain.jsonl"):
+        assert path.stat().st_mode & 0o777 == 0o666 & ~umask, path
+    assert (tmp_path / "sft" / "dataset").stat().st_mode & 0o777 == 0o777 & ~umask
 
 
 def test_export_replaces_an_earlier_export(tmp_path):

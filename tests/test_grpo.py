@@ -11,9 +11,10 @@ import pytest
 from test_pipeline import FakeEngine, write_prompts
 
 from cai.config import ConfigError
+from cai.data import DataError
 from cai.pipeline.recipe import load_recipe
 from cai.pipeline.run import Runner
-from cai.train.grpo import load_prompts
+from cai.train.grpo import check_prompt_lengths, load_prompts
 
 RECIPE = """\
 name: grpo
@@ -79,8 +80,23 @@ def test_prompts_are_read_as_strings_messages_or_conversations(tmp_path):
     path.write_text("".join(json.dumps(r) + "\n" for r in rows))
     assert [p["prompt"][-1]["content"] for p in load_prompts(str(path))] == ["Hi?", "Why?", "Q"]
     path.write_text('{"prompt": [{"role": "assistant", "content": "A"}]}\n')
-    with pytest.raises(ValueError, match="row 1: expected a 'prompt'"):
+    with pytest.raises(ValueError, match=f"{path}:1: expected a 'prompt'"):
         load_prompts(str(path))
+    path.write_bytes(b'{"prompt": "Hi?"}\n{"prompt": "caf\xe9"}\n')  # a line, not a traceback
+    with pytest.raises(DataError, match=f"{path}:2: not UTF-8 text"):
+        load_prompts(str(path))
+
+
+def test_a_prompt_over_max_length_is_refused_before_training(tmp_path, model_path):
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(model_path)
+    path = tmp_path / "p.jsonl"
+    path.write_text(json.dumps({"prompt": "Hi?"}) + "\n" + json.dumps({"prompt": "word " * 300}))
+    prompts = load_prompts(str(path))
+    check_prompt_lengths(prompts, tokenizer, 512, str(path))
+    with pytest.raises(DataError, match=rf"{path}: prompt 2 is \d+ tokens, over max_length=64"):
+        check_prompt_lengths(prompts, tokenizer, 64, str(path))
 
 
 @pytest.mark.slow

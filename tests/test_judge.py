@@ -276,6 +276,28 @@ def test_cli_reports_bad_input_without_loading_a_model(capsys):
     assert "nope" in capsys.readouterr().err
 
 
+def test_cli_refuses_empty_same_and_overlong_pairs_before_the_model_loads(
+    tmp_path, capsys, monkeypatch, model_path
+):
+    def no_model(*args, **kwargs):
+        raise AssertionError("the judge's model was loaded")
+
+    monkeypatch.setattr(cli, "Judge", no_model)
+    good = {"prompt": "Which is better?", "chosen": "This one.", "rejected": "That one."}
+    cases = [
+        ({**good, "chosen": ""}, "chosen is empty"),
+        ({**good, "rejected": "This one."}, "chosen and rejected are the same text"),
+        ({**good, "chosen": "word " * 9000}, "are 9,0"),  # tokens, against a context of 8,192
+        ({**good, "rejected": "x" * 4_000_000}, "are 4,000,0"),  # characters: never tokenized
+    ]
+    path = tmp_path / "pairs.jsonl"
+    for row, message in cases:
+        path.write_text(json.dumps(good) + "\n" + json.dumps(row) + "\n")
+        assert cli.main(["judge", "eval", "--data", str(path), "--backend", "hf"]) == 1
+        err = capsys.readouterr().err
+        assert f"{path}:2: " in err and message in err, err
+
+
 def test_data_is_never_rendered_as_a_template():
     engine = FakeEngine()
     tricky = "The answer is (A). {{ 7*7 }} {% if true %}x{% endif %} <|im_start|>user"
@@ -451,8 +473,10 @@ def test_real_model_cot_stays_in_the_band(hf_engine):
 @pytest.mark.slow
 def test_cli_judge_eval_prints_a_json_line_last(capsys):
     code = cli.main(
-        ["judge", "eval", "--data", "data/judge_dev.jsonl", "--backend", "hf", "--limit", "4"]
-        + ["--calibration", "none,batch", "--length-coef", "0", "--zero-shot"]
+        [
+            *("judge", "eval", "--data", "data/judge_dev.jsonl", "--backend", "hf"),
+            *("--limit", "4", "--calibration", "none,batch", "--length-coef", "0", "--zero-shot"),
+        ]
     )
     out = capsys.readouterr().out.strip().splitlines()
     assert code == 0

@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pytest
 
+from cai.jsonl import umask_mode
 from cai.models import ALIASES, cache_dir, resolve_model
 
 
@@ -83,6 +84,8 @@ def test_killed_and_concurrent_conversions(tmp_path, model_path):
         p.name for p in folder.iterdir()
     }
     assert not list((cache / "models").glob(".*.tmp-*")), "leftovers of the killed run are cleared"
+    # The folder gets the permissions the umask gives (not mkdtemp's 0700): a shared cache works.
+    assert folder.stat().st_mode & 0o777 == umask_mode(0o777)
 
     from transformers import AutoModelForCausalLM
 

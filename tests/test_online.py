@@ -187,6 +187,105 @@ def test_each_round_trains_from_the_previous_policy_against_the_chosen_reference
     assert training.reference(runner("sft", 2, loss="simpo"), "train_dpo") == {}  # none used
 
 
+def fake_online(tmp_path: Path, monkeypatch, limit: int = 2, **online) -> Path:
+    """ci_recipe without the evaluation, for the fake engines of test_pipeline_judge, with a
+    fake trainer (its "weights" a hash of its data, deterministic as training on a CPU is)."""
+    import hashlib
+
+    from cai.pipeline import training
+    from cai.train import RESULT_FILE, DataStats, TrainResult
+
+    def fake_train(config):
+        out = Path(config.output_dir)
+        out.mkdir(parents=True, exist_ok=True)
+        data = (Path(config.data) / "data.jsonl").read_bytes()
+        (out / "weights").write_text(hashlib.sha256(data).hexdigest())
+        (out / RESULT_FILE).write_text("{}")
+        return TrainResult(str(out), 1, {}, DataStats(), [])
+
+    monkeypatch.setattr(training, "_trainer", lambda kind: fake_train)
+    recipe = yaml.safe_load(ci_recipe(tmp_path, **online).read_text())
+    del recipe["stages"]["evaluate"]
+    recipe["stages"]["judge"]["few_shot"] = False
+    for source in recipe["sources"]:
+        source["limit"] = limit
+    path = tmp_path / "fake.yaml"
+    path.write_text(yaml.safe_dump(recipe, sort_keys=False))
+    return path
+
+
+def test_round_2_keys_depend_neither_on_float_noise_nor_on_the_run_directory(tmp_path, monkeypatch):
+    """One online recipe in two run directories, the second judge's probabilities off by ~1e-7
+    (what smaller batches on Ray give): the same round-1 preferences, so the same trained
+    model's identity, so the same round-2 keys, seeds and samples (issue 22)."""
+    from test_pipeline_judge import FakeEngine
+
+    from cai.engine import OptionScores
+    from cai.keys import model_key
+
+    class Noisy(FakeEngine):
+        def score(self, conversations, options, *, prefixes=None, progress=False):
+            return [
+                OptionScores(s.options, [s.logprobs[0] + 1e-7, s.logprobs[1]], s.token_counts)
+                for s in super().score(conversations, options, prefixes=prefixes)
+            ]
+
+    path = fake_online(tmp_path, monkeypatch)
+    runs = {"a": FakeEngine(), "elsewhere/b": Noisy()}
+    for name, engine in runs.items():
+        assert not Runner(load_recipe(path), tmp_path / name, engine=engine).run().failed
+
+    a, b = (RunStore(tmp_path / name) for name in runs)
+    p_a = {k: r["p_a"] for k, r in a.read_stage("judge").items()}
+    p_b = {k: r["p_a"] for k, r in b.read_stage("judge").items()}
+    assert p_a.keys() == p_b.keys() and p_a != p_b  # the noise reached the judge records
+    for r in (1, 2):
+        pairs = f"rounds/{r}/preferences/data.jsonl"
+        assert (tmp_path / "a" / pairs).read_bytes() == (
+            tmp_path / "elsewhere/b" / pairs
+        ).read_bytes()
+    dpo = [model_key("model", str(tmp_path / name / "rounds/1/dpo")) for name in runs]
+    assert dpo[0] == dpo[1] and "<run>/rounds/1/dpo" in dpo[0].values()
+    sampled = [
+        sorted((r["key"], r["seed"], r["responses"]) for r in store.read_stage("sample").values())
+        for store in (a, b)
+    ]
+    assert sampled[0] == sampled[1]
+    assert {r["round"] for r in a.read_stage("sample").values()} == {1, 2}
+
+
+def test_the_dry_run_of_a_resumed_online_run_counts_each_rounds_own_pairs(
+    tmp_path, monkeypatch, capsys
+):
+    from test_pipeline_judge import FakeEngine
+
+    from cai.pipeline.__main__ import main
+
+    path, run = fake_online(tmp_path, monkeypatch, limit=3), tmp_path / "run"
+    assert not Runner(load_recipe(path), run, engine=FakeEngine()).run().failed
+    for stage in ("sample", "judge"):  # round 2's records deleted
+        lines = (run / "stages" / f"{stage}.jsonl").read_text().splitlines()
+        kept = [line for line in lines if json.loads(line)["round"] != 2]
+        (run / "stages" / f"{stage}.jsonl").write_text("".join(f"{line}\n" for line in kept))
+    # k=2: one pair per prompt, two prompts per round.
+    assert main(["run", str(path), "--run-dir", str(run), "--dry-run"]) == 0
+    round1, round2 = capsys.readouterr().err.split("round 2 of 2")
+    assert "judge: 0 pairs × 2 orders × 1 principles = 0 score requests (2 pairs done)" in round1
+    assert "judge: at most 2 pairs × 2 orders × 1 principles = at most 4 score" in round2
+    assert "(0 pairs done)" in round2
+    more = ["--force", "--set", "online.rounds=3", "--dry-run"]
+    assert main(["run", str(path), "--run-dir", str(run), *more]) == 0
+    round3 = capsys.readouterr().err.split("round 3 of 3")[1]
+    assert "judge: at most 2 pairs" in round3 and "(0 pairs done)" in round3
+    # Labelled by the reward model from round 2 on: the plan says so, and counts its scores.
+    path = fake_online(tmp_path, monkeypatch, labels="reward_model")
+    assert main(["run", str(path), "--run-dir", str(tmp_path / "rm"), "--dry-run"]) == 0
+    round1, round2 = capsys.readouterr().err.split("round 2 of 2")
+    assert "model smollm2-135m" in round1 and "reward model" not in round1
+    labelled = f"at most 4 reward-model scores (0 pairs done); labelled by the reward model {tmp_path / 'rm' / 'models' / 'reward'}"
+    assert labelled in round2 and "principles" not in round2.split("judge:")[1].split("\n")[0]
+
+
 def test_grpo_curves_show_reward_and_kl(tmp_path):
     from cai.plots import plot_training
 
@@ -294,7 +393,9 @@ def test_two_rounds_end_to_end_killed_in_round_2_and_resumed(tmp_path):
     from cai.train.reward import RewardModel
 
     by_rm = [r for r in judged if r["round"] == 2]
-    assert by_rm and all(r["judge_model"] == str(run / "models" / "reward") for r in by_rm)
+    # Named relative to the run: the same recipe elsewhere writes the same records (issue 22).
+    assert by_rm and all(r["judge_model"] == "<run>/models/reward" for r in by_rm)
+    assert {r["model"] for r in sampled if r["round"] == 2} == {"<run>/rounds/1/dpo"}
     first = by_rm[0]
     r_a, r_b = first["rewards"]
     assert first["p_a"] == pytest.approx(1 / (1 + math.exp(r_b - r_a)))

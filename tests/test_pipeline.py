@@ -309,6 +309,29 @@ def test_bad_arguments_and_missing_files_leave_nothing(tmp_path, capsys, args, m
     assert not (tmp_path / "run").exists()
 
 
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [
+        ('{% call message("user") %}{{ conversation[7].content }}{% endcall %}', "no element 7"),
+        ('{% call message("user") %}{% for i in range(10**9) %}{% endfor %}{% endcall %}', "range"),
+        ('{% include "critique.jinja" %}', ":1: {% include %} is not allowed"),
+        ("root:x:0:0:root:/root:/bin/bash\n", ":1: text outside a message block"),
+    ],
+)
+def test_a_template_that_cannot_render_is_refused_before_any_work(tmp_path, capsys, text, message):
+    template = tmp_path / "revise.jinja"
+    template.write_text(text)
+    prompts = write_prompts(tmp_path / "p.jsonl", ["a?"])
+    path = write_recipe(tmp_path, prompts)
+    args = ["--set", f"stages.critique_revise.revise_template={template}"]
+    code = main(["run", str(path), "--run-dir", str(tmp_path / "run"), *args])
+    err = capsys.readouterr().err
+    assert code == 2, err
+    assert f"{template}" in err and message in err, err
+    assert "root:/root" not in err
+    assert not (tmp_path / "run").exists()
+
+
 def test_bad_prompt_source_names_the_line(tmp_path, capsys):
     bad = tmp_path / "p.jsonl"
     bad.write_text('{"id": "a", "prompt": "fine"}\n{"id": "b", "prompt": ""}\n')

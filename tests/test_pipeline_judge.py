@@ -81,7 +81,8 @@ class FakeEngine(Engine):
             shown = options_of(conversation)
             p = 0.5 + 0.05 * (len(shown["B"]) - len(shown["A"]))
             p = min(max(p, 0.05), 0.95)
-            out.append(OptionScores(list(options), [math.log(p), math.log(1 - p)], [1, 1]))
+            logprobs = [math.log(p), math.log(1 - p)]
+            out.append(OptionScores(list(options), logprobs, [1, 1], prompt_tokens=10))
         return out
 
 
@@ -133,6 +134,7 @@ def test_sample_judge_export_counts(tmp_path, pairs, rows):
     assert {tuple(r["pair"]) for r in judged} == {(0, 1), (0, 2), (1, 2)}
     assert all(r["input_key"] in ("p0", "p1") and r["error"] is None for r in judged)
     assert report(result, "judge").requests == 12
+    assert report(result, "judge").prompt_tokens == 12 * 10  # what judging read is counted
     prefs = exported(result.exported_preferences)
     assert len(prefs) == rows
     for row in prefs:

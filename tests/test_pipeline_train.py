@@ -11,7 +11,7 @@ import pytest
 from test_pipeline import FakeEngine, write_prompts
 
 from cai.config import ConfigError
-from cai.keys import MARKER, record_key, revision
+from cai.keys import MARKER, model_key, model_name, record_key, revision
 from cai.pipeline.__main__ import main
 from cai.pipeline.recipe import load_recipe
 from cai.pipeline.run import Runner
@@ -124,14 +124,14 @@ def test_a_copied_run_resumes_with_no_new_work(tmp_path, tiny_model):
     recipe = load_recipe(recipe_file(tmp_path, tiny_model, "  sample: {k: 2, max_tokens: 8}\n"))
     first = Runner(recipe, tmp_path / "run", engine=FakeEngine(), limit=2)
     first.run()
-    # The key format of a run that stays where it is: the model's folder and revision.
+    # The key names the model by its folder relative to the run, and its revision.
     sft = str(tmp_path / "run" / "models" / "sft")
     sampled = [json.loads(line) for line in (tmp_path / "run/stages/sample.jsonl").open()]
     assert [r["key"] for r in sampled] == [
         record_key(
             input=r["input_key"],
             stage="sample",
-            model=sft,
+            model="<run>/models/sft",
             sampling=sample_sampling(first).to_dict(),
             model_revision=revision(sft),
         )
@@ -150,3 +150,21 @@ def test_a_copied_run_resumes_with_no_new_work(tmp_path, tiny_model):
     assert (train.done_before, train.records) == (1, 0)
     assert (copy / "models" / "sft" / "model.safetensors").stat().st_mtime_ns == weights
     assert {p.name: p.read_bytes() for p in (copy / "stages").iterdir()} == stages
+
+
+def test_keys_name_a_trained_model_relative_to_its_run_and_older_markers_as_they_did(tmp_path):
+    folder = tmp_path / "models" / "sft"
+    folder.mkdir(parents=True)
+    old = {"revision": "r1", "config": {"output_dir": "/old/run/models/sft"}}
+    (folder / MARKER).write_text(json.dumps(old))
+    # A model trained before markers held model_id: its runs' keys stay as they were.
+    assert model_key("model", str(folder)) == {
+        "model": "/old/run/models/sft",
+        "model_revision": "r1",
+    }
+    (folder / MARKER).write_text(json.dumps({**old, "model_id": "<run>/models/sft"}))
+    assert model_key("model", str(folder)) == {"model": "<run>/models/sft", "model_revision": "r1"}
+    assert (
+        model_name(str(folder)) == "<run>/models/sft"
+        and model_name("smollm2-135m") == "smollm2-135m"
+    )

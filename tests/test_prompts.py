@@ -259,10 +259,66 @@ def test_missing_attribute_names_the_template(tmp_path):
         template.render(x={})
 
 
-def test_text_outside_a_message_block_is_an_error(tmp_path):
-    path = _template(tmp_path, 'Hello\n{% call message("user") %}hi{% endcall %}\n')
-    with pytest.raises(TemplateError, match=rf"^{path}: text outside a message block: 'Hello'"):
-        load_template(path).render()
+def test_text_outside_a_message_block_is_refused_at_load_without_echoing_it(tmp_path):
+    path = _template(tmp_path, '{% call message("user") %}hi{% endcall %}\nHello secret\n')
+    with pytest.raises(TemplateError, match=rf"^{path}:2: text outside a message block;") as info:
+        load_template(path)
+    assert "secret" not in str(info.value)
+    # A file that is no template at all (a system file, say) is refused the same way.
+    path = _template(tmp_path, "root:x:0:0:root:/root:/bin/bash\n")
+    with pytest.raises(TemplateError, match=rf"^{path}:1: text outside") as info:
+        load_template(path)
+    assert "root" not in str(info.value).replace(str(path), "")
+    path.write_bytes(b"\x7fELF\xe9\x00")
+    with pytest.raises(TemplateError, match=rf"^{path}: not UTF-8 text"):
+        load_template(path)
+
+
+def test_an_expression_writing_text_outside_a_block_is_an_error_without_its_text(tmp_path):
+    path = _template(tmp_path, '{{ secret }}{% call message("user") %}hi{% endcall %}')
+    with pytest.raises(TemplateError, match=rf"^{path}: an expression outside") as info:
+        load_template(path).render(secret="hunter2")
+    assert "hunter2" not in str(info.value)
+
+
+@pytest.mark.parametrize(
+    ("text", "words"),
+    [
+        ("{% include 'x' %}", ":1: {% include %} is not allowed"),
+        ("\n{% import 'x' as y %}", ":2: {% import %} is not allowed"),
+        ("{% from 'x' import y %}", ":1: {% from ... import %} is not allowed"),
+        ("{% extends 'x' %}", ":1: {% extends %} is not allowed"),
+    ],
+)
+def test_other_templates_are_refused_at_load(tmp_path, text, words):
+    path = _template(tmp_path, text)
+    with pytest.raises(TemplateError, match=rf"^{re.escape(str(path) + words)}"):
+        load_template(path)
+
+
+@pytest.mark.timeout(30)
+@pytest.mark.parametrize(
+    ("body", "words"),
+    [
+        ("{% for i in range(10**9) %}x{% endfor %}", "range() loops over more than 10,000"),
+        (
+            "{% for i in range(9000) %}{% for j in range(9000) %}{% endfor %}{% endfor %}",
+            "range() loops over more than 10,000",
+        ),
+        ("{{ 'x' * 10**9 }}", "'*' builds a value of 1,000,000,000 characters"),
+        ("{{ [1] * 10**9 }}", "'*' builds a value of 1,000,000,000"),
+        ("{{ 10 ** (10 ** 10) }}", "10 ** 10000000000 is too large"),
+        ("{{ 'x'.ljust(2000000) }}", "a call builds a value of 2,000,000"),
+        ("{{ 1 // 0 }}", "ZeroDivisionError"),
+        ("{{ 'a' + 1 }}", "TypeError"),
+    ],
+)
+def test_render_errors_are_template_errors_and_sizes_are_bounded(tmp_path, body, words):
+    template = load_template(
+        _template(tmp_path, f'{{% call message("user") %}}{body}{{% endcall %}}')
+    )
+    with pytest.raises(TemplateError, match=re.escape(words)):
+        template.render()
 
 
 def test_whitespace_and_comments_outside_blocks_are_fine(tmp_path):
@@ -270,6 +326,10 @@ def test_whitespace_and_comments_outside_blocks_are_fine(tmp_path):
         tmp_path, '{# note #}\n\n{% call message("user") %}\n  hi  \n{% endcall %}\n\n'
     )
     assert load_template(path).render() == [{"role": "user", "content": "hi"}]
+    text = '{% set intro %}Hello{% endset %}{% call message("user") %}{{ intro }}{% endcall %}'
+    assert load_template(_template(tmp_path, text)).render() == [
+        {"role": "user", "content": "Hello"}
+    ]
 
 
 @pytest.mark.parametrize(

@@ -146,7 +146,7 @@ def test_a_missing_ray_package_says_what_to_install(tmp_path, capsys, monkeypatc
     args = ["run", str(QUICKSTART), "--run-dir", str(tmp_path / "r"), "--limit", "1"]
     assert main([*args, *(f"--set={s}" for s in TINY), "--executor", "ray"]) == 2
     assert "pip install 'cai[ray]'" in capsys.readouterr().err
-    assert not (tmp_path / "r" / "stages").exists()
+    assert not (tmp_path / "r").exists()  # not even a directory holding the lock
 
 
 def test_ray_that_cannot_start_is_one_line_and_exit_2(tmp_path, capsys, monkeypatch):
@@ -161,7 +161,10 @@ def test_ray_that_cannot_start_is_one_line_and_exit_2(tmp_path, capsys, monkeypa
     assert main([*args, *(f"--set={s}" for s in TINY), "--executor", "ray"]) == 2
     [line] = capsys.readouterr().err.strip().splitlines()[-1:]
     assert line.startswith("error: could not start a local Ray (Failed to start the GCS server)")
-    assert not (tmp_path / "r" / "stages").exists()
+    assert not (tmp_path / "r").exists()
+    (tmp_path / "r").mkdir()  # a directory the user made stays
+    assert main([*args, *(f"--set={s}" for s in TINY), "--executor", "ray"]) == 2
+    assert (tmp_path / "r").is_dir()
 
 
 # ---- replicas with a fake engine --------------------------------------------------------------
@@ -381,5 +384,4 @@ def test_an_unreachable_ray_address_fails_at_once_and_writes_nothing(tmp_path):
     [line] = [line for line in output.splitlines() if line.startswith("error:")]
     assert f"no Ray cluster answers at 127.0.0.1:{port}" in line
     assert "Loading weights" not in output
-    assert not (tmp_path / "run" / "stages").exists()
-    assert not (tmp_path / "run" / "manifest.json").exists()
+    assert not (tmp_path / "run").exists()

@@ -237,12 +237,16 @@ def test_lora_trains_the_new_head_reproducibly_and_merges(tiny_model, tmp_path):
     assert second.metrics["eval_margin"] == first.metrics["eval_margin"]
 
 
-def test_held_out_accuracy_below_min_accuracy_warns(tiny_model, tmp_path, caplog):
-    # Chosen and rejected are the same text: every held-out pair ties, so accuracy is 0.
-    rows = pair_rows()[:8]
-    for row in rows:
-        row["rejected"] = row["chosen"]
-    data = write_pairs(tmp_path / "ties.jsonl", rows)
+def test_held_out_accuracy_below_min_accuracy_warns(tiny_model, tmp_path, caplog, monkeypatch):
+    # The model scores chosen and rejected alike: every held-out pair ties, so accuracy is 0.
+    # (Pairs of identical texts would tie too, but the loader refuses them.)
+    import cai.train.reward as reward
+
+    def ties(model, examples, pad_token_id, batch_size):
+        return [0.25] * len(examples), [0.25] * len(examples)
+
+    monkeypatch.setattr(reward, "pair_rewards", ties)
+    data = write_pairs(tmp_path / "pairs8.jsonl", pair_rows()[:8])
     config = tiny_config(tiny_model, tmp_path, data=str(data), max_steps=1, eval_split=0.25)
     with caplog.at_level(logging.WARNING, logger="cai.train.reward"):
         result = train_reward(config)
@@ -296,6 +300,11 @@ def test_bad_input_to_the_scorer_is_named(tiny_model, tmp_path):
     with pytest.raises(ValueError, match="conversation 1: must end with the assistant response"):
         rm.score([[*prompt, {"role": "assistant", "content": "Hello"}], prompt])
     assert rm.score([]) == []
+    # Longer than the model's context (256 positions): not scored, the rest scored as alone.
+    short = [*prompt, {"role": "assistant", "content": "Hello"}]
+    long = [*prompt, {"role": "assistant", "content": "word " * 400}]
+    [alone] = rm.score([short])
+    assert rm.score([short, long, short]) == [pytest.approx(alone), None, pytest.approx(alone)]
     rm.close()
     with pytest.raises(RuntimeError, match="is closed"):
         rm.score([[*prompt, {"role": "assistant", "content": "Hello"}]])

@@ -13,13 +13,15 @@ import math
 import pytest
 from test_judge import FakeEngine, options_of
 
+from cai.engine import PromptTooLong
 from cai.judge import Judge
 from cai.rewards import JudgeReward, RewardModelReward, openrlhf_reward_func, verl_compute_score
 
 PROMPT = "How do I boil an egg?"
 OTHER = "What is the capital of France?"
 X, Y, Z = "Boil it for nine minutes.", "Put it in water.", "Eggs are eggs."
-QUALITY = {X: 3.0, Y: 1.0, Z: 1.0}
+LONG = "very long " * 10  # too long for the judge's context (TooLongEngine)
+QUALITY = {X: 3.0, Y: 1.0, Z: 1.0, LONG: 1.0}
 
 
 def engine(bias: float = 1.0, fail: str | None = None) -> FakeEngine:
@@ -83,6 +85,31 @@ def test_a_pair_the_judge_fails_on_is_left_out_of_the_mean():
     assert reward([PROMPT] * 3, [X, Y, Z]) == [pytest.approx(0.75), pytest.approx(0.25), None]
 
 
+class TooLongEngine(FakeEngine):
+    """Raises as a real engine (overflow="raise") does when any prompt holds LONG."""
+
+    def score(self, conversations, options, *, prefixes=None, progress=False):
+        if any(LONG in c[-1]["content"] for c in conversations):
+            raise PromptTooLong("conversation 0: prompt exceeds the model's context")
+        return super().score(conversations, options, prefixes=prefixes, progress=progress)
+
+
+def test_a_completion_too_long_for_the_judge_costs_only_its_own_reward():
+    fake = TooLongEngine(engine().slot_a)
+    reward = JudgeReward(Judge(fake), against="group", num_generations=3)
+    # Group (X, Y, LONG): the pairs with LONG cannot be judged; X and Y keep P(X>Y) = 3/4.
+    assert reward([PROMPT] * 3 + [OTHER] * 3, [X, Y, LONG, X, Y, Z]) == [
+        pytest.approx(0.75),
+        pytest.approx(0.25),
+        None,
+        pytest.approx(0.75),
+        pytest.approx(0.375),
+        pytest.approx(0.375),
+    ]
+    ref = JudgeReward(Judge(TooLongEngine(engine().slot_a)), against="reference")
+    assert ref([PROMPT, PROMPT], [LONG, X], reference=[Z, Z]) == [None, pytest.approx(0.75)]
+
+
 # ---- against a reference -------------------------------------------------------------------------
 
 
@@ -127,6 +154,10 @@ def test_clear_errors():
         group([PROMPT, PROMPT], [X, chat(Y, "user")])
     with pytest.raises(ValueError, match="prompt 0: expected a string"):
         group([3, 3], [X, Y])
+    with pytest.raises(ValueError, match=r"prompts must be a list .* got str"):
+        group("qq", ["a", "b"])
+    with pytest.raises(ValueError, match=r"completions must be a list .* got str"):
+        group([PROMPT, PROMPT], "ab")
     ref = JudgeReward(judge, against="reference")
     with pytest.raises(ValueError, match=r"column 'reference'.*columns given are \['answer'\]"):
         ref([PROMPT], [X], answer=["4"], trainer_state=None, log_metric=None)
@@ -167,6 +198,14 @@ def test_reward_model_raw_reference_and_group():
     # One batched call, each distinct conversation scored once.
     [conversations] = rm.calls
     assert len(conversations) == 3
+
+
+def test_a_conversation_the_reward_model_cannot_score_gets_none():
+    rm = FakeRewardModel({X: 2.0, Y: 0.0, Z: None})  # Z: longer than the model's context
+    assert RewardModelReward(rm)([PROMPT] * 2, [X, Z]) == [2.0, None]
+    group = RewardModelReward(rm, against="group", num_generations=3)
+    sig = 1 / (1 + math.exp(-2.0))
+    assert group([PROMPT] * 3, [X, Y, Z]) == [pytest.approx(sig), pytest.approx(1 - sig), None]
 
 
 # ---- other trainers' hooks -----------------------------------------------------------------------

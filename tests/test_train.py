@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import re
 import socket
 import subprocess
 import sys
@@ -22,6 +23,7 @@ import pytest
 import torch
 
 from cai.config import ConfigError, from_data, parse_yaml
+from cai.data import DataError
 from cai.export import export_dataset, write_jsonl
 from cai.train import LoraOptions
 from cai.train.dpo import (
@@ -103,6 +105,33 @@ def weights(folder: str) -> dict[str, torch.Tensor]:
 
 
 # --- tokenisation --------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("line", "message"),
+    [
+        (b'{"messages": [{"role": "user", "content": "caf\xe9"}]}', ":2: not UTF-8 text"),
+        (
+            b'{"messages": [{"role": "wizard", "content": "Hi."}, '
+            b'{"role": "assistant", "content": "Hello."}]}',
+            ":2: messages[0]: role 'wizard' is not one of system, user, assistant",
+        ),
+        (
+            b'{"messages": [{"role": "user", "content": " "}, '
+            b'{"role": "assistant", "content": "Hello."}]}',
+            ":2: messages[0]: empty user content",
+        ),
+        (b'["not", "an", "object"]', ":2: expected a JSON object"),
+    ],
+)
+def test_sft_data_is_read_and_checked_as_the_pipeline_reads_messages(tmp_path, line, message):
+    # The reader and the message check every loader shares (cai.data): bad bytes and unknown
+    # roles name the file and line, never a traceback or a silent training run.
+    path = tmp_path / "sft.jsonl"
+    good = json.dumps({"messages": SFT_CONVERSATIONS[0]}).encode()
+    path.write_bytes(good + b"\n" + line + b"\n")
+    with pytest.raises(DataError, match=re.escape(f"{path}{message}")):
+        load_conversations(str(path))
 
 
 def test_sft_trains_only_the_assistant_turns(tokenizer, sft_file):

@@ -15,6 +15,7 @@ from cai.engine.base import (
     Engine,
     Message,
     OptionScores,
+    PromptTooLong,
     Sample,
     Sampling,
 )
@@ -84,6 +85,7 @@ __all__ = [
     "Engine",
     "Message",
     "OptionScores",
+    "PromptTooLong",
     "Sample",
     "Sampling",
     "check_dtype",

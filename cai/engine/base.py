@@ -148,6 +148,11 @@ class OptionScores:
         return [w / total for w in weights]
 
 
+class PromptTooLong(ValueError):
+    """A prompt does not fit the model's context, on an engine built with ``overflow="raise"``
+    (the default): raised before any work, so a caller can retry without that request."""
+
+
 def check_conversation(conversation: Any, index: int) -> None:
     """Raise ValueError naming ``index`` if ``conversation`` is not a list of chat messages."""
     if isinstance(conversation, str | bytes) or not isinstance(conversation, Sequence):

@@ -15,6 +15,7 @@ from jinja2 import TemplateError
 
 from cai.engine.base import (
     Conversation,
+    PromptTooLong,
     Sampling,
     check_conversation,
     check_options,
@@ -57,7 +58,8 @@ class PromptEncoder:
         cannot be encoded, or it does not fit the context and ``overflow`` is 'error'.
 
         Raises ValueError for malformed conversations (checked before any work starts) and, when
-        ``overflow`` is 'raise', for the first prompt that does not fit.
+        ``overflow`` is 'raise', PromptTooLong (a ValueError) for the first prompt that does not
+        fit.
         """
         for i, conversation in enumerate(conversations):
             check_conversation(conversation, i)
@@ -84,7 +86,7 @@ class PromptEncoder:
                 f"model's context of {self.max_model_len} tokens"
             )
             if overflow == "raise":
-                raise ValueError(f"conversation {i}: {reason}")
+                raise PromptTooLong(f"conversation {i}: {reason}")
             out.append(reason)
         return out
 

@@ -18,12 +18,11 @@ from typing import TYPE_CHECKING, Literal
 
 from cai.config import FieldError, doc
 from cai.constitution import Constitution, load_constitution
-from cai.critique import CritiqueReviser, RoundInput, revision_flags
+from cai.critique import CritiqueReviser, RoundInput, load_templates, revision_flags
 from cai.engine import Sampling
 from cai.export import export_dataset
 from cai.keys import record_key
 from cai.pipeline.stage import LazyEngine, Stage, StageContext, check_sampling, stage_records
-from cai.prompts import load_template
 
 if TYPE_CHECKING:
     from cai.records import StageTally
@@ -53,11 +52,11 @@ class CritiqueReviseStage:
 
 
 def prepare(runner: StageContext) -> Constitution:
-    """The stage's constitution; the templates are loaded to fail before any work."""
+    """The stage's constitution; the templates are loaded and test-rendered to fail before any
+    work."""
     stage = runner.recipe.stages.critique_revise
     constitution = load_constitution(stage.constitution or runner.recipe.constitution)
-    load_template(stage.critique_template)
-    load_template(stage.revise_template)
+    load_templates(constitution, stage.critique_template, stage.revise_template, stage.few_shot)
     return constitution
 
 

@@ -109,7 +109,7 @@ def run(runner: StageContext, tally: StageTally) -> None:
 
         extend = functools.partial(measure, runner)
     runner.release_engines()
-    results = run_eval(
+    run_eval(
         config,
         eval_dir(runner),
         engine_for=engine_for,
@@ -117,9 +117,8 @@ def run(runner: StageContext, tally: StageTally) -> None:
         store=runner.store,
         executor=runner.executor,
         extend=extend,
+        tally=tally,
     )
-    tally.records = sum(results["sets"].values()) * len(results["models"])
-    tally.errors = sum(m["errors"] for m in results["metrics"].values())
     runner.result.evaluation = eval_dir(runner) / "results.json"
 
 

@@ -15,7 +15,8 @@ The preference export (TRL's explicit-prompt conversational format) takes, per p
 decided pair (``pairs: all``) or one pair (``pairs: best_worst``: the responses with the highest
 and lowest mean win probability over all their pairs, labelled by their direct comparison; only
 once every pair of the prompt is judged). Ties and pairs with ``|p - 0.5| < min_margin`` stay out
-of the export (they stay in the store).
+of the export (they stay in the store). Probabilities are exported to :data:`LABEL_DECIMALS`
+decimals.
 """
 
 from __future__ import annotations
@@ -32,11 +33,17 @@ from cai.constitution import Constitution, check_pointwise, load_constitution
 from cai.data import PromptRecord
 from cai.export import export_dataset
 from cai.judge import Judge, JudgePair, check_ensemble
-from cai.keys import model_key, record_key
+from cai.keys import model_key, model_name, record_key
 from cai.pipeline import online, training
-from cai.pipeline.sample import pending
+from cai.pipeline.sample import pending, sample_key
 from cai.pipeline.stage import LazyEngine, PipelineError, Stage, StageContext, stage_records
 from cai.stats import sigmoid
+
+LABEL_DECIMALS = 2
+"""Decimals of the probabilities in the preference export. A soft label means nothing finer, and
+the judge's float noise (~1e-6 between batch sizes, as on Ray, and between backends) must not
+change the data a model trains on: that data is the trained model's identity, and so the keys
+and samples of every later round (see ``cai.keys.model_key``)."""
 
 if TYPE_CHECKING:
     from cai.records import StageTally
@@ -262,7 +269,7 @@ def run(runner: StageContext, tally: StageTally) -> None:
                 "prompt": pair.prompt,
                 "response_a": pair.response_a,
                 "response_b": pair.response_b,
-                "judge_model": reward_model or judge_model(runner),
+                "judge_model": model_name(reward_model or judge_model(runner)),
                 **online.round_key(runner),
                 **pref,
             }
@@ -311,7 +318,7 @@ class RewardScorer:
         self.spec = spec
         self._model = None
 
-    def score(self, conversations: list[list[dict]]) -> list[float]:
+    def score(self, conversations: list[list[dict]]) -> list[float | None]:
         if self._model is None:
             from cai.train.reward import RewardModel
 
@@ -339,6 +346,9 @@ def reward_model_labels(
     out = []
     for n, _ in enumerate(pairs):
         r_a, r_b = rewards[2 * n], rewards[2 * n + 1]
+        if r_a is None or r_b is None:
+            out.append(_failed("longer than the reward model's context: not scored"))
+            continue
         p_a = sigmoid(r_a - r_b)
         margin = abs(p_a - 0.5)
         winner = "tie" if margin <= tie_margin else ("A" if p_a > 0.5 else "B")
@@ -396,7 +406,7 @@ def _preference_row(
     )
 
     def towards_chosen(p: float) -> float:
-        return p if a_wins else 1 - p
+        return round(p if a_wins else 1 - p, LABEL_DECIMALS)
 
     return {
         "prompt": prompt.messages,
@@ -414,7 +424,7 @@ def _preference_row(
             "consistent": record["consistent"],
             "p_chosen_first": towards_chosen(record["p_a_first"]),
             "p_chosen_second": towards_chosen(record["p_a_second"]),
-            "margin": record["margin"],
+            "margin": round(record["margin"], LABEL_DECIMALS),
             "constitution": runner.prepared["judge"].name,
             **online.round_key(runner),
             "judge_model": record["judge_model"],
@@ -464,7 +474,14 @@ def export_preferences(
             if picked is not None:
                 direct, scores = picked
                 rows.append(
-                    _preference_row(runner, prompt, sample, direct, "best_worst", mean_win_p=scores)
+                    _preference_row(
+                        runner,
+                        prompt,
+                        sample,
+                        direct,
+                        "best_worst",
+                        mean_win_p=[round(p, LABEL_DECIMALS) for p in scores],
+                    )
                 )
     rows = [r for r in rows if r is not None]
     if not rows:
@@ -474,29 +491,52 @@ def export_preferences(
     return out
 
 
+def done_pairs(runner: StageContext) -> int:
+    """Pairs judged of the samples this run (this round) judges: the store holds every round's,
+    and records of samples no longer asked for."""
+    store, shard = runner.store, runner.shard
+    if not store.stage_path("judge", shard).exists():
+        return 0
+    samples = {sample_key(runner, p) for p in runner.prompts}
+    return sum(
+        r.get("error") is None and r.get("sample_key") in samples
+        for r in store.read_stage("judge", shard).values()
+    )
+
+
 def plan(runner: StageContext) -> list[str]:
-    judge, store, shard = runner.recipe.stages.judge, runner.store, runner.shard
+    judge, shard = runner.recipe.stages.judge, runner.shard
     unsampled, pairs = pending(runner)
-    done = len(store.done_keys("judge", shard)) if store.stage_path("judge", shard).exists() else 0
+    done = done_pairs(runner)
     todo = max(pairs - done, 0)
     bound = "at most " if unsampled else ""
-    if judge.settings["mode"] == "pointwise":
-        how = (
-            f"{bound}{todo} pairs, pointwise: each response × {judge.ensemble} principles scored "
-            "once"
+    reward_model = reward_labels(runner)
+    if reward_model is not None:
+        labels = (
+            f"  judge: {bound}{todo} pairs × 2 responses = {bound}{todo * 2} reward-model scores "
+            f"({done} pairs done); labelled by the reward model {reward_model}"
         )
     else:
-        score = todo * 2 * judge.ensemble
-        cot = f" + {score} rationale generations" if judge.cot else ""
-        how = (
-            f"{bound}{todo} pairs × 2 orders × {judge.ensemble} principles = {bound}{score} "
-            f"score requests{cot}"
+        if judge.settings["mode"] == "pointwise":
+            how = (
+                f"{bound}{todo} pairs, pointwise: each response × {judge.ensemble} principles "
+                "scored once"
+            )
+        else:
+            score = todo * 2 * judge.ensemble
+            cot = f" + {score} rationale generations" if judge.cot else ""
+            how = (
+                f"{bound}{todo} pairs × 2 orders × {judge.ensemble} principles = {bound}{score} "
+                f"score requests{cot}"
+            )
+            if judge.settings["calibration"] != "none":
+                how += f", {judge.settings['calibration']} calibration"
+        labels = (
+            f"  judge: {how} ({done} pairs done); constitution "
+            f"{runner.prepared['judge'].name!r}, model {judge_model(runner)}"
         )
-        if judge.settings["calibration"] != "none":
-            how += f", {judge.settings['calibration']} calibration"
     return [
-        f"  judge: {how} ({done} pairs done); constitution "
-        f"{runner.prepared['judge'].name!r}, model {judge_model(runner)}",
+        labels,
         f"  export: {judge.pairs} pairs, min_margin {judge.min_margin} → "
         f"{online.preferences_dir(runner, online.current_round(runner))}"
         + (" (skipped for a shard)" if shard else ""),

@@ -264,8 +264,14 @@ class Runner:
 
     def run(self) -> RunResult:
         """Run every stage, holding the run directory's lock from before any model loads."""
+        fresh = not self.run_dir.exists()
         with self.store.lock(self.shard):
-            started_ray = self._start_ray()
+            try:
+                started_ray = self._start_ray()
+            except BaseException:
+                if fresh:  # the lock made the directory: a refused start leaves none behind
+                    self.store.remove_if_unused()
+                raise
             try:
                 return self._run()
             finally:

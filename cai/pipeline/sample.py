@@ -22,7 +22,7 @@ from typing import TYPE_CHECKING
 from cai.config import doc
 from cai.data import PromptRecord
 from cai.engine import Sampling
-from cai.keys import model_key, record_key
+from cai.keys import model_key, model_name, record_key
 from cai.pipeline import online, training
 from cai.pipeline.stage import (
     Stage,
@@ -132,7 +132,7 @@ def run(runner: StageContext, tally: StageTally) -> None:
                     "duplicates_dropped": duplicates,
                     "empty_dropped": empty,
                     "skipped": skipped,
-                    "model": model,
+                    "model": model_name(model),
                     "seed": seed,
                     "usage": usage(c),
                     "meta": p.meta,

@@ -230,8 +230,13 @@ def run_train(runner: StageContext, kind: str, tally: StageTally) -> Path:
     train = _trainer(kind)
     print(f"{kind}: training {model} on {data} → {out}", file=runner.out, flush=True)
     result: TrainResult = train(config)
+    # model_id: the folder relative to its run, for record keys (cai.keys.model_key).
+    model_id = f"<run>/{out.relative_to(runner.run_dir).as_posix()}"
     marker.write_text(
-        json.dumps({"revision": wanted, "run_dir": str(runner.run_dir), **settings}, indent=2)
+        json.dumps(
+            {"revision": wanted, "model_id": model_id, "run_dir": str(runner.run_dir), **settings},
+            indent=2,
+        )
         + "\n",
         encoding="utf-8",
     )

@@ -22,18 +22,18 @@ is a GPU method here.
 from __future__ import annotations
 
 import dataclasses
-import json
 import logging
 from typing import Any
 
 from cai.config import doc
-from cai.data import DataError
+from cai.data import DataError, read_rows
 from cai.engine.base import check_conversation
 from cai.train import (
     DataStats,
     TrainConfig,
     TrainResult,
     add_lora,
+    chat_ids,
     data_path,
     load_model,
     train_and_save,
@@ -81,23 +81,11 @@ def load_prompts(path: str) -> list[dict[str, Any]]:
     source = data_path(path)
     if source.is_dir() and (source / "data.jsonl").is_file():
         source = source / "data.jsonl"
-    if source.is_dir():
-        from datasets import load_from_disk
-
-        rows = list(load_from_disk(str(source)))
-    else:
-        rows = []
-        with open(source, encoding="utf-8") as f:
-            for line_no, line in enumerate(f, 1):
-                if line.strip():
-                    try:
-                        rows.append(json.loads(line))
-                    except json.JSONDecodeError as e:
-                        raise DataError(f"{source}:{line_no}: not JSON ({e.msg})") from None
+    rows = read_rows(source)
     out = []
-    for i, row in enumerate(rows, 1):
-        prompt = row.get("prompt") if isinstance(row, dict) else None
-        if prompt is None and isinstance(row, dict) and isinstance(row.get("messages"), list):
+    for i, (where, row) in enumerate(rows, 1):
+        prompt = row.get("prompt")
+        if prompt is None and isinstance(row.get("messages"), list):
             messages = row["messages"]
             last_user = max(
                 (
@@ -116,13 +104,25 @@ def load_prompts(path: str) -> list[dict[str, Any]]:
                 raise ValueError("the last message is not a user turn")
         except (ValueError, TypeError, IndexError, KeyError) as e:
             raise DataError(
-                f"{path}: row {i}: expected a 'prompt' (a string, or messages ending with a user "
+                f"{where}: expected a 'prompt' (a string, or messages ending with a user "
                 f"turn) or 'messages' ({e})"
             ) from None
         out.append({"prompt": prompt})
     if not out:
         raise DataError(f"{path}: no prompts")
     return out
+
+
+def check_prompt_lengths(prompts: list[dict], tokenizer, max_length: int, data: str) -> None:
+    """Refuse a prompt longer than ``max_length`` tokens (chat template and generation prompt
+    included): TRL would not cut it, and one 7,000-token prompt grows a CPU run past 6 GB."""
+    for number, row in enumerate(prompts, 1):
+        tokens = len(chat_ids(tokenizer, row["prompt"], add_generation_prompt=True))
+        if tokens > max_length:
+            raise DataError(
+                f"{data}: prompt {number} is {tokens} tokens, over max_length={max_length}; "
+                "shorten or remove it, or raise max_length"
+            )
 
 
 def grpo_arguments(config: GRPOConfig):
@@ -157,6 +157,7 @@ def train_grpo(config: GRPOConfig) -> TrainResult:
     args = grpo_arguments(config)
     prompts = load_prompts(config.data)
     model, tokenizer = load_model(config.model)
+    check_prompt_lengths(prompts, tokenizer, config.max_length, config.data)
     model.config.use_cache = True  # GRPO generates with the model; load_model turns it off
     if config.lora is not None:
         model = add_lora(model, config.lora, config.gradient_checkpointing)
@@ -164,7 +165,8 @@ def train_grpo(config: GRPOConfig) -> TrainResult:
         config.judge_model,
         constitution=config.constitution,
         backend="hf",
-        engine_options={"dtype": "float32"},
+        # An over-long completion is an error result (its reward None), not a failed step.
+        engine_options={"dtype": "float32", "overflow": "error"},
         ensemble=config.judge_ensemble,
         seed=config.seed,
     ) as judge:
@@ -181,4 +183,4 @@ def train_grpo(config: GRPOConfig) -> TrainResult:
         return train_and_save(trainer, config, DataStats(examples=len(prompts)))
 
 
-__all__ = ["GRPOConfig", "grpo_arguments", "load_prompts", "train_grpo"]
+__all__ = ["GRPOConfig", "check_prompt_lengths", "grpo_arguments", "load_prompts", "train_grpo"]

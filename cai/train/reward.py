@@ -302,18 +302,23 @@ class RewardModel:
         self.model.to(self.device).eval()
 
     @torch.no_grad()
-    def score(self, conversations: Sequence[Sequence[dict[str, Any]]]) -> list[float]:
-        """The reward of each conversation (chat messages ending with the assistant turn)."""
+    def score(self, conversations: Sequence[Sequence[dict[str, Any]]]) -> list[float | None]:
+        """The reward of each conversation (chat messages ending with the assistant turn);
+        ``None`` for one longer than the model's context (``max_position_embeddings``), which is
+        never scored: cut or run past its positions, it would get a meaningless number."""
         if self.model is None:
             raise RuntimeError(f"reward model {self.spec} is closed")
         for i, conversation in enumerate(conversations):
             if not conversation or conversation[-1].get("role") != "assistant":
                 raise ValueError(f"conversation {i}: must end with the assistant response scored")
         ids = [chat_ids(self.tokenizer, list(c)) for c in conversations]
-        out: list[float] = []
+        context = self.context_length
+        fits = [i for i, row in enumerate(ids) if context is None or len(row) <= context]
+        out: list[float | None] = [None] * len(ids)
         pad = self.tokenizer.pad_token_id
-        for start in range(0, len(ids), self.batch_size):
-            rows = ids[start : start + self.batch_size]
+        for start in range(0, len(fits), self.batch_size):
+            batch = fits[start : start + self.batch_size]
+            rows = [ids[i] for i in batch]
             width = max(len(r) for r in rows)
             # Right-padded like training (see load_reward_model on where the head reads).
             input_ids = torch.full((len(rows), width), pad)
@@ -324,8 +329,14 @@ class RewardModel:
             logits = self.model(
                 input_ids=input_ids.to(self.device), attention_mask=mask.to(self.device)
             ).logits
-            out.extend(logits[:, 0].float().tolist())
+            for i, value in zip(batch, logits[:, 0].float().tolist(), strict=True):
+                out[i] = value
         return out
+
+    @property
+    def context_length(self) -> int | None:
+        """The most tokens a scored conversation may have (None: the model states no limit)."""
+        return getattr(self.model.config, "max_position_embeddings", None)
 
     __call__ = score
 
@@ -347,9 +358,9 @@ def score_rewards(
     conversations: Sequence[Sequence[dict[str, Any]]],
     *,
     batch_size: int = 8,
-) -> list[float]:
+) -> list[float | None]:
     """Load a trained reward model (a ``cai train reward`` folder or spec), score
-    ``conversations`` with it, unload it. To score several batches, load a :class:`RewardModel`
+    ``conversations`` with it (None: longer than its context), unload it. To score several batches, load a :class:`RewardModel`
     once instead."""
     with RewardModel(model_dir_or_spec, batch_size=batch_size) as rm:
         return rm.score(conversations)

@@ -20,13 +20,11 @@ causal mask, so packed conversations do not attend to each other.
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
-from pathlib import Path
 
 import torch
 
-from cai.data import DataError
+from cai.data import DataError, check_messages, read_rows
 from cai.train import (
     DataStats,
     TrainConfig,
@@ -58,42 +56,20 @@ def load_conversations(path: str) -> list[list[dict]]:
         FileNotFoundError: no such file or folder.
         DataError: a record is not ``{"messages": [...]}`` with an assistant turn.
     """
-    source = data_path(path)
-    if source.is_dir():
-        import datasets
-
-        loaded = datasets.load_from_disk(str(source))
-        if isinstance(loaded, datasets.DatasetDict):
-            loaded = loaded["train"]
-        rows = ((f"{source}[{i}]", row) for i, row in enumerate(loaded))
-    else:
-        rows = _jsonl(source)
+    rows = read_rows(data_path(path))
     conversations = [_messages(row, where) for where, row in rows]
     if not conversations:
         raise DataError(f"{path}: no records")
     return conversations
 
 
-def _jsonl(path: Path):
-    with path.open(encoding="utf-8") as f:
-        for number, line in enumerate(f, 1):
-            if line.strip():
-                try:
-                    yield f"{path}:{number}", json.loads(line)
-                except json.JSONDecodeError as e:
-                    raise DataError(f"{path}:{number}: invalid JSON ({e.msg})") from None
-
-
-def _messages(row: object, where: str) -> list[dict]:
-    messages = row.get("messages") if isinstance(row, dict) else None
-    if not isinstance(messages, list) or not all(
-        isinstance(m, dict) and isinstance(m.get("role"), str) and isinstance(m.get("content"), str)
-        for m in messages
-    ):
+def _messages(row: dict, where: str) -> list[dict]:
+    if "messages" not in row:
         raise DataError(f"{where}: an SFT record needs messages: a list of {{role, content}}")
+    messages = check_messages(row["messages"], where)
     if not any(m["role"] == "assistant" for m in messages):
         raise DataError(f"{where}: messages have no assistant turn to train on")
-    return [{"role": m["role"], "content": m["content"]} for m in messages]
+    return messages
 
 
 def tokenize_conversation(tokenizer, messages: list[dict]) -> tuple[list[int], list[int]]:
