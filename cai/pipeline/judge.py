@@ -312,20 +312,11 @@ def _failed(error: str | None) -> dict[str, Any]:
     }
 
 
-def _preference_row(
-    runner: StageContext,
-    prompt: PromptRecord,
-    sample: dict,
-    record: dict,
-    selection: str,
-    **extra: Any,
-) -> dict | None:
-    """The export row of a judged pair of ``sample``'s responses, or None when it is a tie or
-    below min_margin."""
-    stage = runner.recipe.stages.judge
+def preference_fields(record: dict) -> tuple[dict, dict] | None:
+    """A decided pair record in TRL's preference format, the winner as ``chosen``: the row's
+    ``chosen``, ``rejected`` and ``p_chosen``, and the judge's fields for its ``meta``; None
+    for an error or a tie. The one rule for turning a judge record into an export row."""
     if record.get("error") is not None or record["winner"] not in ("A", "B"):
-        return None
-    if record["margin"] < stage.min_margin:
         return None
     a_wins = record["winner"] == "A"
     chosen, rejected = (
@@ -337,11 +328,38 @@ def _preference_row(
     def towards_chosen(p: float) -> float:
         return p if a_wins else 1 - p
 
-    return {
-        "prompt": prompt.messages,
+    row = {
         "chosen": [{"role": "assistant", "content": chosen}],
         "rejected": [{"role": "assistant", "content": rejected}],
         "p_chosen": towards_chosen(record["p_a"]),
+    }
+    judged = {
+        "principles": record["principles"],
+        "consistent": record["consistent"],
+        "p_chosen_first": towards_chosen(record["p_a_first"]),
+        "p_chosen_second": towards_chosen(record["p_a_second"]),
+        "margin": record["margin"],
+    }
+    return row, judged
+
+
+def _preference_row(
+    runner: StageContext,
+    prompt: PromptRecord,
+    sample: dict,
+    record: dict,
+    selection: str,
+    **extra: Any,
+) -> dict | None:
+    """The export row of a judged pair of ``sample``'s responses, or None when it is a tie or
+    below min_margin."""
+    fields = preference_fields(record)
+    if fields is None or record["margin"] < runner.recipe.stages.judge.min_margin:
+        return None
+    row, judged = fields
+    return {
+        "prompt": prompt.messages,
+        **row,
         "meta": {
             **prompt.meta,
             "source": "judge",
@@ -349,11 +367,7 @@ def _preference_row(
             "input_key": prompt.key,
             "pair_key": record["key"],
             "selection": selection,
-            "principles": record["principles"],
-            "consistent": record["consistent"],
-            "p_chosen_first": towards_chosen(record["p_a_first"]),
-            "p_chosen_second": towards_chosen(record["p_a_second"]),
-            "margin": record["margin"],
+            **judged,
             "constitution": runner.prepared["judge"].name,
             **online.round_key(runner),
             "judge_model": record["judge_model"],

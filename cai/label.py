@@ -1,0 +1,130 @@
+"""Labelling a file of response pairs with the judge, resumably: ``cai judge label``.
+
+    cai judge label --data pairs.jsonl --out runs/labels [--model SPEC] [--constitution NAME]
+
+The pairs are read as ``cai judge eval`` reads them (``cai.pairs.load_pairs``: our exports, TRL's
+formats, HH-RLHF transcripts); their chosen / rejected are only the two responses, shown to the
+judge as A and B in that order (it judges both orders). Every pair goes through the record loop
+(``cai.records.run_records``) into ``OUT/stages/label.jsonl``, one record per pair (the judge's
+``Preference`` fields), so a killed run resumes and failed pairs are retried on the next run.
+The decided pairs are exported as the pipeline's judge stage exports them (TRL's explicit-prompt
+format with ``p_chosen``: ``OUT/data.jsonl`` and ``OUT/dataset/``); ties stay out.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+from cai.export import export_dataset
+from cai.judge import Judge, JudgePair
+from cai.keys import record_key
+from cai.pairs import LabelledPair
+from cai.pipeline.judge import judge_config, preference_fields
+from cai.records import StageTally, run_records
+from cai.store import RunStore
+
+STAGE = "label"
+
+
+@dataclass
+class LabelResult:
+    pairs: int
+    exported: int
+    ties: int
+    errors: int
+    tally: StageTally
+    out: Path
+
+
+def label_key(judge: Judge, pair: LabelledPair, model: str) -> str:
+    """A pair's record key: the pair, the principles drawn for it, the judge's settings and
+    model. Changed settings make new records; the old ones stay in the store, unexported."""
+    principles = [[p.id, p.judge] for p in judge.principles_for(pair.key)]
+    return record_key(
+        input=pair.key,
+        stage=STAGE,
+        prompt=pair.prompt,
+        response_a=pair.chosen,
+        response_b=pair.rejected,
+        principles=principles,
+        judge=judge_config(judge),
+        model=model,
+    )
+
+
+def label_pairs(
+    judge: Judge,
+    pairs: list[LabelledPair],
+    out: str | Path,
+    *,
+    model: str,
+    batch_size: int = 64,
+    progress: bool = True,
+) -> LabelResult:
+    """Judge the pairs not yet labelled in ``out``, then export every decided pair there."""
+    out = Path(out)
+    items = [(label_key(judge, p, model), p) for p in pairs]
+
+    def call(batch, label):
+        try:
+            prefs = [
+                p.to_dict()
+                for p in judge.label(
+                    [JudgePair(p.prompt, p.chosen, p.rejected, key=p.key) for _, p in batch],
+                    progress=label,
+                )
+            ]
+        except ValueError as e:  # a malformed pair fails its batch, recorded, never dropped
+            prefs = [{"error": str(e)} for _ in batch]
+        return [
+            {
+                "key": key,
+                "input_key": pair.key,
+                "pair_source": pair.source,
+                "prompt": pair.prompt,
+                "response_a": pair.chosen,
+                "response_b": pair.rejected,
+                "judge_model": model,
+                **pref,
+            }
+            for (key, pair), pref in zip(batch, prefs, strict=True)
+        ]
+
+    tally = StageTally(STAGE)
+    records = run_records(
+        RunStore(out),
+        STAGE,
+        items,
+        key=lambda item: item[0],
+        call=call,
+        tally=tally,
+        batch_size=batch_size,
+        label="label" if progress else False,
+    )
+    rows, ties, errors = [], 0, 0
+    for key, pair in items:
+        record = records[key]
+        fields = preference_fields(record)
+        if fields is None:
+            errors += record.get("error") is not None
+            ties += record.get("error") is None
+            continue
+        row, judged = fields
+        meta = {
+            **pair.meta,
+            "source": "judge",
+            "pair_source": pair.source,
+            "input_key": pair.key,
+            "pair_key": key,
+            **judged,
+            "constitution": judge.constitution.name,
+            "judge_model": model,
+        }
+        rows.append({"prompt": pair.prompt, **row, "meta": meta})
+    if rows:
+        export_dataset(rows, out)
+    return LabelResult(len(items), len(rows), ties, errors, tally, out)
+
+
+__all__ = ["LabelResult", "label_key", "label_pairs"]
