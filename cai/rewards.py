@@ -308,6 +308,9 @@ class RemoteRewardError(RuntimeError):
     """A ``cai serve`` server refused a reward request, or could not be reached."""
 
 
+MAX_BACKOFF = 10.0
+"""The longest wait between two tries of ``RemoteReward``, in seconds."""
+
 # Worth another try: the server is not up (yet), or closed the connection (restarting, draining).
 _RETRIED = (httpx.ConnectError, httpx.ConnectTimeout, httpx.RemoteProtocolError)
 
@@ -320,8 +323,9 @@ class RemoteReward(_PairwiseReward):
     Call it like ``JudgeReward``, or give TRL ``reward.as_async()`` (an ``async`` function, which
     TRL runs concurrently with its other reward functions). ``verl_compute_score(reward)`` makes
     it verl's ``compute_score``. Connection errors and 503 (server starting, overloaded or
-    draining) are retried ``retries`` times, waiting ``backoff`` seconds and doubling; any other
-    failure, or no answer within ``timeout`` seconds, raises ``RemoteRewardError`` naming the URL.
+    draining) are retried ``retries`` times, waiting ``backoff`` seconds and doubling (at most
+    ``MAX_BACKOFF``); any other failure, or no answer within ``timeout`` seconds, raises
+    ``RemoteRewardError`` naming the URL.
     """
 
     def __init__(
@@ -363,6 +367,9 @@ class RemoteReward(_PairwiseReward):
         self.retries = retries
         self.backoff = backoff
         self._client: httpx.Client | None = None
+        # One TLS context for every client this reward makes: building one costs ~0.1 s, too
+        # much for each call of ``as_async`` (its clients cannot outlive their event loop).
+        self._tls = httpx.create_ssl_context()
 
     def _payload(self, prompts: Sequence[Any], completions: Sequence[Any], kwargs: dict) -> dict:
         if len(prompts) != len(completions):
@@ -383,10 +390,11 @@ class RemoteReward(_PairwiseReward):
         return payload
 
     def _delays(self):
-        """The wait before each try: none before the first, then ``backoff`` doubling."""
+        """The wait before each try: none before the first, then ``backoff`` doubling, at most
+        ``MAX_BACKOFF`` seconds."""
         yield 0.0
         for attempt in range(self.retries):
-            yield self.backoff * 2**attempt
+            yield min(self.backoff * 2**attempt, MAX_BACKOFF)
 
     def _rewards(self, response: httpx.Response) -> list[float | None] | None:
         """The rewards of an answer; None for a 503 (try again); RemoteRewardError otherwise."""
@@ -413,7 +421,7 @@ class RemoteReward(_PairwiseReward):
     ) -> list[float | None]:
         payload = self._payload(prompts, completions, kwargs)
         if self._client is None:
-            self._client = httpx.Client(timeout=self.timeout)
+            self._client = httpx.Client(timeout=self.timeout, verify=self._tls)
         last: object = None
         for delay in self._delays():
             time.sleep(delay)
@@ -441,7 +449,7 @@ class RemoteReward(_PairwiseReward):
         ) -> list[float | None]:
             payload = self._payload(prompts, completions, kwargs)
             last: object = None
-            async with httpx.AsyncClient(timeout=self.timeout) as client:
+            async with httpx.AsyncClient(timeout=self.timeout, verify=self._tls) as client:
                 for delay in self._delays():
                     await asyncio.sleep(delay)
                     try:
