@@ -1,4 +1,6 @@
-"""Labelling a file of response pairs with the judge, resumably: ``cai judge label``.
+"""Judge records as labels: the judge settings that key them, the rule that turns one into a
+TRL preference row (both shared with the pipeline's judge stage), and labelling a file of
+response pairs resumably: ``cai judge label``.
 
     cai judge label --data pairs.jsonl --out runs/labels [--model SPEC] [--constitution NAME]
 
@@ -15,16 +17,65 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from cai.export import export_dataset
 from cai.judge import Judge, JudgePair
 from cai.keys import record_key
 from cai.pairs import LabelledPair
-from cai.pipeline.judge import judge_config, preference_fields
 from cai.records import StageTally, run_records
 from cai.store import RunStore
 
 STAGE = "label"
+
+
+def judge_config(judge: Judge) -> dict[str, Any]:
+    """The judge's settings that define its labels (not the engine's runtime description)."""
+    described = {
+        "judge": type(judge).__name__,
+        "constitution": judge.constitution.name,
+        "constitution_version": judge.constitution.version,
+        "template_text": judge.template.source,
+        "ensemble": judge.ensemble,
+        "seed": judge.seed,
+        "few_shot": judge.few_shot,
+        "cot": judge.cot,
+        "cot_max_tokens": judge.cot_max_tokens if judge.cot else None,
+        "clamp": list(judge.clamp) if judge.cot and judge.clamp else None,
+        "tie_margin": judge.tie_margin,
+    }
+    return described
+
+
+def preference_fields(record: dict) -> tuple[dict, dict] | None:
+    """A decided pair record in TRL's preference format, the winner as ``chosen``: the row's
+    ``chosen``, ``rejected`` and ``p_chosen``, and the judge's fields for its ``meta``; None
+    for an error or a tie. The one rule for turning a judge record into an export row."""
+    if record.get("error") is not None or record["winner"] not in ("A", "B"):
+        return None
+    a_wins = record["winner"] == "A"
+    chosen, rejected = (
+        (record["response_a"], record["response_b"])
+        if a_wins
+        else (record["response_b"], record["response_a"])
+    )
+
+    def towards_chosen(p: float) -> float:
+        return p if a_wins else 1 - p
+
+    row = {
+        "chosen": [{"role": "assistant", "content": chosen}],
+        "rejected": [{"role": "assistant", "content": rejected}],
+        "p_chosen": towards_chosen(record["p_a"]),
+    }
+    judged = {
+        "principles": record["principles"],
+        "consistent": record["consistent"],
+        "p_chosen_first": towards_chosen(record["p_a_first"]),
+        "p_chosen_second": towards_chosen(record["p_a_second"]),
+        "margin": record["margin"],
+    }
+    return row, judged
 
 
 @dataclass
@@ -127,4 +178,4 @@ def label_pairs(
     return LabelResult(len(items), len(rows), ties, errors, tally, out)
 
 
-__all__ = ["LabelResult", "label_key", "label_pairs"]
+__all__ = ["LabelResult", "judge_config", "label_key", "label_pairs", "preference_fields"]

@@ -33,6 +33,7 @@ from cai.data import PromptRecord
 from cai.export import export_dataset
 from cai.judge import Judge, JudgePair, check_ensemble
 from cai.keys import model_key, record_key
+from cai.label import judge_config, preference_fields
 from cai.pipeline import online, training
 from cai.pipeline.sample import pending
 from cai.pipeline.stage import LazyEngine, PipelineError, Stage, StageContext, stage_records
@@ -128,24 +129,6 @@ def make_judge(runner: StageContext) -> Judge:
         tie_margin=stage.tie_margin,
         few_shot=stage.few_shot,
     )
-
-
-def judge_config(judge: Judge) -> dict[str, Any]:
-    """The judge's settings that define its labels (not the engine's runtime description)."""
-    described = {
-        "judge": type(judge).__name__,
-        "constitution": judge.constitution.name,
-        "constitution_version": judge.constitution.version,
-        "template_text": judge.template.source,
-        "ensemble": judge.ensemble,
-        "seed": judge.seed,
-        "few_shot": judge.few_shot,
-        "cot": judge.cot,
-        "cot_max_tokens": judge.cot_max_tokens if judge.cot else None,
-        "clamp": list(judge.clamp) if judge.cot and judge.clamp else None,
-        "tie_margin": judge.tie_margin,
-    }
-    return described
 
 
 def pair_items(
@@ -310,37 +293,6 @@ def _failed(error: str | None) -> dict[str, Any]:
         "error": error,
         "rationales": [],
     }
-
-
-def preference_fields(record: dict) -> tuple[dict, dict] | None:
-    """A decided pair record in TRL's preference format, the winner as ``chosen``: the row's
-    ``chosen``, ``rejected`` and ``p_chosen``, and the judge's fields for its ``meta``; None
-    for an error or a tie. The one rule for turning a judge record into an export row."""
-    if record.get("error") is not None or record["winner"] not in ("A", "B"):
-        return None
-    a_wins = record["winner"] == "A"
-    chosen, rejected = (
-        (record["response_a"], record["response_b"])
-        if a_wins
-        else (record["response_b"], record["response_a"])
-    )
-
-    def towards_chosen(p: float) -> float:
-        return p if a_wins else 1 - p
-
-    row = {
-        "chosen": [{"role": "assistant", "content": chosen}],
-        "rejected": [{"role": "assistant", "content": rejected}],
-        "p_chosen": towards_chosen(record["p_a"]),
-    }
-    judged = {
-        "principles": record["principles"],
-        "consistent": record["consistent"],
-        "p_chosen_first": towards_chosen(record["p_a_first"]),
-        "p_chosen_second": towards_chosen(record["p_a_second"]),
-        "margin": record["margin"],
-    }
-    return row, judged
 
 
 def _preference_row(
