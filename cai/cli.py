@@ -47,7 +47,7 @@ from cai.exit_codes import SYSTEM, os_error_line
 from cai.judge import GenerativeJudge, Judge
 from cai.judge_agreement import agreement
 from cai.models import DEFAULT_MODEL
-from cai.pairs import load_pairs
+from cai.pairs import LabelledPair, load_pairs
 from cai.store import RunStoreError
 
 
@@ -255,11 +255,15 @@ def judge_from_args(args: argparse.Namespace) -> Judge:
     )
 
 
+def _pairs_and_judge(args: argparse.Namespace) -> tuple[list[LabelledPair], Judge]:
+    """``--data`` (the first ``--limit`` pairs) and the judge, for ``cai judge eval | label``."""
+    check_limit(args.limit, "--limit")
+    return load_pairs(args.data, limit=args.limit), judge_from_args(args)
+
+
 def _judge_eval(args: argparse.Namespace) -> int:
     try:
-        check_limit(args.limit, "--limit")
-        pairs = load_pairs(args.data, limit=args.limit)
-        judge = judge_from_args(args)
+        pairs, judge = _pairs_and_judge(args)
     except (ConfigError, DataError, FileNotFoundError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
@@ -278,11 +282,9 @@ def _judge_label(args: argparse.Namespace) -> int:
     from cai.label import label_pairs
 
     try:
-        check_limit(args.limit, "--limit")
         if args.batch_size < 1:
             raise ValueError(f"--batch-size must be >= 1, got {args.batch_size}")
-        pairs = load_pairs(args.data, limit=args.limit)
-        judge = judge_from_args(args)
+        pairs, judge = _pairs_and_judge(args)
     except (ConfigError, DataError, FileNotFoundError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 1

@@ -33,6 +33,8 @@ raw score ``s_c``).
 
 ``verl_compute_score`` and ``openrlhf_reward_func`` wrap the same callable in verl's batched
 ``compute_score`` and OpenRLHF's ``reward_func`` signatures (README: "The judge as a reward").
+``RemoteReward`` is the same callable computed by a ``cai serve`` server (``cai.serve``), so that
+many trainer workers share one loaded judge (README: "Serving the judge").
 """
 
 from __future__ import annotations
@@ -40,7 +42,7 @@ from __future__ import annotations
 import asyncio
 import math
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Generator, Sequence
 from typing import Any, Literal, Protocol
 
 import httpx
@@ -396,22 +398,32 @@ class RemoteReward(_PairwiseReward):
         for attempt in range(self.retries):
             yield min(self.backoff * 2**attempt, MAX_BACKOFF)
 
-    def _rewards(self, response: httpx.Response) -> list[float | None] | None:
-        """The rewards of an answer; None for a 503 (try again); RemoteRewardError otherwise."""
-        if response.status_code == 503:
-            return None
-        try:
-            body = response.json()
-        except ValueError:
-            body = {"error": response.text[:200]}
-        if response.status_code != 200:
-            raise RemoteRewardError(
-                f"{self.endpoint}: HTTP {response.status_code}: {body.get('error', body)}"
-            )
-        return [None if r is None else float(r) for r in body["rewards"]]
-
-    def _gave_up(self, last: object) -> RemoteRewardError:
-        return RemoteRewardError(
+    def _tries(self) -> Generator[float, httpx.Response | httpx.TransportError, list]:
+        """The retry rule, for both clients: yields the wait before each try, is sent the try's
+        response (or transport error), returns the rewards or raises ``RemoteRewardError``."""
+        last: object = None
+        for delay in self._delays():
+            outcome = yield delay
+            if isinstance(outcome, _RETRIED):
+                last = outcome
+                continue
+            if isinstance(outcome, httpx.TimeoutException):
+                raise RemoteRewardError(f"{self.endpoint}: no answer within {self.timeout} s")
+            if isinstance(outcome, httpx.TransportError):
+                raise RemoteRewardError(f"{self.endpoint}: {type(outcome).__name__}: {outcome}")
+            if outcome.status_code == 503:
+                last = "HTTP 503: the server is overloaded or shutting down"
+                continue
+            try:
+                body = outcome.json()
+            except ValueError:
+                body = {"error": outcome.text[:200]}
+            if outcome.status_code != 200:
+                raise RemoteRewardError(
+                    f"{self.endpoint}: HTTP {outcome.status_code}: {body.get('error', body)}"
+                )
+            return [None if r is None else float(r) for r in body["rewards"]]
+        raise RemoteRewardError(
             f"{self.endpoint}: no answer after {self.retries + 1} tries ({last}); is `cai serve` "
             "running there?"
         )
@@ -422,23 +434,18 @@ class RemoteReward(_PairwiseReward):
         payload = self._payload(prompts, completions, kwargs)
         if self._client is None:
             self._client = httpx.Client(timeout=self.timeout, verify=self._tls)
-        last: object = None
-        for delay in self._delays():
+        tries = self._tries()
+        delay = next(tries)
+        while True:
             time.sleep(delay)
             try:
-                response = self._client.post(self.endpoint, json=payload, headers=self.headers)
-            except _RETRIED as e:
-                last = e
-                continue
-            except httpx.TimeoutException:
-                raise RemoteRewardError(
-                    f"{self.endpoint}: no answer within {self.timeout} s"
-                ) from None
-            rewards = self._rewards(response)
-            if rewards is not None:
-                return rewards
-            last = "HTTP 503: the server is overloaded or shutting down"
-        raise self._gave_up(last)
+                outcome = self._client.post(self.endpoint, json=payload, headers=self.headers)
+            except httpx.TransportError as e:
+                outcome = e
+            try:
+                delay = tries.send(outcome)
+            except StopIteration as done:
+                return done.value
 
     def as_async(self) -> Callable[..., Any]:
         """This reward as an ``async`` function of the same arguments (for TRL's concurrent
@@ -448,26 +455,21 @@ class RemoteReward(_PairwiseReward):
             prompts: Sequence[Any], completions: Sequence[Any], **kwargs: Any
         ) -> list[float | None]:
             payload = self._payload(prompts, completions, kwargs)
-            last: object = None
+            tries = self._tries()
+            delay = next(tries)
             async with httpx.AsyncClient(timeout=self.timeout, verify=self._tls) as client:
-                for delay in self._delays():
+                while True:
                     await asyncio.sleep(delay)
                     try:
-                        response = await client.post(
+                        outcome = await client.post(
                             self.endpoint, json=payload, headers=self.headers
                         )
-                    except _RETRIED as e:
-                        last = e
-                        continue
-                    except httpx.TimeoutException:
-                        raise RemoteRewardError(
-                            f"{self.endpoint}: no answer within {self.timeout} s"
-                        ) from None
-                    rewards = self._rewards(response)
-                    if rewards is not None:
-                        return rewards
-                    last = "HTTP 503: the server is overloaded or shutting down"
-            raise self._gave_up(last)
+                    except httpx.TransportError as e:
+                        outcome = e
+                    try:
+                        delay = tries.send(outcome)
+                    except StopIteration as done:
+                        return done.value
 
         reward.__name__ = self.__name__
         return reward

@@ -464,6 +464,37 @@ def test_sigterm_answers_the_requests_in_flight_then_exits_0(tmp_path):
             process.wait()
 
 
+@pytest.mark.timeout(120)
+def test_cai_serve_command_serves_then_stops_on_sigterm(tiny_model):
+    # The command as users run it, on a random 2-layer model with a 256-token context.
+    port = free_port()
+    url = f"http://127.0.0.1:{port}"
+    command = [sys.executable, "-m", "cai.cli", "serve", "--model", tiny_model, "--port", str(port)]
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path), "CAI_API_KEY": "k"}
+    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=env)
+    try:
+        deadline = time.monotonic() + 60
+        while True:
+            with contextlib.suppress(httpx.TransportError):
+                health = httpx.get(f"{url}/health", timeout=TIMEOUT)
+                break
+            assert time.monotonic() < deadline and process.poll() is None, "no server"
+            time.sleep(0.1)
+        assert health.json()["against"] == "reference" and health.json()["mode"] == "pairwise"
+        pair = {"prompt": PROMPT, "response_a": "a", "response_b": "b"}
+        refused = post(url, "/v1/judge", {"pairs": [pair]}, headers={"Authorization": "Bearer k"})
+        # The few-shot judge prompt does not fit this model's context: the engine's own check.
+        assert refused.status_code == 422 and "context" in refused.json()["error"]
+        process.send_signal(signal.SIGTERM)
+        out, _ = process.communicate(timeout=60)
+        assert process.returncode == 0, out.decode()
+        assert f"cai serve: {url} (judge " in out.decode()
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.wait()
+
+
 def test_metrics_are_prometheus_text():
     with running(Service(Judge(GatedEngine()))) as url:
         RemoteReward(url, against="group", num_generations=2)([PROMPT] * 2, ["a", "bb"])
