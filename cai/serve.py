@@ -295,10 +295,14 @@ class Service:
         centered = self.options.centered if centered is None else centered
         if scorer == "judge":
             if self.judge is None:
-                raise BadRequest(422, "scorer: this server has no judge (start it with --model)")
+                raise BadRequest(
+                    422, "scorer: this server has no judge (start it with --model)", "scorer"
+                )
             if against == "score":
                 raise BadRequest(
-                    422, "against: 'score' is a reward model's raw score; the judge compares"
+                    422,
+                    "against: 'score' is a reward model's raw score; the judge compares",
+                    "against",
                 )
             coalesced: Any = _CoalescedJudge(self.batcher, cancelled)
             return JudgeReward(
@@ -306,7 +310,9 @@ class Service:
             )
         if self.reward_model is None:
             raise BadRequest(
-                422, "scorer: this server has no reward model (start it with --reward-model)"
+                422,
+                "scorer: this server has no reward model (start it with --reward-model)",
+                "scorer",
             )
         return RewardModelReward(
             _CoalescedScorer(self.batcher, cancelled),

@@ -32,6 +32,7 @@ import pytest
 import uvicorn
 from servers import free_port
 from test_judge import FakeEngine, options_of
+from test_rewards import FakeRewardModel
 
 from cai import cli
 from cai.judge import Judge, Preference
@@ -39,6 +40,7 @@ from cai.rewards import (
     JudgeReward,
     RemoteReward,
     RemoteRewardError,
+    RewardModelReward,
     openrlhf_reward_func,
     verl_compute_score,
 )
@@ -184,6 +186,36 @@ def test_sync_async_and_verl_clients_give_the_in_process_values():
         served = verl_compute_score(RemoteReward(url, against="reference"))
         local = verl_compute_score(JudgeReward(judge, against="reference"))
         assert served(["hh"] * 2, group, refs, infos) == local(["hh"] * 2, group, refs, infos)
+
+
+def test_a_reward_model_alone_and_beside_the_judge():
+    rm = FakeRewardModel({"Boil it.": 2.0, "No.": 0.0, "Eggs.": 1.0})
+    local_rm = FakeRewardModel(rm.scores)
+    with running(Service(reward_model=rm, reward_model_name="rm")) as url:
+        assert httpx.get(f"{url}/health", timeout=TIMEOUT).json()["against"] == "score"
+        for against, kwargs in ((None, {}), ("group", {"num_generations": 2}), ("reference", {})):
+            local = RewardModelReward(local_rm, against=against, **kwargs)
+            columns = {"reference": ["Eggs."] * 2} if against == "reference" else {}
+            remote = RemoteReward(url, against=against, **kwargs)
+            assert remote([PROMPT] * 2, ["Boil it.", "No."], **columns) == local(
+                [PROMPT] * 2, ["Boil it.", "No."], **columns
+            )
+        out = post(url, "/get_reward", {"query": [PROMPT + "Boil it."], "prompts": [PROMPT]})
+        assert out.json()["rewards"] == [2.0]  # the raw score
+        refused = post(
+            url, "/v1/judge", {"pairs": [{"prompt": PROMPT, "response_a": "a", "response_b": "b"}]}
+        )
+        assert refused.status_code == 422 and "no judge" in refused.json()["error"]
+    with running(Service(Judge(GatedEngine()), rm)) as url:
+        body = {"prompts": [PROMPT] * 2, "completions": ["Boil it.", "No."], "against": "group"}
+        body["num_generations"] = 2
+        by_judge = post(url, "/v1/reward", body).json()["rewards"]
+        by_model = post(url, "/v1/reward", {**body, "scorer": "reward_model"}).json()["rewards"]
+        assert by_judge == local_group(["Boil it.", "No."])
+        assert by_model == RewardModelReward(local_rm, against="group", num_generations=2)(
+            [PROMPT] * 2, ["Boil it.", "No."]
+        )
+        assert metric(url, "cai_engine_calls_total", kind="reward_model") == 1
 
 
 # ---- bad input, faults ---------------------------------------------------------------------------
@@ -410,6 +442,7 @@ from cai.judge import Judge, Preference
 from cai.serve import ServeOptions, Service, serve
 sys.path.insert(0, {tests!r})
 from test_judge import FakeEngine, options_of
+from test_rewards import FakeRewardModel
 
 def by_length(conversation, prefix):
     o = options_of(conversation)
