@@ -85,14 +85,14 @@ def test_cli_judge_label_real_model(tmp_path, capsys, monkeypatch, hf_engine):
     # The command's judge on the session's engine (the default model, loaded once for all tests).
     monkeypatch.setattr(cli, "judge_from_args", lambda args: Judge(hf_engine, args.constitution))
     out = tmp_path / "labels"
-    args = ["judge", "label", "--data", "hh_sample", "--limit", "2", "--out", str(out)]
+    args = ["judge", "label", "--data", "hh_sample", "--limit", "1", "--out", str(out)]
     assert cli.main(args) == 0
     printed = capsys.readouterr().out
-    assert "judge label: 2 pairs (0 labelled before)" in printed
+    assert "judge label: 1 pairs (0 labelled before)" in printed
     records = [
         json.loads(line) for line in (out / "stages" / "label.jsonl").read_text().splitlines()
     ]
-    assert len(records) == 2 and all(r["error"] is None for r in records)
+    assert len(records) == 1 and records[0]["error"] is None
     exported = load_pairs(out / "data.jsonl")
     assert len(exported) == sum(r["winner"] in ("A", "B") for r in records)
     for pair in exported:

@@ -568,54 +568,47 @@ def test_cli_serve_refuses_bad_flags_before_loading_a_model(capsys):
 
 @pytest.fixture(scope="module")
 def real(hf_engine) -> Iterator[tuple[str, Judge]]:
-    """One server with the real judge (the session's float32 engine) and an in-process judge
-    on the same engine."""
-    with running(Service(Judge(hf_engine))) as url:
+    """One server with the real judge (the session's float32 engine; a wait long enough that
+    concurrent requests share an engine call) and an in-process judge on the same engine."""
+    with running(Service(Judge(hf_engine), options=ServeOptions(max_wait_ms=1000))) as url:
         yield url, Judge(hf_engine)
 
 
-QUESTIONS = ["What is the capital of France?", "How do I boil an egg?"]
-ANSWERS = ["The capital of France is Paris.", "Boil it for nine minutes, then cool it."]
-RUDE = ["Shut up, nobody cares.", "Figure it out yourself."]
+QUESTIONS = ["How do I boil an egg?"]
+ANSWERS = ["Boil it for nine minutes, then cool it in cold water."]
+RUDE = ["Figure it out yourself, idiot."]
 
 # HF float32 option log-probs move ~1e-5 with the batch a request shares (padding).
 CLOSE = 1e-4
 
 
 @pytest.mark.slow
-def test_real_get_reward_and_judge_give_the_in_process_values(real):
+def test_real_concurrent_requests_give_the_in_process_values(real):
+    # OpenRLHF's payload, TRL's client (a group of two) and /v1/judge, sent at once, all over
+    # the same pair (answer vs rude answer): one in-process call gives every expected value.
     url, judge = real
     queries = [q + a for q, a in zip(QUESTIONS, ANSWERS, strict=True)]
     local = openrlhf_reward_func(JudgeReward(judge, against="reference"))(queries, QUESTIONS, RUDE)
     want = local["rewards"].tolist()
-    response = post(url, "/get_reward", {"query": queries, "prompts": QUESTIONS, "labels": RUDE})
-    assert response.status_code == 200
-    out = response.json()
-    assert out["rewards"] == pytest.approx(want, abs=CLOSE)
-    assert out["scores"] == out["rewards"] and out["extra_logs"] == {}
-    # The same pairs through /v1/judge: Judge.label's fields, p_a the reward above.
     pairs = [
         {"prompt": q, "response_a": a, "response_b": r}
         for q, a, r in zip(QUESTIONS, ANSWERS, RUDE, strict=True)
     ]
-    prefs = post(url, "/v1/judge", {"pairs": pairs}).json()["preferences"]
+    remote = RemoteReward(url, against="group", num_generations=2)
+    with ThreadPoolExecutor(3) as pool:
+        openrlhf = pool.submit(
+            post, url, "/get_reward", {"query": queries, "prompts": QUESTIONS, "labels": RUDE}
+        )
+        trl = pool.submit(remote, QUESTIONS * 2, [ANSWERS[0], RUDE[0]])
+        judged = pool.submit(post, url, "/v1/judge", {"pairs": pairs})
+        out, group, prefs = openrlhf.result(), trl.result(), judged.result()
+    assert out.status_code == 200
+    assert out.json()["rewards"] == pytest.approx(want, abs=CLOSE)
+    assert out.json()["scores"] == out.json()["rewards"] and out.json()["extra_logs"] == {}
+    assert group == pytest.approx([want[0], 1 - want[0]], abs=CLOSE)
+    prefs = prefs.json()["preferences"]
     assert [p["p_a"] for p in prefs] == pytest.approx(want, abs=CLOSE)
-    for pref in prefs:
+    for pref in prefs:  # Judge.label's fields
         assert pref.keys() == Preference.__dataclass_fields__.keys()
         assert pref["model"] == judge.engine.model_name and pref["error"] is None
         assert pref["winner"] == ("A" if pref["p_a"] > 0.5 else "B")
-
-
-@pytest.mark.slow
-def test_real_concurrent_rewards_give_the_in_process_values(real):
-    url, judge = real
-    groups = [[a, r] for a, r in zip(ANSWERS, RUDE, strict=True)]
-    prompts = [q for q in QUESTIONS for _ in range(2)]
-    flat = [c for g in groups for c in g]
-    want = JudgeReward(judge, against="group", num_generations=2)(prompts, flat)
-    remote = RemoteReward(url, against="group", num_generations=2)
-    with ThreadPoolExecutor(2) as pool:
-        got = list(
-            pool.map(lambda qg: remote([qg[0]] * 2, qg[1]), zip(QUESTIONS, groups, strict=True))
-        )
-    assert [r for g in got for r in g] == pytest.approx(want, abs=CLOSE)
