@@ -11,6 +11,9 @@
     cai train grpo --config FILE [--set key=value ...]  GRPO with the judge as the reward
     cai judge eval --data FILE [--model SPEC] [--backend B] [--constitution NAME] [--limit N]
         [--ensemble K] [--cot]            the judge's agreement with labelled preference pairs
+    cai judge label --data FILE --out DIR [judge options]   label pairs: TRL preference records
+    cai serve [--model SPEC] [--reward-model DIR] [--host H] [--port P] [--api-key KEY]
+                                          the judge as an HTTP reward service (cai.serve)
     cai eval --model NAME=SPEC [--model NAME=SPEC ...] [--config FILE] [--out DIR]
                                           models side by side on held-out prompts (cai.evaluate)
     cai report RUN_DIR                    report.md / report.html of a pipeline run (cai.report)
@@ -23,6 +26,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import textwrap
 from collections.abc import Callable
@@ -45,8 +49,10 @@ from cai.exit_codes import SYSTEM, os_error_line
 from cai.judge import CALIBRATIONS, MODES, Judge
 from cai.judge_agreement import side_by_side
 from cai.judge_generative import GenerativeJudge
+from cai.models import DEFAULT_MODEL
 from cai.pairs import LabelledPair, load_pairs
 from cai.pointwise import DEFAULT_LENGTH_COEF, fit_length_coef
+from cai.store import RunStoreError
 
 
 class _NoEngine(Engine):
@@ -320,6 +326,70 @@ def _check_pair_lengths(pairs: list[LabelledPair], spec: str | None, backend: st
         )
 
 
+def add_judge_options(parser: argparse.ArgumentParser, *, constitution: str = "harmless") -> None:
+    """The options that build one judge (``judge_from_args``), shared by the judge commands."""
+    parser.add_argument(
+        "--model", default=None, metavar="SPEC", help="judge model spec (default: smollm2-135m)"
+    )
+    parser.add_argument("--backend", default="auto", choices=BACKENDS)
+    parser.add_argument(
+        "--dtype", default=None, help="engine dtype (hf, vllm): auto, float32, bfloat16, ..."
+    )
+    parser.add_argument(
+        "--constitution", default=constitution, metavar="NAME", help="shipped name or path"
+    )
+    parser.add_argument(
+        "--mode",
+        default="pairwise",
+        choices=MODES,
+        help="pairwise (both responses, both orders) or pointwise (each response scored alone)",
+    )
+    parser.add_argument(
+        "--calibration", default="none", choices=CALIBRATIONS, help="pairwise: option-bias fix"
+    )
+    parser.add_argument(
+        "--length-coef", type=float, default=0.0, help="pointwise: score less this × ln(chars)"
+    )
+    parser.add_argument(
+        "--temperature", type=float, default=1.0, help="pointwise: p = sigmoid(score diff / T)"
+    )
+    parser.add_argument("--zero-shot", action="store_true", help="no exemplars in the prompts")
+    parser.add_argument(
+        "--ensemble", type=int, default=1, metavar="K", help="principles averaged per pair"
+    )
+    parser.add_argument(
+        "--cot", action="store_true", help="pairwise: chain-of-thought, clamped probabilities"
+    )
+    parser.add_argument("--seed", type=int, default=0, help="the judge's seed (principle draws)")
+
+
+def judge_from_args(args: argparse.Namespace) -> Judge:
+    """The judge the command line asks for (``add_judge_options``); the one place a command
+    builds it."""
+    return Judge(
+        args.model,
+        args.constitution,
+        backend=args.backend,
+        engine_options={"dtype": args.dtype} if args.dtype else None,
+        mode=args.mode,
+        calibration=args.calibration,
+        length_coef=args.length_coef,
+        temperature=args.temperature,
+        few_shot=not args.zero_shot,
+        ensemble=args.ensemble,
+        seed=args.seed,
+        cot=args.cot,
+    )
+
+
+def _pairs_and_judge(args: argparse.Namespace) -> tuple[list[LabelledPair], Judge]:
+    """``--data`` (the first ``--limit`` pairs) and the judge, for ``cai judge label``."""
+    check_limit(args.limit, "--limit")
+    pairs = load_pairs(args.data, limit=args.limit)
+    _check_pair_lengths(pairs, args.model, args.backend)
+    return pairs, judge_from_args(args)
+
+
 def _judge_eval(args: argparse.Namespace) -> int:
     try:
         check_limit(args.limit, "--limit")
@@ -363,9 +433,47 @@ def _judge_eval(args: argparse.Namespace) -> int:
     return 0
 
 
+def _judge_label(args: argparse.Namespace) -> int:
+    from cai.label import label_pairs
+
+    try:
+        if args.batch_size < 1:
+            raise ValueError(f"--batch-size must be >= 1, got {args.batch_size}")
+        pairs, judge = _pairs_and_judge(args)
+    except (ConfigError, DataError, FileNotFoundError, ValueError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    with judge:
+        try:
+            result = label_pairs(
+                judge,
+                pairs,
+                args.out,
+                model=args.model or DEFAULT_MODEL,
+                batch_size=args.batch_size,
+            )
+        except (DataError, RunStoreError) as e:
+            print(f"error: {e}", file=sys.stderr)
+            return 1
+    tally = result.tally
+    print(
+        f"judge label: {result.pairs} pairs ({tally.done_before} labelled before), "
+        f"{result.exported} exported to {result.out / 'data.jsonl'}, {result.ties} ties, "
+        f"{result.errors} errors"
+    )
+    if result.errors:
+        print(
+            f"error: {result.errors} pairs failed (see {result.out / 'stages' / 'label.jsonl'}); "
+            "run the same command again to retry them",
+            file=sys.stderr,
+        )
+        return 1
+    return 0
+
+
 def add_judge(commands: argparse._SubParsersAction) -> None:
-    """``cai judge eval``."""
-    group = commands.add_parser("judge", help="evaluate the AI-feedback judge")
+    """``cai judge eval | label``."""
+    group = commands.add_parser("judge", help="evaluate the AI-feedback judge, label pairs")
     sub = group.add_subparsers(dest="action", required=True, metavar="ACTION")
 
     ev = sub.add_parser(
@@ -379,7 +487,7 @@ def add_judge(commands: argparse._SubParsersAction) -> None:
         "--data", required=True, metavar="FILE", help="preference pairs (cai.pairs.load_pairs)"
     )
     ev.add_argument(
-        "--model", default=None, metavar="SPEC", help="model spec (default: smollm2-135m)"
+        "--model", default=None, metavar="SPEC", help="judge model spec (default: smollm2-135m)"
     )
     ev.add_argument("--backend", default="auto", choices=BACKENDS)
     ev.add_argument(
@@ -427,6 +535,123 @@ def add_judge(commands: argparse._SubParsersAction) -> None:
     )
     ev.add_argument("--seed", type=int, default=0, help="the judge's seed (principle draws)")
     ev.set_defaults(run=_judge_eval)
+
+    label = sub.add_parser(
+        "label",
+        help="label a file of response pairs: TRL preference records with p_chosen (resumable)",
+        description="Judge each pair of a file (the formats `cai judge eval` reads; its "
+        "chosen/rejected are only the two responses) and export the decided pairs in TRL's "
+        "preference format with p_chosen. Records go to OUT/stages/label.jsonl as they are "
+        "judged: run the same command again to resume or to retry failed pairs.",
+    )
+    label.add_argument("--data", required=True, metavar="FILE", help="pairs (cai.pairs.load_pairs)")
+    label.add_argument(
+        "--out", required=True, metavar="DIR", help="OUT/data.jsonl, OUT/dataset/, OUT/stages/"
+    )
+    add_judge_options(label)
+    label.add_argument("--limit", type=int, default=None, metavar="N", help="the first N pairs")
+    label.add_argument(
+        "--batch-size", type=int, default=64, metavar="N", help="pairs per engine call (and write)"
+    )
+    label.set_defaults(run=_judge_label)
+
+
+def _serve(args: argparse.Namespace) -> int:
+    from cai.serve import ServeOptions, Service, check_options, serve
+
+    options = ServeOptions(
+        max_batch=args.max_batch,
+        max_wait_ms=args.max_wait_ms,
+        max_queue=args.max_queue,
+        max_items=args.max_items,
+        max_body_bytes=int(args.max_body_mb * 2**20),
+        api_key=args.api_key or None,
+        against=args.against,
+        num_generations=args.num_generations,
+        centered=args.centered,
+        mode=args.mode,
+    )
+    # The judge is served unless only a reward model is asked for.
+    with_judge = args.model is not None or args.reward_model is None
+    judge = reward_model = None
+    try:
+        check_options(options, judge=with_judge, reward_model=args.reward_model is not None)
+        if with_judge:
+            judge = judge_from_args(args)
+        if args.reward_model is not None:
+            from cai.train.reward import RewardModel
+
+            reward_model = RewardModel(args.reward_model)
+    except (ConfigError, FileNotFoundError, ValueError) as e:
+        for loaded in (judge, reward_model):
+            if loaded is not None:
+                loaded.close()
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    service = Service(judge, reward_model, options, reward_model_name=args.reward_model)
+    if args.host not in ("127.0.0.1", "localhost", "::1") and options.api_key is None:
+        print(
+            f"warning: serving on {args.host} without --api-key: whoever reaches this port can "
+            "use the models; keep it on a private network",
+            file=sys.stderr,
+        )
+    described = ", ".join(f"{k} {v}" for k, v in service.describe().items() if v is not None)
+    print(
+        f"cai serve: http://{args.host}:{args.port} ({described}); SIGTERM or Ctrl-C drains and stops",
+        flush=True,
+    )
+    serve(service, args.host, args.port)
+    return 0
+
+
+def add_serve(commands: argparse._SubParsersAction) -> None:
+    """``cai serve``."""
+    serve = commands.add_parser(
+        "serve",
+        help="the judge and/or a reward model as an HTTP reward service for RL trainers",
+        description="Load the judge (--model) and/or a trained reward model (--reward-model) "
+        "once and serve /get_reward (OpenRLHF), /v1/reward (cai.rewards.RemoteReward), "
+        "/v1/judge, /health and /metrics, batching all clients' requests together.",
+    )
+    add_judge_options(serve)
+    serve.add_argument(
+        "--reward-model", metavar="DIR", help="a `cai train reward` model (with or without --model)"
+    )
+    serve.add_argument(
+        "--against",
+        choices=("group", "reference", "score"),
+        help="/get_reward's reward, and /v1/reward's default: against the prompt's group, "
+        "against the reference (OpenRLHF's labels), or the reward model's raw score "
+        "(default: reference with a judge, else score)",
+    )
+    serve.add_argument(
+        "--num-generations", type=int, metavar="G", help="group size, with --against group"
+    )
+    serve.add_argument("--centered", action="store_true", help="rewards 2p - 1 in [-1, 1]")
+    serve.add_argument("--host", default="127.0.0.1", help="interface (default: this machine only)")
+    serve.add_argument("--port", type=int, default=8000)
+    serve.add_argument(
+        "--api-key",
+        default=os.environ.get("CAI_API_KEY"),
+        metavar="KEY",
+        help="require 'Authorization: Bearer KEY' (default: $CAI_API_KEY, which ps does not show)",
+    )
+    serve.add_argument(
+        "--max-batch", type=int, default=64, metavar="N", help="items per engine call"
+    )
+    serve.add_argument(
+        "--max-wait-ms", type=float, default=5.0, metavar="MS", help="wait for more items this long"
+    )
+    serve.add_argument(
+        "--max-items", type=int, default=4096, metavar="N", help="items per request (else 413)"
+    )
+    serve.add_argument(
+        "--max-queue", type=int, default=65536, metavar="N", help="items queued (else 503)"
+    )
+    serve.add_argument(
+        "--max-body-mb", type=float, default=16.0, metavar="MB", help="request body (else 413)"
+    )
+    serve.set_defaults(run=_serve)
 
 
 def _train(args: argparse.Namespace) -> int:
@@ -576,6 +801,7 @@ COMMANDS: list[Callable[[argparse._SubParsersAction], None]] = [
     add_train,
     add_eval,
     add_report,
+    add_serve,
 ]
 
 

@@ -15,8 +15,8 @@ The preference export (TRL's explicit-prompt conversational format) takes, per p
 decided pair (``pairs: all``) or one pair (``pairs: best_worst``: the responses with the highest
 and lowest mean win probability over all their pairs, labelled by their direct comparison; only
 once every pair of the prompt is judged). Ties and pairs with ``|p - 0.5| < min_margin`` stay out
-of the export (they stay in the store). Probabilities are exported to :data:`LABEL_DECIMALS`
-decimals.
+of the export (they stay in the store). Probabilities are exported to
+:data:`cai.label.LABEL_DECIMALS` decimals.
 """
 
 from __future__ import annotations
@@ -34,16 +34,11 @@ from cai.data import PromptRecord
 from cai.export import export_dataset
 from cai.judge import Judge, JudgePair, check_ensemble
 from cai.keys import model_key, model_name, record_key
+from cai.label import LABEL_DECIMALS, judge_config, preference_fields, principle_ids
 from cai.pipeline import online, training
 from cai.pipeline.sample import pending, sample_key
 from cai.pipeline.stage import LazyEngine, PipelineError, Stage, StageContext, stage_records
 from cai.stats import sigmoid
-
-LABEL_DECIMALS = 2
-"""Decimals of the probabilities in the preference export. A soft label means nothing finer, and
-the judge's float noise (~1e-6 between batch sizes, as on Ray, and between backends) must not
-change the data a model trains on: that data is the trained model's identity, and so the keys
-and samples of every later round (see ``cai.keys.model_key``)."""
 
 if TYPE_CHECKING:
     from cai.records import StageTally
@@ -179,32 +174,6 @@ def make_judge(runner: StageContext) -> Judge:
     )
 
 
-def judge_config(judge: Judge) -> dict[str, Any]:
-    """The judge's settings that define its labels (not the engine's runtime description)."""
-    described = {
-        "judge": type(judge).__name__,
-        "constitution": judge.constitution.name,
-        "constitution_version": judge.constitution.version,
-        "template_text": judge.template.source,
-        "ensemble": judge.ensemble,
-        "seed": judge.seed,
-        "few_shot": judge.few_shot,
-        "cot": judge.cot,
-        "cot_max_tokens": judge.cot_max_tokens if judge.cot else None,
-        "clamp": list(judge.clamp) if judge.cot and judge.clamp else None,
-        "tie_margin": judge.tie_margin,
-    }
-    # Settings beyond the first judge's join the key only when used, so that pairwise records
-    # written before them keep their keys.
-    if judge.mode == "pointwise":
-        described.update(
-            mode=judge.mode, temperature=judge.temperature, length_coef=judge.length_coef
-        )
-    if judge.calibration != "none":
-        described["calibration"] = judge.calibration
-    return described
-
-
 def pair_items(
     runner: StageContext, judge: Judge, samples: dict[str, dict]
 ) -> dict[str, list[tuple[str, JudgePair, tuple[int, int]]]]:
@@ -226,13 +195,8 @@ def pair_items(
                 labelled_by = {"labeller": "reward_model", "tie_margin": judge.tie_margin}
                 labelled_by.update(model_key("reward_model", reward_model))
             else:
-                judged = JudgePair(sample["prompt"], a, b, key=seed_key)
-                principles = judge.principles_of(judged)
-                principle_ids = [
-                    [p.id, p.score_question if judge.mode == "pointwise" else p.judge]
-                    for p in principles
-                ]
-                labelled_by = {"principles": principle_ids, "judge": config, "model": spec}
+                asked = principle_ids(judge, JudgePair(sample["prompt"], a, b, key=seed_key))
+                labelled_by = {"principles": asked, "judge": config, "model": spec}
             key = record_key(**pair, **labelled_by)
             pairs.append((key, JudgePair(sample["prompt"], a, b, key=seed_key), (i, j)))
         out[prompt_key] = pairs
@@ -393,26 +357,13 @@ def _preference_row(
 ) -> dict | None:
     """The export row of a judged pair of ``sample``'s responses, or None when it is a tie or
     below min_margin."""
-    stage = runner.recipe.stages.judge
-    if record.get("error") is not None or record["winner"] not in ("A", "B"):
+    fields = preference_fields(record)
+    if fields is None or record["margin"] < runner.recipe.stages.judge.min_margin:
         return None
-    if record["margin"] < stage.min_margin:
-        return None
-    a_wins = record["winner"] == "A"
-    chosen, rejected = (
-        (record["response_a"], record["response_b"])
-        if a_wins
-        else (record["response_b"], record["response_a"])
-    )
-
-    def towards_chosen(p: float) -> float:
-        return round(p if a_wins else 1 - p, LABEL_DECIMALS)
-
+    row, judged = fields
     return {
         "prompt": prompt.messages,
-        "chosen": [{"role": "assistant", "content": chosen}],
-        "rejected": [{"role": "assistant", "content": rejected}],
-        "p_chosen": towards_chosen(record["p_a"]),
+        **row,
         "meta": {
             **prompt.meta,
             "source": "judge",
@@ -420,11 +371,7 @@ def _preference_row(
             "input_key": prompt.key,
             "pair_key": record["key"],
             "selection": selection,
-            "principles": record["principles"],
-            "consistent": record["consistent"],
-            "p_chosen_first": towards_chosen(record["p_a_first"]),
-            "p_chosen_second": towards_chosen(record["p_a_second"]),
-            "margin": round(record["margin"], LABEL_DECIMALS),
+            **judged,
             "constitution": runner.prepared["judge"].name,
             **online.round_key(runner),
             "judge_model": record["judge_model"],

@@ -1,0 +1,202 @@
+"""Judge records as labels: the judge settings that key them, the rule that turns one into a
+TRL preference row (both shared with the pipeline's judge stage), and labelling a file of
+response pairs resumably: ``cai judge label``.
+
+    cai judge label --data pairs.jsonl --out runs/labels [--model SPEC] [--constitution NAME]
+
+The pairs are read as ``cai judge eval`` reads them (``cai.pairs.load_pairs``: our exports, TRL's
+formats, HH-RLHF transcripts); their chosen / rejected are only the two responses, shown to the
+judge as A and B in that order (it judges both orders). Every pair goes through the record loop
+(``cai.records.run_records``) into ``OUT/stages/label.jsonl``, one record per pair (the judge's
+``Preference`` fields), so a killed run resumes and failed pairs are retried on the next run.
+The decided pairs are exported as the pipeline's judge stage exports them (TRL's explicit-prompt
+format with ``p_chosen``: ``OUT/data.jsonl`` and ``OUT/dataset/``); ties stay out.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from cai.export import export_dataset
+from cai.judge import Judge, JudgePair
+from cai.keys import record_key
+from cai.pairs import LabelledPair
+from cai.records import StageTally, run_records
+from cai.store import RunStore
+
+STAGE = "label"
+
+LABEL_DECIMALS = 2
+"""Decimals of the probabilities in a preference export. A soft label means nothing finer, and
+the judge's float noise (~1e-6 between batch sizes, as on Ray, and between backends) must not
+change the data a model trains on: that data is the trained model's identity, and so the keys
+and samples of every later round (see ``cai.keys.model_key``)."""
+
+
+def judge_config(judge: Judge) -> dict[str, Any]:
+    """The judge's settings that define its labels (not the engine's runtime description)."""
+    described = {
+        "judge": type(judge).__name__,
+        "constitution": judge.constitution.name,
+        "constitution_version": judge.constitution.version,
+        "template_text": judge.template.source,
+        "ensemble": judge.ensemble,
+        "seed": judge.seed,
+        "few_shot": judge.few_shot,
+        "cot": judge.cot,
+        "cot_max_tokens": judge.cot_max_tokens if judge.cot else None,
+        "clamp": list(judge.clamp) if judge.cot and judge.clamp else None,
+        "tie_margin": judge.tie_margin,
+    }
+    # Settings beyond the first judge's join the key only when used, so that pairwise records
+    # written before them keep their keys.
+    if judge.mode == "pointwise":
+        described.update(
+            mode=judge.mode, temperature=judge.temperature, length_coef=judge.length_coef
+        )
+    if judge.calibration != "none":
+        described["calibration"] = judge.calibration
+    return described
+
+
+def principle_ids(judge: Judge, pair: JudgePair) -> list[list[str | None]]:
+    """[id, question asked] of each principle the judge asks about ``pair``: the judge question
+    (pairwise) or the score question (pointwise), so that editing the wording re-judges."""
+    pointwise = judge.mode == "pointwise"
+    return [[p.id, p.score_question if pointwise else p.judge] for p in judge.principles_of(pair)]
+
+
+def preference_fields(record: dict) -> tuple[dict, dict] | None:
+    """A decided pair record in TRL's preference format, the winner as ``chosen``: the row's
+    ``chosen``, ``rejected`` and ``p_chosen``, and the judge's fields for its ``meta``; None
+    for an error or a tie. The one rule for turning a judge record into an export row."""
+    if record.get("error") is not None or record["winner"] not in ("A", "B"):
+        return None
+    a_wins = record["winner"] == "A"
+    chosen, rejected = (
+        (record["response_a"], record["response_b"])
+        if a_wins
+        else (record["response_b"], record["response_a"])
+    )
+
+    def towards_chosen(p: float) -> float:
+        return round(p if a_wins else 1 - p, LABEL_DECIMALS)
+
+    row = {
+        "chosen": [{"role": "assistant", "content": chosen}],
+        "rejected": [{"role": "assistant", "content": rejected}],
+        "p_chosen": towards_chosen(record["p_a"]),
+    }
+    judged = {
+        "principles": record["principles"],
+        "consistent": record["consistent"],
+        "p_chosen_first": towards_chosen(record["p_a_first"]),
+        "p_chosen_second": towards_chosen(record["p_a_second"]),
+        "margin": round(record["margin"], LABEL_DECIMALS),
+    }
+    return row, judged
+
+
+@dataclass
+class LabelResult:
+    pairs: int
+    exported: int
+    ties: int
+    errors: int
+    tally: StageTally
+    out: Path
+
+
+def label_key(judge: Judge, pair: LabelledPair, model: str) -> str:
+    """A pair's record key: the pair, the principles drawn for it, the judge's settings and
+    model. Changed settings make new records; the old ones stay in the store, unexported."""
+    principles = principle_ids(judge, JudgePair(pair.prompt, pair.chosen, pair.rejected, pair.key))
+    return record_key(
+        input=pair.key,
+        stage=STAGE,
+        prompt=pair.prompt,
+        response_a=pair.chosen,
+        response_b=pair.rejected,
+        principles=principles,
+        judge=judge_config(judge),
+        model=model,
+    )
+
+
+def label_pairs(
+    judge: Judge,
+    pairs: list[LabelledPair],
+    out: str | Path,
+    *,
+    model: str,
+    batch_size: int = 64,
+    progress: bool = True,
+) -> LabelResult:
+    """Judge the pairs not yet labelled in ``out``, then export every decided pair there."""
+    out = Path(out)
+    items = [(label_key(judge, p, model), p) for p in pairs]
+
+    def call(batch, label):
+        try:
+            prefs = [
+                p.to_dict()
+                for p in judge.label(
+                    [JudgePair(p.prompt, p.chosen, p.rejected, key=p.key) for _, p in batch],
+                    progress=label,
+                )
+            ]
+        except ValueError as e:  # a malformed pair fails its batch, recorded, never dropped
+            prefs = [{"error": str(e)} for _ in batch]
+        return [
+            {
+                "key": key,
+                "input_key": pair.key,
+                "pair_source": pair.source,
+                "prompt": pair.prompt,
+                "response_a": pair.chosen,
+                "response_b": pair.rejected,
+                "judge_model": model,
+                **pref,
+            }
+            for (key, pair), pref in zip(batch, prefs, strict=True)
+        ]
+
+    tally = StageTally(STAGE)
+    records = run_records(
+        RunStore(out),
+        STAGE,
+        items,
+        key=lambda item: item[0],
+        call=call,
+        tally=tally,
+        batch_size=batch_size,
+        label="label" if progress else False,
+    )
+    rows, ties, errors = [], 0, 0
+    for key, pair in items:
+        record = records[key]
+        fields = preference_fields(record)
+        if fields is None:
+            errors += record.get("error") is not None
+            ties += record.get("error") is None
+            continue
+        row, judged = fields
+        meta = {
+            **pair.meta,
+            "source": "judge",
+            "pair_source": pair.source,
+            "input_key": pair.key,
+            "pair_key": key,
+            **judged,
+            "constitution": judge.constitution.name,
+            "judge_model": model,
+        }
+        rows.append({"prompt": pair.prompt, **row, "meta": meta})
+    if rows:
+        export_dataset(rows, out)
+    return LabelResult(len(items), len(rows), ties, errors, tally, out)
+
+
+__all__ = ["LabelResult", "judge_config", "label_key", "label_pairs", "preference_fields"]
