@@ -254,6 +254,10 @@ def _list(text: str, allowed: tuple[str, ...] | None, flag: str) -> list[str]:
     return items
 
 
+def _principles(args: argparse.Namespace) -> list[str] | None:
+    return None if args.principles is None else _list(args.principles, None, "--principles")
+
+
 def _judge_variants(args: argparse.Namespace) -> dict[str, Callable[[Any], Judge]]:
     """Variant name → a Judge builder on a given engine, from --mode, --calibration and
     --length-coef (calibration applies to the pairwise mode, length control to the pointwise)."""
@@ -263,7 +267,12 @@ def _judge_variants(args: argparse.Namespace) -> dict[str, Callable[[Any], Judge
         coefs = [float(c) for c in _list(args.length_coef, None, "--length-coef")]
     except ValueError:
         raise ValueError("--length-coef: expected a comma-separated list of numbers") from None
-    common = {"ensemble": args.ensemble, "seed": args.seed, "few_shot": not args.zero_shot}
+    common = {
+        "ensemble": args.ensemble,
+        "seed": args.seed,
+        "few_shot": not args.zero_shot,
+        "principles": _principles(args),
+    }
     variants: dict[str, Callable[[Any], Judge]] = {}
     constitution = load_constitution(args.constitution)
     for mode in modes:
@@ -355,6 +364,9 @@ def add_judge_options(parser: argparse.ArgumentParser, *, constitution: str = "h
     )
     parser.add_argument("--zero-shot", action="store_true", help="no exemplars in the prompts")
     parser.add_argument(
+        "--principles", metavar="ID,...", help="ask only these principles (default: all)"
+    )
+    parser.add_argument(
         "--ensemble", type=int, default=1, metavar="K", help="principles averaged per pair"
     )
     parser.add_argument(
@@ -376,6 +388,7 @@ def judge_from_args(args: argparse.Namespace) -> Judge:
         length_coef=args.length_coef,
         temperature=args.temperature,
         few_shot=not args.zero_shot,
+        principles=_principles(args),
         ensemble=args.ensemble,
         seed=args.seed,
         cot=args.cot,
@@ -527,6 +540,9 @@ def add_judge(commands: argparse._SubParsersAction) -> None:
         help="leave out the naive generative judge (the slowest row)",
     )
     ev.add_argument("--zero-shot", action="store_true", help="no exemplars in the judge prompts")
+    ev.add_argument(
+        "--principles", metavar="ID,...", help="ask only these principles (default: all)"
+    )
     ev.add_argument(
         "--ensemble", type=int, default=1, metavar="K", help="principles averaged per pair"
     )

@@ -25,7 +25,7 @@ import json
 import math
 import random
 import re
-from collections.abc import Iterator
+from collections.abc import Collection, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -254,11 +254,14 @@ def _build(data: Any, source: str) -> Constitution:
     return constitution
 
 
-def check_pointwise(constitution: Constitution) -> None:
-    """Raise ConfigError naming the file and line of every judge principle without a
-    ``score_question``: the pointwise judge asks each drawn principle's score question."""
+def check_pointwise(constitution: Constitution, ids: Collection[str] | None = None) -> None:
+    """Raise ConfigError naming the file and line of every judge principle (of those named by
+    ``ids``, if given) without a ``score_question``: the pointwise judge asks each drawn
+    principle's score question."""
     problems = []
     for i, p in enumerate(constitution.principles):
+        if ids is not None and p.id not in ids:
+            continue
         if p.judge is not None and p.score_question is None:
             line = constitution.principle_lines[i] if constitution.principle_lines else 0
             loc = constitution.source or f"constitution {constitution.name!r}"

@@ -88,6 +88,9 @@ class EvalConfig:
         "pointwise win-rate judge: length control, score less this × ln(characters); none: 0",
         None,
     )
+    judge_principles: list[str] | None = doc(
+        "the win-rate judge asks only these principle ids; none: every judge principle", None
+    )
     grade_calibration: Literal["none", "contextual"] | None = doc(
         "graders: contextual subtracts the log-odds of a content-free answer ('N/A'); none: none",
         None,
@@ -137,6 +140,14 @@ class EvalConfig:
             raise ValueError("judge_length_coef applies to judge_mode: pointwise")
         if not math.isfinite(judge["length_coef"]):
             raise ValueError(f"judge_length_coef must be finite (got {self.judge_length_coef})")
+        if self.judge_principles is not None or judge["mode"] == "pointwise":
+            from cai.constitution import check_pointwise, load_constitution
+            from cai.judge import check_ensemble
+
+            constitution = load_constitution(self.constitution)
+            check_ensemble(constitution, 1, self.judge_principles)
+            if judge["mode"] == "pointwise":
+                check_pointwise(constitution, self.judge_principles)
 
     @property
     def baseline_name(self) -> str:

@@ -389,6 +389,8 @@ def _compare(
     # comparisons recorded before them keep their keys.
     neutral = {"mode": "pairwise", "calibration": "none", "length_coef": 0.0}
     settings = {k: v for k, v in config.judge_settings.items() if v != neutral[k]}
+    if config.judge_principles is not None:
+        settings["principles"] = config.judge_principles
     jobs: list[tuple[str, str, dict, dict, str]] = []
     for name, other in against:
         for kind in COMPARED:
@@ -417,6 +419,7 @@ def _compare(
             seed=config.seed,
             tie_margin=config.tie_margin,
             few_shot=config.few_shot,
+            principles=config.judge_principles,
             **config.judge_settings,
         )
         pairs = [

@@ -179,10 +179,35 @@ def _check_pair(pair: Any, index: int) -> tuple[list[dict], str, str, str | None
     return messages, a, b, key
 
 
-def check_ensemble(constitution: Constitution, ensemble: int) -> None:
+def judge_pool(
+    constitution: Constitution, principles: Sequence[str] | None = None
+) -> tuple[Principle, ...]:
+    """The principles a judge draws from: those with a judge question, or only the ``principles``
+    named (ValueError for an unknown id or one without a judge question)."""
+    if principles is None:
+        return constitution.judge_principles
+    if isinstance(principles, str) or not principles:
+        raise ValueError(f"principles must be a non-empty list of ids, got {principles!r}")
+    pool = []
+    for pid in principles:
+        try:
+            p = constitution.principle(pid)
+        except KeyError as e:
+            raise ValueError(e.args[0]) from None
+        if p.judge is None:
+            raise ValueError(f"principle {pid!r} of {constitution.name!r} has no judge question")
+        if p not in pool:
+            pool.append(p)
+    return tuple(pool)
+
+
+def check_ensemble(
+    constitution: Constitution, ensemble: int, principles: Sequence[str] | None = None
+) -> None:
     """Raise ValueError unless ``constitution`` has ``ensemble`` (an integer >= 1) distinct
-    principles with a judge question: the judge draws that many per pair."""
-    pool = constitution.judge_principles
+    principles with a judge question (among ``principles``, when named): the judge draws that
+    many per pair."""
+    pool = judge_pool(constitution, principles)
     if not pool:
         raise ValueError(
             f"constitution {constitution.name!r} has no principle with a judge question"
@@ -210,13 +235,16 @@ class _PairJudge:
         ensemble: int,
         seed: int,
         few_shot: bool,
+        principles: Sequence[str] | None = None,
     ):
         self.constitution = (
             constitution
             if isinstance(constitution, Constitution)
             else load_constitution(constitution)
         )
-        check_ensemble(self.constitution, ensemble)
+        check_ensemble(self.constitution, ensemble, principles)
+        self.pool = judge_pool(self.constitution, principles)
+        self.principles = None if principles is None else [p.id for p in self.pool]
         if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
             raise ValueError(f"seed must be a non-negative integer, got {seed!r}")
         self.template = load_template(template)
@@ -249,7 +277,7 @@ class _PairJudge:
         """``ensemble`` distinct judge principles for a pair, drawn by weight without
         replacement from ``random.Random(seed_for(key, seed))``."""
         rng = random.Random(seed_for(key, self.seed))
-        pool = list(self.constitution.judge_principles)
+        pool = list(self.pool)
         chosen = []
         for _ in range(self.ensemble):
             [p] = rng.choices(pool, weights=[p.weight for p in pool])
@@ -306,6 +334,7 @@ class _PairJudge:
             "ensemble": self.ensemble,
             "seed": self.seed,
             "few_shot": self.few_shot,
+            "principles": self.principles,
         }
 
 
@@ -340,6 +369,7 @@ class Judge(_PairJudge):
         calibration: Calibration = "none",
         temperature: float = 1.0,
         length_coef: float = 0.0,
+        principles: Sequence[str] | None = None,
     ):
         """
         Args:
@@ -364,6 +394,7 @@ class Judge(_PairJudge):
                 extra request per prompt and principle (arXiv 2102.09690); ``none``.
             temperature: pointwise only: p_a = sigmoid((s_a - s_b) / temperature).
             length_coef: pointwise only: each score less ``length_coef * ln(characters)``.
+            principles: draw only from these principle ids (default: every judge principle).
         """
         if mode not in MODES:
             raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
@@ -382,9 +413,10 @@ class Judge(_PairJudge):
             ensemble=ensemble,
             seed=seed,
             few_shot=few_shot,
+            principles=principles,
         )
         if mode == "pointwise":
-            check_pointwise(self.constitution)
+            check_pointwise(self.constitution, self.principles)
         if clamp is not None:
             lo, hi = clamp
             if not (0 <= lo < 0.5 < hi <= 1 and abs(lo + hi - 1) < 1e-12):

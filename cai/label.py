@@ -58,6 +58,8 @@ def judge_config(judge: Judge) -> dict[str, Any]:
         )
     if judge.calibration != "none":
         described["calibration"] = judge.calibration
+    if judge.principles is not None:
+        described["principles"] = judge.principles
     return described
 
 

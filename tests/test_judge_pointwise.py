@@ -338,3 +338,13 @@ def test_pointwise_reward_scores_each_completion_alone():
         JudgeReward(Judge(FakeEngine()), against=None)
     with pytest.raises(ValueError, match="build it with Judge"):
         JudgeReward(Judge(FakeEngine()), mode="pointwise")
+
+
+def test_principles_restrict_the_draw():
+    judge = Judge(ScoreEngine(fixed), "hhh", mode="pointwise", principles=["balanced"])
+    for prompt in ("One?", "Two?", "Three?"):
+        assert judge.compare(prompt, GOOD, BAD).principles == ["balanced"]
+    with pytest.raises(ValueError, match="has no principle 'nope'"):
+        Judge(FakeEngine(), "hhh", principles=["nope"])
+    with pytest.raises(ValueError, match="ensemble=2 needs that many"):
+        Judge(FakeEngine(), "hhh", principles=["balanced"], ensemble=2)

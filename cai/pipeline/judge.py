@@ -83,6 +83,9 @@ class JudgeStage:
     length_coef: float | None = doc(
         "pointwise: each score less length_coef * ln(characters) (length control); none: 0", None
     )
+    principles: list[str] | None = doc(
+        "ask only these principle ids of the constitution; none: every judge principle", None
+    )
 
     @property
     def settings(self) -> dict[str, Any]:
@@ -148,9 +151,9 @@ def prepare(runner: StageContext) -> Constitution:
     judge = runner.recipe.stages.judge
     constitution = load_constitution(judge.constitution or runner.recipe.constitution)
     try:
-        check_ensemble(constitution, judge.ensemble)
+        check_ensemble(constitution, judge.ensemble, judge.principles)
         if judge.settings["mode"] == "pointwise":
-            check_pointwise(constitution)
+            check_pointwise(constitution, judge.principles)
     except ValueError as e:
         raise PipelineError(f"stages.judge: {e}") from None
     return constitution
@@ -171,6 +174,7 @@ def make_judge(runner: StageContext) -> Judge:
         tie_margin=stage.tie_margin,
         few_shot=stage.few_shot,
         **stage.settings,
+        principles=stage.principles,
     )
 
 
