@@ -12,10 +12,11 @@ score requests however many of their pairs are labelled. This is P(True)-style s
 (arXiv 2207.05221); pairwise judging amplifies a weak judge's biases (arXiv 2406.12319).
 
 ``length_coef`` removes a fixed share of the judge's length preference: s' = s - c * ln(chars).
-The shipped value was fitted on ``data/judge_dev.jsonl`` (see ``cai judge eval --fit-length``),
-a set written so that the better response is the shorter one in about half of the pairs: there
-the labels carry no length signal, so the slope of the score on log length is the judge's own
-bias, not information.
+``fit_length_coef`` (``cai judge eval --fit-length``) gives the label-free estimate, the slope of
+the scores on log length over a set written so that the better response is the shorter one in
+about half of the pairs (there the labels carry no length signal, so the slope is the judge's own
+preference): 0.14 on ``data/judge_dev.jsonl``. The shipped ``DEFAULT_LENGTH_COEF`` was chosen on
+that set's labels instead (a development set: measure on held-out data).
 """
 
 from __future__ import annotations
@@ -31,8 +32,10 @@ from cai.engine import Engine
 from cai.keys import record_key
 from cai.prompts import Template
 
-DEFAULT_LENGTH_COEF = 0.0
-"""The length control of the shipped recipes' pointwise judge (see the module docstring)."""
+DEFAULT_LENGTH_COEF = 0.25
+"""The length control of the shipped CPU recipes' pointwise judge: on data/judge_dev.jsonl (the
+better response the shorter in 52% of pairs) the value that maximised the mean of the overall
+accuracy and the accuracy where the shorter is better, with the default model (README table)."""
 
 SCORE_OPTIONS = ("Yes", "No")
 """The option tokens scored at the start of the judge's answer: s = l(Yes) - l(No)."""
@@ -152,7 +155,6 @@ class PointwiseScorer:
 
     def _render(self, messages: list[dict], response: str, question: str) -> list[dict]:
         return self.template.render(
-            system=self.constitution.system_prompt,
             examples=score_shots(self.constitution, question) if self.few_shot else [],
             conversation=messages,
             response=response,

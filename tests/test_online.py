@@ -225,9 +225,19 @@ def test_round_2_keys_depend_neither_on_float_noise_nor_on_the_run_directory(tmp
 
     class Noisy(FakeEngine):
         def score(self, conversations, options, *, prefixes=None, progress=False):
+            # ~1e-7, varying with the request (a constant offset would cancel in a pointwise
+            # label, which compares two scores)
             return [
-                OptionScores(s.options, [s.logprobs[0] + 1e-7, s.logprobs[1]], s.token_counts)
-                for s in super().score(conversations, options, prefixes=prefixes)
+                OptionScores(
+                    s.options,
+                    [s.logprobs[0] + 1e-7 * (1 + len(str(c)) % 5), s.logprobs[1]],
+                    s.token_counts,
+                )
+                for s, c in zip(
+                    super().score(conversations, options, prefixes=prefixes),
+                    conversations,
+                    strict=True,
+                )
             ]
 
     path = fake_online(tmp_path, monkeypatch)
@@ -270,8 +280,11 @@ def test_the_dry_run_of_a_resumed_online_run_counts_each_rounds_own_pairs(
     # k=2: one pair per prompt, two prompts per round.
     assert main(["run", str(path), "--run-dir", str(run), "--dry-run"]) == 0
     round1, round2 = capsys.readouterr().err.split("round 2 of 2")
-    assert "judge: 0 pairs × 2 orders × 1 principles = 0 score requests (2 pairs done)" in round1
-    assert "judge: at most 2 pairs × 2 orders × 1 principles = at most 4 score" in round2
+    assert (
+        "judge: 0 pairs, pointwise: each response × 1 principles scored once = 0 score requests (2 pairs done)"
+        in round1
+    )
+    assert "judge: at most 2 pairs, pointwise: each response × 1 principles" in round2
     assert "(0 pairs done)" in round2
     more = ["--force", "--set", "online.rounds=3", "--dry-run"]
     assert main(["run", str(path), "--run-dir", str(run), *more]) == 0

@@ -78,6 +78,13 @@ class FakeEngine(Engine):
             if "BADJUDGE" in conversation[-1]["content"]:
                 out.append(OptionScores(list(options), [], [], error="fake score failure"))
                 continue
+            if list(options) == ["Yes", "No"]:  # the pointwise judge: shorter scores higher
+                text = conversation[-1]["content"]
+                response = text[text.rindex("Assistant: ") :].split("\n\n")[0]
+                p = min(max(0.9 - 0.02 * len(response), 0.05), 0.95)
+                logprobs = [math.log(p), math.log(1 - p)]
+                out.append(OptionScores(list(options), logprobs, [1, 1], prompt_tokens=10))
+                continue
             shown = options_of(conversation)
             p = 0.5 + 0.05 * (len(shown["B"]) - len(shown["A"]))
             p = min(max(p, 0.05), 0.95)
@@ -415,7 +422,8 @@ def test_shipped_rlaif_recipe_plan(capsys, tmp_path):
     assert main(["run", "rlaif-pairs", "--dry-run", "--run-dir", str(tmp_path / "r")]) == 0
     err = capsys.readouterr().err
     assert "prompts: 16" in err and "sample: 16 requests × k=3" in err
-    assert "48 pairs × 2 orders × 1 principles = at most 96 score requests" in err
+    # pointwise: 16 prompts × 3 responses, each scored once
+    assert "48 pairs, pointwise: each response × 1 principles scored once = at most 48" in err
 
 
 # ---- the real model ---------------------------------------------------------------------------

@@ -469,9 +469,12 @@ def plan(runner: StageContext) -> list[str]:
         )
     else:
         if judge.settings["mode"] == "pointwise":
+            # k responses of a prompt make k(k-1)/2 pairs; each response is scored once
+            k = max(runner.recipe.stages.sample.k, 2)
+            score = todo * 2 // (k - 1) * judge.ensemble
             how = (
                 f"{bound}{todo} pairs, pointwise: each response × {judge.ensemble} principles "
-                "scored once"
+                f"scored once = {bound}{score} score requests"
             )
         else:
             score = todo * 2 * judge.ensemble
