@@ -171,6 +171,8 @@ class ScoreMemo(Engine):
         self.inner = engine
         self.backend, self.model_name = engine.backend, engine.model_name
         self._memo: dict[bytes, OptionScores] = {}
+        self.asked = 0
+        """Requests sent to the engine (not answered from memory)."""
 
     def generate(self, conversations, sampling=Sampling(), *, prefixes=None, progress=False):
         return self.inner.generate(conversations, sampling, prefixes=prefixes, progress=progress)
@@ -183,6 +185,7 @@ class ScoreMemo(Engine):
         )
         keys = [canonical([c, list(options), p]) for c, p in zip(conversations, each, strict=True)]
         todo = [i for i, k in enumerate(keys) if k not in self._memo]
+        self.asked += len(todo)
         if todo:
             done = self.inner.score(
                 [conversations[i] for i in todo],
@@ -224,7 +227,10 @@ def side_by_side(
     scores: dict[str, list] = {}
     for name, build in variants.items():
         judge = build(memo)
+        asked = memo.asked
         metrics = judge_metrics(judge, pairs, progress=name if progress else False)
+        if memo.asked == asked:  # every score came from an earlier variant: no speed to report
+            metrics["pairs_per_s"] = None
         per_pair[name] = metrics.pop("p_chosen")
         scores[name] = metrics.pop("scores")
         rows[name] = metrics

@@ -293,6 +293,7 @@ def test_side_by_side_reports_every_variant_and_the_length_baseline():
     assert rows["pointwise"]["accuracy"] == 1.0 and rows["pointwise"]["consistent"] is None
     assert rows["pointwise"]["accuracy_shorter_better"] == 1.0
     assert engine.requests == 4  # the second variant's scores came from memory
+    assert rows["pointwise"]["pairs_per_s"] > 0 and rows["pointwise lc"]["pairs_per_s"] is None
     assert result["by_category"]["harm"] == {
         "pairs": 1,
         "longer wins": 0.0,
