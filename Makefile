@@ -51,6 +51,7 @@ test: lint
 
 bench: install
 	$(PY) bench/engine.py
+	$(PY) bench/prefix.py
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache .ruff_cache

@@ -47,24 +47,40 @@ def check_dtype(backend: str, dtype: str | None) -> None:
         )
 
 
+def check_prefix_reuse(backend: str, prefix_reuse: bool | None) -> None:
+    """Raise ValueError where ``prefix_reuse`` cannot be had: an OpenAI-compatible server
+    decides its own prefix caching."""
+    if backend == "openai" and prefix_reuse is False:
+        raise ValueError(
+            "prefix_reuse=false: the openai backend leaves prefix caching to the server "
+            "(vllm serve --no-enable-prefix-caching); remove prefix_reuse or set it to true"
+        )
+
+
 def create_engine(
     backend: str = "auto",
     model: str | None = None,
     *,
     dtype: str | None = None,
     max_model_len: int | None = None,
+    prefix_reuse: bool | None = None,
     **options,
 ) -> Engine:
     """Build an engine. ``options`` go to the backend's constructor (``overflow``, ``base_url``,
-    ``gpu_memory_utilization``, ...); ``dtype`` and ``max_model_len`` left at None keep the
-    backend's defaults. The openai backend computes on the server: it takes no dtype but 'auto'.
+    ``gpu_memory_utilization``, ...); ``dtype``, ``max_model_len`` and ``prefix_reuse`` left at
+    None keep the backend's defaults. ``prefix_reuse``: compute a prompt prefix that requests
+    share once (hf: within a micro-batch; vllm: its prefix caching). The openai backend computes
+    on the server: it takes no dtype but 'auto', and leaves prefix caching to the server.
     The one place where a recipe's or an evaluation's engine settings become an engine."""
     backend = pick_backend(backend)
     if max_model_len is not None:
         options["max_model_len"] = max_model_len
     check_dtype(backend, dtype)
+    check_prefix_reuse(backend, prefix_reuse)
     if backend != "openai" and dtype is not None:
         options["dtype"] = dtype
+    if prefix_reuse is not None and backend != "openai":
+        options["prefix_reuse" if backend == "hf" else "enable_prefix_caching"] = prefix_reuse
     if backend == "hf":
         from cai.engine.hf import HFEngine
 
@@ -89,6 +105,7 @@ __all__ = [
     "Sample",
     "Sampling",
     "check_dtype",
+    "check_prefix_reuse",
     "create_engine",
     "pick_backend",
 ]

@@ -8,6 +8,12 @@ KV cache at once, so one long completion does not make the batch pay for finishe
 ``score`` runs one prefill per conversation: the logits at the last prompt position give every
 option's first token; options longer than one token continue from that prompt's KV cache,
 expanded once per option, in a single extra forward.
+
+Prefix reuse (``prefix_reuse``, on by default): prompts that share a token prefix (a stage's
+few-shot exemplars, a principle's text, a pair's conversation, a request's ``n`` samples) sit
+together in the micro-batches, and each shared prefix is computed once per micro-batch and its
+keys and values reused by every prompt under it (``cai.engine.prefix`` finds them). The results
+are those of the path without reuse up to float rounding.
 """
 
 from __future__ import annotations
@@ -18,6 +24,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
+from transformers import DynamicCache
+from transformers.cache_utils import DynamicLayer
 
 from cai.engine.base import (
     Completion,
@@ -29,6 +37,7 @@ from cai.engine.base import (
     truncate_at_stop,
 )
 from cai.engine.encoding import PromptEncoder
+from cai.engine.prefix import prefix_tree, sharing_order
 from cai.models import resolve_model
 from cai.progress import progress_bar
 
@@ -48,16 +57,6 @@ def pick_dtype(dtype: str, device: torch.device) -> torch.dtype:
         return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
     capability = torch.backends.cpu.get_cpu_capability()
     return torch.bfloat16 if capability in ("AVX512_BF16", "AMX") else torch.float32
-
-
-def _common_prefix(prompts: list[list[int]]) -> int:
-    """Length of the token prefix all prompts share, leaving each at least one token of its own."""
-    shortest = min(len(p) for p in prompts)
-    first = prompts[0]
-    n = 0
-    while n < shortest - 1 and all(p[n] == first[n] for p in prompts):
-        n += 1
-    return n
 
 
 @dataclass
@@ -85,9 +84,13 @@ class HFEngine(Engine):
         max_model_len: int | None = None,
         max_batch_size: int = 32,
         max_batch_tokens: int = 16384,
+        prefix_reuse: bool = True,
         min_shared_prefix: int = 32,
         overflow: str = "raise",
     ):
+        """``prefix_reuse``: compute each token prefix that prompts of a micro-batch share once
+        (see the module docstring); ``min_shared_prefix``: the fewest tokens a shared prefix
+        must add to the one it extends to be computed apart."""
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
         resolved = resolve_model(model)
@@ -97,6 +100,10 @@ class HFEngine(Engine):
         if overflow not in ("raise", "error"):
             raise ValueError(f"overflow must be 'raise' or 'error' (got {overflow!r})")
         self.overflow = overflow
+        if not isinstance(min_shared_prefix, int) or min_shared_prefix < 1:
+            raise ValueError(
+                f"min_shared_prefix must be an integer >= 1 (got {min_shared_prefix!r})"
+            )
         self.tokenizer = AutoTokenizer.from_pretrained(resolved.path)
         self.model = AutoModelForCausalLM.from_pretrained(resolved.path, dtype=self.dtype)
         self.model.to(self.device).eval()
@@ -108,9 +115,19 @@ class HFEngine(Engine):
         self.max_batch_size = max_batch_size
         self.max_batch_tokens = max_batch_tokens
         self.min_shared_prefix = min_shared_prefix
+        # Reused keys and values are copied between caches, which a sliding-window or recurrent
+        # layer's cache does not allow: such models take the path without reuse.
+        layers = DynamicCache(config=self.model.config).layers
+        self.prefix_reuse = prefix_reuse and all(type(layer) is DynamicLayer for layer in layers)
+        if prefix_reuse and not self.prefix_reuse:
+            log.info("%s has non-plain attention caches: prefix reuse is off", self.model_name)
 
     def describe(self) -> dict:
-        return {**super().describe(), "dtype": str(self.dtype).removeprefix("torch.")}
+        return {
+            **super().describe(),
+            "dtype": str(self.dtype).removeprefix("torch."),
+            "prefix_reuse": self.prefix_reuse,
+        }
 
     # ---- generate ---------------------------------------------------------------------------
 
@@ -159,8 +176,14 @@ class HFEngine(Engine):
         return results
 
     def _micro_batches(self, rows, new_tokens):
-        """Rows sorted by prompt length, cut into batches under the size and token budgets."""
-        order = sorted(rows, key=lambda r: len(r.prompt), reverse=True)
+        """Rows in sharing order (by length without reuse), cut into batches under the size and
+        token budgets."""
+        if self.prefix_reuse:
+            order = [
+                rows[i] for i in sharing_order([r.prompt for r in rows], self.min_shared_prefix)
+            ]
+        else:
+            order = sorted(rows, key=lambda r: len(r.prompt), reverse=True)
         batch: list = []
         longest = 0
         for row in order:
@@ -175,48 +198,81 @@ class HFEngine(Engine):
         if batch:
             yield batch
 
-    def _left_pad(self, prompts: list[list[int]], offset: int = 0):
-        """Left-padded ids, attention mask and position ids (positions start at ``offset``)."""
+    def _left_pad(self, prompts: list[list[int]], offsets: list[int]):
+        """Left-padded ids, attention mask and position ids (row r's positions start at
+        ``offsets[r]``)."""
         width = max(len(p) for p in prompts)
         ids = torch.full((len(prompts), width), self.pad_id, dtype=torch.long)
         mask = torch.zeros((len(prompts), width), dtype=torch.long)
         for r, p in enumerate(prompts):
             ids[r, width - len(p) :] = torch.tensor(p)
             mask[r, width - len(p) :] = 1
-        positions = offset + (mask.cumsum(-1) - 1).clamp(min=0)
+        positions = torch.tensor(offsets)[:, None] + (mask.cumsum(-1) - 1).clamp(min=0)
         return ids.to(self.device), mask.to(self.device), positions.to(self.device)
 
     def _prefill(self, prompts: list[list[int]], use_cache: bool = True):
         """Run the prompts; return (cache, last-position logits [B, V], mask [B, T], last position [B]).
 
-        Stage prompts share a long static head (system prompt, few-shot exemplars). That common
-        prefix is computed once and its KV cache expanded to every row; only the suffixes are
-        prefilled, left-padded *after* the prefix (the mask hides the pads, positions skip them).
+        With prefix reuse, each shared prefix (a node of ``prefix_tree``) runs once, alone,
+        continuing its parent's cache; each prompt then runs only its tokens after its deepest
+        shared prefix, left-padded, with that prefix's keys and values as its past (zero-padded
+        to the longest such past, the padding masked) and positions that continue the prefix.
         """
-        common = _common_prefix(prompts)
-        if len(prompts) > 1 and common >= self.min_shared_prefix:
-            head = torch.tensor([prompts[0][:common]], device=self.device)
-            cache = self.model(input_ids=head, use_cache=True, logits_to_keep=1).past_key_values
-            cache.reorder_cache(torch.zeros(len(prompts), dtype=torch.long, device=self.device))
-            ids, tail_mask, positions = self._left_pad([p[common:] for p in prompts], offset=common)
-            mask = torch.cat([tail_mask.new_ones((len(prompts), common)), tail_mask], dim=1)
+        nodes, deepest = ([], [None] * len(prompts))
+        if self.prefix_reuse:
+            nodes, deepest = prefix_tree(prompts, self.min_shared_prefix)
+        shared = []  # per node, per layer: (keys, values), each [1, heads, end, dim]
+        for node in nodes:
+            ids = torch.tensor([prompts[node.row][node.start : node.end]], device=self.device)
             out = self.model(
                 input_ids=ids,
-                attention_mask=mask,
-                position_ids=positions,
-                past_key_values=cache,
+                position_ids=torch.arange(node.start, node.end, device=self.device)[None],
+                # A new cache over the parent's tensors: the forward appends to its own.
+                past_key_values=None if node.parent is None else DynamicCache(shared[node.parent]),
+                use_cache=True,
                 logits_to_keep=1,
             )
-        else:
-            ids, mask, positions = self._left_pad(prompts)
-            out = self.model(
-                input_ids=ids,
-                attention_mask=mask,
-                position_ids=positions,
-                use_cache=use_cache,
-                logits_to_keep=1,  # the vocabulary head at the last position only
-            )
+            shared.append([(k, v) for k, v, _ in out.past_key_values])
+        starts = [0 if d is None else nodes[d].end for d in deepest]
+        ids, mask, positions = self._left_pad(
+            [p[start:] for p, start in zip(prompts, starts, strict=True)], starts
+        )
+        past = None
+        if any(starts):
+            past, past_mask = self._shared_past(shared, starts, deepest)
+            mask = torch.cat([past_mask, mask], dim=1)
+        out = self.model(
+            input_ids=ids,
+            attention_mask=mask,
+            position_ids=positions,
+            past_key_values=past,
+            use_cache=use_cache,
+            logits_to_keep=1,  # the vocabulary head at the last position only
+        )
         return out.past_key_values, out.logits[:, -1, :].float(), mask, positions[:, -1]
+
+    def _shared_past(self, shared, ends: list[int], deepest: list[int | None]):
+        """Each row's deepest shared prefix as one cache (per layer [B, heads, width, dim]: the
+        prefixes left-aligned, zero-padded to the longest) and its mask [B, width]."""
+        rows_of: dict[int, list[int]] = {}
+        for r, node in enumerate(deepest):
+            if node is not None:
+                rows_of.setdefault(node, []).append(r)
+        width = max(ends)
+        mask = torch.zeros((len(ends), width), dtype=torch.long)
+        for r, end in enumerate(ends):
+            mask[r, :end] = 1
+        layers = []
+        for layer, (k0, v0) in enumerate(shared[0]):
+            keys = k0.new_zeros((len(ends), k0.shape[1], width, k0.shape[3]))
+            values = v0.new_zeros((len(ends), v0.shape[1], width, v0.shape[3]))
+            for node, rows in rows_of.items():
+                k, v = shared[node][layer]  # [1, heads, end, dim], broadcast over the rows
+                index = torch.tensor(rows, device=self.device)
+                keys[index, :, : k.shape[2]] = k
+                values[index, :, : v.shape[2]] = v
+            layers.append((keys, values))
+        return DynamicCache(layers), mask.to(self.device)
 
     @torch.inference_mode()
     def _decode(self, batch: list[_Row]) -> list[Sample]:

@@ -80,6 +80,7 @@ class VLLMEngine(Engine):
 
             dtype = str(pick_dtype("auto", torch.device("cpu"))).removeprefix("torch.")
         self.dtype = dtype
+        self.prefix_reuse = enable_prefix_caching
         self.llm = vllm.LLM(
             model=resolved.path,
             dtype=dtype,
@@ -94,7 +95,12 @@ class VLLMEngine(Engine):
         self.encoder = PromptEncoder(self.tokenizer, self.llm.llm_engine.model_config.max_model_len)
 
     def describe(self) -> dict:
-        return {**super().describe(), "dtype": self.dtype, "vllm": self._vllm.__version__}
+        return {
+            **super().describe(),
+            "dtype": self.dtype,
+            "vllm": self._vllm.__version__,
+            "prefix_reuse": self.prefix_reuse,
+        }
 
     def close(self) -> None:
         llm = getattr(self, "llm", None)

@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 from cai.config import ConfigError, FieldError, LineDict, doc, from_data, load_yaml, set_dotted
-from cai.engine import check_dtype
+from cai.engine import check_dtype, check_prefix_reuse
 from cai.engine.ray import check_address, replica_gpus
 from cai.pipeline.online import OnlineConfig, check_recipe
 from cai.pipeline.stage import Stage
@@ -62,12 +62,21 @@ class EngineConfig:
         "local",
     )
     ray: RayConfig = doc("the Ray replicas (executor: ray)", factory=RayConfig)
+    prefix_reuse: bool = doc(
+        "compute a prompt prefix that requests share once (hf: per micro-batch; vllm: prefix "
+        "caching; openai: the server decides); not part of the run's config: switching resumes "
+        "the same run with the same records",
+        True,
+    )
 
     def validate(self) -> None:
         check_dtype(self.backend, self.dtype)
-        for name in ("dtype", "max_model_len"):
+        check_prefix_reuse(self.backend, self.prefix_reuse)
+        for name in ("dtype", "max_model_len", "prefix_reuse"):
             if name in self.options:
                 raise ValueError(f"options.{name}: set engine.{name} instead (a field of its own)")
+        if "enable_prefix_caching" in self.options:
+            raise ValueError("options.enable_prefix_caching: set engine.prefix_reuse instead")
         replica_gpus(self.backend, self.options, self.ray.num_gpus)  # GPUs given once
 
 

@@ -39,9 +39,10 @@ log = logging.getLogger(__name__)
 # Recipe keys that select which records to make, not what a record contains: left out of the
 # manifest's config hash so `--limit 5` then a full run, or shards, share one run.
 _VOLATILE = ("chunk_size", "max_error_rate")
-# Engine keys that say where the engines run, not what they compute: left out too, so a run
-# begun in-process resumes on Ray and back (record keys never depend on them).
-_VOLATILE_ENGINE = ("executor", "ray")
+# Engine keys that say where or how fast the engines run, not what they compute: left out too,
+# so a run begun in-process resumes on Ray and back, or with prefix reuse switched (record keys
+# never depend on them).
+_VOLATILE_ENGINE = ("executor", "ray", "prefix_reuse")
 
 
 def run_config(recipe: Recipe) -> dict[str, Any]:
@@ -219,7 +220,12 @@ class Runner:
             return self.injected_engine
         if model not in self._engines:
             e = self.recipe.engine
-            options = dict(dtype=e.dtype, max_model_len=e.max_model_len, overflow="error")
+            options = dict(
+                dtype=e.dtype,
+                max_model_len=e.max_model_len,
+                prefix_reuse=e.prefix_reuse,
+                overflow="error",
+            )
             if e.executor == "ray":
                 from cai.engine.ray import replicated
 

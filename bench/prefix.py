@@ -1,0 +1,148 @@
+"""Prefix reuse: the critique and the judge workloads with reuse on and off, side by side.
+
+    python bench/prefix.py [--backend hf|vllm] [--prompts 16] [--max-tokens 64] [--dtype auto]
+
+The quickstart's prompts (red-team and helpful, alternating) get greedy initial responses (not
+timed). The critique workload is one critique → revision round over them (``CritiqueReviser``,
+the harmless constitution's few-shot exemplars, greedy, up to --max-tokens per step); the judge
+workload labels the pairs (initial response, revision) with the multiple-choice log-prob judge,
+both orders. Both run on the same requests with reuse on, then off (the HF engine's
+``prefix_reuse``; vLLM's prefix caching, an engine of each), after a one-request warm-up.
+
+On HF the table also gives the floor: the time with reuse less the time spent computing the
+shared prefixes, that is the prefill of the unshared tokens alone (and, for the critique
+workload, the decoding). Prints a table, then one JSON line whose ``<workload>_prefix_reuse_speedup``
+is the wall time without reuse over the time with it; ``identical`` says whether reuse left the
+critiques and revisions unchanged and the judge's probabilities within 1e-4.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+
+from cai.constitution import load_constitution
+from cai.critique import CritiqueReviser, RoundInput
+from cai.engine import Sampling, create_engine
+from cai.judge import Judge
+from cai.keys import record_key
+from cai.resources import resolve
+
+TOLERANCE = 1e-4
+
+
+def quickstart_prompts(count: int) -> list[str]:
+    sets = []
+    for name in ("red_team", "helpful"):
+        with open(resolve("data", name), encoding="utf-8") as f:
+            sets.append([json.loads(line)["prompt"] for line in f if line.strip()])
+    mixed = [p for pair in zip(*sets, strict=False) for p in pair]
+    return mixed[:count]
+
+
+class SharedPrefixTimer:
+    """Time an HF engine spends computing shared prefixes: its prefix forwards are the ones
+    without an attention mask (one prefix, nothing padded)."""
+
+    def __init__(self, engine):
+        self.seconds = 0.0
+        forward = engine.model.forward
+
+        def timed(*args, **kwargs):
+            if kwargs.get("attention_mask") is not None:
+                return forward(*args, **kwargs)
+            start = time.perf_counter()
+            try:
+                return forward(*args, **kwargs)
+            finally:
+                self.seconds += time.perf_counter() - start
+
+        engine.model.forward = timed
+
+
+def run(args, reuse: bool, prompts: list[str], responses: list[str] | None) -> dict:
+    options = {"enforce_eager": True} if args.backend == "vllm" else {}
+    engine = create_engine(
+        args.backend, model=args.model, dtype=args.dtype, prefix_reuse=reuse, **options
+    )
+    try:
+        sampling = Sampling(max_tokens=args.max_tokens)
+        conversations = [[{"role": "user", "content": p}] for p in prompts]
+        if responses is None:
+            responses = [c.text for c in engine.generate(conversations, sampling)]
+        constitution = load_constitution("harmless")
+        reviser = CritiqueReviser(engine, constitution, sampling=sampling)
+        judge = Judge(engine, constitution)
+        items = []
+        for p, conversation, response in zip(prompts, conversations, responses, strict=True):
+            key = record_key(bench="prefix", prompt=p)
+            items.append(RoundInput(key, conversation, response, reviser.principle_for(key)))
+        reviser.run_round(items[:1])  # warm-up
+        judge.label([(prompts[0], responses[0], responses[0] + ".")])
+        timer = SharedPrefixTimer(engine) if args.backend == "hf" else None
+        out = {"reuse": reuse, "responses": responses, "dtype": engine.describe().get("dtype")}
+        for workload in ("critique", "judge"):
+            shared_before = timer.seconds if timer else 0.0
+            start = time.perf_counter()
+            if workload == "critique":
+                rounds = reviser.run_round(items)
+            else:
+                pairs = [(p, r.response, r.revision) for p, r in zip(prompts, rounds, strict=True)]
+                labels = judge.label(pairs)
+            wall = time.perf_counter() - start
+            out[workload] = {"wall_s": wall}
+            if timer:
+                out[workload]["floor_s"] = wall - (timer.seconds - shared_before)
+        out["rounds"] = [r.to_dict() for r in rounds]
+        out["p_a"] = [p.p_a for p in labels]
+        out["prompt_tokens"] = sum(r.usage.get("prompt_tokens", 0) for r in rounds)
+        return out
+    finally:
+        engine.close()
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--backend", default="hf", choices=["hf", "vllm"])
+    parser.add_argument("--model", default=None, help="model spec (default: smollm2-135m)")
+    parser.add_argument("--dtype", default="auto")
+    parser.add_argument("--prompts", type=int, default=16)
+    parser.add_argument("--max-tokens", type=int, default=64)
+    args = parser.parse_args()
+    prompts = quickstart_prompts(args.prompts)
+    on = run(args, True, prompts, None)
+    off = run(args, False, prompts, on["responses"])
+    identical = {
+        "critique": on["rounds"] == off["rounds"],
+        "judge": all(abs(a - b) <= TOLERANCE for a, b in zip(on["p_a"], off["p_a"], strict=True)),
+    }
+
+    print(
+        f"\n{len(prompts)} prompts, {args.backend} ({on['dtype']}); critique: one critique → "
+        f"revision round, up to {args.max_tokens} tokens each; judge: {len(prompts)} pairs, "
+        f"both orders\n"
+    )
+    print(f"{'workload':<10}{'off s':>9}{'on s':>9}{'speedup':>9}{'floor s':>9}{'identical':>11}")
+    line = {"bench": "prefix", "backend": args.backend, "dtype": on["dtype"]}
+    line.update(prompts=len(prompts), max_tokens=args.max_tokens)
+    for workload in ("critique", "judge"):
+        a, b = off[workload], on[workload]
+        speedup = a["wall_s"] / b["wall_s"]
+        floor = f"{b['floor_s']:>9.1f}" if "floor_s" in b else f"{'-':>9}"
+        print(
+            f"{workload:<10}{a['wall_s']:>9.1f}{b['wall_s']:>9.1f}{speedup:>9.2f}{floor}"
+            f"{identical[workload]!s:>11}"
+        )
+        line[f"{workload}_off_s"] = round(a["wall_s"], 2)
+        line[f"{workload}_on_s"] = round(b["wall_s"], 2)
+        if "floor_s" in b:
+            line[f"{workload}_floor_s"] = round(b["floor_s"], 2)
+        line[f"{workload}_prefix_reuse_speedup"] = round(speedup, 3)
+        line[f"{workload}_identical"] = identical[workload]
+    line["critique_prompt_tokens"] = on["prompt_tokens"]
+    print(json.dumps(line))
+
+
+if __name__ == "__main__":
+    main()
