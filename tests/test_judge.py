@@ -487,7 +487,10 @@ def test_cli_judge_eval_prints_a_json_line_last(capsys):
     # jd-001..004: the shorter response is the better one in pairs 1, 2 and 4
     assert modes["longer wins"]["accuracy"] == 0.25 and result["shorter_better"] == 3
     for name in ("pairwise", "pairwise+batch", "pointwise", "generative"):
-        assert 0 <= modes[name]["accuracy"] <= 1 and modes[name]["pairs_per_s"] > 0
+        assert 0 <= modes[name]["accuracy"] <= 1
+    for name in ("pairwise", "pointwise", "generative"):
+        assert modes[name]["pairs_per_s"] > 0
+    assert modes["pairwise+batch"]["pairs_per_s"] is None  # its scores are pairwise's
     assert modes["pointwise"]["consistent"] is None and modes["pairwise"]["consistent"] is not None
     assert set(result["by_category"]) <= {"harmlessness", "helpfulness", "honesty", "sycophancy"}
     table = "\n".join(out[:-1])
