@@ -335,8 +335,8 @@ def _check_pair_lengths(pairs: list[LabelledPair], spec: str | None, backend: st
         )
 
 
-def add_judge_options(parser: argparse.ArgumentParser, *, constitution: str = "harmless") -> None:
-    """The options that build one judge (``judge_from_args``), shared by the judge commands."""
+def _add_judge_common(parser: argparse.ArgumentParser, constitution: str) -> None:
+    """The judge options every judge command takes (the mode-specific ones come after)."""
     parser.add_argument(
         "--model", default=None, metavar="SPEC", help="judge model spec (default: smollm2-135m)"
     )
@@ -345,8 +345,27 @@ def add_judge_options(parser: argparse.ArgumentParser, *, constitution: str = "h
         "--dtype", default=None, help="engine dtype (hf, vllm): auto, float32, bfloat16, ..."
     )
     parser.add_argument(
-        "--constitution", default=constitution, metavar="NAME", help="shipped name or path"
+        "--constitution",
+        default=constitution,
+        metavar="NAME",
+        help=f"shipped name or path (default {constitution})",
     )
+    parser.add_argument("--zero-shot", action="store_true", help="no exemplars in the prompts")
+    parser.add_argument(
+        "--principles", metavar="ID,...", help="ask only these principles (default: all)"
+    )
+    parser.add_argument(
+        "--ensemble", type=int, default=1, metavar="K", help="principles averaged per pair"
+    )
+    parser.add_argument(
+        "--cot", action="store_true", help="pairwise: chain-of-thought, clamped probabilities"
+    )
+    parser.add_argument("--seed", type=int, default=0, help="the judge's seed (principle draws)")
+
+
+def add_judge_options(parser: argparse.ArgumentParser, *, constitution: str = "harmless") -> None:
+    """The options that build one judge (``judge_from_args``), shared by the judge commands."""
+    _add_judge_common(parser, constitution)
     parser.add_argument(
         "--mode",
         default="pairwise",
@@ -362,17 +381,6 @@ def add_judge_options(parser: argparse.ArgumentParser, *, constitution: str = "h
     parser.add_argument(
         "--temperature", type=float, default=1.0, help="pointwise: p = sigmoid(score diff / T)"
     )
-    parser.add_argument("--zero-shot", action="store_true", help="no exemplars in the prompts")
-    parser.add_argument(
-        "--principles", metavar="ID,...", help="ask only these principles (default: all)"
-    )
-    parser.add_argument(
-        "--ensemble", type=int, default=1, metavar="K", help="principles averaged per pair"
-    )
-    parser.add_argument(
-        "--cot", action="store_true", help="pairwise: chain-of-thought, clamped probabilities"
-    )
-    parser.add_argument("--seed", type=int, default=0, help="the judge's seed (principle draws)")
 
 
 def judge_from_args(args: argparse.Namespace) -> Judge:
@@ -499,16 +507,7 @@ def add_judge(commands: argparse._SubParsersAction) -> None:
     ev.add_argument(
         "--data", required=True, metavar="FILE", help="preference pairs (cai.pairs.load_pairs)"
     )
-    ev.add_argument(
-        "--model", default=None, metavar="SPEC", help="judge model spec (default: smollm2-135m)"
-    )
-    ev.add_argument("--backend", default="auto", choices=BACKENDS)
-    ev.add_argument(
-        "--dtype", default=None, help="engine dtype (hf, vllm): auto, float32, bfloat16, ..."
-    )
-    ev.add_argument(
-        "--constitution", default="hhh", metavar="NAME", help="shipped name or path (default hhh)"
-    )
+    _add_judge_common(ev, "hhh")
     ev.add_argument("--limit", type=int, default=None, metavar="N", help="judge the first N pairs")
     ev.add_argument(
         "--mode", default="pairwise,pointwise", metavar="M,...", help="pairwise, pointwise or both"
@@ -539,17 +538,6 @@ def add_judge(commands: argparse._SubParsersAction) -> None:
         action="store_false",
         help="leave out the naive generative judge (the slowest row)",
     )
-    ev.add_argument("--zero-shot", action="store_true", help="no exemplars in the judge prompts")
-    ev.add_argument(
-        "--principles", metavar="ID,...", help="ask only these principles (default: all)"
-    )
-    ev.add_argument(
-        "--ensemble", type=int, default=1, metavar="K", help="principles averaged per pair"
-    )
-    ev.add_argument(
-        "--cot", action="store_true", help="pairwise: chain-of-thought, clamped probabilities"
-    )
-    ev.add_argument("--seed", type=int, default=0, help="the judge's seed (principle draws)")
     ev.set_defaults(run=_judge_eval)
 
     label = sub.add_parser(
