@@ -151,6 +151,11 @@ def test_the_dry_run_plans_each_round(tmp_path, capsys):
     assert f"sample: 2 requests × k=2 (0 done; model {run / 'rounds/1/dpo'}" in plan
     assert "ref_model=smollm2-135m" in plan.split("round 2 of 2")[1]
     assert "ref_model" not in plan.split("round 2 of 2")[0]
+    # The evaluation's pointwise judge scores each of 3 models' 2 compared answers once (6 pairs:
+    # each round against the base, round 2 against round 1); the contextual graders add a
+    # content-free answer per graded prompt (red_team, over_refusal) in both orders.
+    assert "eval_grade: 6 answers × 2 orders = 12 score requests + 4 content-free" in plan
+    assert "eval_compare: 6 pairs, pointwise: each answer scored once = 6 score requests" in plan
     assert not run.exists() or not (run / "stages").exists()
 
 

@@ -163,6 +163,79 @@ def test_a_mid_token_prefix_shares_only_the_tokens_both_encodings_have(tiny_engi
     assert shared_text.startswith(shared_tokens)
 
 
+def test_grouped_attention_gives_transformers_sdpa_numbers(tiny_engines):
+    # The tiny model has 2 query heads over 1 key/value head: the CPU engine passes the groups
+    # to torch as they are instead of copying keys and values per head, with the same numbers.
+    from cai.engine.hf import GROUPED_SDPA
+
+    on, _ = tiny_engines
+    assert on.model.config._attn_implementation == GROUPED_SDPA
+    conversations = BATCHES["mixed"]
+    sampling = Sampling(max_tokens=8, temperature=1.0, seed=3)
+
+    def results():
+        scores = [s.logprobs for s in on.score(conversations, ["A", " no thanks"])]
+        return scores, [c.text for c in on.generate(conversations, sampling)]
+
+    grouped = results()
+    on.model.set_attn_implementation("sdpa")
+    try:
+        plain = results()
+    finally:
+        on.model.set_attn_implementation(GROUPED_SDPA)
+    assert grouped[1] == plain[1]
+    for g, w in zip(grouped[0], plain[0], strict=True):
+        assert g == pytest.approx(w, abs=1e-6)
+
+
+def test_a_reserved_cache_layer_writes_in_place_grows_and_reorders():
+    import torch
+
+    from cai.engine.hf import _Reserved
+
+    torch.manual_seed(0)
+    keys, values = torch.randn(3, 2, 5, 4), torch.randn(3, 2, 5, 4)
+    layer = _Reserved.of(keys, values, room=2)
+    buffer = layer.buffers[0]
+    steps = [(torch.randn(3, 2, 1, 4), torch.randn(3, 2, 1, 4)) for _ in range(3)]
+    for i, (k, v) in enumerate(steps[:2]):
+        got_k, got_v = layer.update(k, v)
+        keys, values = torch.cat([keys, k], dim=2), torch.cat([values, v], dim=2)
+        assert torch.equal(got_k, keys) and torch.equal(got_v, values)
+        assert layer.buffers[0] is buffer  # within its room: written in place
+        assert layer.get_seq_length() == 6 + i
+    layer.reorder_cache(torch.tensor([2, 0]))  # rows that finished leave the cache
+    keys, values = keys[[2, 0]], values[[2, 0]]
+    assert torch.equal(layer.keys, keys) and torch.equal(layer.values, values)
+    k, v = steps[2][0][[2, 0]], steps[2][1][[2, 0]]
+    got_k, got_v = layer.update(k, v)  # out of room: grows
+    assert torch.equal(got_k, torch.cat([keys, k], dim=2))
+    assert torch.equal(got_v, torch.cat([values, v], dim=2))
+    assert layer.buffers[0].shape[2] >= 8
+
+
+def test_a_shared_prefix_counts_little_in_the_batch_budget(tiny_engines):
+    # 24 prompts of 212 tokens that share their first 200 (a judge's exemplars): without reuse
+    # they are cut by the token budget; with it, what each row runs itself is 12 tokens, and
+    # the shared 200 are kept once per row as keys and values, counted a quarter.
+    from cai.engine.hf import _Row
+
+    on, off = tiny_engines
+    prompts = [[7] * 200 + [i % 50 + 1] * 12 for i in range(24)]
+    rows = [_Row(i, 0, p, Sampling(max_tokens=2), None) for i, p in enumerate(prompts)]
+    sizes = {}
+    for engine in (on, off):
+        engine.max_batch_tokens = 2000
+        try:
+            batches = list(engine._micro_batches(rows, lambda r: 2))
+        finally:
+            engine.max_batch_tokens = 16384
+        assert sorted(r.request for b in batches for r in b) == list(range(24))
+        sizes[engine.prefix_reuse] = [len(b) for b in batches]
+    assert sizes[False] == [9, 9, 6]  # 214 tokens × 9 rows fit in 2000
+    assert sizes[True] == [24]  # 24 × 14 + 24 × 200 // 4 = 1536
+
+
 # ---- the real model --------------------------------------------------------------------------
 
 

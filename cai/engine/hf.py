@@ -14,6 +14,10 @@ few-shot exemplars, a principle's text, a pair's conversation, a request's ``n``
 together in the micro-batches, and each shared prefix is computed once per micro-batch and its
 keys and values reused by every prompt under it (``cai.engine.prefix`` finds them). The results
 are those of the path without reuse up to float rounding.
+
+The decode loop pays for little besides the model: on the CPU, grouped key/value heads go to
+torch's attention without a copy per query head (``GROUPED_SDPA``), and the cache has room for
+the tokens a batch will generate, so a step writes in place (``_Reserved``).
 """
 
 from __future__ import annotations
@@ -22,6 +26,7 @@ import logging
 import random
 from collections.abc import Sequence
 from dataclasses import dataclass
+from itertools import pairwise
 
 import torch
 from transformers import DynamicCache
@@ -37,11 +42,50 @@ from cai.engine.base import (
     truncate_at_stop,
 )
 from cai.engine.encoding import PromptEncoder
-from cai.engine.prefix import prefix_tree, sharing_order
+from cai.engine.prefix import prefix_tree, shared_tokens, sharing_order
 from cai.models import resolve_model
 from cai.progress import progress_bar
 
 log = logging.getLogger(__name__)
+
+GROUPED_SDPA = "cai_grouped_sdpa"
+"""transformers' ``sdpa`` attention, except that on the CPU grouped key/value heads go to torch's
+SDPA as they are (``enable_gqa``): with a padding mask transformers copies the keys and values
+once per query head at every layer and step (``repeat_kv``), which costs a decoding step with a
+long cache more than the model's matrix products (SmolLM2: 9 query heads over 3 key/value heads).
+The numbers are the same: torch computes the same attention without the copies."""
+
+
+def _grouped_sdpa(module, query, key, value, attention_mask, **kwargs):
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+    groups = getattr(module, "num_key_value_groups", 1)
+    plain = kwargs.get("position_bias") is None and kwargs.get("cache") is None
+    if query.device.type != "cpu" or groups == 1 or not plain or attention_mask is None:
+        return sdpa_attention_forward(module, query, key, value, attention_mask, **kwargs)
+    out = torch.nn.functional.scaled_dot_product_attention(
+        query,
+        key,
+        value,
+        attn_mask=attention_mask,
+        dropout_p=kwargs.get("dropout", 0.0),
+        scale=kwargs.get("scaling"),
+        enable_gqa=True,
+    )
+    return out.transpose(1, 2).contiguous(), None
+
+
+def _use_grouped_sdpa(model) -> None:
+    """Switch a model on transformers' sdpa attention to ``GROUPED_SDPA`` (registered once)."""
+    from transformers import AttentionInterface
+    from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, sdpa_mask
+
+    if getattr(model.config, "_attn_implementation", None) != "sdpa":
+        return
+    AttentionInterface.register(GROUPED_SDPA, _grouped_sdpa)
+    ALL_MASK_ATTENTION_FUNCTIONS.register(GROUPED_SDPA, sdpa_mask)
+    model.set_attn_implementation(GROUPED_SDPA)
+
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -57,6 +101,65 @@ def pick_dtype(dtype: str, device: torch.device) -> torch.dtype:
         return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
     capability = torch.backends.cpu.get_cpu_capability()
     return torch.bfloat16 if capability in ("AVX512_BF16", "AMX") else torch.float32
+
+
+class _Reserved(DynamicLayer):
+    """A plain cache layer whose keys and values are the front of buffers with room for more
+    positions: an update writes its positions in place, where ``DynamicLayer`` copies the whole
+    cache into a new tensor (``torch.cat``) at every layer of every decoding step."""
+
+    def __init__(self, keys: torch.Tensor, values: torch.Tensor, length: int):
+        """``keys``/``values``: buffers [batch, heads, capacity, dim], their first ``length``
+        positions filled."""
+        super().__init__()
+        self.buffers = (keys, values)
+        self.dtype, self.device = keys.dtype, keys.device
+        self.is_initialized = True
+        self._view(length)
+
+    @classmethod
+    def of(cls, keys: torch.Tensor, values: torch.Tensor, room: int) -> _Reserved:
+        """A layer holding ``keys``/``values`` with room for ``room`` more positions."""
+        n = keys.shape[-2]
+        buffers = []
+        for t in (keys, values):
+            buffer = t.new_empty((*t.shape[:-2], n + room, t.shape[-1]))
+            buffer[..., :n, :] = t
+            buffers.append(buffer)
+        return cls(*buffers, n)
+
+    def _view(self, length: int) -> None:
+        keys, values = self.buffers
+        self.keys, self.values = keys[..., :length, :], values[..., :length, :]
+
+    def update(self, key_states, value_states, *args, **kwargs):
+        n = self.keys.shape[-2]
+        m = n + key_states.shape[-2]
+        if m > self.buffers[0].shape[-2]:  # out of room: as much again
+            self.buffers = _Reserved.of(self.keys, self.values, max(m, 2 * n) - n).buffers
+        keys, values = self.buffers
+        keys[..., n:m, :] = key_states
+        values[..., n:m, :] = value_states
+        self._view(m)
+        return self.keys, self.values
+
+    def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
+        self.batch_select_indices(beam_idx)
+
+    def batch_select_indices(self, indices: torch.Tensor) -> None:
+        n = self.keys.shape[-2]
+        index = torch.as_tensor(indices, device=self.device)
+        self.buffers = tuple(b.index_select(0, index) for b in self.buffers)
+        self._view(n)
+
+
+def _reserve(cache: DynamicCache, room: int) -> DynamicCache:
+    """``cache`` with room for ``room`` more positions in each plain layer (see ``_Reserved``)."""
+    cache.layers = [
+        _Reserved.of(layer.keys, layer.values, room) if type(layer) is DynamicLayer else layer
+        for layer in cache.layers
+    ]
+    return cache
 
 
 @dataclass
@@ -107,6 +210,8 @@ class HFEngine(Engine):
         self.tokenizer = AutoTokenizer.from_pretrained(resolved.path)
         self.model = AutoModelForCausalLM.from_pretrained(resolved.path, dtype=self.dtype)
         self.model.to(self.device).eval()
+        if self.device.type == "cpu":
+            _use_grouped_sdpa(self.model)
         context = getattr(self.model.config, "max_position_embeddings", None) or 2048
         self.encoder = PromptEncoder(self.tokenizer, min(max_model_len or context, context))
         self.pad_id = self.tokenizer.pad_token_id
@@ -177,24 +282,39 @@ class HFEngine(Engine):
 
     def _micro_batches(self, rows, new_tokens):
         """Rows in sharing order (by length without reuse), cut into batches under the size and
-        token budgets."""
-        if self.prefix_reuse:
-            order = [
-                rows[i] for i in sharing_order([r.prompt for r in rows], self.min_shared_prefix)
-            ]
-        else:
+        token budgets.
+
+        A batch costs its padded rectangle: rows × (longest prompt + new tokens). With reuse, the
+        tokens a row shares with a neighbour are not run for it, only kept as keys and values, so
+        they count a quarter, and the rectangle is that of the tokens each row runs itself. A
+        shared prefix is computed once per batch, so its rows stay together where they fit."""
+        if not self.prefix_reuse:
             order = sorted(rows, key=lambda r: len(r.prompt), reverse=True)
+            links = [0] * (len(order) + 1)
+        else:
+            prompts = [r.prompt for r in rows]
+            order = [rows[i] for i in sharing_order(prompts, self.min_shared_prefix)]
+            # links[i]: the tokens order[i] shares with the row before it
+            links = [0, *(shared_tokens(a.prompt, b.prompt) for a, b in pairwise(order)), 0]
         batch: list = []
-        longest = 0
-        for row in order:
-            cost = max(longest, len(row.prompt) + new_tokens(row))
+        longest = kept = 0
+
+        def cost(i: int) -> tuple[int, int]:
+            """Row i's shared tokens and the batch's widest own part, were it to join."""
+            shared = max(links[i] if batch else 0, links[i + 1])
+            return shared, max(longest, len(order[i].prompt) - shared + new_tokens(order[i]))
+
+        for i, row in enumerate(order):
+            shared, own = cost(i)
             if batch and (
-                len(batch) >= self.max_batch_size or cost * (len(batch) + 1) > self.max_batch_tokens
+                len(batch) >= self.max_batch_size
+                or own * (len(batch) + 1) + (kept + shared) // 4 > self.max_batch_tokens
             ):
                 yield batch
-                batch, cost = [], len(row.prompt) + new_tokens(row)
+                batch, longest, kept = [], 0, 0
+                shared, own = cost(i)
             batch.append(row)
-            longest = cost
+            longest, kept = own, kept + shared
         if batch:
             yield batch
 
@@ -210,8 +330,9 @@ class HFEngine(Engine):
         positions = torch.tensor(offsets)[:, None] + (mask.cumsum(-1) - 1).clamp(min=0)
         return ids.to(self.device), mask.to(self.device), positions.to(self.device)
 
-    def _prefill(self, prompts: list[list[int]], use_cache: bool = True):
+    def _prefill(self, prompts: list[list[int]], use_cache: bool = True, room: int = 0):
         """Run the prompts; return (cache, last-position logits [B, V], mask [B, T], last position [B]).
+        The cache has room for ``room`` more positions (the tokens decoding will add).
 
         With prefix reuse, each shared prefix (a node of ``prefix_tree``) runs once, alone,
         continuing its parent's cache; each prompt then runs only its tokens after its deepest
@@ -239,7 +360,7 @@ class HFEngine(Engine):
         )
         past = None
         if any(starts):
-            past, past_mask = self._shared_past(shared, starts, deepest)
+            past, past_mask = self._shared_past(shared, starts, deepest, ids.shape[1] + room)
             mask = torch.cat([past_mask, mask], dim=1)
         out = self.model(
             input_ids=ids,
@@ -249,11 +370,15 @@ class HFEngine(Engine):
             use_cache=use_cache,
             logits_to_keep=1,  # the vocabulary head at the last position only
         )
-        return out.past_key_values, out.logits[:, -1, :].float(), mask, positions[:, -1]
+        cache = out.past_key_values
+        if past is None and room and cache is not None:
+            cache = _reserve(cache, room)
+        return cache, out.logits[:, -1, :].float(), mask, positions[:, -1]
 
-    def _shared_past(self, shared, ends: list[int], deepest: list[int | None]):
+    def _shared_past(self, shared, ends: list[int], deepest: list[int | None], room: int):
         """Each row's deepest shared prefix as one cache (per layer [B, heads, width, dim]: the
-        prefixes left-aligned, zero-padded to the longest) and its mask [B, width]."""
+        prefixes left-aligned, zero-padded to the longest; with room for ``room`` positions more)
+        and its mask [B, width]."""
         rows_of: dict[int, list[int]] = {}
         for r, node in enumerate(deepest):
             if node is not None:
@@ -262,21 +387,32 @@ class HFEngine(Engine):
         mask = torch.zeros((len(ends), width), dtype=torch.long)
         for r, end in enumerate(ends):
             mask[r, :end] = 1
-        layers = []
+        cache = DynamicCache()
+        cache.layers = []
         for layer, (k0, v0) in enumerate(shared[0]):
-            keys = k0.new_zeros((len(ends), k0.shape[1], width, k0.shape[3]))
-            values = v0.new_zeros((len(ends), v0.shape[1], width, v0.shape[3]))
+            buffers = [
+                t.new_empty((len(ends), t.shape[1], width + room, t.shape[3])) for t in (k0, v0)
+            ]
             for node, rows in rows_of.items():
-                k, v = shared[node][layer]  # [1, heads, end, dim], broadcast over the rows
-                index = torch.tensor(rows, device=self.device)
-                keys[index, :, : k.shape[2]] = k
-                values[index, :, : v.shape[2]] = v
-            layers.append((keys, values))
-        return DynamicCache(layers), mask.to(self.device)
+                index = slice(rows[0], rows[-1] + 1)  # rows in sharing order sit together
+                if rows != list(range(rows[0], rows[-1] + 1)):
+                    index = torch.tensor(rows, device=self.device)
+                for buffer, t in zip(buffers, shared[node][layer], strict=True):
+                    # [1, heads, end, dim], broadcast over the rows; the padding after it must
+                    # hold numbers (masked, it still enters the products: NaN would spread).
+                    buffer[index, :, : t.shape[2]] = t
+                    buffer[index, :, t.shape[2] : width] = 0
+            for r, node in enumerate(deepest):
+                if node is None:
+                    for buffer in buffers:
+                        buffer[r, :, :width] = 0
+            cache.layers.append(_Reserved(*buffers, width))
+        return cache, mask.to(self.device)
 
     @torch.inference_mode()
     def _decode(self, batch: list[_Row]) -> list[Sample]:
-        cache, logits, mask, last = self._prefill([r.prompt for r in batch])
+        room = max(r.sampling.max_tokens for r in batch)
+        cache, logits, mask, last = self._prefill([r.prompt for r in batch], room=room)
         live = list(range(len(batch)))  # batch indices still decoding, in cache order
         next_pos = last + 1
         tokens: list[list[int]] = [[] for _ in batch]

@@ -37,7 +37,7 @@ class Node:
         return self.rows[0]
 
 
-def _common(a: Sequence[int], b: Sequence[int]) -> int:
+def shared_tokens(a: Sequence[int], b: Sequence[int]) -> int:
     """Tokens ``a`` and ``b`` share at their start, leaving each at least one of its own (the
     last prompt position gives the next token's logits, so every prompt runs at least one)."""
     limit = min(len(a), len(b)) - 1
@@ -60,7 +60,7 @@ def prefix_tree(
     same way inside it.
     """
     order = sorted(range(len(prompts)), key=lambda i: prompts[i])
-    common = [_common(prompts[a], prompts[b]) for a, b in pairwise(order)]
+    common = [shared_tokens(prompts[a], prompts[b]) for a, b in pairwise(order)]
     nodes: list[Node] = []
     deepest: list[int | None] = [None] * len(prompts)
     todo: list[tuple[int, int, int, int | None]] = [(0, len(prompts), 0, None)]

@@ -143,15 +143,21 @@ def plan(runner: StageContext) -> list[str]:
     def done(stage: str) -> int:
         return len(store.done_keys(stage)) if store.stage_path(stage).exists() else 0
 
+    grade = f"{graded} answers × 2 orders = {2 * graded} score requests"
+    if config.grade_calibration == "contextual":  # a content-free answer per prompt, both orders
+        free = 2 * sum(prompts.get(g.kind, 0) for g in GRADERS.values())
+        grade = f"{grade} + {free} content-free"
+    compare = f"{compared} pairs × 2 orders = {2 * compared} score requests"
+    if config.judge_mode == "pointwise":  # each answer scored once, whatever it is compared with
+        scored = len(config.models) * sum(prompts.get(kind, 0) for kind in COMPARED)
+        compare = f"{compared} pairs, pointwise: each answer scored once = {scored} score requests"
     lines = [
         f"  evaluate: {names} → {eval_dir(runner)}{shard}",
         f"    eval_generate: {answers} answers ({sum(prompts.values())} held-out prompts × "
         f"{len(config.models)} models, {excluded} training prompts left out; "
         f"{done('eval_generate')} done)",
-        f"    eval_grade: {graded} answers × 2 orders = {2 * graded} score requests at most "
-        f"({done('eval_grade')} done)",
-        f"    eval_compare: {compared} pairs × 2 orders = {2 * compared} score requests at most "
-        f"({done('eval_compare')} done)",
+        f"    eval_grade: {grade} at most ({done('eval_grade')} done)",
+        f"    eval_compare: {compare} at most ({done('eval_compare')} done)",
     ]
     if config.reward_model:
         lines.append(f"    eval_reward: {answers} answers scored ({done('eval_reward')} done)")
