@@ -163,8 +163,6 @@ def test_an_online_run_refuses_shards_and_too_few_prompts(tmp_path):
 
 
 def test_each_round_trains_from_the_previous_policy_against_the_chosen_reference(tmp_path):
-    from types import SimpleNamespace
-
     from cai.pipeline import training
 
     def runner(reference: str, r: int | None, loss: str = "soft_dpo"):
@@ -172,19 +170,27 @@ def test_each_round_trains_from_the_previous_policy_against_the_chosen_reference
             ci_recipe(tmp_path),
             [f"online.reference={reference}", f"stages.train_dpo.loss={loss}"],
         )
-        return SimpleNamespace(recipe=recipe, round=r, run_dir=tmp_path / "run")
+        return Runner(recipe, tmp_path / "run").context_for(r)
 
     run = tmp_path / "run"
     assert training.start_model(runner("sft", 1), "train_dpo") == "smollm2-135m"
-    assert training.start_model(runner("sft", 3), "train_dpo") == str(run / "rounds/2/dpo")
-    assert training.output_dir(runner("sft", 3), "train_dpo") == run / "rounds/3/dpo"
-    assert training.data_dir(runner("sft", 3), "train_dpo") == run / "rounds/3/preferences"
-    assert training.data_dir(runner("sft", 3), "train_reward") == run / "rounds/3/preferences"
-    assert training.output_dir(runner("sft", 3), "train_reward") == run / "models/reward"
+    assert training.start_model(runner("sft", 2), "train_dpo") == str(run / "rounds/1/dpo")
+    assert training.output_dir(runner("sft", 2), "train_dpo") == run / "rounds/2/dpo"
+    assert training.data_dir(runner("sft", 2), "train_dpo") == run / "rounds/2/preferences"
+    assert training.data_dir(runner("sft", 1), "train_reward") == run / "rounds/1/preferences"
+    assert training.output_dir(runner("sft", 1), "train_reward") == run / "models/reward"
     assert training.reference(runner("sft", 1), "train_dpo") == {}  # starts from it already
     assert training.reference(runner("sft", 2), "train_dpo") == {"ref_model": "smollm2-135m"}
     assert training.reference(runner("previous", 2), "train_dpo") == {}  # the starting model
     assert training.reference(runner("sft", 2, loss="simpo"), "train_dpo") == {}  # none used
+    # Each round's context is a value of its own: the run's is left as it was.
+    base = Runner(load_recipe(ci_recipe(tmp_path)), run)
+    second = base.context_for(2)
+    assert (second.round, [p.key for p in second.prompts]) == (
+        2,
+        [p.key for p in base.round_prompts[1]],
+    )
+    assert base.context.round is None and len(base.context.prompts) == 4
 
 
 def fake_online(tmp_path: Path, monkeypatch, limit: int = 2, **online) -> Path:

@@ -113,21 +113,25 @@ def test_runner_batches_rounds_and_exports(tmp_path):
     for chain in by_input.values():
         for before, after in itertools.pairwise(chain):
             assert after["response"] == before["revision"]
-    sft = [json.loads(line) for line in (result.exported / "data.jsonl").read_text().splitlines()]
+    sft = [
+        json.loads(line) for line in (result.outputs["sft"] / "data.jsonl").read_text().splitlines()
+    ]
     assert len(sft) == 3
     assert sft[0]["messages"][-1] == {
         "role": "assistant",
         "content": by_input["p0"][-1]["revision"],
     }
     assert len(sft[0]["meta"]["principles"]) == 3
-    assert datasets.load_from_disk(str(result.exported / "dataset")).num_rows == 3
+    assert datasets.load_from_disk(str(result.outputs["sft"] / "dataset")).num_rows == 3
 
 
 def test_export_all_rounds(tmp_path):
     prompts = write_prompts(tmp_path / "p.jsonl", ["one?", "two?"])
     recipe = load_recipe(write_recipe(tmp_path, prompts, rounds=2, export="all"))
     result = Runner(recipe, tmp_path / "run", engine=FakeEngine()).run()
-    sft = [json.loads(line) for line in (result.exported / "data.jsonl").read_text().splitlines()]
+    sft = [
+        json.loads(line) for line in (result.outputs["sft"] / "data.jsonl").read_text().splitlines()
+    ]
     assert sorted(r["meta"]["round"] for r in sft) == [1, 1, 2, 2]
 
 
@@ -156,7 +160,7 @@ def test_errors_become_records_fail_the_run_and_are_retried(tmp_path):
     failed = [r for r in records(tmp_path / "run", "generate") if r["error"]]
     assert failed[0]["error"] == "fake failure" and failed[0]["response"] is None
     # The SFT export holds the two chains that finished; nothing is silently dropped from the store.
-    assert len((result.exported / "data.jsonl").read_text().splitlines()) == 2
+    assert len((result.outputs["sft"] / "data.jsonl").read_text().splitlines()) == 2
     engine = FakeEngine()
     Runner(recipe, tmp_path / "run", engine=engine).run()
     assert engine.batches[0] == 1  # the failed record is retried
@@ -173,7 +177,7 @@ def test_shards_merge_into_the_unsharded_result(tmp_path):
     result = Runner(recipe, tmp_path / "sharded", engine=engine).run()
     assert engine.batches == []  # everything was done by the shards
     whole = (tmp_path / "whole" / "sft" / "data.jsonl").read_text()
-    assert (result.exported / "data.jsonl").read_text() == whole
+    assert (result.outputs["sft"] / "data.jsonl").read_text() == whole
 
 
 def test_changed_recipe_is_refused_unless_forced(tmp_path, capsys):

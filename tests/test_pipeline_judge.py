@@ -142,7 +142,7 @@ def test_sample_judge_export_counts(tmp_path, pairs, rows):
     assert all(r["input_key"] in ("p0", "p1") and r["error"] is None for r in judged)
     assert report(result, "judge").requests == 12
     assert report(result, "judge").prompt_tokens == 12 * 10  # what judging read is counted
-    prefs = exported(result.exported_preferences)
+    prefs = exported(result.outputs["preferences"])
     assert len(prefs) == rows
     for row in prefs:
         # The fake judge prefers the shorter response.
@@ -159,7 +159,7 @@ def test_sample_judge_export_counts(tmp_path, pairs, rows):
         assert all(row["p_chosen"] == pytest.approx(0.6) for row in prefs)
         assert all(row["meta"]["selection"] == "best_worst" for row in prefs)
         assert all(len(row["meta"]["mean_win_p"]) == 3 for row in prefs)
-    ds = datasets.load_from_disk(str(result.exported_preferences / "dataset"))
+    ds = datasets.load_from_disk(str(result.outputs["preferences"] / "dataset"))
     assert ds.num_rows == rows and {"prompt", "chosen", "rejected", "p_chosen"} <= set(
         ds.column_names
     )
@@ -198,14 +198,14 @@ def test_margin_filter_and_ties_stay_out_of_the_export(tmp_path):
     margins = sorted(round(r["margin"], 6) for r in judged if r["input_key"] == "p0")
     assert margins == [0.05, 0.05, 0.1]
     # Kept in the store, left out of the export: the ties and the two pairs below min_margin.
-    [row] = exported(result.exported_preferences)
+    [row] = exported(result.outputs["preferences"])
     assert row["p_chosen"] == pytest.approx(0.6) and row["meta"]["input_key"] == "p0"
     # Without the margin filter only the ties are left out.
     prompts2 = write_prompts(tmp_path / "p2.jsonl", ["one?", "TIE please"])
     (tmp_path / "second").mkdir()
     recipe = load_recipe(pref_recipe(tmp_path / "second", prompts2))
     result = Runner(recipe, tmp_path / "run2", engine=FakeEngine()).run()
-    assert len(exported(result.exported_preferences)) == 3
+    assert len(exported(result.outputs["preferences"])) == 3
 
 
 def test_resume_sends_no_engine_work(tmp_path):
@@ -223,7 +223,7 @@ def test_resume_sends_no_engine_work(tmp_path):
     result = Runner(recipe, tmp_path / "run", engine=third).run()
     assert third.generate_batches == [] and third.score_batches == []
     assert len(records(tmp_path / "run", "judge")) == 12
-    assert len(exported(result.exported_preferences)) == 12
+    assert len(exported(result.outputs["preferences"])) == 12
     # Every judged pair carries its ensemble's principles, drawn from the pair's key.
     assert all(len(r["principles"]) == 2 for r in records(tmp_path / "run", "judge"))
 
@@ -242,7 +242,7 @@ def test_failed_requests_are_error_records_and_retried(tmp_path):
     assert report(result, "judge").errors == 3
     assert any("judge: 3 of 6 records failed" in f for f in result.failed)
     # The export holds the good prompt's pairs; the failures are retried on the next run.
-    assert {r["meta"]["input_key"] for r in exported(result.exported_preferences)} == {"p0"}
+    assert {r["meta"]["input_key"] for r in exported(result.outputs["preferences"])} == {"p0"}
     engine = FakeEngine()
     Runner(recipe, tmp_path / "run", engine=engine).run()
     assert engine.generate_batches == [1] and engine.score_batches == [6]
@@ -259,7 +259,7 @@ def test_malformed_pairs_become_error_records(tmp_path, monkeypatch):
     result = Runner(recipe, tmp_path / "run", engine=FakeEngine()).run()
     judged = records(tmp_path / "run", "judge")
     assert len(judged) == 3 and all("response_a is empty" in r["error"] for r in judged)
-    assert result.exported_preferences is None and result.failed
+    assert "preferences" not in result.outputs and result.failed
 
 
 def test_judge_records_have_the_documented_fields(tmp_path):
@@ -308,12 +308,12 @@ def test_shard_skips_the_preference_export(tmp_path):
     recipe = load_recipe(pref_recipe(tmp_path, prompts))
     for k in (1, 2):
         result = Runner(recipe, tmp_path / "run", shard=(k, 2), engine=FakeEngine()).run()
-        assert result.exported_preferences is None
+        assert "preferences" not in result.outputs
     assert main(["merge", str(tmp_path / "run")]) == 0
     engine = FakeEngine()
     result = Runner(recipe, tmp_path / "run", engine=engine).run()
     assert engine.generate_batches == [] and engine.score_batches == []
-    assert len(exported(result.exported_preferences)) == 18
+    assert len(exported(result.outputs["preferences"])) == 18
 
 
 # ---- revision pairs ------------------------------------------------------------------------------
@@ -324,8 +324,8 @@ def test_revision_pairs_export(tmp_path):
     path = write_recipe(tmp_path, prompts, rounds=2)
     recipe = load_recipe(path, ["stages.critique_revise.export_pairs=true"])
     result = Runner(recipe, tmp_path / "run", engine=FakeEngine()).run()
-    assert result.exported_revision_pairs == tmp_path / "run" / "revision_pairs"
-    rows = exported(result.exported_revision_pairs)
+    assert result.outputs["revision_pairs"] == tmp_path / "run" / "revision_pairs"
+    rows = exported(result.outputs["revision_pairs"])
     chains = {}
     for r in records(tmp_path / "run", "critique_revise"):
         chains.setdefault(r["input_key"], []).append(r)
@@ -337,10 +337,10 @@ def test_revision_pairs_export(tmp_path):
         assert row["rejected"] == [{"role": "assistant", "content": chain[0]["response"]}]
         assert row["p_chosen"] == 1.0 and row["meta"]["source"] == "revision"
         assert len(row["meta"]["principles"]) == 2
-    assert datasets.load_from_disk(str(result.exported_revision_pairs / "dataset")).num_rows == 2
+    assert datasets.load_from_disk(str(result.outputs["revision_pairs"] / "dataset")).num_rows == 2
     # Off by default.
     plain = Runner(load_recipe(path), tmp_path / "plain", engine=FakeEngine()).run()
-    assert plain.exported_revision_pairs is None
+    assert "revision_pairs" not in plain.outputs
     assert not (tmp_path / "plain" / "revision_pairs").exists()
 
 
@@ -353,8 +353,12 @@ def test_generate_and_sample_stages_in_one_recipe(tmp_path):
     path.write_text(yaml.safe_dump(data))
     result = Runner(load_recipe(path), tmp_path / "run", engine=FakeEngine()).run()
     assert [s.name for s in result.stages] == ["generate", "critique_revise", "sample", "judge"]
-    assert result.exported and result.exported_preferences
-    assert len(exported(result.exported_preferences)) == 2
+    run = tmp_path / "run"
+    assert (result.outputs["sft"], result.outputs["preferences"]) == (
+        run / "sft",
+        run / "preferences",
+    )
+    assert len(exported(result.outputs["preferences"])) == 2
 
 
 # ---- plan and recipe errors ----------------------------------------------------------------------
@@ -444,7 +448,7 @@ def test_real_model_preference_export(tmp_path, hf_engine):
     assert len(samples) == 2 and all(len(s["responses"]) == 2 for s in samples)
     judged = records(tmp_path / "run", "judge")
     assert len(judged) == 2 and all(0 <= r["p_a"] <= 1 for r in judged)
-    ds = datasets.load_from_disk(str(result.exported_preferences / "dataset"))
+    ds = datasets.load_from_disk(str(result.outputs["preferences"] / "dataset"))
     assert ds.num_rows >= 1
     for row in ds:
         assert row["prompt"] and row["prompt"][-1]["role"] == "user"

@@ -83,7 +83,8 @@ def test_train_sft_trains_once_and_again_when_its_data_changes(tmp_path, tiny_mo
     assert "train_sft: " + tiny_model in runner.plan()
     result = runner.run()
     model = run_dir / "models" / "sft"
-    assert result.models == {"train_sft": model}
+    assert result.outputs == {"sft": run_dir / "sft", "train_sft": model}
+    assert result.lines[-1] == f"SFT model: {model}"
     trained = json.loads((model / RESULT_FILE).read_text())
     assert trained["global_step"] == 2
     assert trained["config"]["data"] == str(run_dir / "sft")

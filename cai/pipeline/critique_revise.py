@@ -22,6 +22,7 @@ from cai.critique import CritiqueReviser, RoundInput, load_templates, revision_f
 from cai.engine import Sampling
 from cai.export import export_dataset
 from cai.keys import record_key
+from cai.layout import DATA_FILE, DATASET
 from cai.pipeline.stage import LazyEngine, Stage, StageContext, check_sampling, stage_records
 
 if TYPE_CHECKING:
@@ -130,9 +131,13 @@ def run(runner: StageContext, tally: StageTally) -> None:
     final = {key: chain for key, chain in chains.items() if len(chain) == stage.rounds}
     runner.outputs["critique_revise"] = final
     if runner.shard is None:
-        runner.result.exported = export_sft(runner, final)
-        if stage.export_pairs:
-            runner.result.exported_revision_pairs = export_revision_pairs(runner, final)
+        sft = export_sft(runner, final)
+        if sft is not None:
+            runner.result.add("sft", sft, f"SFT dataset: {sft}/{DATA_FILE} and {sft}/{DATASET}")
+        pairs = export_revision_pairs(runner, final) if stage.export_pairs else None
+        if pairs is not None:
+            line = f"revision pairs: {pairs}/{DATA_FILE} and {pairs}/{DATASET}"
+            runner.result.add("revision_pairs", pairs, line)
 
 
 def export_sft(runner: StageContext, chains: dict[str, list[dict]]) -> Path | None:
@@ -167,7 +172,7 @@ def export_sft(runner: StageContext, chains: dict[str, list[dict]]) -> Path | No
             )
     if not records:
         return None
-    out = runner.run_dir / "sft"
+    out = runner.layout.sft
     export_dataset(records, out)
     return out
 
@@ -205,7 +210,7 @@ def export_revision_pairs(runner: StageContext, chains: dict[str, list[dict]]) -
         )
     if not rows:
         return None
-    out = runner.run_dir / "revision_pairs"
+    out = runner.layout.revision_pairs
     export_dataset(rows, out)
     return out
 
@@ -223,12 +228,12 @@ def plan(runner: StageContext) -> list[str]:
     lines = [
         f"  critique_revise: {stage.rounds} rounds × {len(runner.prompts)} prompts = {total} records, "
         f"{2 * total} requests at most ({written} records done); constitution {constitution!r}",
-        f"  export: {stage.export} → {runner.run_dir / 'sft'}"
+        f"  export: {stage.export} → {runner.layout.sft}"
         + (" (skipped for a shard)" if shard else ""),
     ]
     if stage.export_pairs:
         lines.append(
-            f"  export: revision pairs → {runner.run_dir / 'revision_pairs'}"
+            f"  export: revision pairs → {runner.layout.revision_pairs}"
             + (" (skipped for a shard)" if shard else "")
         )
     return lines

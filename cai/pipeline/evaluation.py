@@ -17,10 +17,9 @@ the run report (``<run>/report.html``) follows.
 from __future__ import annotations
 
 import functools
-from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from cai.pipeline import judge, training
+from cai.pipeline import online_eval
 from cai.pipeline.stage import Stage, StageContext, stage_config
 
 if TYPE_CHECKING:
@@ -32,20 +31,14 @@ _MODELS = (("train_sft", "sft"), ("train_dpo", "dpo"), ("train_grpo", "grpo"))
 
 def models(runner: StageContext) -> dict[str, str]:
     """Name → model spec of the models the stage compares: the base model, then each trained
-    (an online run: base, sft, then each round's policy)."""
-    if runner.recipe.online is not None:
-        from cai.pipeline.online_eval import eval_models
-
-        return eval_models(runner)[0]
+    (with rounds: base, sft, then each round's policy)."""
+    if runner.rounds:
+        return online_eval.eval_models(runner)[0]
     out = {"base": runner.recipe.model}
     for kind, name in _MODELS:
         if getattr(runner.recipe.stages, kind) is not None:
-            out[name] = str(training.output_dir(runner, kind))
+            out[name] = str(runner.layout.model(name))
     return out
-
-
-def eval_dir(runner: StageContext) -> Path:
-    return runner.run_dir / "eval"
 
 
 def _config(options: Any, filled: dict[str, Any], source: str) -> EvalConfig:
@@ -80,16 +73,14 @@ def eval_config(runner: StageContext) -> EvalConfig:
         "backend": engine.backend,
         "dtype": engine.dtype,
         "engine_options": dict(engine.options),
-        "reward_model": str(training.output_dir(runner, "train_reward"))
+        "reward_model": str(runner.layout.model("reward"))
         if stages.train_reward is not None
         else None,
     }
-    if runner.recipe.online is not None:
-        from cai.pipeline.online_eval import eval_models
-
-        filled["previous"] = eval_models(runner)[1]
-    if "judge_model" not in options:
-        filled["judge_model"] = judge.judge_model(runner) if stages.judge else runner.recipe.model
+    if runner.rounds:
+        filled["previous"] = online_eval.eval_models(runner)[1]
+    if "judge_model" not in options:  # the judge stage's model, else the recipe's
+        filled["judge_model"] = (stages.judge and stages.judge.model) or runner.recipe.model
     return _config(options, filled, "<recipe>")
 
 
@@ -104,14 +95,12 @@ def run(runner: StageContext, tally: StageTally) -> None:
         return runner.engine_for(spec)
 
     extend = None
-    if runner.recipe.online is not None:  # the rounds table joins results.json
-        from cai.pipeline.online_eval import measure
-
-        extend = functools.partial(measure, runner)
+    if runner.rounds:  # the rounds table joins results.json
+        extend = functools.partial(online_eval.measure, runner)
     runner.release_engines()
     run_eval(
         config,
-        eval_dir(runner),
+        runner.layout.eval,
         engine_for=engine_for,
         exclude=runner.source_keys,
         store=runner.store,
@@ -119,7 +108,8 @@ def run(runner: StageContext, tally: StageTally) -> None:
         extend=extend,
         tally=tally,
     )
-    runner.result.evaluation = eval_dir(runner) / "results.json"
+    results = runner.layout.eval_results
+    runner.result.add("evaluation", results, f"evaluation: {results}")
 
 
 def plan(runner: StageContext) -> list[str]:
@@ -144,7 +134,7 @@ def plan(runner: StageContext) -> list[str]:
         return len(store.done_keys(stage)) if store.stage_path(stage).exists() else 0
 
     lines = [
-        f"  evaluate: {names} → {eval_dir(runner)}{shard}",
+        f"  evaluate: {names} → {runner.layout.eval}{shard}",
         f"    eval_generate: {answers} answers ({sum(prompts.values())} held-out prompts × "
         f"{len(config.models)} models, {excluded} training prompts left out; "
         f"{done('eval_generate')} done)",

@@ -35,9 +35,16 @@ from cai.export import export_dataset
 from cai.judge import Judge, JudgePair, check_ensemble
 from cai.keys import model_key, model_name, record_key
 from cai.label import LABEL_DECIMALS, judge_config, preference_fields, principle_ids
-from cai.pipeline import online, training
-from cai.pipeline.sample import pending, sample_key
-from cai.pipeline.stage import LazyEngine, PipelineError, Stage, StageContext, stage_records
+from cai.layout import DATA_FILE, DATASET
+from cai.pipeline.policy import pending, sample_key
+from cai.pipeline.stage import (
+    LazyEngine,
+    PipelineError,
+    Stage,
+    StageContext,
+    every_round,
+    stage_records,
+)
 from cai.stats import sigmoid
 
 if TYPE_CHECKING:
@@ -132,12 +139,12 @@ def judge_model(runner: StageContext) -> str:
 
 
 def reward_labels(runner: StageContext) -> str | None:
-    """The reward model that labels this online round's pairs instead of the judge (online.labels:
-    reward_model, rounds 2 on), else None."""
-    config, r = runner.recipe.online, online.current_round(runner)
+    """The reward model that labels this round's pairs instead of the judge (online.labels:
+    reward_model, rounds 2 on: train_reward trains it in round 1), else None."""
+    config, r = runner.recipe.online, runner.round
     if config is None or config.labels != "reward_model" or r is None or r < 2:
         return None
-    return str(training.output_dir(runner, "train_reward"))
+    return str(runner.layout.model("reward"))
 
 
 def labeller(runner: StageContext) -> dict[str, str]:
@@ -238,7 +245,7 @@ def run(runner: StageContext, tally: StageTally) -> None:
                 "response_a": pair.response_a,
                 "response_b": pair.response_b,
                 "judge_model": model_name(reward_model or judge_model(runner)),
-                **online.round_key(runner),
+                **runner.round_key(),
                 **pref,
             }
             for (prompt_key, key, pair, ij), pref in zip(chunk, prefs, strict=True)
@@ -276,7 +283,10 @@ def run(runner: StageContext, tally: StageTally) -> None:
     }
     runner.outputs["judge"] = judged
     if runner.shard is None:
-        runner.result.exported_preferences = export_preferences(runner, samples, judged)
+        out = export_preferences(runner, samples, judged)
+        if out is not None:
+            line = f"preference dataset: {out}/{DATA_FILE} and {out}/{DATASET}"
+            runner.result.add("preferences", out, line)
 
 
 class RewardScorer:
@@ -377,7 +387,7 @@ def _preference_row(
             "selection": selection,
             **judged,
             "constitution": runner.prepared["judge"].name,
-            **online.round_key(runner),
+            **runner.round_key(),
             "judge_model": record["judge_model"],
             # From the record, as the judge model is: the export (what train_reward and
             # train_dpo fingerprint) must not change when the run directory moves.
@@ -437,7 +447,7 @@ def export_preferences(
     rows = [r for r in rows if r is not None]
     if not rows:
         return None
-    out = online.preferences_dir(runner, online.current_round(runner))
+    out = runner.layout.preferences(runner.round)
     export_dataset(rows, out)
     return out
 
@@ -492,9 +502,20 @@ def plan(runner: StageContext) -> list[str]:
     return [
         labels,
         f"  export: {judge.pairs} pairs, min_margin {judge.min_margin} → "
-        f"{online.preferences_dir(runner, online.current_round(runner))}"
-        + (" (skipped for a shard)" if shard else ""),
+        f"{runner.layout.preferences(runner.round)}" + (" (skipped for a shard)" if shard else ""),
     ]
+
+
+def check_recipe(recipe: Any) -> None:
+    online = recipe.online
+    if (
+        online is not None
+        and online.labels == "reward_model"
+        and recipe.stages.train_reward is None
+    ):
+        raise ValueError(
+            "online.labels: reward_model needs a train_reward stage (round 1 trains it)"
+        )
 
 
 STAGE = Stage(
@@ -506,4 +527,6 @@ STAGE = Stage(
     needs=("sample",),
     prepare=prepare,
     models=labeller,
+    per_round=every_round,
+    check_recipe=check_recipe,
 )

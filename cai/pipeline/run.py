@@ -28,9 +28,10 @@ from typing import Any, TextIO
 from cai.data import PromptRecord, check_limit, load_prompts
 from cai.engine import Engine, create_engine
 from cai.keys import in_shard
+from cai.layout import RunLayout
 from cai.pipeline import online
 from cai.pipeline.recipe import Recipe
-from cai.pipeline.stage import PipelineError, RunResult, Stage
+from cai.pipeline.stage import PipelineError, RunResult, Stage, StageContext
 from cai.records import Executor, InProcess, StageTally
 from cai.store import RunStore, RunStoreError
 
@@ -81,7 +82,8 @@ def _versions() -> dict[str, str]:
 
 
 class Runner:
-    """Runs one recipe into one run directory; the stages read what they need from it."""
+    """Runs one recipe into one run directory: builds the stages' context (a new one for each
+    round), the schedule and the engines."""
 
     def __init__(
         self,
@@ -97,48 +99,61 @@ class Runner:
     ):
         check_limit(limit)
         self.recipe = recipe
-        self.run_dir = Path(run_dir or Path("runs") / recipe.name)
-        self.limit = limit
+        self.layout = RunLayout(Path(run_dir or Path("runs") / recipe.name))
+        self.run_dir = self.layout.root
         self.shard = shard
-        self.force = force
         self.out = out
         self.injected_engine = engine
         self._engines: dict[str, Engine] = {}
+        self._described: dict[str, dict] = {}
         self.store = RunStore(self.run_dir)
         # Everything that can be checked without a model is checked here, before any work.
-        prompts = load_sources(recipe)
-        self.source_keys = frozenset(p.key for p in prompts)
-        """Every training prompt's key (before --limit and sharding): never evaluated on."""
-        self.prompts = [p for p in prompts[:limit] if in_shard(p.key, shard)]
-        self.round: int | None = None
-        """The online round being run (``cai.pipeline.online``); None outside the rounds."""
+        sources = load_sources(recipe)
+        prompts = [p for p in sources[:limit] if in_shard(p.key, shard)]
         self.round_prompts: list[list[PromptRecord]] = []
+        """Each round's prompts (``cai.pipeline.online``); none without rounds."""
         if recipe.online is not None:
-            if shard is not None:
-                raise PipelineError(
-                    "online: a round trains before the next one samples, so an online recipe "
-                    "runs whole; drop --shard (engine.executor: ray spreads the work instead)"
-                )
-            self.round_prompts = online.round_prompts(self.prompts, recipe.online, recipe.seed)
-        self.executor = executor or InProcess()
-        """Runs each stage's batches (``cai.records``); in this process unless given another."""
+            online.check_shard(shard)
+            self.round_prompts = online.round_prompts(prompts, recipe.online, recipe.seed)
         self.stages: list[Stage] = [stage for stage, _ in recipe.stages.present()]
         self.schedule = online.schedule(self.stages, recipe.online)
-        """(stage, online round or None) in the order they run."""
-        self.outputs: dict[str, Any] = {}
-        """Stage name → what it left for later stages (responses, samples, ...)."""
-        self.result = RunResult()
-        self._described: dict[str, dict] = {}
-        self.prepared: dict[str, Any] = {}
-        """Stage name → what its ``prepare`` loaded (a constitution, a config)."""
+        """(stage, round or None) in the order they run."""
+        self.context = StageContext(
+            recipe=recipe,
+            layout=self.layout,
+            store=self.store,
+            shard=shard,
+            prompts=prompts,
+            source_keys=frozenset(p.key for p in sources),
+            out=out,
+            executor=executor or InProcess(),
+            engines=self,
+            outputs={},
+            prepared={},
+            result=RunResult(),
+            rounds=recipe.online.rounds if recipe.online is not None else 0,
+        )
+        """What the stages see (outside the rounds; :meth:`context_for` gives a round's)."""
         for stage in self.stages:
             if stage.prepare is not None:
-                self.prepared[stage.name] = stage.prepare(self)
+                self.context.prepared[stage.name] = stage.prepare(self.context)
         self.config = run_config(recipe)
         self.ray_gpus: float = 0
         """GPUs per Ray replica, resolved when Ray starts (``engine.executor: ray``)."""
         if not force and self.store.check_manifest(self.config) is None:
             self._check_records()
+
+    @property
+    def prompts(self) -> list[PromptRecord]:
+        return self.context.prompts
+
+    @property
+    def outputs(self) -> dict[str, Any]:
+        return self.context.outputs
+
+    def context_for(self, r: int | None) -> StageContext:
+        """The stages' context in round ``r`` (None: outside the rounds)."""
+        return online.round_context(self.context, r, self.round_prompts)
 
     def _check_records(self) -> None:
         """Without a manifest, what the records can tell: a warning when there are any, and a
@@ -149,26 +164,25 @@ class Runner:
         keyed = [s for s in self.stages if s.prompt_key is not None]
         if not keyed:
             return
-        first = keyed[0].name
-        in_rounds = self.recipe.online is not None and first in online.ROUND_STAGES
-        path = self.store.stage_path(first, self.shard)
+        first = keyed[0]
+        path = self.store.stage_path(first.name, self.shard)
         log.warning(
             "%s is missing, but %s holds records: a new manifest will be written for this "
             "recipe. It cannot check that the records were made with this recipe beyond the %s "
             "stage's keys; if the recipe changed, use a new --run-dir.",
             self.store.manifest_path,
             self.store.stages_dir,
-            first,
+            first.name,
         )
-        with online.in_round(self, 1 if in_rounds else None):
-            wanted = {p.key: keyed[0].prompt_key(self, p) for p in self.prompts}
-        records = self.store.read_stage(first, self.shard).values()
+        ctx = self.context_for(next((r for s, r in self.schedule if s is first), None))
+        wanted = {p.key: first.prompt_key(ctx, p) for p in ctx.prompts}
+        records = self.store.read_stage(first.name, self.shard).values()
         found = [r for r in records if r.get("input_key") in wanted]
         if found and not any(r["key"] == wanted[r["input_key"]] for r in found):
             raise RunStoreError(
                 f"{self.store.manifest_path} is missing, and the {len(found)} record(s) for "
                 f"these prompts in {path} were all made with other settings than this recipe's "
-                f"{first} stage (model or sampling). Use a new --run-dir for this recipe, or "
+                f"{first.name} stage (model or sampling). Use a new --run-dir for this recipe, or "
                 "--force to reuse this one (records whose keys still match are kept)."
             )
 
@@ -195,12 +209,11 @@ class Runner:
                 lines.append(
                     f"  round {r} of {self.recipe.online.rounds}: {len(self.round_prompts[r - 1])} prompts"
                 )
-            with online.in_round(self, r):
-                lines.extend(("  " if r else "") + line for line in stage.plan(self))
+            lines.extend(("  " if r else "") + line for line in stage.plan(self.context_for(r)))
             last = r
         if self._ends_with_report():
             skipped = " (skipped for a shard)" if self.shard else ""
-            lines.append(f"  report: {self.run_dir / 'report.html'}{skipped}")
+            lines.append(f"  report: {self.layout.report_html}{skipped}")
         return "\n".join(lines)
 
     def _models(self, schedule: list[tuple[Stage, int | None]]) -> dict[str, str]:
@@ -208,9 +221,8 @@ class Runner:
         from round 2 on)."""
         out = {}
         for stage, r in schedule:
-            with online.in_round(self, r):
-                for role, model in stage.models(self).items():
-                    out[role if not r or r == 1 else f"{role} r{r}"] = model
+            for role, model in stage.models(self.context_for(r)).items():
+                out[role if not r or r == 1 else f"{role} r{r}"] = model
         return out
 
     def engine_for(self, model: str) -> Engine:
@@ -324,7 +336,7 @@ class Runner:
         return started
 
     def _run(self) -> RunResult:
-        result = self.result
+        result = self.context.result
         self._write_manifest()
         for n, (stage, r) in enumerate(self.schedule):
             if self.shard is not None and not stage.in_shard:
@@ -334,8 +346,7 @@ class Runner:
             tally = StageTally(stage.name if r is None else f"{stage.name} r{r}")
             result.stages.append(tally)
             start = time.perf_counter()
-            with online.in_round(self, r):
-                stage.run(self, tally)
+            stage.run(self.context_for(r), tally)
             tally.seconds = time.perf_counter() - start
             self._write_manifest()
         if self.shard is None and self._ends_with_report():
@@ -363,19 +374,7 @@ def summary_table(result: RunResult, wall: float) -> str:
             f"{r.completion_tokens:>10}{r.seconds:>9.1f}"
         )
     rows.append(f"total wall time {wall:.1f} s")
-    if result.exported:
-        rows.append(f"SFT dataset: {result.exported}/data.jsonl and {result.exported}/dataset")
-    for name, path in (
-        ("revision pairs", result.exported_revision_pairs),
-        ("preference dataset", result.exported_preferences),
-    ):
-        if path:
-            rows.append(f"{name}: {path}/data.jsonl and {path}/dataset")
-    for kind, path in result.models.items():
-        name = kind.removeprefix("train_")
-        rows.append(f"{name.upper() if name != 'reward' else 'Reward'} model: {path}")
-    if result.evaluation:
-        rows.append(f"evaluation: {result.evaluation}")
+    rows.extend(result.lines)  # what the stages produced, each in its own words
     if result.report:
         rows.append(f"report: {result.report} (and report.md beside it)")
     return "\n".join(rows)

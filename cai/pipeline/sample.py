@@ -14,20 +14,18 @@ failure is an error record, retried.
 
 from __future__ import annotations
 
-import math
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from cai.config import doc
-from cai.data import PromptRecord
-from cai.engine import Sampling
-from cai.keys import model_key, model_name, record_key
-from cai.pipeline import online, training
+from cai.keys import model_name
+from cai.pipeline.policy import pending, sample_key, sample_model, sample_sampling
 from cai.pipeline.stage import (
     Stage,
     StageContext,
     check_sampling,
+    every_round,
     generate_seeded,
     stage_records,
     usage,
@@ -58,32 +56,6 @@ class SampleStage:
                 f"(got {self.temperature})"
             )
         check_sampling(self)
-
-
-def sample_model(runner: StageContext) -> str:
-    """The stage's model, else the SFT model when the recipe trains one, else the recipe's; in
-    online round r, the policy round r-1 trained."""
-    r = online.current_round(runner)
-    if r is not None:
-        return training.policy(runner, r - 1)
-    return runner.recipe.stages.sample.model or training.policy_after_sft(runner)
-
-
-def sample_sampling(runner: StageContext) -> Sampling:
-    stage = runner.recipe.stages.sample
-    return Sampling(
-        n=stage.k, temperature=stage.temperature, top_p=stage.top_p, max_tokens=stage.max_tokens
-    )
-
-
-def sample_key(runner: StageContext, prompt: PromptRecord) -> str:
-    return record_key(
-        input=prompt.key,
-        stage="sample",
-        sampling=sample_sampling(runner).to_dict(),
-        **model_key("model", sample_model(runner)),
-        **online.round_key(runner),
-    )
 
 
 def distinct_responses(texts: Sequence[str]) -> tuple[list[str], int, int]:
@@ -136,7 +108,7 @@ def run(runner: StageContext, tally: StageTally) -> None:
                     "seed": seed,
                     "usage": usage(c),
                     "meta": p.meta,
-                    **online.round_key(runner),
+                    **runner.round_key(),
                     "error": c.error,
                 }
             )
@@ -159,21 +131,6 @@ def run(runner: StageContext, tally: StageTally) -> None:
     runner.outputs["sample"] = done
 
 
-def pending(runner: StageContext) -> tuple[int, int]:
-    """(prompts left to sample, pairs their samples will give at most): for the plans."""
-    stage, store, shard = runner.recipe.stages.sample, runner.store, runner.shard
-    have = store.read_stage("sample", shard) if store.stage_path("sample", shard).exists() else {}
-    pairs, unsampled = 0, 0
-    for p in runner.prompts:
-        record = have.get(sample_key(runner, p))
-        if record is None or record.get("error") is not None:
-            unsampled += 1
-            pairs += math.comb(stage.k, 2)
-        elif not record.get("skipped"):
-            pairs += math.comb(len(record["responses"]), 2)
-    return unsampled, pairs
-
-
 def plan(runner: StageContext) -> list[str]:
     stage = runner.recipe.stages.sample
     unsampled, _ = pending(runner)
@@ -181,6 +138,21 @@ def plan(runner: StageContext) -> list[str]:
         f"  sample: {unsampled} requests × k={stage.k} ({len(runner.prompts) - unsampled} done; "
         f"model {sample_model(runner)}, temperature {stage.temperature})"
     ]
+
+
+def check_recipe(recipe: Any) -> None:
+    """An online recipe samples from each round's policy, and judges and trains on the samples."""
+    if recipe.online is None:
+        return
+    for name in ("judge", "train_dpo"):
+        if getattr(recipe.stages, name, None) is None:
+            raise ValueError(
+                f"online: the rounds run sample → judge → train_dpo; add a {name} stage"
+            )
+    if recipe.stages.sample.model is not None:
+        raise ValueError(
+            "stages.sample.model: an online recipe samples from each round's policy; remove it"
+        )
 
 
 STAGE = Stage(
@@ -192,4 +164,6 @@ STAGE = Stage(
     starts=True,
     prompt_key=sample_key,
     models=lambda runner: {"sampler": sample_model(runner)},
+    per_round=every_round,
+    check_recipe=check_recipe,
 )

@@ -18,6 +18,7 @@ from typing import TYPE_CHECKING, Any, Protocol, TextIO, TypeVar
 from cai.config import ConfigError, LineDict, from_data
 from cai.engine import Completion, Engine, Sampling
 from cai.keys import seed_for
+from cai.layout import RunLayout
 from cai.records import run_records
 
 if TYPE_CHECKING:
@@ -38,50 +39,84 @@ class RunResult:
     """What a run did and produced: the summary table and the exit status read it."""
 
     stages: list[StageTally] = field(default_factory=list)
-    exported: Path | None = None
-    exported_preferences: Path | None = None
-    exported_revision_pairs: Path | None = None
-    models: dict[str, Path] = field(default_factory=dict)
-    """Trained model folders by stage (train_sft, train_reward, train_dpo, train_grpo)."""
-    evaluation: Path | None = None
-    """``<run>/eval/results.json`` when the recipe evaluates."""
+    outputs: dict[str, Path] = field(default_factory=dict)
+    """What the stages produced, by name (``sft``, ``preferences``, ``train_dpo``, ``evaluation``,
+    ...; a later round's replaces the round before's), as each stage declares it (:meth:`add`)."""
+    lines: list[str] = field(default_factory=list)
+    """The summary table's lines about the outputs, in the order they were produced."""
     report: Path | None = None
     """``<run>/report.html`` when the recipe trains or evaluates."""
     failed: list[str] = field(default_factory=list)
 
+    def add(self, name: str, path: Path, line: str) -> Path:
+        """Record an output of a stage and the summary line that reports it; returns ``path``."""
+        self.outputs[name] = path
+        self.lines.append(line)
+        return path
 
-class StageContext(Protocol):
-    """What a stage may use of the run (``cai.pipeline.run.Runner`` is the one implementation)."""
+
+class Engines(Protocol):
+    """The run's engines: built once per model spec, closed when no later stage needs them."""
+
+    def engine_for(self, model: str) -> Engine: ...
+
+    def release_engines(self, keep: Collection[str] = ()) -> None: ...
+
+
+@dataclass(frozen=True)
+class StageContext:
+    """What a stage may use of the run: a value the runner makes, and for each online round a
+    new one (``dataclasses.replace(ctx, round=r, prompts=...)``); a stage never changes it, but
+    adds to its ``outputs`` and ``result``."""
 
     recipe: Any
     """The recipe (``cai.pipeline.recipe.Recipe``); ``recipe.stages.<name>`` are the options."""
-    run_dir: Path
+    layout: RunLayout
+    """The run directory's paths (``cai.layout``)."""
     store: RunStore
     shard: Shard | None
     prompts: list[PromptRecord]
-    """The recipe's prompts after ``--limit`` and in this shard (in an online round: the
-    round's prompts)."""
-    round: int | None
-    """The online round being run (``cai.pipeline.online``), from 1; None outside the rounds."""
+    """The recipe's prompts after ``--limit`` and in this shard (in a round: the round's)."""
     source_keys: frozenset[str]
     """Every prompt key of the recipe's sources (before ``--limit`` and sharding)."""
     out: TextIO
     executor: Executor
+    engines: Engines
     outputs: dict[str, Any]
+    """Stage name → what it left for later stages (responses, samples, ...)."""
     prepared: dict[str, Any]
+    """Stage name → what its ``prepare`` loaded (a constitution, a config)."""
     result: RunResult
+    round: int | None = None
+    """The round being run, from 1, for a stage declared ``per_round``; None otherwise."""
+    rounds: int = 0
+    """How many rounds the recipe runs (its ``online:`` block); 0: none."""
+
+    @property
+    def run_dir(self) -> Path:
+        return self.layout.root
 
     def engine_for(self, model: str) -> Engine:
         """The engine of a model spec, built once."""
-        ...
+        return self.engines.engine_for(model)
 
     def release_engines(self, keep: Collection[str] = ()) -> None:
         """Close the engines of models not in ``keep``."""
-        ...
+        self.engines.release_engines(keep)
+
+    def round_key(self) -> dict[str, int]:
+        """The record-key (and record) part of the round: nothing outside the rounds, so that
+        keys stay what they were."""
+        return {} if self.round is None else {"round": self.round}
 
 
 def _no_models(runner: StageContext) -> dict[str, str]:
     return {}
+
+
+def every_round(r: int) -> bool:
+    """``Stage.per_round`` of a stage that runs in every round."""
+    return True
 
 
 @dataclass(frozen=True)
@@ -123,6 +158,15 @@ class Stage:
     prompt_key: Callable[[StageContext, PromptRecord], str] | None = None
     """For a stage that makes one record per prompt: the key a prompt's record gets. When the
     manifest is missing, the runner checks the first such stage's records against it."""
+    per_round: Callable[[int], bool] | None = None
+    """None: the stage runs once. Else, in a recipe with rounds (an ``online:`` block), it runs
+    in each round r where ``per_round(r)`` holds (:func:`every_round`), with that round's context
+    (``ctx.round``, the round's ``ctx.prompts``); the rounds run after the stages before the
+    first such stage, and the stages after them run once the rounds are done. In a recipe
+    without rounds, it runs once."""
+    check_recipe: Callable[[Any], None] | None = None
+    """Checks of the whole recipe that concern this stage (it has rounds, another stage is
+    missing): raises ValueError, reported with the recipe's file and line when it loads."""
 
 
 class LazyEngine(Engine):
