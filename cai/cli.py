@@ -49,6 +49,7 @@ from cai.exit_codes import SYSTEM, os_error_line
 from cai.judge import CALIBRATIONS, MODES, Judge
 from cai.judge_agreement import side_by_side
 from cai.judge_generative import GenerativeJudge
+from cai.layout import DATA_FILE, RunLayout
 from cai.models import DEFAULT_MODEL
 from cai.pairs import LabelledPair, load_pairs
 from cai.pointwise import DEFAULT_LENGTH_COEF, fit_length_coef
@@ -479,12 +480,12 @@ def _judge_label(args: argparse.Namespace) -> int:
     tally = result.tally
     print(
         f"judge label: {result.pairs} pairs ({tally.done_before} labelled before), "
-        f"{result.exported} exported to {result.out / 'data.jsonl'}, {result.ties} ties, "
+        f"{result.exported} exported to {result.out / DATA_FILE}, {result.ties} ties, "
         f"{result.errors} errors"
     )
     if result.errors:
         print(
-            f"error: {result.errors} pairs failed (see {result.out / 'stages' / 'label.jsonl'}); "
+            f"error: {result.errors} pairs failed (see {RunLayout(result.out).stage('label')}); "
             "run the same command again to retry them",
             file=sys.stderr,
         )

@@ -58,6 +58,7 @@ from cai.grading import (
 )
 from cai.jsonl import write_atomic
 from cai.keys import canonical, model_key, record_key, seed_for
+from cai.layout import EVAL_RESULTS
 from cai.records import Executor, StageTally, run_records
 from cai.stats import (
     distinct_n,
@@ -75,7 +76,7 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 COMPARED = ("helpful", "red_team")
-RESULTS_FILE = "results.json"
+RESULTS_FILE = EVAL_RESULTS
 RATE_COLUMNS = (
     "win_rate",
     "lc_win_rate",

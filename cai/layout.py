@@ -34,6 +34,8 @@ PIPELINE_MARKER = "cai_pipeline.json"
 """A pipeline-trained model folder's marker: its settings, data hash and identity."""
 CHECKPOINTS = "checkpoints"
 """A model folder's Trainer checkpoints (``save_steps``)."""
+EVAL_RESULTS = "results.json"
+"""The evaluation's results in its output folder (``<run>/eval/``)."""
 PLOTS = "report"
 """The report's figures, beside report.md and report.html."""
 EXPORTS = ("sft", "revision_pairs", "preferences")
@@ -43,8 +45,13 @@ _STAGE_NAME = re.compile(r"[A-Za-z0-9_-]+")
 _SHARD_FILE = re.compile(r"(?P<stage>[A-Za-z0-9_-]+)\.shard-(?P<k>\d+)-of-(?P<n>\d+)\.jsonl")
 
 
-def stage_file(stage: str, shard: tuple[int, int] | None = None) -> str:
-    """``<stage>.jsonl``, or ``<stage>.shard-<k>-of-<n>.jsonl`` for a shard."""
+STAGE_GLOB = "*.jsonl"
+"""Every stage file of a run's ``stages/`` (shard files too)."""
+
+
+def stage_file(stage: str, shard: tuple[int | str, int] | None = None) -> str:
+    """``<stage>.jsonl``, or ``<stage>.shard-<k>-of-<n>.jsonl`` for a shard (``k`` may be a
+    placeholder, in a message)."""
     if not _STAGE_NAME.fullmatch(stage):
         raise ValueError(f"stage name must match [A-Za-z0-9_-]+, got {stage!r}")
     if shard is None:
@@ -136,7 +143,7 @@ class RunLayout:
 
     @property
     def eval_results(self) -> Path:
-        return self.eval / "results.json"
+        return self.eval / EVAL_RESULTS
 
     @property
     def report_md(self) -> Path:

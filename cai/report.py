@@ -19,6 +19,7 @@ from pathlib import Path
 
 from cai.evaluate import METRICS, format_rate
 from cai.jsonl import JsonlError, iter_jsonl
+from cai.layout import DATA_FILE, EXPORTS, TRAIN_RESULT, RunLayout
 from cai.plots import (
     LEXICAL,
     RATE_LABELS,
@@ -31,15 +32,12 @@ from cai.plots import (
     plot_training,
     plot_win_rates,
 )
-from cai.report_render import PLOTS_DIR, Image, Section, render_html, render_markdown
+from cai.report_render import Image, Section, render_html, render_markdown
 from cai.stats import position_consistency
 from cai.store import RunStore, RunStoreError
 
-DATASETS = (
-    ("sft", "SFT examples"),
-    ("revision_pairs", "revision pairs"),
-    ("preferences", "preference pairs"),
-)
+DATASETS = tuple(zip(EXPORTS, ("SFT examples", "revision pairs", "preference pairs"), strict=True))
+"""The export folders (``cai.layout``) the report counts, with what they hold."""
 
 
 class ReportError(ValueError):
@@ -124,30 +122,28 @@ def _check_results(results: dict, path: Path) -> None:
 def read_inputs(run_dir: str | Path) -> Inputs:
     """Everything the report shows from ``run_dir``; raises ReportError for a folder that is not
     a run directory or an unreadable file."""
-    run = Path(run_dir)
-    if not run.is_dir():
-        raise ReportError(f"{run}: no such directory")
-    markers = ("manifest.json", "eval/results.json", "models", "stages")
-    if not any((run / m).exists() for m in markers):
+    run = RunLayout(Path(run_dir))
+    if not run.root.is_dir():
+        raise ReportError(f"{run.root}: no such directory")
+    markers = (run.manifest, run.eval_results, run.models, run.stages)
+    if not any(m.exists() for m in markers):
         raise ReportError(
-            f"{run}: not a cai run directory (no manifest.json, stages/, models/ or "
-            "eval/results.json); give the folder a pipeline run wrote, such as runs/<name>"
+            f"{run.root}: not a cai run directory (no "
+            f"{', '.join(m.relative_to(run.root).as_posix() for m in markers)}); "
+            "give the folder a pipeline run wrote, such as runs/<name>"
         )
-    inputs = Inputs(manifest=_read_json(run / "manifest.json"))
-    results_path = run / "eval" / "results.json"
-    inputs.results = _read_json(results_path)
+    inputs = Inputs(manifest=_read_json(run.manifest))
+    inputs.results = _read_json(run.eval_results)
     if inputs.results is not None:
-        _check_results(inputs.results, results_path)
-    for path in sorted((run / "models").glob("*/cai_train.json")):
+        _check_results(inputs.results, run.eval_results)
+    for path in sorted(run.models.glob(f"*/{TRAIN_RESULT}")):
         inputs.trained[path.parent.name] = _read_json(path)
-    rounds = [p for p in (run / "rounds").glob("*/dpo/cai_train.json") if p.parts[-3].isdigit()]
-    for path in sorted(
-        rounds, key=lambda p: int(p.parts[-3])
-    ):  # an online run's DPO rounds (cai.pipeline.online)
-        inputs.trained[f"round{path.parent.parent.name} dpo"] = _read_json(path)
+    for r, folder in sorted(run.round_models("dpo").items()):  # an online run's DPO rounds
+        if (folder / TRAIN_RESULT).is_file():
+            inputs.trained[f"round{r} dpo"] = _read_json(folder / TRAIN_RESULT)
     # Stage files are read by the run store's rules (a torn last line dropped, the first done
     # record of a key kept), so the report counts what a resumed run would find.
-    store = RunStore(run)
+    store = RunStore(run.root)
     try:
         inputs.stages = _stage_counts(store)
         if store.stage_path("judge").is_file():
@@ -156,7 +152,7 @@ def read_inputs(run_dir: str | Path) -> Inputs:
     except RunStoreError as e:
         raise ReportError(str(e)) from e
     for folder, _ in DATASETS:
-        path = run / folder / "data.jsonl"
+        path = run.export(folder) / DATA_FILE
         if path.is_file():
             rows = _rows(path)
             inputs.datasets[folder] = len(rows)
@@ -463,16 +459,16 @@ def write_report(run_dir: str | Path) -> Path:
 
     Raises ReportError when ``run_dir`` is not a run directory or a file in it is unreadable.
     """
-    run = Path(run_dir)
-    inputs = read_inputs(run)
-    plots = run / PLOTS_DIR
+    run = RunLayout(Path(run_dir))
+    inputs = read_inputs(run.root)
+    plots = run.plots
     plots.mkdir(exist_ok=True)
     for old in plots.glob("*.png"):
         old.unlink()
     sections, notes = build_sections(inputs, plots)
-    title, meta = _header(inputs, run)
-    (run / "report.md").write_text(render_markdown(title, meta, sections, notes), encoding="utf-8")
-    page = run / "report.html"
+    title, meta = _header(inputs, run.root)
+    run.report_md.write_text(render_markdown(title, meta, sections, notes), encoding="utf-8")
+    page = run.report_html
     page.write_text(render_html(title, meta, sections, notes), encoding="utf-8")
     return page
 
