@@ -188,7 +188,7 @@ def test_each_round_trains_from_the_previous_policy_against_the_chosen_reference
     second = base.context_for(2)
     assert (second.round, [p.key for p in second.prompts]) == (
         2,
-        [p.key for p in base.round_prompts[1]],
+        [p.key for p in base.schedule.prompts[1]],
     )
     assert base.context.round is None and len(base.context.prompts) == 4
 

@@ -109,14 +109,6 @@ def round_prompts(
     return [list(prompts[r * per_round : (r + 1) * per_round]) for r in range(online.rounds)]
 
 
-def round_context(
-    ctx: StageContext, r: int | None, prompts: Sequence[Sequence[PromptRecord]]
-) -> StageContext:
-    """The context of round ``r`` (its prompts: ``prompts[r - 1]``); ``ctx`` itself outside the
-    rounds (None)."""
-    return ctx if r is None else replace(ctx, round=r, prompts=list(prompts[r - 1]))
-
-
 def schedule(
     stages: Sequence[Stage], online: OnlineConfig | None
 ) -> list[tuple[Stage, int | None]]:
@@ -129,3 +121,48 @@ def schedule(
     for r in range(1, online.rounds + 1):
         out += [(s, r) for s in stages[first:] if s.per_round and s.per_round(r)]
     return out + [(s, None) for s in stages[first:] if not s.per_round]
+
+
+@dataclass(frozen=True)
+class Schedule:
+    """A run's stages in the order they run, with their rounds, and each round's prompts: what
+    the runner follows."""
+
+    steps: list[tuple[Stage, int | None]]
+    """(stage, round or None) in the order they run."""
+    prompts: list[list[PromptRecord]]
+    """Each round's prompts; none without rounds."""
+
+    @property
+    def rounds(self) -> int:
+        return len(self.prompts)
+
+    def context(self, ctx: StageContext, r: int | None) -> StageContext:
+        """The context of round ``r``: a new value with the round and its prompts; ``ctx`` itself
+        outside the rounds (None)."""
+        return ctx if r is None else replace(ctx, round=r, prompts=list(self.prompts[r - 1]))
+
+    def starts(self, n: int) -> str | None:
+        """The plan's line when step ``n`` starts a round, else None."""
+        r = self.steps[n][1]
+        if r is None or (n and self.steps[n - 1][1] == r):
+            return None
+        return f"round {r} of {self.rounds}: {len(self.prompts[r - 1])} prompts"
+
+    @staticmethod
+    def name(name: str, r: int | None, first: int | None = None) -> str:
+        """A stage's name (its summary row) or a model's role (the manifest) in round ``r``:
+        with `` r<round>`` but outside the rounds and in round ``first``."""
+        return name if r is None or r == first else f"{name} r{r}"
+
+
+def build(
+    recipe: Any, stages: Sequence[Stage], prompts: Sequence[PromptRecord], shard: Any
+) -> Schedule:
+    """The schedule of ``recipe``'s ``stages`` over ``prompts`` (after ``--limit``)."""
+    if recipe.online is None:
+        return Schedule(schedule(stages, None), [])
+    check_shard(shard)
+    return Schedule(
+        schedule(stages, recipe.online), round_prompts(prompts, recipe.online, recipe.seed)
+    )

@@ -110,14 +110,9 @@ class Runner:
         # Everything that can be checked without a model is checked here, before any work.
         sources = load_sources(recipe)
         prompts = [p for p in sources[:limit] if in_shard(p.key, shard)]
-        self.round_prompts: list[list[PromptRecord]] = []
-        """Each round's prompts (``cai.pipeline.online``); none without rounds."""
-        if recipe.online is not None:
-            online.check_shard(shard)
-            self.round_prompts = online.round_prompts(prompts, recipe.online, recipe.seed)
         self.stages: list[Stage] = [stage for stage, _ in recipe.stages.present()]
-        self.schedule = online.schedule(self.stages, recipe.online)
-        """(stage, round or None) in the order they run."""
+        self.schedule = online.build(recipe, self.stages, prompts, shard)
+        """The stages in the order they run, and the rounds (``cai.pipeline.online``)."""
         self.context = StageContext(
             recipe=recipe,
             layout=self.layout,
@@ -131,7 +126,7 @@ class Runner:
             outputs={},
             prepared={},
             result=RunResult(),
-            rounds=recipe.online.rounds if recipe.online is not None else 0,
+            rounds=self.schedule.rounds,
         )
         """What the stages see (outside the rounds; :meth:`context_for` gives a round's)."""
         for stage in self.stages:
@@ -153,7 +148,7 @@ class Runner:
 
     def context_for(self, r: int | None) -> StageContext:
         """The stages' context in round ``r`` (None: outside the rounds)."""
-        return online.round_context(self.context, r, self.round_prompts)
+        return self.schedule.context(self.context, r)
 
     def _check_records(self) -> None:
         """Without a manifest, what the records can tell: a warning when there are any, and a
@@ -174,7 +169,7 @@ class Runner:
             self.store.stages_dir,
             first.name,
         )
-        ctx = self.context_for(next((r for s, r in self.schedule if s is first), None))
+        ctx = self.context_for(next((r for s, r in self.schedule.steps if s is first), None))
         wanted = {p.key: first.prompt_key(ctx, p) for p in ctx.prompts}
         records = self.store.read_stage(first.name, self.shard).values()
         found = [r for r in records if r.get("input_key") in wanted]
@@ -203,14 +198,10 @@ class Runner:
                 f"engines on Ray ({ray.address or 'RAY_ADDRESS or a local Ray'}): "
                 f"{ray.replicas} replica(s) × {ray.num_cpus:g} CPU{gpus}"
             )
-        last = None
-        for stage, r in self.schedule:
-            if r is not None and r != last:
-                lines.append(
-                    f"  round {r} of {self.recipe.online.rounds}: {len(self.round_prompts[r - 1])} prompts"
-                )
+        for n, (stage, r) in enumerate(self.schedule.steps):
+            if (starts := self.schedule.starts(n)) is not None:
+                lines.append(f"  {starts}")
             lines.extend(("  " if r else "") + line for line in stage.plan(self.context_for(r)))
-            last = r
         if self._ends_with_report():
             skipped = " (skipped for a shard)" if self.shard else ""
             lines.append(f"  report: {self.layout.report_html}{skipped}")
@@ -222,7 +213,7 @@ class Runner:
         out = {}
         for stage, r in schedule:
             for role, model in stage.models(self.context_for(r)).items():
-                out[role if not r or r == 1 else f"{role} r{r}"] = model
+                out[self.schedule.name(role, r, first=1)] = model
         return out
 
     def engine_for(self, model: str) -> Engine:
@@ -266,7 +257,7 @@ class Runner:
         # wrote of that model (backend, dtype, ...) rather than just its name.
         before = (self.store.read_manifest() or {}).get("models", {})
         models = {}
-        for role, model in self._models(self.schedule).items():
+        for role, model in self._models(self.schedule.steps).items():
             engine = self.injected_engine or self._engines.get(model)
             if engine is not None:
                 models[role] = {**engine.describe(), "spec": model}
@@ -338,12 +329,12 @@ class Runner:
     def _run(self) -> RunResult:
         result = self.context.result
         self._write_manifest()
-        for n, (stage, r) in enumerate(self.schedule):
+        for n, (stage, r) in enumerate(self.schedule.steps):
             if self.shard is not None and not stage.in_shard:
                 continue
             # Engines of models no stage from here on uses are closed (GPU memory).
-            self.release_engines(set(self._models(self.schedule[n:]).values()))
-            tally = StageTally(stage.name if r is None else f"{stage.name} r{r}")
+            self.release_engines(set(self._models(self.schedule.steps[n:]).values()))
+            tally = StageTally(self.schedule.name(stage.name, r))
             result.stages.append(tally)
             start = time.perf_counter()
             stage.run(self.context_for(r), tally)
