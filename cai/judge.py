@@ -346,6 +346,18 @@ CONTENT_FREE = "N/A"
 """The content-free response of contextual calibration (arXiv 2102.09690)."""
 
 
+def default_template(mode: str, cot: bool = False) -> str:
+    """The shipped template a judge of ``mode`` uses: ``judge_score`` (pointwise), ``judge_cot``
+    (pairwise with a rationale) or ``judge_mc``."""
+    if mode not in MODES:
+        raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
+    if mode == "pointwise":
+        if cot:
+            raise ValueError("cot applies to the pairwise judge; the pointwise judge scores")
+        return "judge_score"
+    return "judge_cot" if cot else "judge_mc"
+
+
 class Judge(_PairJudge):
     """The AI-feedback judge from option log-probs: pairwise multiple-choice (the module
     docstring) or pointwise yes/no scores (``mode="pointwise"``, ``cai.pointwise``)."""
@@ -396,20 +408,13 @@ class Judge(_PairJudge):
             length_coef: pointwise only: each score less ``length_coef * ln(characters)``.
             principles: draw only from these principle ids (default: every judge principle).
         """
-        if mode not in MODES:
-            raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
-        if mode == "pointwise":
-            if cot:
-                raise ValueError("cot applies to the pairwise judge; the pointwise judge scores")
-            default_template = "judge_score"
-        else:
-            default_template = "judge_cot" if cot else "judge_mc"
+        default = default_template(mode, cot)  # checks mode and cot
         super().__init__(
             model,
             constitution,
             backend=backend,
             engine_options=engine_options,
-            template=template or default_template,
+            template=template or default,
             ensemble=ensemble,
             seed=seed,
             few_shot=few_shot,
