@@ -52,32 +52,32 @@ class CritiqueReviseStage:
         check_sampling(self)
 
 
-def prepare(runner: StageContext) -> Constitution:
+def prepare(ctx: StageContext) -> Constitution:
     """The stage's constitution; the templates are loaded and test-rendered to fail before any
     work."""
-    stage = runner.recipe.stages.critique_revise
-    constitution = load_constitution(stage.constitution or runner.recipe.constitution)
+    stage = ctx.recipe.stages.critique_revise
+    constitution = load_constitution(stage.constitution or ctx.recipe.constitution)
     load_templates(constitution, stage.critique_template, stage.revise_template, stage.few_shot)
     return constitution
 
 
-def run(runner: StageContext, tally: StageTally) -> None:
-    """Critique→revision rounds; ``runner.outputs["critique_revise"]``: prompt key → its round
+def run(ctx: StageContext, tally: StageTally) -> None:
+    """Critique→revision rounds; ``ctx.outputs["critique_revise"]``: prompt key → its round
     records, in order (complete chains only). Then the exports, unless this is a shard."""
-    stage = runner.recipe.stages.critique_revise
-    constitution = runner.prepared["critique_revise"]
-    responses = runner.outputs["generate"]
+    stage = ctx.recipe.stages.critique_revise
+    constitution = ctx.prepared["critique_revise"]
+    responses = ctx.outputs["generate"]
     sampling = Sampling(
         max_tokens=stage.max_tokens, temperature=stage.temperature, top_p=stage.top_p
     )
     reviser = CritiqueReviser(
-        LazyEngine(lambda: runner.engine_for(runner.recipe.model)),
+        LazyEngine(lambda: ctx.engine_for(ctx.recipe.model)),
         constitution,
         critique_template=stage.critique_template,
         revise_template=stage.revise_template,
         few_shot=stage.few_shot,
         sampling=sampling,
-        seed=runner.recipe.seed,
+        seed=ctx.recipe.seed,
     )
     chains: dict[str, list[dict]] = {key: [] for key in responses}
     previous = {key: (rec["key"], rec["response"]) for key, rec in responses.items()}
@@ -95,7 +95,7 @@ def run(runner: StageContext, tally: StageTally) -> None:
                 constitution=constitution.name,
                 templates=reviser.template_text,
                 few_shot=stage.few_shot,
-                model=runner.recipe.model,
+                model=ctx.recipe.model,
                 sampling=sampling.to_dict(),
             )
             prompt = responses[prompt_key]["prompt"]
@@ -110,7 +110,7 @@ def run(runner: StageContext, tally: StageTally) -> None:
             ]
 
         records = stage_records(
-            runner,
+            ctx,
             "critique_revise",
             items,
             key=lambda it: it[1].key,
@@ -129,22 +129,22 @@ def run(runner: StageContext, tally: StageTally) -> None:
             survivors[prompt_key] = (record["key"], nxt)
         previous = survivors
     final = {key: chain for key, chain in chains.items() if len(chain) == stage.rounds}
-    runner.outputs["critique_revise"] = final
-    if runner.shard is None:
-        sft = export_sft(runner, final)
+    ctx.outputs["critique_revise"] = final
+    if ctx.shard is None:
+        sft = export_sft(ctx, final)
         if sft is not None:
-            runner.result.add("sft", sft, f"SFT dataset: {sft}/{DATA_FILE} and {sft}/{DATASET}")
-        pairs = export_revision_pairs(runner, final) if stage.export_pairs else None
+            ctx.result.add("sft", sft, f"SFT dataset: {sft}/{DATA_FILE} and {sft}/{DATASET}")
+        pairs = export_revision_pairs(ctx, final) if stage.export_pairs else None
         if pairs is not None:
             line = f"revision pairs: {pairs}/{DATA_FILE} and {pairs}/{DATASET}"
-            runner.result.add("revision_pairs", pairs, line)
+            ctx.result.add("revision_pairs", pairs, line)
 
 
-def export_sft(runner: StageContext, chains: dict[str, list[dict]]) -> Path | None:
+def export_sft(ctx: StageContext, chains: dict[str, list[dict]]) -> Path | None:
     """``<run>/sft/``: the SFT dataset from the complete chains; None when there is none."""
-    stage = runner.recipe.stages.critique_revise
+    stage = ctx.recipe.stages.critique_revise
     records = []
-    for prompt in runner.prompts:
+    for prompt in ctx.prompts:
         chain = chains.get(prompt.key)
         if not chain:
             continue
@@ -164,24 +164,24 @@ def export_sft(runner: StageContext, chains: dict[str, list[dict]]) -> Path | No
                         "critiques": [c["critique"] for c in chain[: record["round"]]],
                         "flags": sorted({f for c in chain[: record["round"]] for f in c["flags"]}),
                         "initial_response": initial,
-                        "constitution": runner.prepared["critique_revise"].name,
-                        "model": runner.recipe.model,
+                        "constitution": ctx.prepared["critique_revise"].name,
+                        "model": ctx.recipe.model,
                         **prompt.meta,
                     },
                 }
             )
     if not records:
         return None
-    out = runner.layout.sft
+    out = ctx.layout.sft
     export_dataset(records, out)
     return out
 
 
-def export_revision_pairs(runner: StageContext, chains: dict[str, list[dict]]) -> Path | None:
+def export_revision_pairs(ctx: StageContext, chains: dict[str, list[dict]]) -> Path | None:
     """``<run>/revision_pairs/``: the final revision chosen over the initial response
     (``p_chosen`` 1.0), leaving out chains whose final answer is empty or unchanged."""
     rows = []
-    for prompt in runner.prompts:
+    for prompt in ctx.prompts:
         chain = chains.get(prompt.key)
         if not chain:
             continue
@@ -203,37 +203,37 @@ def export_revision_pairs(runner: StageContext, chains: dict[str, list[dict]]) -
                     "rounds": len(chain),
                     "principles": [c["principle"] for c in chain],
                     "flags": sorted({f for c in chain for f in c["flags"]}),
-                    "constitution": runner.prepared["critique_revise"].name,
-                    "model": runner.recipe.model,
+                    "constitution": ctx.prepared["critique_revise"].name,
+                    "model": ctx.recipe.model,
                 },
             }
         )
     if not rows:
         return None
-    out = runner.layout.revision_pairs
+    out = ctx.layout.revision_pairs
     export_dataset(rows, out)
     return out
 
 
-def plan(runner: StageContext) -> list[str]:
-    stage = runner.recipe.stages.critique_revise
-    store, shard = runner.store, runner.shard
+def plan(ctx: StageContext) -> list[str]:
+    stage = ctx.recipe.stages.critique_revise
+    store, shard = ctx.store, ctx.shard
     written = (
         len(store.done_keys("critique_revise", shard))
         if store.stage_path("critique_revise", shard).exists()
         else 0
     )
-    total = len(runner.prompts) * stage.rounds
-    constitution = runner.prepared["critique_revise"].name
+    total = len(ctx.prompts) * stage.rounds
+    constitution = ctx.prepared["critique_revise"].name
     lines = [
-        f"  critique_revise: {stage.rounds} rounds × {len(runner.prompts)} prompts = {total} records, "
+        f"  critique_revise: {stage.rounds} rounds × {len(ctx.prompts)} prompts = {total} records, "
         f"{2 * total} requests at most ({written} records done); constitution {constitution!r}",
-        f"  export: {stage.export} → {runner.layout.sft}"
+        f"  export: {stage.export} → {ctx.layout.sft}"
         + (" (skipped for a shard)" if shard else ""),
     ]
     if stage.export_pairs:
         lines.append(
-            f"  export: revision pairs → {runner.layout.revision_pairs}"
+            f"  export: revision pairs → {ctx.layout.revision_pairs}"
             + (" (skipped for a shard)" if shard else "")
         )
     return lines
@@ -247,5 +247,5 @@ STAGE = Stage(
     plan=plan,
     needs=("generate",),
     prepare=prepare,
-    models=lambda runner: {"policy": runner.recipe.model},
+    models=lambda ctx: {"policy": ctx.recipe.model},
 )

@@ -134,29 +134,29 @@ class JudgeStage:
             raise FieldError("length_coef", f"must be a finite number (got {self.length_coef})")
 
 
-def judge_model(runner: StageContext) -> str:
-    return runner.recipe.stages.judge.model or runner.recipe.model
+def judge_model(ctx: StageContext) -> str:
+    return ctx.recipe.stages.judge.model or ctx.recipe.model
 
 
-def reward_labels(runner: StageContext) -> str | None:
+def reward_labels(ctx: StageContext) -> str | None:
     """The reward model that labels this round's pairs instead of the judge (online.labels:
     reward_model, rounds 2 on: train_reward trains it in round 1), else None."""
-    config, r = runner.recipe.online, runner.round
+    config, r = ctx.recipe.online, ctx.round
     if config is None or config.labels != "reward_model" or r is None or r < 2:
         return None
-    return str(runner.layout.model("reward"))
+    return str(ctx.layout.model("reward"))
 
 
-def labeller(runner: StageContext) -> dict[str, str]:
+def labeller(ctx: StageContext) -> dict[str, str]:
     """The stage's model role: the judge, or the reward model labelling an online round."""
-    spec = reward_labels(runner)
-    return {"judge": judge_model(runner)} if spec is None else {"labeller": spec}
+    spec = reward_labels(ctx)
+    return {"judge": judge_model(ctx)} if spec is None else {"labeller": spec}
 
 
-def prepare(runner: StageContext) -> Constitution:
+def prepare(ctx: StageContext) -> Constitution:
     """The judge's constitution, checked to have ``ensemble`` judge principles."""
-    judge = runner.recipe.stages.judge
-    constitution = load_constitution(judge.constitution or runner.recipe.constitution)
+    judge = ctx.recipe.stages.judge
+    constitution = load_constitution(judge.constitution or ctx.recipe.constitution)
     try:
         check_ensemble(constitution, judge.ensemble, judge.principles)
         if judge.settings["mode"] == "pointwise":
@@ -166,15 +166,15 @@ def prepare(runner: StageContext) -> Constitution:
     return constitution
 
 
-def make_judge(runner: StageContext) -> Judge:
-    stage = runner.recipe.stages.judge
-    spec = judge_model(runner)
-    engine = LazyEngine(lambda: runner.engine_for(spec))
+def make_judge(ctx: StageContext) -> Judge:
+    stage = ctx.recipe.stages.judge
+    spec = judge_model(ctx)
+    engine = LazyEngine(lambda: ctx.engine_for(spec))
     return Judge(
         engine,
-        runner.prepared["judge"],
+        ctx.prepared["judge"],
         ensemble=stage.ensemble,
-        seed=runner.recipe.seed,
+        seed=ctx.recipe.seed,
         cot=stage.cot,
         cot_max_tokens=stage.cot_max_tokens,
         clamp=tuple(stage.clamp) if stage.clamp is not None else None,
@@ -186,12 +186,12 @@ def make_judge(runner: StageContext) -> Judge:
 
 
 def pair_items(
-    runner: StageContext, judge: Judge, samples: dict[str, dict]
+    ctx: StageContext, judge: Judge, samples: dict[str, dict]
 ) -> dict[str, list[tuple[str, JudgePair, tuple[int, int]]]]:
     """prompt key → its pairs: (record key, JudgePair, (i, j)), in prompt then pair order."""
     config = judge_config(judge)
-    spec = judge_model(runner)
-    reward_model = reward_labels(runner)
+    spec = judge_model(ctx)
+    reward_model = reward_labels(ctx)
     out: dict[str, list] = {}
     for prompt_key, sample in samples.items():
         pairs = []
@@ -214,16 +214,16 @@ def pair_items(
     return out
 
 
-def run(runner: StageContext, tally: StageTally) -> None:
+def run(ctx: StageContext, tally: StageTally) -> None:
     """Judge every pair of each prompt's distinct samples, then export the preferences (unless
-    this is a shard); ``runner.outputs["judge"]``: prompt key → its pair records (the latest for
+    this is a shard); ``ctx.outputs["judge"]``: prompt key → its pair records (the latest for
     each pair: done, or an error), in pair order."""
-    stage = runner.recipe.stages.judge
-    samples = runner.outputs["sample"]
-    judge = make_judge(runner)
-    items = pair_items(runner, judge, samples)
+    stage = ctx.recipe.stages.judge
+    samples = ctx.outputs["sample"]
+    judge = make_judge(ctx)
+    items = pair_items(ctx, judge, samples)
 
-    reward_model = reward_labels(runner)
+    reward_model = reward_labels(ctx)
     scorer = RewardScorer(reward_model) if reward_model is not None else None
 
     def call(chunk, progress):
@@ -244,8 +244,8 @@ def run(runner: StageContext, tally: StageTally) -> None:
                 "prompt": pair.prompt,
                 "response_a": pair.response_a,
                 "response_b": pair.response_b,
-                "judge_model": model_name(reward_model or judge_model(runner)),
-                **runner.round_key(),
+                "judge_model": model_name(reward_model or judge_model(ctx)),
+                **ctx.round_key(),
                 **pref,
             }
             for (prompt_key, key, pair, ij), pref in zip(chunk, prefs, strict=True)
@@ -261,7 +261,7 @@ def run(runner: StageContext, tally: StageTally) -> None:
         per_pair = 2 * stage.ensemble * (2 if stage.cot else 1)
     try:
         records = stage_records(
-            runner,
+            ctx,
             "judge",
             [
                 (prompt_key, key, pair, ij)
@@ -281,12 +281,12 @@ def run(runner: StageContext, tally: StageTally) -> None:
         prompt_key: [records[key] for key, _, _ in pairs if key in records]
         for prompt_key, pairs in items.items()
     }
-    runner.outputs["judge"] = judged
-    if runner.shard is None:
-        out = export_preferences(runner, samples, judged)
+    ctx.outputs["judge"] = judged
+    if ctx.shard is None:
+        out = export_preferences(ctx, samples, judged)
         if out is not None:
             line = f"preference dataset: {out}/{DATA_FILE} and {out}/{DATASET}"
-            runner.result.add("preferences", out, line)
+            ctx.result.add("preferences", out, line)
 
 
 class RewardScorer:
@@ -362,7 +362,7 @@ def _failed(error: str | None) -> dict[str, Any]:
 
 
 def _preference_row(
-    runner: StageContext,
+    ctx: StageContext,
     prompt: PromptRecord,
     sample: dict,
     record: dict,
@@ -372,7 +372,7 @@ def _preference_row(
     """The export row of a judged pair of ``sample``'s responses, or None when it is a tie or
     below min_margin."""
     fields = preference_fields(record)
-    if fields is None or record["margin"] < runner.recipe.stages.judge.min_margin:
+    if fields is None or record["margin"] < ctx.recipe.stages.judge.min_margin:
         return None
     row, judged = fields
     return {
@@ -386,8 +386,8 @@ def _preference_row(
             "pair_key": record["key"],
             "selection": selection,
             **judged,
-            "constitution": runner.prepared["judge"].name,
-            **runner.round_key(),
+            "constitution": ctx.prepared["judge"].name,
+            **ctx.round_key(),
             "judge_model": record["judge_model"],
             # From the record, as the judge model is: the export (what train_reward and
             # train_dpo fingerprint) must not change when the run directory moves.
@@ -418,25 +418,25 @@ def best_worst(records: list[dict], count: int) -> tuple[dict, list[float]] | No
 
 
 def export_preferences(
-    runner: StageContext, samples: dict[str, dict], judged: dict[str, list[dict]]
+    ctx: StageContext, samples: dict[str, dict], judged: dict[str, list[dict]]
 ) -> Path | None:
     """``<run>/preferences/`` from the judge records; None when no pair qualifies."""
-    stage = runner.recipe.stages.judge
+    stage = ctx.recipe.stages.judge
     rows = []
-    for prompt in runner.prompts:
+    for prompt in ctx.prompts:
         records = judged.get(prompt.key)
         if not records:
             continue
         sample = samples[prompt.key]
         if stage.pairs == "all":
-            rows.extend(_preference_row(runner, prompt, sample, r, "all") for r in records)
+            rows.extend(_preference_row(ctx, prompt, sample, r, "all") for r in records)
         else:
             picked = best_worst(records, len(sample["responses"]))
             if picked is not None:
                 direct, scores = picked
                 rows.append(
                     _preference_row(
-                        runner,
+                        ctx,
                         prompt,
                         sample,
                         direct,
@@ -447,31 +447,31 @@ def export_preferences(
     rows = [r for r in rows if r is not None]
     if not rows:
         return None
-    out = runner.layout.preferences(runner.round)
+    out = ctx.layout.preferences(ctx.round)
     export_dataset(rows, out)
     return out
 
 
-def done_pairs(runner: StageContext) -> int:
+def done_pairs(ctx: StageContext) -> int:
     """Pairs judged of the samples this run (this round) judges: the store holds every round's,
     and records of samples no longer asked for."""
-    store, shard = runner.store, runner.shard
+    store, shard = ctx.store, ctx.shard
     if not store.stage_path("judge", shard).exists():
         return 0
-    samples = {sample_key(runner, p) for p in runner.prompts}
+    samples = {sample_key(ctx, p) for p in ctx.prompts}
     return sum(
         r.get("error") is None and r.get("sample_key") in samples
         for r in store.read_stage("judge", shard).values()
     )
 
 
-def plan(runner: StageContext) -> list[str]:
-    judge, shard = runner.recipe.stages.judge, runner.shard
-    unsampled, pairs = pending(runner)
-    done = done_pairs(runner)
+def plan(ctx: StageContext) -> list[str]:
+    judge, shard = ctx.recipe.stages.judge, ctx.shard
+    unsampled, pairs = pending(ctx)
+    done = done_pairs(ctx)
     todo = max(pairs - done, 0)
     bound = "at most " if unsampled else ""
-    reward_model = reward_labels(runner)
+    reward_model = reward_labels(ctx)
     if reward_model is not None:
         labels = (
             f"  judge: {bound}{todo} pairs × 2 responses = {bound}{todo * 2} reward-model scores "
@@ -480,7 +480,7 @@ def plan(runner: StageContext) -> list[str]:
     else:
         if judge.settings["mode"] == "pointwise":
             # k responses of a prompt make k(k-1)/2 pairs; each response is scored once
-            k = max(runner.recipe.stages.sample.k, 2)
+            k = max(ctx.recipe.stages.sample.k, 2)
             score = todo * 2 // (k - 1) * judge.ensemble
             how = (
                 f"{bound}{todo} pairs, pointwise: each response × {judge.ensemble} principles "
@@ -497,12 +497,12 @@ def plan(runner: StageContext) -> list[str]:
                 how += f", {judge.settings['calibration']} calibration"
         labels = (
             f"  judge: {how} ({done} pairs done); constitution "
-            f"{runner.prepared['judge'].name!r}, model {judge_model(runner)}"
+            f"{ctx.prepared['judge'].name!r}, model {judge_model(ctx)}"
         )
     return [
         labels,
         f"  export: {judge.pairs} pairs, min_margin {judge.min_margin} → "
-        f"{runner.layout.preferences(runner.round)}" + (" (skipped for a shard)" if shard else ""),
+        f"{ctx.layout.preferences(ctx.round)}" + (" (skipped for a shard)" if shard else ""),
     ]
 
 

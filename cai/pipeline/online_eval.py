@@ -21,16 +21,16 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 
-def eval_models(runner: StageContext) -> tuple[dict[str, str], dict[str, str]]:
+def eval_models(ctx: StageContext) -> tuple[dict[str, str], dict[str, str]]:
     """(name → spec, name → the name it is also compared with) of an online run's evaluation:
     base, sft, then round1..roundN, each round against the one before."""
-    models = {"base": runner.recipe.model}
-    if runner.recipe.stages.train_sft is not None:
-        models["sft"] = after_round(runner, 0)
+    models = {"base": ctx.recipe.model}
+    if ctx.recipe.stages.train_sft is not None:
+        models["sft"] = after_round(ctx, 0)
     start = "sft" if "sft" in models else "base"
     previous = {}
-    for r in range(1, runner.rounds + 1):
-        models[f"round{r}"] = after_round(runner, r)
+    for r in range(1, ctx.rounds + 1):
+        models[f"round{r}"] = after_round(ctx, r)
         previous[f"round{r}"] = start if r == 1 else f"round{r - 1}"
     return models, previous
 
@@ -53,26 +53,24 @@ def _pairs(records: list[dict]) -> dict[str, Any]:
     }
 
 
-def measure(runner: StageContext, results: dict) -> dict:
+def measure(ctx: StageContext, results: dict) -> dict:
     """``results`` with ``rounds`` (one row per round, round 0 the starting policy) and
     ``warnings`` (reward climbing while the held-out win rate falls; answers growing past
     ``online.max_length_drift``)."""
     metrics = results["metrics"]
     judged = (
-        runner.store.read_stage("judge").values()
-        if runner.store.stage_path("judge").exists()
-        else []
+        ctx.store.read_stage("judge").values() if ctx.store.stage_path("judge").exists() else []
     )
     by_round: dict[int, list[dict]] = {}
     for record in judged:
         if record.get("round") is not None and record.get("error") is None:
             by_round.setdefault(record["round"], []).append(record)
-    models, _ = eval_models(runner)
+    models, _ = eval_models(ctx)
     rows = []
-    for r in range(runner.rounds + 1):
+    for r in range(ctx.rounds + 1):
         name = f"round{r}" if r else ("sft" if "sft" in models else "base")
         m = metrics[name]
-        trained = _trained(Path(after_round(runner, r))) if r else {}
+        trained = _trained(Path(after_round(ctx, r))) if r else {}
         rows.append(
             {
                 "round": r,
@@ -96,7 +94,7 @@ def measure(runner: StageContext, results: dict) -> dict:
     return {
         **results,
         "rounds": rows,
-        "warnings": warnings(rows, runner.recipe.online.max_length_drift),
+        "warnings": warnings(rows, ctx.recipe.online.max_length_drift),
     }
 
 

@@ -73,18 +73,18 @@ def distinct_responses(texts: Sequence[str]) -> tuple[list[str], int, int]:
     return out, duplicates, empty
 
 
-def run(runner: StageContext, tally: StageTally) -> None:
-    """K responses per prompt; ``runner.outputs["sample"]``: prompt key → sample record with
+def run(ctx: StageContext, tally: StageTally) -> None:
+    """K responses per prompt; ``ctx.outputs["sample"]``: prompt key → sample record with
     >= 2 responses."""
-    recipe = runner.recipe
+    recipe = ctx.recipe
     stage = recipe.stages.sample
-    sampling = sample_sampling(runner)
-    model = sample_model(runner)
-    keys = {p.key: sample_key(runner, p) for p in runner.prompts}
+    sampling = sample_sampling(ctx)
+    model = sample_model(ctx)
+    keys = {p.key: sample_key(ctx, p) for p in ctx.prompts}
 
     def call(chunk, progress):
         records = []
-        for p, seed, c in generate_seeded(runner, model, chunk, keys, sampling, progress):
+        for p, seed, c in generate_seeded(ctx, model, chunk, keys, sampling, progress):
             responses, duplicates, empty = distinct_responses(
                 [x.text for x in c.samples] if c.ok else []
             )
@@ -108,35 +108,35 @@ def run(runner: StageContext, tally: StageTally) -> None:
                     "seed": seed,
                     "usage": usage(c),
                     "meta": p.meta,
-                    **runner.round_key(),
+                    **ctx.round_key(),
                     "error": c.error,
                 }
             )
         return records
 
     records = stage_records(
-        runner,
+        ctx,
         "sample",
-        runner.prompts,
+        ctx.prompts,
         key=lambda p: keys[p.key],
         call=call,
         tally=tally,
         label="sample",
     )
     done = {}
-    for p in runner.prompts:
+    for p in ctx.prompts:
         record = records.get(keys[p.key])
         if record is not None and record.get("error") is None and not record.get("skipped"):
             done[p.key] = record
-    runner.outputs["sample"] = done
+    ctx.outputs["sample"] = done
 
 
-def plan(runner: StageContext) -> list[str]:
-    stage = runner.recipe.stages.sample
-    unsampled, _ = pending(runner)
+def plan(ctx: StageContext) -> list[str]:
+    stage = ctx.recipe.stages.sample
+    unsampled, _ = pending(ctx)
     return [
-        f"  sample: {unsampled} requests × k={stage.k} ({len(runner.prompts) - unsampled} done; "
-        f"model {sample_model(runner)}, temperature {stage.temperature})"
+        f"  sample: {unsampled} requests × k={stage.k} ({len(ctx.prompts) - unsampled} done; "
+        f"model {sample_model(ctx)}, temperature {stage.temperature})"
     ]
 
 
@@ -163,7 +163,7 @@ STAGE = Stage(
     plan=plan,
     starts=True,
     prompt_key=sample_key,
-    models=lambda runner: {"sampler": sample_model(runner)},
+    models=lambda ctx: {"sampler": sample_model(ctx)},
     per_round=every_round,
     check_recipe=check_recipe,
 )

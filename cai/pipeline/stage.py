@@ -110,7 +110,7 @@ class StageContext:
         return {} if self.round is None else {"round": self.round}
 
 
-def _no_models(runner: StageContext) -> dict[str, str]:
+def _no_models(ctx: StageContext) -> dict[str, str]:
     return {}
 
 
@@ -133,7 +133,7 @@ class Stage:
     which ``check_options`` then builds once to check them with the recipe's lines."""
     run: Callable[[StageContext, StageTally], None]
     """Does the work; counts into the tally; leaves what later stages read in
-    ``runner.outputs[name]`` and what the run produced in ``runner.result``."""
+    ``ctx.outputs[name]`` and what the run produced in ``ctx.result``."""
     plan: Callable[[StageContext], list[str]]
     """The ``--dry-run`` lines: requests left, records done, where outputs go."""
     needs: tuple[str, ...] = ()
@@ -147,7 +147,7 @@ class Stage:
     checks that need more than the options type (a trainer's own config class)."""
     prepare: Callable[[StageContext], Any] | None = None
     """Checks and loads what the stage needs before any work (constitutions, templates); the
-    value is kept in ``runner.prepared[name]``."""
+    value is kept in ``ctx.prepared[name]``."""
     models: Callable[[StageContext], dict[str, str]] = _no_models
     """Role → model spec of the models the stage uses or produces (the manifest's ``models``;
     an engine no later stage uses is closed before the next stage)."""
@@ -202,7 +202,7 @@ class LazyEngine(Engine):
 
 
 def stage_records(
-    runner: StageContext,
+    ctx: StageContext,
     stage: str,
     items: Sequence[T],
     *,
@@ -215,22 +215,22 @@ def stage_records(
     """The record loop (``cai.records.run_records``) over the run's store and shard, in
     ``chunk_size`` batches on the run's executor."""
     return run_records(
-        runner.store,
+        ctx.store,
         stage,
         items,
         key=key,
         call=call,
         tally=tally,
-        shard=runner.shard,
-        batch_size=runner.recipe.chunk_size,
+        shard=ctx.shard,
+        batch_size=ctx.recipe.chunk_size,
         label=label,
         requests=requests,
-        executor=runner.executor,
+        executor=ctx.executor,
     )
 
 
 def generate_seeded(
-    runner: StageContext,
+    ctx: StageContext,
     model: str,
     prompts: Sequence[PromptRecord],
     keys: dict[str, str],
@@ -239,9 +239,9 @@ def generate_seeded(
 ) -> list[tuple[PromptRecord, int, Completion]]:
     """One generate call for ``prompts``, each sampled with the seed of its record key
     (``keys[prompt.key]``): (prompt, seed, completion) in order."""
-    seeds = [seed_for(keys[p.key], runner.recipe.seed) for p in prompts]
+    seeds = [seed_for(keys[p.key], ctx.recipe.seed) for p in prompts]
     params = [replace(sampling, seed=seed) for seed in seeds]
-    engine = runner.engine_for(model)
+    engine = ctx.engine_for(model)
     done = engine.generate([p.messages for p in prompts], params, progress=progress)
     return list(zip(prompts, seeds, done, strict=True))
 

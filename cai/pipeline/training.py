@@ -146,34 +146,34 @@ def check_options(kind: str, recipe_data: Any, source: str) -> None:
         trainer_config(kind, options, data="-", output_dir="-", model="-", source=source)
 
 
-def output_dir(runner: StageContext, kind: str) -> Path:
+def output_dir(ctx: StageContext, kind: str) -> Path:
     """``<run>/models/<name>``; a model trained per round (DPO's) in ``<run>/rounds/<r>/``."""
     trainer = TRAINERS[kind]
-    return runner.layout.model(trainer.model, runner.round if trainer.per_round_folder else None)
+    return ctx.layout.model(trainer.model, ctx.round if trainer.per_round_folder else None)
 
 
-def start_model(runner: StageContext, kind: str) -> str:
+def start_model(ctx: StageContext, kind: str) -> str:
     """The model stage ``kind`` trains from: the recipe's for SFT, else the policy at the stage
     (the SFT model, else the recipe's; in round r, round r-1's policy)."""
-    return runner.recipe.model if kind == "train_sft" else policy.at_start(runner)
+    return ctx.recipe.model if kind == "train_sft" else policy.at_start(ctx)
 
 
-def reference(runner: StageContext, kind: str) -> dict[str, Any]:
+def reference(ctx: StageContext, kind: str) -> dict[str, Any]:
     """A DPO round's ``ref_model``: the SFT model (online.reference: sft) from round 2 on; with
     ``previous`` (and in round 1) the starting model, DPO's default."""
-    r = runner.round
-    if kind != "train_dpo" or r is None or r == 1 or runner.recipe.online.reference == "previous":
+    r = ctx.round
+    if kind != "train_dpo" or r is None or r == 1 or ctx.recipe.online.reference == "previous":
         return {}
     from cai.train.dpo import REFERENCE_FREE
 
-    if runner.recipe.stages.train_dpo.get("loss") in REFERENCE_FREE:
+    if ctx.recipe.stages.train_dpo.get("loss") in REFERENCE_FREE:
         return {}  # no reference at all
-    return {"ref_model": policy.after_sft(runner)}
+    return {"ref_model": policy.after_sft(ctx)}
 
 
-def data_dir(runner: StageContext, kind: str) -> Path:
+def data_dir(ctx: StageContext, kind: str) -> Path:
     """What stage ``kind`` trains on (a round's: the round's preferences)."""
-    return TRAINERS[kind].data(runner)
+    return TRAINERS[kind].data(ctx)
 
 
 def _fingerprint(path: Path) -> str:
@@ -213,29 +213,29 @@ def _hash(settings: dict[str, Any] | None) -> str:
     return hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:24]
 
 
-def run_train(runner: StageContext, kind: str, tally: StageTally) -> Path:
+def run_train(ctx: StageContext, kind: str, tally: StageTally) -> Path:
     """Train stage ``kind`` unless an identical training already finished; returns the model
     folder. Raises PipelineError when the data it needs was not exported."""
-    data, out = data_dir(runner, kind), output_dir(runner, kind)
+    data, out = data_dir(ctx, kind), output_dir(ctx, kind)
     if not (data / DATA_FILE).is_file():
         raise PipelineError(
             f"{kind}: no {TRAINERS[kind].what} in {data} to train on (every record of the stage before failed, "
             "or none qualified); see the summary above and the stage records in "
-            f"{runner.store.stages_dir}"
+            f"{ctx.store.stages_dir}"
         )
-    model = start_model(runner, kind)
+    model = start_model(ctx, kind)
     config = trainer_config(
         kind,
-        getattr(runner.recipe.stages, kind),
+        getattr(ctx.recipe.stages, kind),
         data=str(data),
         output_dir=str(out),
         model=model,
-        **reference(runner, kind),
+        **reference(ctx, kind),
     )
     settings = {"config": asdict(config), "data": _fingerprint(data), "model_revision": None}
     if kind != "train_sft":
         settings["model_revision"] = revision(model)
-    wanted = _hash(_portable(settings, str(runner.run_dir)))
+    wanted = _hash(_portable(settings, str(ctx.run_dir)))
     marker = out / PIPELINE_MARKER
     if marker.is_file() and (out / TRAIN_RESULT).is_file():
         if _hash(_trained_as(json.loads(marker.read_text(encoding="utf-8")))) == wanted:
@@ -247,15 +247,15 @@ def run_train(runner: StageContext, kind: str, tally: StageTally) -> Path:
         shutil.rmtree(out)
     elif marker.is_file():
         shutil.rmtree(out)  # a marker without a result: an earlier layout; start clean
-    runner.release_engines()
+    ctx.release_engines()
     train = _trainer(kind)
-    print(f"{kind}: training {model} on {data} → {out}", file=runner.out, flush=True)
+    print(f"{kind}: training {model} on {data} → {out}", file=ctx.out, flush=True)
     result: TrainResult = train(config)
     # model_id: the folder relative to its run, for record keys (cai.keys.model_key).
-    model_id = runner.layout.relative(out)
+    model_id = ctx.layout.relative(out)
     marker.write_text(
         json.dumps(
-            {"revision": wanted, "model_id": model_id, "run_dir": str(runner.run_dir), **settings},
+            {"revision": wanted, "model_id": model_id, "run_dir": str(ctx.run_dir), **settings},
             indent=2,
         )
         + "\n",
@@ -271,27 +271,27 @@ def _trainer(kind: str) -> Callable[[TrainConfig], TrainResult]:
     return getattr(importlib.import_module(trainer.module), trainer.function)
 
 
-def plan(runner: StageContext, kind: str) -> list[str]:
-    options = getattr(runner.recipe.stages, kind)
-    model = start_model(runner, kind)
-    done = (output_dir(runner, kind) / PIPELINE_MARKER).is_file()
+def plan(ctx: StageContext, kind: str) -> list[str]:
+    options = getattr(ctx.recipe.stages, kind)
+    model = start_model(ctx, kind)
+    done = (output_dir(ctx, kind) / PIPELINE_MARKER).is_file()
     shown = ", ".join(f"{k}={v}" for k, v in options.items()) or "defaults"
-    for name, value in reference(runner, kind).items():
+    for name, value in reference(ctx, kind).items():
         shown += f", {name}={value}"
     return [
-        f"  {kind}: {model} on {data_dir(runner, kind)} → {output_dir(runner, kind)} "
+        f"  {kind}: {model} on {data_dir(ctx, kind)} → {output_dir(ctx, kind)} "
         f"({shown}){' (trained; re-checked at run time)' if done else ''}"
-        + (" (skipped for a shard)" if runner.shard else "")
+        + (" (skipped for a shard)" if ctx.shard else "")
     ]
 
 
-def write_prompts(runner: StageContext) -> None:
+def write_prompts(ctx: StageContext) -> None:
     """The run's prompts as GRPO's training data (rewritten each run: the training's identity
     hashes the file's content, so the same prompts are the same training)."""
-    if not runner.prompts:
+    if not ctx.prompts:
         raise PipelineError("train_grpo: the recipe has no prompts to train on")
-    lines = [encode_line({"key": p.key, "prompt": p.messages}) for p in runner.prompts]
-    path = data_dir(runner, "train_grpo") / DATA_FILE
+    lines = [encode_line({"key": p.key, "prompt": p.messages}) for p in ctx.prompts]
+    path = data_dir(ctx, "train_grpo") / DATA_FILE
     write_atomic(path, lambda f: f.writelines(lines))
 
 
@@ -304,24 +304,24 @@ def _stage(
     before: Callable[[StageContext], None] | None = None,
     **declared: Any,
 ) -> Stage:
-    def run(runner: StageContext, tally: StageTally) -> None:
+    def run(ctx: StageContext, tally: StageTally) -> None:
         if before is not None:
-            before(runner)
-        out = run_train(runner, kind, tally)
+            before(ctx)
+        out = run_train(ctx, kind, tally)
         name = TRAINERS[kind].model
         label = "Reward" if name == "reward" else name.upper()
-        runner.result.add(kind, out, f"{label} model: {out}")
+        ctx.result.add(kind, out, f"{label} model: {out}")
 
     return Stage(
         name=kind,
         doc=doc,
         options=dict[str, Any],
         run=run,
-        plan=lambda runner: plan(runner, kind),
+        plan=lambda ctx: plan(ctx, kind),
         needs=(needs,) if needs else (),
         needs_message=needs_message,
         check_options=lambda data, source: check_options(kind, data, source),
-        models=lambda runner: {TRAINERS[kind].model: str(output_dir(runner, kind))},
+        models=lambda ctx: {TRAINERS[kind].model: str(output_dir(ctx, kind))},
         in_shard=False,
         ends_with_report=True,
         **declared,
