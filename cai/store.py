@@ -225,6 +225,7 @@ class StageWriter:
         *,
         flush_every: int = 100,
         flush_seconds: float = 5.0,
+        keep_records: bool = False,
     ) -> None:
         self.path = path
         self.shard = shard
@@ -234,7 +235,7 @@ class StageWriter:
         self._last_flush = time.monotonic()
         self._fd: int | None = _open_locked(path)
         try:
-            scan = _scan(path, keep_records=False)
+            scan = _scan(path, keep_records=keep_records)
             if scan.torn_at is not None:
                 size = os.fstat(self._fd).st_size
                 os.ftruncate(self._fd, scan.torn_at)
@@ -249,6 +250,10 @@ class StageWriter:
             self.close()
             raise
         self._done = scan.done
+        self._keep = keep_records
+        self.records = scan.records
+        """With ``keep_records``: key → its record, by the readers' rule (the first done one,
+        else the latest error), the file's and those written since, as read back."""
 
     def __contains__(self, key: object) -> bool:
         """Whether ``key`` is done: a record without an error is written (or buffered)."""
@@ -287,6 +292,8 @@ class StageWriter:
         except (TypeError, ValueError) as e:
             raise ValueError(f"{self.path}: record {key} is not plain JSON: {e}") from e
         self._buffer.append(line)
+        if self._keep:
+            self.records[key] = json.loads(line)  # what a reader of the file would get
         if not _is_error(record):
             self._done.add(key)
         if (
@@ -469,13 +476,16 @@ class RunStore:
         *,
         flush_every: int = 100,
         flush_seconds: float = 5.0,
+        keep_records: bool = False,
     ) -> StageWriter:
-        """Open the stage file for appending (locked; a torn last line is truncated)."""
+        """Open the stage file for appending (locked; a torn last line is truncated); with
+        ``keep_records`` the writer holds every key's record (``StageWriter.records``)."""
         return StageWriter(
             self.stage_path(stage, shard),
             shard,
             flush_every=flush_every,
             flush_seconds=flush_seconds,
+            keep_records=keep_records,
         )
 
     def merge_shards(self, stage: str) -> Path:
