@@ -518,9 +518,6 @@ def from_anthropic(
     return _build(converted, f"{cr_path} (converted)")
 
 
-_CRITIQUE_SHAPE = ["user", "assistant", "user", "assistant"]
-
-
 def from_huggingface(path: str | Path) -> Constitution:
     """Convert a Hugging Face constitution JSON (as used by their Constitutional AI recipes).
 

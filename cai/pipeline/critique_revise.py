@@ -62,8 +62,8 @@ def prepare(ctx: StageContext) -> Constitution:
 
 
 def run(ctx: StageContext, tally: StageTally) -> None:
-    """Critique→revision rounds; ``ctx.outputs["critique_revise"]``: prompt key → its round
-    records, in order (complete chains only). Then the exports, unless this is a shard."""
+    """Critique→revision rounds, then the exports (of the complete chains), unless this is a
+    shard."""
     stage = ctx.recipe.stages.critique_revise
     constitution = ctx.prepared["critique_revise"]
     responses = ctx.outputs["generate"]
@@ -129,7 +129,6 @@ def run(ctx: StageContext, tally: StageTally) -> None:
             survivors[prompt_key] = (record["key"], nxt)
         previous = survivors
     final = {key: chain for key, chain in chains.items() if len(chain) == stage.rounds}
-    ctx.outputs["critique_revise"] = final
     if ctx.shard is None:
         sft = export_sft(ctx, final)
         if sft is not None:

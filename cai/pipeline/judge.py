@@ -216,8 +216,7 @@ def pair_items(
 
 def run(ctx: StageContext, tally: StageTally) -> None:
     """Judge every pair of each prompt's distinct samples, then export the preferences (unless
-    this is a shard); ``ctx.outputs["judge"]``: prompt key → its pair records (the latest for
-    each pair: done, or an error), in pair order."""
+    this is a shard)."""
     stage = ctx.recipe.stages.judge
     samples = ctx.outputs["sample"]
     judge = make_judge(ctx)
@@ -234,7 +233,7 @@ def run(ctx: StageContext, tally: StageTally) -> None:
                 pairs = [c[2] for c in chunk]
                 prefs = [p.to_dict() for p in judge.label(pairs, progress=progress)]
         except ValueError as e:  # a malformed pair fails its chunk, recorded, never dropped
-            prefs = [_failed(str(e)) for _ in chunk]
+            prefs = [_label_fields(error=str(e)) for _ in chunk]
         return [
             {
                 "key": key,
@@ -281,7 +280,6 @@ def run(ctx: StageContext, tally: StageTally) -> None:
         prompt_key: [records[key] for key, _, _ in pairs if key in records]
         for prompt_key, pairs in items.items()
     }
-    ctx.outputs["judge"] = judged
     if ctx.shard is None:
         out = export_preferences(ctx, samples, judged)
         if out is not None:
@@ -325,29 +323,30 @@ def reward_model_labels(
     for n, _ in enumerate(pairs):
         r_a, r_b = rewards[2 * n], rewards[2 * n + 1]
         if r_a is None or r_b is None:
-            out.append(_failed("longer than the reward model's context: not scored"))
+            out.append(_label_fields(error="longer than the reward model's context: not scored"))
             continue
         p_a = sigmoid(r_a - r_b)
         margin = abs(p_a - 0.5)
         winner = "tie" if margin <= tie_margin else ("A" if p_a > 0.5 else "B")
         out.append(
-            {
-                **_failed(None),
-                "winner": winner,
-                "p_a": p_a,
-                "p_a_first": p_a,
-                "p_a_second": p_a,
-                "consistent": True,
-                "margin": margin,
-                "model": scorer.spec,
-                "rewards": [r_a, r_b],
-            }
+            _label_fields(
+                winner=winner,
+                p_a=p_a,
+                p_a_first=p_a,
+                p_a_second=p_a,
+                consistent=True,
+                margin=margin,
+                model=scorer.spec,
+                rewards=[r_a, r_b],
+            )
         )
     return out
 
 
-def _failed(error: str | None) -> dict[str, Any]:
-    return {
+def _label_fields(**fields: Any) -> dict[str, Any]:
+    """A pair record's label fields (those of ``cai.judge.Preference``): ``fields`` over the
+    empty label's, which a failed pair keeps (with its ``error``)."""
+    empty = {
         "winner": None,
         "p_a": None,
         "p_a_first": None,
@@ -356,9 +355,10 @@ def _failed(error: str | None) -> dict[str, Any]:
         "margin": None,
         "principles": [],
         "model": "",
-        "error": error,
+        "error": None,
         "rationales": [],
     }
+    return {**empty, **fields}
 
 
 def _preference_row(
