@@ -60,7 +60,7 @@ from cai.grading import (
 from cai.jsonl import write_atomic
 from cai.keys import canonical, model_key, record_key, seed_for
 from cai.layout import EVAL_RESULTS
-from cai.records import Executor, StageTally, run_records
+from cai.record_loop import Executor, StageTally, run_records
 from cai.stats import (
     distinct_n,
     graded_rate,
@@ -158,7 +158,7 @@ def run_eval(
         exclude: prompt keys never to evaluate on (the training prompts); dropped and counted.
         store: the run store for the stage records; default ``RunStore(out_dir)``.
         limit: cap on the prompts of each set.
-        executor: runs the batches (``cai.records``); default: in this process.
+        executor: runs the batches (``cai.record_loop``); default: in this process.
         extend: results → results with more in them, before they are written (the pipeline's
             online rounds add their ``rounds`` table).
         tally: counts the records written and found done (the pipeline's summary row).

@@ -607,7 +607,7 @@ def test_merge_runs_rejects_different_configs(tmp_path):
 
 
 def test_the_record_loop_reads_the_stage_file_once(tmp_path, monkeypatch):
-    from cai.records import run_records
+    from cai.record_loop import run_records
 
     store = RunStore(tmp_path / "run")
     with store.writer("s") as w:

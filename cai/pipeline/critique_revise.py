@@ -26,7 +26,7 @@ from cai.layout import DATA_FILE, DATASET
 from cai.pipeline.stage import LazyEngine, Stage, StageContext, check_sampling, stage_records
 
 if TYPE_CHECKING:
-    from cai.records import StageTally
+    from cai.record_loop import StageTally
 
 
 @dataclass

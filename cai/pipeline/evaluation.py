@@ -24,7 +24,7 @@ from cai.pipeline.stage import Stage, StageContext, stage_config
 
 if TYPE_CHECKING:
     from cai.eval_config import EvalConfig
-    from cai.records import StageTally
+    from cai.record_loop import StageTally
 
 _MODELS = (("train_sft", "sft"), ("train_dpo", "dpo"), ("train_grpo", "grpo"))
 

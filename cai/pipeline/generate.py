@@ -26,7 +26,7 @@ from cai.pipeline.stage import (
 )
 
 if TYPE_CHECKING:
-    from cai.records import StageTally
+    from cai.record_loop import StageTally
 
 
 @dataclass

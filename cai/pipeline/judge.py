@@ -48,7 +48,7 @@ from cai.pipeline.stage import (
 from cai.stats import sigmoid
 
 if TYPE_CHECKING:
-    from cai.records import StageTally
+    from cai.record_loop import StageTally
 
 
 @dataclass

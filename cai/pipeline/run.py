@@ -5,7 +5,7 @@ Stages write to the run store (``cai.store``): a record per (input, stage[, roun
 key made of everything that defines it (input key, stage, template text, principle, model,
 sampling), so a re-run skips what is written and a changed recipe never reuses stale records.
 Work goes to the engine in chunks of ``chunk_size`` records, flushed after each chunk (the record
-loop, ``cai.records``): a kill loses at most one chunk. Each record's sampling seed derives from its
+loop, ``cai.record_loop``): a kill loses at most one chunk. Each record's sampling seed derives from its
 key.
 
 Stages export their datasets (``<run>/sft/``, ``<run>/preferences/``, ...) unless the run is a
@@ -32,7 +32,7 @@ from cai.layout import RunLayout
 from cai.pipeline import online
 from cai.pipeline.recipe import Recipe
 from cai.pipeline.stage import PipelineError, RunResult, Stage, StageContext
-from cai.records import Executor, InProcess, StageTally
+from cai.record_loop import Executor, InProcess, StageTally
 from cai.store import RunStore, RunStoreError
 
 log = logging.getLogger(__name__)

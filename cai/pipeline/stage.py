@@ -19,12 +19,12 @@ from cai.config import ConfigError, LineDict, from_data
 from cai.engine import Completion, Engine, Sampling
 from cai.keys import seed_for
 from cai.layout import RunLayout
-from cai.records import run_records
+from cai.record_loop import run_records
 
 if TYPE_CHECKING:
     from cai.data import PromptRecord
     from cai.keys import Shard
-    from cai.records import BatchCall, Executor, StageTally
+    from cai.record_loop import BatchCall, Executor, StageTally
     from cai.store import RunStore
 
 T = TypeVar("T")
@@ -212,7 +212,7 @@ def stage_records(
     label: str,
     requests: Callable[[dict], int] = lambda record: 1,
 ) -> dict[str, dict]:
-    """The record loop (``cai.records.run_records``) over the run's store and shard, in
+    """The record loop (``cai.record_loop.run_records``) over the run's store and shard, in
     ``chunk_size`` batches on the run's executor."""
     return run_records(
         ctx.store,

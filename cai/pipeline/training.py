@@ -47,7 +47,7 @@ from cai.pipeline import policy
 from cai.pipeline.stage import PipelineError, Stage, StageContext, every_round, stage_config
 
 if TYPE_CHECKING:
-    from cai.records import StageTally
+    from cai.record_loop import StageTally
     from cai.train import TrainConfig, TrainResult
 
 log = logging.getLogger(__name__)
