@@ -9,7 +9,7 @@ import math
 from typing import ClassVar
 
 import pytest
-from test_judge import FakeEngine as ScoreEngine
+from fakes import ScriptedEngine
 
 from cai.cli import main as cai_main
 from cai.config import ConfigError, from_data
@@ -134,7 +134,7 @@ def test_both_orders_cancel_a_pure_position_bias():
     assert flagged_probability(_scores(0.9), _scores(0.1))[0] == pytest.approx(0.9)
 
 
-class EvalEngine(ScoreEngine):
+class EvalEngine(ScriptedEngine):
     """Answers 'Sure thing, here you go: <prompt> from <model>' (or fails on prompts containing FAIL); scores like the
     judge tests' fake engine (option A at 0.7)."""
 

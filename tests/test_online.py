@@ -224,12 +224,12 @@ def test_round_2_keys_depend_neither_on_float_noise_nor_on_the_run_directory(tmp
     """One online recipe in two run directories, the second judge's probabilities off by ~1e-7
     (what smaller batches on Ray give): the same round-1 preferences, so the same trained
     model's identity, so the same round-2 keys, seeds and samples (issue 22)."""
-    from test_pipeline_judge import FakeEngine
+    from fakes import PairEngine
 
     from cai.engine import OptionScores
     from cai.keys import model_key
 
-    class Noisy(FakeEngine):
+    class Noisy(PairEngine):
         def score(self, conversations, options, *, prefixes=None, progress=False):
             # ~1e-7, varying with the request (a constant offset would cancel in a pointwise
             # label, which compares two scores)
@@ -247,7 +247,7 @@ def test_round_2_keys_depend_neither_on_float_noise_nor_on_the_run_directory(tmp
             ]
 
     path = fake_online(tmp_path, monkeypatch)
-    runs = {"a": FakeEngine(), "elsewhere/b": Noisy()}
+    runs = {"a": PairEngine(), "elsewhere/b": Noisy()}
     for name, engine in runs.items():
         assert not Runner(load_recipe(path), tmp_path / name, engine=engine).run().failed
 
@@ -273,12 +273,12 @@ def test_round_2_keys_depend_neither_on_float_noise_nor_on_the_run_directory(tmp
 def test_the_dry_run_of_a_resumed_online_run_counts_each_rounds_own_pairs(
     tmp_path, monkeypatch, capsys
 ):
-    from test_pipeline_judge import FakeEngine
+    from fakes import PairEngine
 
     from cai.pipeline.__main__ import main
 
     path, run = fake_online(tmp_path, monkeypatch, limit=3), tmp_path / "run"
-    assert not Runner(load_recipe(path), run, engine=FakeEngine()).run().failed
+    assert not Runner(load_recipe(path), run, engine=PairEngine()).run().failed
     for stage in ("sample", "judge"):  # round 2's records deleted
         lines = (run / "stages" / f"{stage}.jsonl").read_text().splitlines()
         kept = [line for line in lines if json.loads(line)["round"] != 2]

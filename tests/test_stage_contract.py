@@ -14,8 +14,8 @@ from pathlib import Path
 
 import pytest
 import yaml
+from fakes import PairEngine
 from test_pipeline import write_prompts
-from test_pipeline_judge import FakeEngine
 
 from cai.config import ConfigError
 from cai.pipeline.online import schedule
@@ -69,7 +69,7 @@ def test_the_readme_stage_is_declared_per_round():
 def test_a_stage_of_its_own_plans_runs_and_resumes(tmp_path):
     path = _recipe(tmp_path, "  summarize: {max_tokens: 16}")
     run_dir = tmp_path / "run"
-    runner = Runner(load_recipe(path, stages=WITH_STAGE), run_dir, engine=FakeEngine())
+    runner = Runner(load_recipe(path, stages=WITH_STAGE), run_dir, engine=PairEngine())
     assert "summarize: at most 2 requests" in runner.plan()
     result = runner.run()
     assert [r.name for r in result.stages] == ["sample", "summarize"]
@@ -80,7 +80,7 @@ def test_a_stage_of_its_own_plans_runs_and_resumes(tmp_path):
     assert sorted(r["input_key"] for r in records) == ["p0", "p1"]
     assert all("round" not in r and r["summary"].startswith("x answer ") for r in records)
 
-    engine = FakeEngine()
+    engine = PairEngine()
     again = Runner(load_recipe(path, stages=WITH_STAGE), run_dir, engine=engine).run()
     resumed = {r.name: r for r in again.stages}["summarize"]
     assert (resumed.records, resumed.done_before) == (0, 2)
@@ -105,7 +105,7 @@ def test_a_per_round_stage_runs_in_every_round_on_that_rounds_samples(tmp_path, 
         (name, r) for r in (1, 2) for name in ("sample", "summarize", "judge", "train_dpo")
     ]
     run_dir = tmp_path / "run"
-    result = Runner(loaded, run_dir, engine=FakeEngine()).run()
+    result = Runner(loaded, run_dir, engine=PairEngine()).run()
     assert not result.failed
     assert {t.name: t.records for t in result.stages if t.name.startswith("summarize")} == {
         "summarize r1": 2,
@@ -138,8 +138,8 @@ def test_adding_a_stage_leaves_existing_runs_resumable(tmp_path):
     # resumes, neither refused as a changed config nor asking the engine again.
     path = _recipe(tmp_path, "")
     run_dir = tmp_path / "run"
-    Runner(load_recipe(path), run_dir, engine=FakeEngine()).run()
-    engine = FakeEngine()
+    Runner(load_recipe(path), run_dir, engine=PairEngine()).run()
+    engine = PairEngine()
     again = Runner(load_recipe(path, stages=WITH_STAGE), run_dir, engine=engine).run()
     assert {r.name: r.done_before for r in again.stages} == {"sample": 2}
     assert engine.generate_batches == []

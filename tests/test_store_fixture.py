@@ -12,7 +12,7 @@ from __future__ import annotations
 import shutil
 from pathlib import Path
 
-from test_pipeline_judge import FakeEngine
+from fakes import PairEngine
 
 from cai.eval_config import EvalConfig, EvalSet
 from cai.evaluate import run_eval
@@ -36,7 +36,7 @@ EVAL_CONFIG = EvalConfig(
 """The evaluation of eval_v1: two models and a judge, all served by the fake engine."""
 
 
-class NoRequests(FakeEngine):
+class NoRequests(PairEngine):
     """Fails the test on any request: a resumed run must find every record done."""
 
     def generate(self, conversations, sampling=None, *, prefixes=None, progress=False):
@@ -96,7 +96,7 @@ def test_an_edited_judge_template_re_judges_the_evaluations_comparisons(tmp_path
     monkeypatch.setattr(cai.judge, "load_template", edited)
     run_dir = _copy("eval_v1", tmp_path)
     before = RunStore(run_dir).read_stage("eval_compare")
-    engine = FakeEngine()
+    engine = PairEngine()
     run_eval(EVAL_CONFIG, run_dir, engine_for=lambda spec: engine, store=RunStore(run_dir))
     after = RunStore(run_dir).read_stage("eval_compare")
     # Every comparison judged again under a new key (two orders each), nothing else asked.
