@@ -237,6 +237,7 @@ def test_reward_drift_and_one_model_under_two_names(tmp_path, monkeypatch):
 
     monkeypatch.setattr(cai.train.reward, "RewardModel", FakeRewardModel)
     monkeypatch.setattr(FakeRewardModel, "scored", [])
+    monkeypatch.setattr(FakeRewardModel, "closed", 0)
     engines: dict[str, EvalEngine] = {}
 
     def engine_for(spec: str) -> Engine:
@@ -256,7 +257,7 @@ def test_reward_drift_and_one_model_under_two_names(tmp_path, monkeypatch):
     assert engines["base"].generated == 4 and engines["long spec"].generated == 4
     assert engines["base"].scored == 2 * 2 * 2 + 2 * 2 * 2  # 2 sycophancy grades x 2 orders
     # for 2 answer sets (base and long), then 2 helpful comparisons x 2 orders for 2 models.
-    assert len(FakeRewardModel.scored) == 8 and FakeRewardModel.closed >= 1
+    assert len(FakeRewardModel.scored) == 8 and FakeRewardModel.closed == 1
     assert FakeRewardModel.scored[0][-1]["role"] == "assistant"
     # The reward is the answer's word count: "Sure thing, here you go: <3 words> from <spec>".
     assert base["reward"] == {"mean": 10.0, "drift": None}

@@ -74,10 +74,16 @@ def _prompts(n: int) -> list[PromptRecord]:
 
 
 def test_shipped_online_recipes_are_valid():
-    for name, rounds in (("online-tiny", 2), ("online", 3)):
+    sl_cai = ["generate", "critique_revise", "train_sft"]
+    for name, rounds, before in (("online-tiny", 2, []), ("online", 3, sl_cai)):
         recipe = load_recipe(resolve("pipelines", name))
-        assert recipe.online is not None and recipe.online.rounds >= rounds
-        assert recipe.stages.train_dpo is not None and recipe.stages.evaluate is not None
+        stages = [s for s, _ in recipe.stages.present()]
+        order = [(s.name, r) for s, r in schedule(stages, recipe.online)]
+        assert order == [
+            *((n, None) for n in before),
+            *((n, r) for r in range(1, rounds + 1) for n in ("sample", "judge", "train_dpo")),
+            ("evaluate", None),
+        ], name
 
 
 @pytest.mark.parametrize(
