@@ -322,21 +322,6 @@ class _PairJudge:
             for swapped in (False, True)
         ]
 
-    def describe(self) -> dict[str, Any]:
-        """What a run manifest or record key records about this judge."""
-        return {
-            "judge": type(self).__name__,
-            "engine": self.engine.describe(),
-            "constitution": self.constitution.name,
-            "constitution_version": self.constitution.version,
-            "template": str(self.template.path),
-            "template_text": self.template.source,
-            "ensemble": self.ensemble,
-            "seed": self.seed,
-            "few_shot": self.few_shot,
-            "principles": self.principles,
-        }
-
 
 Mode = Literal["pairwise", "pointwise"]
 MODES: tuple[str, ...] = ("pairwise", "pointwise")
@@ -464,19 +449,6 @@ class Judge(_PairJudge):
             few_shot=few_shot,
             length_coef=self.length_coef,
         )
-
-    def describe(self) -> dict[str, Any]:
-        return {
-            **super().describe(),
-            "mode": self.mode,
-            "cot": self.cot,
-            "cot_max_tokens": self.cot_max_tokens if self.cot else None,
-            "clamp": list(self.clamp) if self.cot and self.clamp else None,
-            "tie_margin": self.tie_margin,
-            "calibration": self.calibration,
-            "temperature": self.temperature,
-            "length_coef": self.length_coef,
-        }
 
     def principles_of(self, pair: PairLike) -> list[Principle]:
         """The principles this judge asks about ``pair``: drawn per pair (pairwise) or per
