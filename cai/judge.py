@@ -331,6 +331,30 @@ CONTENT_FREE = "N/A"
 """The content-free response of contextual calibration (arXiv 2102.09690)."""
 
 
+CLAMP_TOLERANCE = 1e-9
+"""How far low + high of a clamp band may be from 1 (float noise of a band written in YAML)."""
+
+
+def check_clamp(clamp: Sequence[float] | None) -> None:
+    """A CoT clamp band: [low, high] symmetric about 0.5, so that position debiasing stays exact,
+    or None (no clamp). Raises ValueError."""
+    if clamp is None:
+        return
+    if len(clamp) != 2:
+        raise ValueError(f"clamp must be [low, high] or null (got {list(clamp)})")
+    lo, hi = clamp
+    if not (0 <= lo < 0.5 < hi <= 1 and abs(lo + hi - 1) < CLAMP_TOLERANCE):
+        raise ValueError(
+            f"clamp must be a band symmetric about 0.5, such as [0.4, 0.6], or null (got {list(clamp)})"
+        )
+
+
+def check_margin(name: str, value: float) -> None:
+    """A margin on |p - 0.5| (``tie_margin``, ``min_margin``, ``grade_margin``): in [0, 0.5)."""
+    if not 0 <= value < 0.5:
+        raise ValueError(f"{name} must be in [0, 0.5) (got {value!r})")
+
+
 def default_template(mode: str, cot: bool = False) -> str:
     """The shipped template a judge of ``mode`` uses: ``judge_score`` (pointwise), ``judge_cot``
     (pairwise with a rationale) or ``judge_mc``."""
@@ -407,15 +431,8 @@ class Judge(_PairJudge):
         )
         if mode == "pointwise":
             check_pointwise(self.constitution, self.principles)
-        if clamp is not None:
-            lo, hi = clamp
-            if not (0 <= lo < 0.5 < hi <= 1 and abs(lo + hi - 1) < 1e-12):
-                raise ValueError(
-                    "clamp must be a band symmetric about 0.5, such as (0.4, 0.6), or None; "
-                    f"got {clamp!r}"
-                )
-        if not 0 <= tie_margin < 0.5:
-            raise ValueError(f"tie_margin must be in [0, 0.5), got {tie_margin!r}")
+        check_clamp(clamp)
+        check_margin("tie_margin", tie_margin)
         if not isinstance(cot_max_tokens, int) or cot_max_tokens < 1:
             raise ValueError(f"cot_max_tokens must be an integer >= 1, got {cot_max_tokens!r}")
         if calibration not in CALIBRATIONS:

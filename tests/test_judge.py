@@ -446,3 +446,29 @@ def test_cli_judge_eval_prints_a_json_line_last(capsys):
     assert set(result["by_category"]) <= {"harmlessness", "helpfulness", "honesty", "sycophancy"}
     table = "\n".join(out[:-1])
     assert "shorter better" in table and "accuracy by category" in table
+
+
+def _accepted(build, message: str) -> bool:
+    try:
+        build()
+    except ValueError as e:
+        assert message in str(e)
+        return False
+    return True
+
+
+def test_the_judge_and_the_pipeline_stage_check_a_clamp_and_margins_by_one_rule():
+    from cai.pipeline.judge import JudgeStage
+
+    bands = (([0.4, 0.6], True), ([0.3, 0.7], True), ([0.3, 0.6], False), ([0.5, 0.6], False))
+    for clamp, ok in bands:
+        judge = _accepted(
+            lambda c=clamp: Judge(ScriptedEngine(), cot=True, clamp=tuple(c)), "symmetric about 0.5"
+        )
+        stage = _accepted(lambda c=clamp: JudgeStage(clamp=c).validate(), "symmetric about 0.5")
+        assert (judge, stage) == (ok, ok), clamp
+    for margin, ok in ((0.0, True), (0.49, True), (0.5, False), (-0.1, False)):
+        message = f"tie_margin must be in [0, 0.5) (got {margin!r})"
+        judge = _accepted(lambda m=margin: Judge(ScriptedEngine(), tie_margin=m), message)
+        stage = _accepted(lambda m=margin: JudgeStage(tie_margin=m).validate(), message)
+        assert (judge, stage) == (ok, ok), margin

@@ -32,7 +32,7 @@ from cai.config import FieldError, doc
 from cai.constitution import Constitution, check_pointwise, load_constitution
 from cai.data import PromptRecord
 from cai.export import export_dataset
-from cai.judge import Judge, JudgePair, check_ensemble
+from cai.judge import Judge, JudgePair, check_clamp, check_ensemble, check_margin
 from cai.keys import model_key, model_name, record_key
 from cai.label import LABEL_DECIMALS, judge_config, preference_fields, principle_ids
 from cai.layout import DATA_FILE, DATASET
@@ -109,18 +109,9 @@ class JudgeStage:
             raise ValueError(f"ensemble must be >= 1 (got {self.ensemble})")
         if self.cot_max_tokens < 1:
             raise FieldError("cot_max_tokens", f"must be >= 1 (got {self.cot_max_tokens})")
-        if self.clamp is not None:
-            if len(self.clamp) != 2:
-                raise ValueError(f"clamp must be [low, high] or null (got {self.clamp})")
-            lo, hi = self.clamp
-            if not (0 <= lo < 0.5 < hi <= 1 and abs(lo + hi - 1) < 1e-9):
-                raise ValueError(
-                    f"clamp must be a band symmetric about 0.5, such as [0.4, 0.6] (got {self.clamp})"
-                )
+        check_clamp(self.clamp)
         for name in ("tie_margin", "min_margin"):
-            value = getattr(self, name)
-            if not 0 <= value < 0.5:
-                raise ValueError(f"{name} must be in [0, 0.5) (got {value})")
+            check_margin(name, getattr(self, name))
         s = self.settings
         if s["mode"] == "pointwise" and (self.cot or s["calibration"] != "none"):
             raise ValueError("cot and calibration apply to mode: pairwise")
