@@ -81,6 +81,12 @@ class RoundInput:
     principle: Principle
 
 
+def next_response(record: dict) -> str:
+    """A round's answer (a :class:`RoundResult`'s stored record): the response the next
+    round critiques and the exports train on, the revision unless it came back empty."""
+    return record["response"] if "empty" in record["flags"] else record["revision"]
+
+
 @dataclass
 class RoundResult:
     """What one round produced for one conversation (or the error that stopped it)."""
@@ -93,11 +99,6 @@ class RoundResult:
     flags: list[str] = field(default_factory=list)
     usage: dict[str, int] = field(default_factory=dict)
     error: str | None = None
-
-    @property
-    def next_response(self) -> str:
-        """The response the next round critiques: the revision unless it came back empty."""
-        return self.response if "empty" in self.flags else self.revision
 
     def to_dict(self) -> dict:
         return asdict(self)

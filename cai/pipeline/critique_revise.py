@@ -18,7 +18,13 @@ from typing import TYPE_CHECKING, Literal
 
 from cai.config import FieldError, doc
 from cai.constitution import Constitution, load_constitution
-from cai.critique import CritiqueReviser, RoundInput, load_templates, revision_flags
+from cai.critique import (
+    CritiqueReviser,
+    RoundInput,
+    load_templates,
+    next_response,
+    revision_flags,
+)
 from cai.engine import Sampling
 from cai.export import export_dataset
 from cai.keys import record_key
@@ -26,6 +32,9 @@ from cai.layout import DATA_FILE, DATASET
 from cai.pipeline.stage import LazyEngine, Stage, StageContext, check_sampling, stage_records
 
 if TYPE_CHECKING:
+    from collections.abc import Iterator
+
+    from cai.data import PromptRecord
     from cai.record_loop import StageTally
 
 
@@ -125,8 +134,7 @@ def run(ctx: StageContext, tally: StageTally) -> None:
             if record is None or record.get("error") is not None:
                 continue  # the chain stops here; a re-run retries it
             chains[prompt_key].append(record)
-            nxt = record["response"] if "empty" in record["flags"] else record["revision"]
-            survivors[prompt_key] = (record["key"], nxt)
+            survivors[prompt_key] = (record["key"], next_response(record))
         previous = survivors
     final = {key: chain for key, chain in chains.items() if len(chain) == stage.rounds}
     if ctx.shard is None:
@@ -139,18 +147,25 @@ def run(ctx: StageContext, tally: StageTally) -> None:
             ctx.result.add("revision_pairs", pairs, line)
 
 
+def _walk(
+    ctx: StageContext, chains: dict[str, list[dict]]
+) -> Iterator[tuple[PromptRecord, list[dict]]]:
+    """(prompt, its complete chain of round records) in prompt order: what the exports walk."""
+    for prompt in ctx.prompts:
+        chain = chains.get(prompt.key)
+        if chain:
+            yield prompt, chain
+
+
 def export_sft(ctx: StageContext, chains: dict[str, list[dict]]) -> Path | None:
     """``<run>/sft/``: the SFT dataset from the complete chains; None when there is none."""
     stage = ctx.recipe.stages.critique_revise
     records = []
-    for prompt in ctx.prompts:
-        chain = chains.get(prompt.key)
-        if not chain:
-            continue
+    for prompt, chain in _walk(ctx, chains):
         initial = chain[0]["response"]
         picked = chain if stage.export == "all" else chain[-1:]
         for record in picked:
-            answer = record["response"] if "empty" in record["flags"] else record["revision"]
+            answer = next_response(record)
             records.append(
                 {
                     "messages": [*prompt.messages, {"role": "assistant", "content": answer}],
@@ -180,12 +195,8 @@ def export_revision_pairs(ctx: StageContext, chains: dict[str, list[dict]]) -> P
     """``<run>/revision_pairs/``: the final revision chosen over the initial response
     (``p_chosen`` 1.0), leaving out chains whose final answer is empty or unchanged."""
     rows = []
-    for prompt in ctx.prompts:
-        chain = chains.get(prompt.key)
-        if not chain:
-            continue
-        initial, last = chain[0]["response"], chain[-1]
-        final = last["response"] if "empty" in last["flags"] else last["revision"]
+    for prompt, chain in _walk(ctx, chains):
+        initial, final = chain[0]["response"], next_response(chain[-1])
         if not final.strip() or not initial.strip() or revision_flags(final, initial):
             continue
         rows.append(
