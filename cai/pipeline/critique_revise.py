@@ -12,6 +12,7 @@ rounds (not for a shard), ``<run>/sft/`` holds the SFT dataset and, with ``expor
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Literal
@@ -21,15 +22,17 @@ from cai.constitution import Constitution, load_constitution
 from cai.critique import (
     CritiqueReviser,
     RoundInput,
+    critique_principle,
     load_templates,
     next_response,
     revision_flags,
+    template_text,
 )
 from cai.engine import Sampling
 from cai.export import export_dataset
 from cai.keys import record_key
 from cai.layout import DATA_FILE, DATASET
-from cai.pipeline.stage import LazyEngine, Stage, StageContext, check_sampling, stage_records
+from cai.pipeline.stage import Stage, StageContext, check_sampling, stage_records
 
 if TYPE_CHECKING:
     from collections.abc import Iterator
@@ -79,22 +82,31 @@ def run(ctx: StageContext, tally: StageTally) -> None:
     sampling = Sampling(
         max_tokens=stage.max_tokens, temperature=stage.temperature, top_p=stage.top_p
     )
-    reviser = CritiqueReviser(
-        LazyEngine(lambda: ctx.engine_for(ctx.recipe.model)),
-        constitution,
-        critique_template=stage.critique_template,
-        revise_template=stage.revise_template,
-        few_shot=stage.few_shot,
-        sampling=sampling,
-        seed=ctx.recipe.seed,
+    templates = template_text(
+        *load_templates(
+            constitution, stage.critique_template, stage.revise_template, stage.few_shot
+        )
     )
+
+    @functools.cache
+    def reviser() -> CritiqueReviser:  # the engine loads only when a round has work
+        return CritiqueReviser(
+            ctx.engine_for(ctx.recipe.model),
+            constitution,
+            critique_template=stage.critique_template,
+            revise_template=stage.revise_template,
+            few_shot=stage.few_shot,
+            sampling=sampling,
+            seed=ctx.recipe.seed,
+        )
+
     chains: dict[str, list[dict]] = {key: [] for key in responses}
     previous = {key: (rec["key"], rec["response"]) for key, rec in responses.items()}
     for r in range(1, stage.rounds + 1):
         items = []
         for prompt_key, (prev_key, response) in previous.items():
             seed_key = f"{prev_key}/round{r}"
-            principle = reviser.principle_for(seed_key)
+            principle = critique_principle(constitution, seed_key, ctx.recipe.seed)
             key = record_key(
                 input=prompt_key,
                 stage="critique_revise",
@@ -102,7 +114,7 @@ def run(ctx: StageContext, tally: StageTally) -> None:
                 previous=prev_key,
                 principle=principle.id,
                 constitution=constitution.name,
-                templates=reviser.template_text,
+                templates=templates,
                 few_shot=stage.few_shot,
                 model=ctx.recipe.model,
                 sampling=sampling.to_dict(),
@@ -111,7 +123,7 @@ def run(ctx: StageContext, tally: StageTally) -> None:
             items.append((prompt_key, RoundInput(key, prompt, response, principle)))
 
         def call(chunk, progress, r=r):
-            rounds = reviser.run_round([it for _, it in chunk], progress=progress)
+            rounds = reviser().run_round([it for _, it in chunk], progress=progress)
             return [
                 {"key": item.key, "input_key": prompt_key, "round": r, "prompt": item.prompt}
                 | res.to_dict()
