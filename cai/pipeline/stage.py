@@ -3,9 +3,12 @@
 A stage module defines its options (a typed dataclass, validated when the recipe loads) and one
 ``Stage``: its name (the recipe key under ``stages:`` and the run-store file), what it needs,
 how it plans (``--dry-run`` lines with request counts), how it runs, and the models it uses or
-produces. ``cai.pipeline.stages.STAGES`` lists the stages in the order they run; the recipe's
-``stages:`` fields, their validation, the plan, the manifest's models, the summary table and the
-error-rate check all come from that list. README.md, "Writing a stage", walks through one.
+produces, and whether it runs once or per round (``per_round``). ``cai.pipeline.stages.STAGES``
+lists the stages in the order they run; the recipe's ``stages:`` fields, their validation, the
+plan, the manifest's models, the online rounds' schedule (``cai.pipeline.online``), the summary
+table and the error-rate check all come from that list. A stage sees the run through a
+``StageContext`` value (a new one per round) and reports what it produced to ``RunResult``.
+README.md, "Writing a stage", walks through one.
 """
 
 from __future__ import annotations
@@ -170,8 +173,8 @@ class Stage:
 
 
 class LazyEngine(Engine):
-    """An engine built on first use, so that a stage with nothing left to do loads no model
-    (the critique reviser and the judge need an Engine before any key can be computed)."""
+    """An engine built on first use, so that a judge stage with nothing left to do loads no model
+    (the judge's record keys need a ``Judge``, and a ``Judge`` an Engine)."""
 
     def __init__(self, factory: Callable[[], Engine]):
         self._factory = factory
