@@ -38,6 +38,9 @@ EVAL_RESULTS = "results.json"
 """The evaluation's results in its output folder (``<run>/eval/``)."""
 PLOTS = "report"
 """The report's figures, beside report.md and report.html."""
+RUN = "<run>"
+"""A run directory in a path that must not depend on where the run is (a trained model's
+identity: ``<run>/rounds/1/dpo``)."""
 EXPORTS = ("sft", "revision_pairs", "preferences")
 """The export folders of a run, in pipeline order."""
 
@@ -159,7 +162,7 @@ class RunLayout:
 
     def relative(self, path: Path) -> str:
         """``<run>/...``: a path inside the run named relative to it (model identities)."""
-        return f"<run>/{path.relative_to(self.root).as_posix()}"
+        return f"{RUN}/{path.relative_to(self.root).as_posix()}"
 
 
 def legacy_run_dir(model_dir: str | Path) -> Path:

@@ -42,7 +42,7 @@ from typing import TYPE_CHECKING, Any
 
 from cai.jsonl import encode_line, write_atomic
 from cai.keys import revision
-from cai.layout import DATA_FILE, PIPELINE_MARKER, TRAIN_RESULT, legacy_run_dir
+from cai.layout import DATA_FILE, PIPELINE_MARKER, RUN, TRAIN_RESULT, legacy_run_dir
 from cai.pipeline import policy
 from cai.pipeline.stage import PipelineError, Stage, StageContext, every_round, stage_config
 
@@ -191,7 +191,7 @@ def _portable(settings: dict[str, Any], run_dir: str) -> dict[str, Any]:
 
     def relative(value: Any) -> Any:
         if isinstance(value, str) and (value == run_dir or value.startswith(run_dir + "/")):
-            return "<run>" + value[len(run_dir) :]
+            return RUN + value[len(run_dir) :]
         return value
 
     return {**settings, "config": {k: relative(v) for k, v in settings["config"].items()}}
