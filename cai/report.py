@@ -38,6 +38,8 @@ from cai.store import RunStore, RunStoreError
 
 DATASETS = tuple(zip(EXPORTS, ("SFT examples", "revision pairs", "preference pairs"), strict=True))
 """The export folders (``cai.layout``) the report counts, with what they hold."""
+NAMES = RunLayout(Path())
+"""The layout's names relative to a run (for the report's notes)."""
 
 
 class ReportError(ValueError):
@@ -190,7 +192,7 @@ def _number(value: float | None, spec: str) -> str:
 def _run_section(inputs: Inputs, notes: list[str]) -> list[Section]:
     manifest = inputs.manifest
     if manifest is None:
-        notes.append("No manifest.json: the recipe, its models and versions are unknown.")
+        notes.append(f"No {NAMES.manifest}: the recipe, its models and versions are unknown.")
         return []
     section = Section("Run")
     models = manifest.get("models") or {}
@@ -214,7 +216,7 @@ def _results_section(inputs: Inputs, plots: Path, notes: list[str]) -> list[Sect
     results = inputs.results
     if results is None:
         notes.append(
-            "No evaluation (eval/results.json): the recipe has no evaluate stage, or it has "
+            f"No evaluation ({NAMES.eval_results}): the recipe has no evaluate stage, or it has "
             "not run yet; no win rates, graded rates or answer lengths."
         )
         return []
@@ -319,7 +321,7 @@ def _rounds_section(inputs: Inputs, plots: Path) -> list[Section]:
 
 def _training_section(inputs: Inputs, plots: Path, notes: list[str]) -> list[Section]:
     if not inputs.trained:
-        notes.append("No trained models (models/*/cai_train.json): no training curves.")
+        notes.append(f"No trained models ({NAMES.models}/*/{TRAIN_RESULT}): no training curves.")
         return []
     table = [
         [
@@ -384,7 +386,9 @@ def _feedback_section(inputs: Inputs, plots: Path, notes: list[str]) -> list[Sec
         if plot_margins(prefs, plots / "margins.png"):
             section.images.append(Image("margins.png", "Preference margins"))
     else:
-        notes.append("No preference pairs (preferences/data.jsonl): no margin histogram.")
+        notes.append(
+            f"No preference pairs ({NAMES.preferences() / DATA_FILE}): no margin histogram."
+        )
     values = consistency(inputs)
     if values:
         section.tables.append(
@@ -410,7 +414,8 @@ def _data_section(inputs: Inputs, notes: list[str]) -> list[Section]:
     datasets = [["dataset", "rows"]]
     for folder, label in DATASETS:
         if folder in inputs.datasets:
-            datasets.append([f"{label} ({folder}/data.jsonl)", str(inputs.datasets[folder])])
+            shown = NAMES.export(folder) / DATA_FILE
+            datasets.append([f"{label} ({shown})", str(inputs.datasets[folder])])
     if inputs.results:
         excluded = inputs.results["excluded"]
         datasets += [[f"eval prompts: {k}", str(v)] for k, v in inputs.results["sets"].items()]

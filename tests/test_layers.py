@@ -132,3 +132,44 @@ def test_the_checker_sees_a_cycle_and_a_function_level_import(tmp_path):
     tree = ast.parse("def f():\n    from cai import b\nif TYPE_CHECKING:\n    import cai.c\n")
     assert {"cai.b", "cai.c"} <= _imports(tree, "cai")
     assert cycles({"a": {"b"}, "b": {"a"}, "c": set()}) == [["a", "b"]]
+
+
+LAYOUT_NAMES = (
+    "manifest.json",
+    "cai_train.json",
+    "cai_pipeline.json",
+    "data.jsonl",
+    "results.json",
+    "report.html",
+    "report.md",
+    "grpo_prompts",
+)
+"""Names of a run directory's files and folders that ``cai.layout`` owns."""
+
+
+def layout_strings(source: str) -> list[str]:
+    """The string constants of ``source`` (docstrings aside) that spell a layout name."""
+    tree = ast.parse(source)
+    docstrings = {
+        id(node.value)
+        for node in ast.walk(tree)
+        if isinstance(node, ast.Expr) and isinstance(node.value, ast.Constant)
+    }
+    return [
+        node.value
+        for node in ast.walk(tree)
+        if isinstance(node, ast.Constant)
+        and isinstance(node.value, str)
+        and id(node) not in docstrings
+        and any(name in node.value for name in LAYOUT_NAMES)
+    ]
+
+
+def test_the_run_layout_is_spelt_only_by_its_owner():
+    found = {
+        _module_name(path): layout_strings(path.read_text(encoding="utf-8"))
+        for path in CAI.rglob("*.py")
+        if path != CAI / "layout.py"
+    }
+    assert {m: names for m, names in found.items() if names} == {}
+    assert layout_strings('"""data.jsonl"""\nx = f"{run}/data.jsonl"\n') == ["/data.jsonl"]

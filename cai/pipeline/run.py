@@ -367,5 +367,5 @@ def summary_table(result: RunResult, wall: float) -> str:
     rows.append(f"total wall time {wall:.1f} s")
     rows.extend(result.lines)  # what the stages produced, each in its own words
     if result.report:
-        rows.append(f"report: {result.report} (and report.md beside it)")
+        rows.append(f"report: {result.report} (and {RunLayout(Path()).report_md} beside it)")
     return "\n".join(rows)
