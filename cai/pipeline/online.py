@@ -77,6 +77,7 @@ def check_recipe(stages: Any) -> None:
 
 
 def check_shard(shard: tuple[int, int] | None) -> None:
+    """An online recipe runs whole: PipelineError under ``--shard``."""
     if shard is not None:
         raise PipelineError(
             "online: a round trains before the next one samples, so an online recipe "
