@@ -49,6 +49,7 @@ from cai.exit_codes import SYSTEM, os_error_line
 from cai.judge import CALIBRATIONS, MODES, Judge
 from cai.judge_agreement import side_by_side
 from cai.judge_generative import GenerativeJudge
+from cai.layout import DATA_FILE, DATASET, EVAL_RESULTS, STAGES, RunLayout
 from cai.models import DEFAULT_MODEL
 from cai.pairs import LabelledPair, load_pairs
 from cai.pointwise import DEFAULT_LENGTH_COEF, fit_length_coef
@@ -479,12 +480,12 @@ def _judge_label(args: argparse.Namespace) -> int:
     tally = result.tally
     print(
         f"judge label: {result.pairs} pairs ({tally.done_before} labelled before), "
-        f"{result.exported} exported to {result.out / 'data.jsonl'}, {result.ties} ties, "
+        f"{result.exported} exported to {result.out / DATA_FILE}, {result.ties} ties, "
         f"{result.errors} errors"
     )
     if result.errors:
         print(
-            f"error: {result.errors} pairs failed (see {result.out / 'stages' / 'label.jsonl'}); "
+            f"error: {result.errors} pairs failed (see {RunLayout(result.out).stage('label')}); "
             "run the same command again to retry them",
             file=sys.stderr,
         )
@@ -550,7 +551,10 @@ def add_judge(commands: argparse._SubParsersAction) -> None:
     )
     label.add_argument("--data", required=True, metavar="FILE", help="pairs (cai.pairs.load_pairs)")
     label.add_argument(
-        "--out", required=True, metavar="DIR", help="OUT/data.jsonl, OUT/dataset/, OUT/stages/"
+        "--out",
+        required=True,
+        metavar="DIR",
+        help=f"OUT/{DATA_FILE}, OUT/{DATASET}/, OUT/{STAGES}/",
     )
     add_judge_options(label)
     label.add_argument("--limit", type=int, default=None, metavar="N", help="the first N pairs")
@@ -751,7 +755,7 @@ def _eval(args: argparse.Namespace) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 1
     print(table(results))
-    print(f"results: {Path(args.out) / 'results.json'}")
+    print(f"results: {Path(args.out) / EVAL_RESULTS}")
     print(summary_line(results))
     return 0
 
@@ -794,7 +798,10 @@ def _report(args: argparse.Namespace) -> int:
 
 def add_report(commands: argparse._SubParsersAction) -> None:
     """``cai report``."""
-    report = commands.add_parser("report", help="write report.md / report.html of a run")
+    report = commands.add_parser(
+        "report",
+        help=f"write {RunLayout(Path()).report_md} / {RunLayout(Path()).report_html} of a run",
+    )
     report.add_argument("run_dir", metavar="RUN_DIR", help="a pipeline run directory")
     report.set_defaults(run=_report)
 

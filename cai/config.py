@@ -115,16 +115,20 @@ _LineLoader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, _con
 _LineLoader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_SEQUENCE_TAG, _construct_sequence)
 
 
-def load_yaml(path: str | Path) -> Any:
-    """Read a YAML file safely, keeping line numbers. Raises ConfigError naming the file."""
+def read_text(path: str | Path) -> str:
+    """A config file's UTF-8 text. Raises ConfigError naming the file (missing, not UTF-8)."""
     path = Path(path)
     try:
-        text = path.read_text(encoding="utf-8")
+        return path.read_text(encoding="utf-8")
     except FileNotFoundError:
         raise ConfigError(f"{path}: file not found") from None
     except UnicodeDecodeError as e:
         raise ConfigError(f"{path}: not UTF-8 text ({e.reason} at byte {e.start})") from None
-    return parse_yaml(text, str(path))
+
+
+def load_yaml(path: str | Path) -> Any:
+    """Read a YAML file safely, keeping line numbers. Raises ConfigError naming the file."""
+    return parse_yaml(read_text(path), str(path))
 
 
 def parse_yaml(text: str, source: str = "<string>") -> Any:

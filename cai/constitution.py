@@ -32,7 +32,7 @@ from typing import Any, Literal
 
 import yaml
 
-from cai.config import ConfigError, from_data, load_yaml
+from cai.config import ConfigError, from_data, load_yaml, read_text
 from cai.resources import resolve
 
 Role = Literal["system", "user", "assistant"]
@@ -446,12 +446,7 @@ def dump_constitution(constitution: Constitution) -> str:
 
 
 def _read_json(path: Path) -> Any:
-    try:
-        text = path.read_text(encoding="utf-8")
-    except FileNotFoundError:
-        raise ConfigError(f"{path}: file not found") from None
-    except UnicodeDecodeError as e:
-        raise ConfigError(f"{path}: not UTF-8 text ({e.reason} at byte {e.start})") from None
+    text = read_text(path)
     try:
         return json.loads(text)
     except json.JSONDecodeError as e:
@@ -516,9 +511,6 @@ def from_anthropic(
         "principles": principles,
     }
     return _build(converted, f"{cr_path} (converted)")
-
-
-_CRITIQUE_SHAPE = ["user", "assistant", "user", "assistant"]
 
 
 def from_huggingface(path: str | Path) -> Constitution:

@@ -10,8 +10,9 @@ Revisions are cleaned of echoed labels ("Revision:", "Sure, here is a revised re
 an empty or unchanged revision is flagged, and an empty one does not replace the response.
 
     from cai.critique import CritiqueReviser, RoundInput
-    reviser = CritiqueReviser(engine, load_constitution("harmless"))
-    principle = reviser.principle_for(key)                 # seeded by the record key
+    constitution = load_constitution("harmless")
+    principle = critique_principle(constitution, key)      # seeded by the record key
+    reviser = CritiqueReviser(engine, constitution)
     [result] = reviser.run_round([RoundInput(key, prompt, response, principle)])
 
 The pipeline's ``critique_revise`` stage (``cai.pipeline.critique_revise``) runs the rounds through
@@ -81,6 +82,12 @@ class RoundInput:
     principle: Principle
 
 
+def next_response(record: dict) -> str:
+    """A round's answer (a :class:`RoundResult`'s stored record): the response the next
+    round critiques and the exports train on, the revision unless it came back empty."""
+    return record["response"] if "empty" in record["flags"] else record["revision"]
+
+
 @dataclass
 class RoundResult:
     """What one round produced for one conversation (or the error that stopped it)."""
@@ -93,11 +100,6 @@ class RoundResult:
     flags: list[str] = field(default_factory=list)
     usage: dict[str, int] = field(default_factory=dict)
     error: str | None = None
-
-    @property
-    def next_response(self) -> str:
-        """The response the next round critiques: the revision unless it came back empty."""
-        return self.response if "empty" in self.flags else self.revision
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -137,6 +139,20 @@ def load_templates(
     return critique, revise
 
 
+def critique_principle(constitution: Constitution, key: str, seed: int = 0) -> Principle:
+    """The principle of one conversation's round, sampled (by weight) from a seed of its key:
+    what a record key needs, without an engine."""
+    [principle] = constitution.sample_principles(
+        1, random.Random(seed_for(key, seed)), require="critique"
+    )
+    return principle
+
+
+def template_text(critique: Template, revise: Template) -> str:
+    """The critique and revise templates' source text, part of every record key."""
+    return critique.source + "\0" + revise.source
+
+
 class CritiqueReviser:
     """Runs critique → revision rounds through an engine, a whole batch per step."""
 
@@ -163,14 +179,11 @@ class CritiqueReviser:
     @property
     def template_text(self) -> str:
         """The templates' source text, part of every record key."""
-        return self.critique_template.source + "\0" + self.revise_template.source
+        return template_text(self.critique_template, self.revise_template)
 
     def principle_for(self, key: str) -> Principle:
-        """The principle of one conversation's round, sampled (by weight) from a seed of its key."""
-        [principle] = self.constitution.sample_principles(
-            1, random.Random(seed_for(key, self.seed)), require="critique"
-        )
-        return principle
+        """The principle of one conversation's round (:func:`critique_principle`)."""
+        return critique_principle(self.constitution, key, self.seed)
 
     def _variables(self, item: RoundInput) -> dict:
         return _variables(self.constitution, self.examples, item)

@@ -11,6 +11,7 @@ from typing import TYPE_CHECKING, Any, Literal
 from cai.config import doc
 from cai.engine import check_dtype
 from cai.engine.base import Sampling
+from cai.judge import check_margin
 
 if TYPE_CHECKING:
     from cai.data import PromptRecord
@@ -131,8 +132,7 @@ class EvalConfig:
             raise ValueError(f"sets must name at least one of {', '.join(KINDS)}")
         Sampling(max_tokens=self.max_tokens, temperature=self.temperature).validate()
         for name in ("tie_margin", "grade_margin"):
-            if not 0 <= getattr(self, name) < 0.5:
-                raise ValueError(f"{name} must be in [0, 0.5) (got {getattr(self, name)})")
+            check_margin(name, getattr(self, name))
         judge = self.judge_settings
         if judge["mode"] == "pointwise" and judge["calibration"] != "none":
             raise ValueError("judge_calibration applies to judge_mode: pairwise")

@@ -37,6 +37,7 @@ model folder with a new revision) gets new records, while a moved or copied run 
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import math
@@ -58,7 +59,8 @@ from cai.grading import (
 )
 from cai.jsonl import write_atomic
 from cai.keys import canonical, model_key, record_key, seed_for
-from cai.records import Executor, StageTally, run_records
+from cai.layout import EVAL_RESULTS
+from cai.record_loop import Executor, StageTally, run_records
 from cai.stats import (
     distinct_n,
     graded_rate,
@@ -75,7 +77,7 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 COMPARED = ("helpful", "red_team")
-RESULTS_FILE = "results.json"
+RESULTS_FILE = EVAL_RESULTS
 RATE_COLUMNS = (
     "win_rate",
     "lc_win_rate",
@@ -156,7 +158,7 @@ def run_eval(
         exclude: prompt keys never to evaluate on (the training prompts); dropped and counted.
         store: the run store for the stage records; default ``RunStore(out_dir)``.
         limit: cap on the prompts of each set.
-        executor: runs the batches (``cai.records``); default: in this process.
+        executor: runs the batches (``cai.record_loop``); default: in this process.
         extend: results → results with more in them, before they are written (the pipeline's
             online rounds add their ``rounds`` table).
         tally: counts the records written and found done (the pipeline's summary row).
@@ -373,12 +375,32 @@ def _grade(
     return {(metric, g["key"]): records[key] for metric, _, g, key in jobs if key in records}
 
 
+COMPARE_TEMPLATES = frozenset(
+    {
+        "876c3f62db4ab7ff081d06903efde4c8d91c6486eab6fe04ea4654c42382c730",  # judge_mc.jinja
+        "0e3a45a94301c31512dc70280451c8af658c7b0542ac5fc584721cebda3a2005",  # judge_score.jinja
+    }
+)
+"""sha256 of the judge templates' text as shipped when the template joined the eval_compare key
+(the pairwise ``judge_mc`` unchanged since the first evaluation; the pointwise ``judge_score``)."""
+
+
+def compare_template(text: str) -> dict[str, str]:
+    """The judge template's part of an eval_compare key: its text, as the pipeline's judge key
+    and eval_grade's hold theirs, so that an edited template re-judges the comparisons. The
+    shipped texts (:data:`COMPARE_TEMPLATES`) add nothing: comparisons written before the
+    template joined the key, with those texts, keep their keys and resume."""
+    digest = hashlib.sha256(text.encode("utf-8")).hexdigest()
+    return {} if digest in COMPARE_TEMPLATES else {"template": text}
+
+
 def _compare(
     config, sets, generations, store, engines, progress, executor, tally
 ) -> dict[tuple[str, str, str], dict]:
     """(model name, compared-with name, generation key) → eval_compare record: the model's answer
     against the baseline's (and against ``config.previous``'s model's), p = P(model's is better)."""
-    from cai.judge import Judge, JudgePair
+    from cai.judge import Judge, JudgePair, default_template
+    from cai.prompts import load_template
 
     base = config.baseline_name
     judge_spec = config.judge_spec
@@ -391,6 +413,8 @@ def _compare(
     settings = {k: v for k, v in config.judge_settings.items() if v != neutral[k]}
     if config.judge_principles is not None:
         settings["principles"] = config.judge_principles
+    template = load_template(default_template(config.judge_settings["mode"]))
+    settings.update(compare_template(template.source))
     jobs: list[tuple[str, str, dict, dict, str]] = []
     for name, other in against:
         for kind in COMPARED:

@@ -15,6 +15,7 @@ from typing import IO, Any
 
 from cai.data import DataError, _checked_messages, _kind
 from cai.jsonl import write_atomic
+from cai.layout import DATA_FILE, DATASET
 from cai.pairs import _probability
 
 
@@ -63,12 +64,12 @@ def export_dataset(records: list[dict], out_dir: str | Path) -> None:
             {**{k: v for k, v in row.items() if k != "meta"}, "meta_json": _meta_json(row, i)}
             for i, row in enumerate(rows)
         ]
-        datasets.Dataset.from_list(arrow_rows).save_to_disk(str(scratch / "dataset"))
-        write_jsonl(rows, out / "data.jsonl")
+        datasets.Dataset.from_list(arrow_rows).save_to_disk(str(scratch / DATASET))
+        write_jsonl(rows, out / DATA_FILE)
         # A folder cannot be replaced in one rename: move the old one aside first.
-        if (out / "dataset").exists():
-            os.replace(out / "dataset", scratch / "old")
-        os.replace(scratch / "dataset", out / "dataset")
+        if (out / DATASET).exists():
+            os.replace(out / DATASET, scratch / "old")
+        os.replace(scratch / DATASET, out / DATASET)
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
 

@@ -322,21 +322,6 @@ class _PairJudge:
             for swapped in (False, True)
         ]
 
-    def describe(self) -> dict[str, Any]:
-        """What a run manifest or record key records about this judge."""
-        return {
-            "judge": type(self).__name__,
-            "engine": self.engine.describe(),
-            "constitution": self.constitution.name,
-            "constitution_version": self.constitution.version,
-            "template": str(self.template.path),
-            "template_text": self.template.source,
-            "ensemble": self.ensemble,
-            "seed": self.seed,
-            "few_shot": self.few_shot,
-            "principles": self.principles,
-        }
-
 
 Mode = Literal["pairwise", "pointwise"]
 MODES: tuple[str, ...] = ("pairwise", "pointwise")
@@ -344,6 +329,42 @@ Calibration = Literal["none", "batch", "contextual"]
 CALIBRATIONS: tuple[str, ...] = ("none", "batch", "contextual")
 CONTENT_FREE = "N/A"
 """The content-free response of contextual calibration (arXiv 2102.09690)."""
+
+
+CLAMP_TOLERANCE = 1e-9
+"""How far low + high of a clamp band may be from 1 (float noise of a band written in YAML)."""
+
+
+def check_clamp(clamp: Sequence[float] | None) -> None:
+    """A CoT clamp band: [low, high] symmetric about 0.5, so that position debiasing stays exact,
+    or None (no clamp). Raises ValueError."""
+    if clamp is None:
+        return
+    if len(clamp) != 2:
+        raise ValueError(f"clamp must be [low, high] or null (got {list(clamp)})")
+    lo, hi = clamp
+    if not (0 <= lo < 0.5 < hi <= 1 and abs(lo + hi - 1) < CLAMP_TOLERANCE):
+        raise ValueError(
+            f"clamp must be a band symmetric about 0.5, such as [0.4, 0.6], or null (got {list(clamp)})"
+        )
+
+
+def check_margin(name: str, value: float) -> None:
+    """A margin on |p - 0.5| (``tie_margin``, ``min_margin``, ``grade_margin``): in [0, 0.5)."""
+    if not 0 <= value < 0.5:
+        raise ValueError(f"{name} must be in [0, 0.5) (got {value!r})")
+
+
+def default_template(mode: str, cot: bool = False) -> str:
+    """The shipped template a judge of ``mode`` uses: ``judge_score`` (pointwise), ``judge_cot``
+    (pairwise with a rationale) or ``judge_mc``."""
+    if mode not in MODES:
+        raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
+    if mode == "pointwise":
+        if cot:
+            raise ValueError("cot applies to the pairwise judge; the pointwise judge scores")
+        return "judge_score"
+    return "judge_cot" if cot else "judge_mc"
 
 
 class Judge(_PairJudge):
@@ -396,20 +417,13 @@ class Judge(_PairJudge):
             length_coef: pointwise only: each score less ``length_coef * ln(characters)``.
             principles: draw only from these principle ids (default: every judge principle).
         """
-        if mode not in MODES:
-            raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
-        if mode == "pointwise":
-            if cot:
-                raise ValueError("cot applies to the pairwise judge; the pointwise judge scores")
-            default_template = "judge_score"
-        else:
-            default_template = "judge_cot" if cot else "judge_mc"
+        default = default_template(mode, cot)  # checks mode and cot
         super().__init__(
             model,
             constitution,
             backend=backend,
             engine_options=engine_options,
-            template=template or default_template,
+            template=template or default,
             ensemble=ensemble,
             seed=seed,
             few_shot=few_shot,
@@ -417,15 +431,8 @@ class Judge(_PairJudge):
         )
         if mode == "pointwise":
             check_pointwise(self.constitution, self.principles)
-        if clamp is not None:
-            lo, hi = clamp
-            if not (0 <= lo < 0.5 < hi <= 1 and abs(lo + hi - 1) < 1e-12):
-                raise ValueError(
-                    "clamp must be a band symmetric about 0.5, such as (0.4, 0.6), or None; "
-                    f"got {clamp!r}"
-                )
-        if not 0 <= tie_margin < 0.5:
-            raise ValueError(f"tie_margin must be in [0, 0.5), got {tie_margin!r}")
+        check_clamp(clamp)
+        check_margin("tie_margin", tie_margin)
         if not isinstance(cot_max_tokens, int) or cot_max_tokens < 1:
             raise ValueError(f"cot_max_tokens must be an integer >= 1, got {cot_max_tokens!r}")
         if calibration not in CALIBRATIONS:
@@ -459,19 +466,6 @@ class Judge(_PairJudge):
             few_shot=few_shot,
             length_coef=self.length_coef,
         )
-
-    def describe(self) -> dict[str, Any]:
-        return {
-            **super().describe(),
-            "mode": self.mode,
-            "cot": self.cot,
-            "cot_max_tokens": self.cot_max_tokens if self.cot else None,
-            "clamp": list(self.clamp) if self.cot and self.clamp else None,
-            "tie_margin": self.tie_margin,
-            "calibration": self.calibration,
-            "temperature": self.temperature,
-            "length_coef": self.length_coef,
-        }
 
     def principles_of(self, pair: PairLike) -> list[Principle]:
         """The principles this judge asks about ``pair``: drawn per pair (pairwise) or per

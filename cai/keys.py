@@ -16,10 +16,12 @@ import re
 from pathlib import Path, PurePath
 from typing import Any
 
+from cai.layout import PIPELINE_MARKER
+
 Shard = tuple[int, int]
 """``(k, n)``: shard ``k`` of ``n``, 1-based as users write it (``--shard 1/4``)."""
 
-MARKER = "cai_pipeline.json"
+MARKER = PIPELINE_MARKER
 """The file in a pipeline-trained model folder that holds its revision (a hash of its config, data
 and starting model) and the settings it was trained with."""
 

@@ -7,7 +7,7 @@ response pairs resumably: ``cai judge label``.
 The pairs are read as ``cai judge eval`` reads them (``cai.pairs.load_pairs``: our exports, TRL's
 formats, HH-RLHF transcripts); their chosen / rejected are only the two responses, shown to the
 judge as A and B in that order (it judges both orders). Every pair goes through the record loop
-(``cai.records.run_records``) into ``OUT/stages/label.jsonl``, one record per pair (the judge's
+(``cai.record_loop.run_records``) into ``OUT/stages/label.jsonl``, one record per pair (the judge's
 ``Preference`` fields), so a killed run resumes and failed pairs are retried on the next run.
 The decided pairs are exported as the pipeline's judge stage exports them (TRL's explicit-prompt
 format with ``p_chosen``: ``OUT/data.jsonl`` and ``OUT/dataset/``); ties stay out.
@@ -23,7 +23,7 @@ from cai.export import export_dataset
 from cai.judge import Judge, JudgePair
 from cai.keys import record_key
 from cai.pairs import LabelledPair
-from cai.records import StageTally, run_records
+from cai.record_loop import StageTally, run_records
 from cai.store import RunStore
 
 STAGE = "label"

@@ -12,7 +12,8 @@ from datetime import UTC, datetime
 from pathlib import Path
 
 from cai.keys import Shard
-from cai.store import _SHARD_FILE, RunStore, RunStoreError, _merge, config_hash
+from cai.layout import shard_file
+from cai.store import RunStore, RunStoreError, _merge, config_hash
 
 log = logging.getLogger(__name__)
 
@@ -55,15 +56,15 @@ def merge_runs(
     by_stage: dict[str, dict[Shard, Path]] = {}
     for run in runs:
         for path in run.stage_files():
-            match = _SHARD_FILE.fullmatch(path.name)
-            if match is None:
+            found = shard_file(path.name)
+            if found is None:
                 log.warning("%s is not a shard file; merge_runs() skips it", path)
                 continue
-            shard = int(match["k"]), int(match["n"])
-            files = by_stage.setdefault(match["stage"], {})
+            stage, shard = found
+            files = by_stage.setdefault(stage, {})
             if shard in files:
                 raise RunStoreError(
-                    f"shard {shard[0]}/{shard[1]} of stage {match['stage']!r} is in two runs: "
+                    f"shard {shard[0]}/{shard[1]} of stage {stage!r} is in two runs: "
                     f"{files[shard]} and {path}. Keep one of them."
                 )
             files[shard] = path

@@ -19,6 +19,7 @@ from pathlib import Path
 
 from cai.evaluate import METRICS, format_rate
 from cai.jsonl import JsonlError, iter_jsonl
+from cai.layout import DATA_FILE, EXPORTS, TRAIN_RESULT, RunLayout
 from cai.plots import (
     LEXICAL,
     RATE_LABELS,
@@ -31,15 +32,14 @@ from cai.plots import (
     plot_training,
     plot_win_rates,
 )
-from cai.report_render import PLOTS_DIR, Image, Section, render_html, render_markdown
+from cai.report_render import Image, Section, render_html, render_markdown
 from cai.stats import position_consistency
 from cai.store import RunStore, RunStoreError
 
-DATASETS = (
-    ("sft", "SFT examples"),
-    ("revision_pairs", "revision pairs"),
-    ("preferences", "preference pairs"),
-)
+DATASETS = tuple(zip(EXPORTS, ("SFT examples", "revision pairs", "preference pairs"), strict=True))
+"""The export folders (``cai.layout``) the report counts, with what they hold."""
+NAMES = RunLayout(Path())
+"""The layout's names relative to a run (for the report's notes)."""
 
 
 class ReportError(ValueError):
@@ -124,30 +124,28 @@ def _check_results(results: dict, path: Path) -> None:
 def read_inputs(run_dir: str | Path) -> Inputs:
     """Everything the report shows from ``run_dir``; raises ReportError for a folder that is not
     a run directory or an unreadable file."""
-    run = Path(run_dir)
-    if not run.is_dir():
-        raise ReportError(f"{run}: no such directory")
-    markers = ("manifest.json", "eval/results.json", "models", "stages")
-    if not any((run / m).exists() for m in markers):
+    run = RunLayout(Path(run_dir))
+    if not run.root.is_dir():
+        raise ReportError(f"{run.root}: no such directory")
+    markers = (run.manifest, run.eval_results, run.models, run.stages)
+    if not any(m.exists() for m in markers):
         raise ReportError(
-            f"{run}: not a cai run directory (no manifest.json, stages/, models/ or "
-            "eval/results.json); give the folder a pipeline run wrote, such as runs/<name>"
+            f"{run.root}: not a cai run directory (no "
+            f"{', '.join(m.relative_to(run.root).as_posix() for m in markers)}); "
+            "give the folder a pipeline run wrote, such as runs/<name>"
         )
-    inputs = Inputs(manifest=_read_json(run / "manifest.json"))
-    results_path = run / "eval" / "results.json"
-    inputs.results = _read_json(results_path)
+    inputs = Inputs(manifest=_read_json(run.manifest))
+    inputs.results = _read_json(run.eval_results)
     if inputs.results is not None:
-        _check_results(inputs.results, results_path)
-    for path in sorted((run / "models").glob("*/cai_train.json")):
+        _check_results(inputs.results, run.eval_results)
+    for path in sorted(run.models.glob(f"*/{TRAIN_RESULT}")):
         inputs.trained[path.parent.name] = _read_json(path)
-    rounds = [p for p in (run / "rounds").glob("*/dpo/cai_train.json") if p.parts[-3].isdigit()]
-    for path in sorted(
-        rounds, key=lambda p: int(p.parts[-3])
-    ):  # an online run's DPO rounds (cai.pipeline.online)
-        inputs.trained[f"round{path.parent.parent.name} dpo"] = _read_json(path)
+    for r, folder in sorted(run.round_models("dpo").items()):  # an online run's DPO rounds
+        if (folder / TRAIN_RESULT).is_file():
+            inputs.trained[f"round{r} dpo"] = _read_json(folder / TRAIN_RESULT)
     # Stage files are read by the run store's rules (a torn last line dropped, the first done
     # record of a key kept), so the report counts what a resumed run would find.
-    store = RunStore(run)
+    store = RunStore(run.root)
     try:
         inputs.stages = _stage_counts(store)
         if store.stage_path("judge").is_file():
@@ -156,7 +154,7 @@ def read_inputs(run_dir: str | Path) -> Inputs:
     except RunStoreError as e:
         raise ReportError(str(e)) from e
     for folder, _ in DATASETS:
-        path = run / folder / "data.jsonl"
+        path = run.export(folder) / DATA_FILE
         if path.is_file():
             rows = _rows(path)
             inputs.datasets[folder] = len(rows)
@@ -194,7 +192,7 @@ def _number(value: float | None, spec: str) -> str:
 def _run_section(inputs: Inputs, notes: list[str]) -> list[Section]:
     manifest = inputs.manifest
     if manifest is None:
-        notes.append("No manifest.json: the recipe, its models and versions are unknown.")
+        notes.append(f"No {NAMES.manifest}: the recipe, its models and versions are unknown.")
         return []
     section = Section("Run")
     models = manifest.get("models") or {}
@@ -218,7 +216,7 @@ def _results_section(inputs: Inputs, plots: Path, notes: list[str]) -> list[Sect
     results = inputs.results
     if results is None:
         notes.append(
-            "No evaluation (eval/results.json): the recipe has no evaluate stage, or it has "
+            f"No evaluation ({NAMES.eval_results}): the recipe has no evaluate stage, or it has "
             "not run yet; no win rates, graded rates or answer lengths."
         )
         return []
@@ -323,7 +321,7 @@ def _rounds_section(inputs: Inputs, plots: Path) -> list[Section]:
 
 def _training_section(inputs: Inputs, plots: Path, notes: list[str]) -> list[Section]:
     if not inputs.trained:
-        notes.append("No trained models (models/*/cai_train.json): no training curves.")
+        notes.append(f"No trained models ({NAMES.models}/*/{TRAIN_RESULT}): no training curves.")
         return []
     table = [
         [
@@ -388,7 +386,9 @@ def _feedback_section(inputs: Inputs, plots: Path, notes: list[str]) -> list[Sec
         if plot_margins(prefs, plots / "margins.png"):
             section.images.append(Image("margins.png", "Preference margins"))
     else:
-        notes.append("No preference pairs (preferences/data.jsonl): no margin histogram.")
+        notes.append(
+            f"No preference pairs ({NAMES.preferences() / DATA_FILE}): no margin histogram."
+        )
     values = consistency(inputs)
     if values:
         section.tables.append(
@@ -414,7 +414,8 @@ def _data_section(inputs: Inputs, notes: list[str]) -> list[Section]:
     datasets = [["dataset", "rows"]]
     for folder, label in DATASETS:
         if folder in inputs.datasets:
-            datasets.append([f"{label} ({folder}/data.jsonl)", str(inputs.datasets[folder])])
+            shown = NAMES.export(folder) / DATA_FILE
+            datasets.append([f"{label} ({shown})", str(inputs.datasets[folder])])
     if inputs.results:
         excluded = inputs.results["excluded"]
         datasets += [[f"eval prompts: {k}", str(v)] for k, v in inputs.results["sets"].items()]
@@ -463,16 +464,16 @@ def write_report(run_dir: str | Path) -> Path:
 
     Raises ReportError when ``run_dir`` is not a run directory or a file in it is unreadable.
     """
-    run = Path(run_dir)
-    inputs = read_inputs(run)
-    plots = run / PLOTS_DIR
+    run = RunLayout(Path(run_dir))
+    inputs = read_inputs(run.root)
+    plots = run.plots
     plots.mkdir(exist_ok=True)
     for old in plots.glob("*.png"):
         old.unlink()
     sections, notes = build_sections(inputs, plots)
-    title, meta = _header(inputs, run)
-    (run / "report.md").write_text(render_markdown(title, meta, sections, notes), encoding="utf-8")
-    page = run / "report.html"
+    title, meta = _header(inputs, run.root)
+    run.report_md.write_text(render_markdown(title, meta, sections, notes), encoding="utf-8")
+    page = run.report_html
     page.write_text(render_html(title, meta, sections, notes), encoding="utf-8")
     return page
 

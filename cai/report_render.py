@@ -8,8 +8,7 @@ import html
 import re
 from dataclasses import dataclass, field
 
-PLOTS_DIR = "report"
-"""The figures' folder beside report.md and report.html."""
+from cai.layout import PLOTS as PLOTS_DIR
 
 
 @dataclass

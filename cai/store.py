@@ -1,7 +1,7 @@
 """The run store: the durable state of a ``python -m cai.pipeline`` job under ``runs/<name>/``.
 
 A batch job can be killed at any moment (SIGKILL, pre-emption, a power cut) and re-run with the same
-command; this module is what makes that safe. Layout::
+command; this module is what makes that safe. Its files (``cai.layout`` names them)::
 
     runs/<name>/manifest.json                        resolved config, its hash, versions, seeds, models
     runs/<name>/stages/<stage>.jsonl                 one append-only record per line
@@ -45,7 +45,6 @@ import hashlib
 import json
 import logging
 import os
-import re
 import time
 from collections.abc import Iterator
 from datetime import UTC, datetime
@@ -55,11 +54,9 @@ from typing import IO, Any
 from cai.config import changed_fields
 from cai.jsonl import encode_line, fsync_dir, name_file, write_atomic
 from cai.keys import Shard, canonical, check_shard, in_shard, jsonable, shard_of
+from cai.layout import STAGE_GLOB, RunLayout, shard_file, shard_glob, stage_file, stage_name
 
 log = logging.getLogger(__name__)
-
-_STAGE_NAME = re.compile(r"[A-Za-z0-9_-]+")
-_SHARD_FILE = re.compile(r"(?P<stage>[A-Za-z0-9_-]+)\.shard-(?P<k>\d+)-of-(?P<n>\d+)\.jsonl")
 
 
 class RunStoreError(Exception):
@@ -228,6 +225,7 @@ class StageWriter:
         *,
         flush_every: int = 100,
         flush_seconds: float = 5.0,
+        keep_records: bool = False,
     ) -> None:
         self.path = path
         self.shard = shard
@@ -237,7 +235,7 @@ class StageWriter:
         self._last_flush = time.monotonic()
         self._fd: int | None = _open_locked(path)
         try:
-            scan = _scan(path, keep_records=False)
+            scan = _scan(path, keep_records=keep_records)
             if scan.torn_at is not None:
                 size = os.fstat(self._fd).st_size
                 os.ftruncate(self._fd, scan.torn_at)
@@ -252,6 +250,10 @@ class StageWriter:
             self.close()
             raise
         self._done = scan.done
+        self._keep = keep_records
+        self.records = scan.records
+        """With ``keep_records``: key → its record, by the readers' rule (the first done one,
+        else the latest error), the file's and those written since, as read back."""
 
     def __contains__(self, key: object) -> bool:
         """Whether ``key`` is done: a record without an error is written (or buffered)."""
@@ -290,6 +292,8 @@ class StageWriter:
         except (TypeError, ValueError) as e:
             raise ValueError(f"{self.path}: record {key} is not plain JSON: {e}") from e
         self._buffer.append(line)
+        if self._keep:
+            self.records[key] = json.loads(line)  # what a reader of the file would get
         if not _is_error(record):
             self._done.add(key)
         if (
@@ -340,9 +344,10 @@ class RunStore:
     """One run directory: its manifest and its stage files."""
 
     def __init__(self, run_dir: str | os.PathLike[str]) -> None:
-        self.run_dir = Path(run_dir)
-        self.manifest_path = self.run_dir / "manifest.json"
-        self.stages_dir = self.run_dir / "stages"
+        self.layout = RunLayout(Path(run_dir))
+        self.run_dir = self.layout.root
+        self.manifest_path = self.layout.manifest
+        self.stages_dir = self.layout.stages
 
     def __repr__(self) -> str:
         return f"RunStore({str(self.run_dir)!r})"
@@ -424,9 +429,9 @@ class RunStore:
     def lock(self, shard: Shard | None = None) -> Iterator[None]:
         """Hold the run directory (one lock per shard, whose processes share it by design) for
         a whole run, so that a second process is refused before it loads a model or writes."""
-        name = ".lock" if shard is None else ".lock.shard-{}-of-{}".format(*check_shard(shard))
+        path = self.layout.lock(None if shard is None else check_shard(shard))
         try:
-            fd = _open_locked(self.run_dir / name)
+            fd = _open_locked(path)
         except RunStoreError:
             which = "" if shard is None else f" for shard {shard[0]}/{shard[1]}"
             raise RunStoreError(
@@ -442,7 +447,7 @@ class RunStore:
         """Remove the run directory if it holds nothing but lock files: a run refused before
         any work (Ray would not start) in a directory its lock created leaves nothing behind."""
         entries = list(self.run_dir.iterdir()) if self.run_dir.is_dir() else []
-        if entries and all(p.name.startswith(".lock") and p.is_file() for p in entries):
+        if entries and all(RunLayout.is_lock(p) and p.is_file() for p in entries):
             for p in entries:
                 p.unlink()
             self.run_dir.rmdir()
@@ -451,12 +456,7 @@ class RunStore:
 
     def stage_path(self, stage: str, shard: Shard | None = None) -> Path:
         """``stages/<stage>.jsonl``, or ``stages/<stage>.shard-<k>-of-<n>.jsonl`` for a shard."""
-        if not _STAGE_NAME.fullmatch(stage):
-            raise ValueError(f"stage name must match [A-Za-z0-9_-]+, got {stage!r}")
-        if shard is None:
-            return self.stages_dir / f"{stage}.jsonl"
-        k, n = check_shard(shard)
-        return self.stages_dir / f"{stage}.shard-{k}-of-{n}.jsonl"
+        return self.layout.stage(stage, None if shard is None else check_shard(shard))
 
     def read_stage(self, stage: str, shard: Shard | None = None) -> dict[str, dict[str, Any]]:
         """key -> record in file order (a done record, else the key's latest error record).
@@ -476,13 +476,16 @@ class RunStore:
         *,
         flush_every: int = 100,
         flush_seconds: float = 5.0,
+        keep_records: bool = False,
     ) -> StageWriter:
-        """Open the stage file for appending (locked; a torn last line is truncated)."""
+        """Open the stage file for appending (locked; a torn last line is truncated); with
+        ``keep_records`` the writer holds every key's record (``StageWriter.records``)."""
         return StageWriter(
             self.stage_path(stage, shard),
             shard,
             flush_every=flush_every,
             flush_seconds=flush_seconds,
+            keep_records=keep_records,
         )
 
     def merge_shards(self, stage: str) -> Path:
@@ -502,7 +505,12 @@ class RunStore:
 
     def stage_files(self) -> list[Path]:
         """All stage files (merged and shard files), sorted by name."""
-        return sorted(self.stages_dir.glob("*.jsonl"))
+        return sorted(self.stages_dir.glob(STAGE_GLOB))
+
+    def shard_stages(self) -> list[str]:
+        """The stages that have shard files, in name order."""
+        found = (shard_file(p.name) for p in self.stages_dir.glob(shard_glob()))
+        return sorted({f[0] for f in found if f is not None})
 
     def summary(self) -> dict[str, dict[str, int]]:
         """Counts per stage file (``critique``, ``critique.shard-1-of-4``, ...).
@@ -530,16 +538,16 @@ class RunStore:
                     for field in ("prompt_tokens", "completion_tokens"):
                         counts[field] += int(usage.get(field) or 0)
             counts["total_tokens"] = counts["prompt_tokens"] + counts["completion_tokens"]
-            out[path.name.removesuffix(".jsonl")] = counts
+            out[stage_name(path)] = counts
         return out
 
 
 def _shard_files(stages_dir: Path, stage: str) -> dict[Shard, Path]:
     files: dict[Shard, Path] = {}
-    for path in stages_dir.glob(f"{stage}.shard-*-of-*.jsonl"):
-        match = _SHARD_FILE.fullmatch(path.name)
-        if match and match["stage"] == stage:
-            files[int(match["k"]), int(match["n"])] = path
+    for path in stages_dir.glob(shard_glob(stage)):
+        found = shard_file(path.name)
+        if found is not None and found[0] == stage:
+            files[found[1]] = path
     return files
 
 
@@ -556,7 +564,7 @@ def _merge(stage: str, files: dict[Shard, Path], out: Path) -> Path:
     if missing:
         raise RunStoreError(
             f"cannot merge stage {stage!r}: shard(s) {', '.join(missing)} have no file "
-            f"{stage}.shard-<k>-of-{n}.jsonl. Run them (--shard k/{n}) or copy their files in."
+            f"{stage_file(stage, ('<k>', n))}. Run them (--shard k/{n}) or copy their files in."
         )
     created = not out.exists()
     locks: list[int] = []

@@ -9,7 +9,7 @@ import math
 from typing import ClassVar
 
 import pytest
-from test_judge import FakeEngine as ScoreEngine
+from fakes import ScriptedEngine
 
 from cai.cli import main as cai_main
 from cai.config import ConfigError, from_data
@@ -134,7 +134,7 @@ def test_both_orders_cancel_a_pure_position_bias():
     assert flagged_probability(_scores(0.9), _scores(0.1))[0] == pytest.approx(0.9)
 
 
-class EvalEngine(ScoreEngine):
+class EvalEngine(ScriptedEngine):
     """Answers 'Sure thing, here you go: <prompt> from <model>' (or fails on prompts containing FAIL); scores like the
     judge tests' fake engine (option A at 0.7)."""
 
@@ -237,6 +237,7 @@ def test_reward_drift_and_one_model_under_two_names(tmp_path, monkeypatch):
 
     monkeypatch.setattr(cai.train.reward, "RewardModel", FakeRewardModel)
     monkeypatch.setattr(FakeRewardModel, "scored", [])
+    monkeypatch.setattr(FakeRewardModel, "closed", 0)
     engines: dict[str, EvalEngine] = {}
 
     def engine_for(spec: str) -> Engine:
@@ -256,7 +257,7 @@ def test_reward_drift_and_one_model_under_two_names(tmp_path, monkeypatch):
     assert engines["base"].generated == 4 and engines["long spec"].generated == 4
     assert engines["base"].scored == 2 * 2 * 2 + 2 * 2 * 2  # 2 sycophancy grades x 2 orders
     # for 2 answer sets (base and long), then 2 helpful comparisons x 2 orders for 2 models.
-    assert len(FakeRewardModel.scored) == 8 and FakeRewardModel.closed >= 1
+    assert len(FakeRewardModel.scored) == 8 and FakeRewardModel.closed == 1
     assert FakeRewardModel.scored[0][-1]["role"] == "assistant"
     # The reward is the answer's word count: "Sure thing, here you go: <3 words> from <spec>".
     assert base["reward"] == {"mean": 10.0, "drift": None}

@@ -8,7 +8,8 @@ import json
 import math
 
 import pytest
-from test_pipeline import FakeEngine, write_prompts
+from fakes import TextEngine
+from test_pipeline import write_prompts
 
 from cai.config import ConfigError
 from cai.data import DataError
@@ -48,7 +49,7 @@ def test_options_are_checked_when_the_recipe_loads(tmp_path):
         load_recipe(_recipe(tmp_path, "{data: x.jsonl}"))
     with pytest.raises(ConfigError, match="beta must be >= 0"):
         load_recipe(_recipe(tmp_path, "{beta: -1}"))
-    plan = Runner(load_recipe(_recipe(tmp_path, "{}")), tmp_path / "run", engine=FakeEngine())
+    plan = Runner(load_recipe(_recipe(tmp_path, "{}")), tmp_path / "run", engine=TextEngine())
     assert "train_grpo: smollm2-135m on" in plan.plan()
 
 
@@ -103,7 +104,7 @@ def test_a_prompt_over_max_length_is_refused_before_training(tmp_path, model_pat
 def test_one_grpo_step_logs_reward_and_kl_and_is_not_redone(tmp_path):
     path = _recipe(tmp_path, TINY)
     run_dir = tmp_path / "run"
-    result = Runner(load_recipe(path), run_dir, engine=FakeEngine()).run()
+    result = Runner(load_recipe(path), run_dir, engine=TextEngine()).run()
     assert not result.failed
     trained = json.loads((run_dir / "models" / "grpo" / "cai_train.json").read_text())
     assert trained["global_step"] == 1
@@ -117,6 +118,6 @@ def test_one_grpo_step_logs_reward_and_kl_and_is_not_redone(tmp_path):
     lines = (run_dir / "grpo_prompts" / "data.jsonl").read_text().splitlines()
     assert len(lines) == 2
 
-    again = Runner(load_recipe(path), run_dir, engine=FakeEngine()).run()
+    again = Runner(load_recipe(path), run_dir, engine=TextEngine()).run()
     tally = {r.name: r for r in again.stages}["train_grpo"]
     assert tally.done_before == 1

@@ -8,7 +8,8 @@ import math
 from pathlib import Path
 
 import pytest
-from test_judge import BAD, GOOD, PROMPT, FakeEngine, options_of
+from fakes import ScriptedEngine, options_of
+from test_judge import BAD, GOOD, PROMPT
 
 from cai import cli
 from cai.config import ConfigError
@@ -26,7 +27,7 @@ def response_of(conversation) -> str:
     return text[text.rindex("Assistant: ") + len("Assistant: ") :].split("\n\n")[0]
 
 
-class ScoreEngine(FakeEngine):
+class ScoreEngine(ScriptedEngine):
     """Yes/No probabilities from ``yes_no(response, conversation)``; counts every request."""
 
     def __init__(self, yes_no):
@@ -179,11 +180,13 @@ def biased(bias: float, signal: float = 0.5):
 
 def test_batch_calibration_restores_the_label_a_biased_judge_loses():
     pairs = [(PROMPT, GOOD, BAD), (PROMPT, BAD, GOOD)] * 2
-    plain = Judge(FakeEngine(biased(9.0)), tie_margin=0.01).label(pairs)
+    plain = Judge(ScriptedEngine(biased(9.0)), tie_margin=0.01).label(pairs)
     # Saturated at "A": both orders near 1, the difference below the tie margin.
     assert [p.winner for p in plain] == ["tie"] * 4
     assert all(p.p_a_first > 0.99 for p in plain)  # the first order alone: always A
-    calibrated = Judge(FakeEngine(biased(9.0)), tie_margin=0.01, calibration="batch").label(pairs)
+    calibrated = Judge(ScriptedEngine(biased(9.0)), tie_margin=0.01, calibration="batch").label(
+        pairs
+    )
     assert [p.winner for p in calibrated] == ["A", "B", "A", "B"]
     # Each order's mean log-odds is 9 (half +0.5, half -0.5): calibrated first slot = ±0.5.
     assert calibrated[0].p_a_first == pytest.approx(sigmoid(0.5))
@@ -198,7 +201,7 @@ def test_contextual_calibration_subtracts_the_content_free_log_odds():
             return sigmoid(2.0)
         return biased(2.0)(conversation, prefix)
 
-    engine = FakeEngine(slot_a)
+    engine = ScriptedEngine(slot_a)
     pairs = [(PROMPT, GOOD, BAD), (PROMPT, BAD, GOOD), ("Other?", GOOD, BAD)]
     prefs = Judge(engine, calibration="contextual").label(pairs)
     assert [p.p_a for p in prefs] == pytest.approx([sigmoid(0.5), sigmoid(-0.5), sigmoid(0.5)])
@@ -214,15 +217,15 @@ def test_contextual_calibration_subtracts_the_content_free_log_odds():
 
 def test_settings_are_checked():
     with pytest.raises(ValueError, match="calibration applies to the pairwise"):
-        Judge(FakeEngine(), mode="pointwise", calibration="batch")
+        Judge(ScriptedEngine(), mode="pointwise", calibration="batch")
     with pytest.raises(ValueError, match="mode must be one of"):
-        Judge(FakeEngine(), mode="pointwize")
+        Judge(ScriptedEngine(), mode="pointwize")
     with pytest.raises(ValueError, match="temperature and length_coef apply to the pointwise"):
-        Judge(FakeEngine(), temperature=2.0)
+        Judge(ScriptedEngine(), temperature=2.0)
     with pytest.raises(ValueError, match="cot applies to the pairwise"):
-        Judge(FakeEngine(), mode="pointwise", cot=True)
+        Judge(ScriptedEngine(), mode="pointwise", cot=True)
     with pytest.raises(ValueError, match="temperature must be"):
-        Judge(FakeEngine(), mode="pointwise", temperature=float("nan"))
+        Judge(ScriptedEngine(), mode="pointwise", temperature=float("nan"))
 
 
 # ---- score questions in constitutions -------------------------------------------------------------
@@ -246,8 +249,8 @@ def test_pointwise_refuses_a_principle_without_a_score_question(tmp_path: Path, 
     with pytest.raises(
         ConfigError, match=rf"{path}:8: principles\[1\] \(brief\): no score_question"
     ):
-        Judge(FakeEngine(), str(path), mode="pointwise")
-    Judge(FakeEngine(), str(path))  # the pairwise judge needs none
+        Judge(ScriptedEngine(), str(path), mode="pointwise")
+    Judge(ScriptedEngine(), str(path))  # the pairwise judge needs none
     assert cli.main(["constitution", "check", str(path)]) == 0
     assert cli.main(["constitution", "check", "--pointwise", str(path)]) == 1
     err = capsys.readouterr().err
@@ -336,9 +339,9 @@ def test_pointwise_reward_scores_each_completion_alone():
     group = JudgeReward(Judge(ScoreEngine(fixed), mode="pointwise"), num_generations=2)
     assert group([PROMPT] * 2, [GOOD, BAD]) == pytest.approx([16 / 17, 1 / 17])
     with pytest.raises(ValueError, match="needs the pointwise judge"):
-        JudgeReward(Judge(FakeEngine()), against=None)
+        JudgeReward(Judge(ScriptedEngine()), against=None)
     with pytest.raises(ValueError, match="build it with Judge"):
-        JudgeReward(Judge(FakeEngine()), mode="pointwise")
+        JudgeReward(Judge(ScriptedEngine()), mode="pointwise")
 
 
 def test_principles_restrict_the_draw():
@@ -346,6 +349,6 @@ def test_principles_restrict_the_draw():
     for prompt in ("One?", "Two?", "Three?"):
         assert judge.compare(prompt, GOOD, BAD).principles == ["balanced"]
     with pytest.raises(ValueError, match="has no principle 'nope'"):
-        Judge(FakeEngine(), "hhh", principles=["nope"])
+        Judge(ScriptedEngine(), "hhh", principles=["nope"])
     with pytest.raises(ValueError, match="ensemble=2 needs that many"):
-        Judge(FakeEngine(), "hhh", principles=["balanced"], ensemble=2)
+        Judge(ScriptedEngine(), "hhh", principles=["balanced"], ensemble=2)

@@ -9,7 +9,7 @@ from __future__ import annotations
 import json
 
 import pytest
-from test_judge import FakeEngine, options_of
+from fakes import ScriptedEngine, options_of
 
 from cai import cli
 from cai.judge import Judge
@@ -47,7 +47,7 @@ def test_label_exports_decided_pairs_oriented_and_resumes(tmp_path):
     )
     pairs = load_pairs(data)
     out = tmp_path / "labels"
-    engine = FakeEngine(by_length(fail="FAIL"))
+    engine = ScriptedEngine(by_length(fail="FAIL"))
     first = label_pairs(Judge(engine), pairs, out, model="fake", batch_size=2, progress=False)
     assert (first.pairs, first.exported, first.ties, first.errors) == (4, 2, 1, 1)
     assert len(engine.score_calls) == 2  # batches of two pairs, both orders each
@@ -69,7 +69,7 @@ def test_label_exports_decided_pairs_oriented_and_resumes(tmp_path):
     assert [p.meta["p_chosen"] for p in load_pairs(out / "data.jsonl")] == [round(25 / 28, 2)] * 2
 
     # A re-run asks only for the failed pair, and exports it now.
-    engine = FakeEngine(by_length())
+    engine = ScriptedEngine(by_length())
     second = label_pairs(Judge(engine), pairs, out, model="fake", progress=False)
     assert (second.tally.done_before, second.exported, second.errors) == (3, 3, 0)
     [(conversations, _)] = engine.score_calls

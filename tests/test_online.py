@@ -74,10 +74,16 @@ def _prompts(n: int) -> list[PromptRecord]:
 
 
 def test_shipped_online_recipes_are_valid():
-    for name, rounds in (("online-tiny", 2), ("online", 3)):
+    sl_cai = ["generate", "critique_revise", "train_sft"]
+    for name, rounds, before in (("online-tiny", 2, []), ("online", 3, sl_cai)):
         recipe = load_recipe(resolve("pipelines", name))
-        assert recipe.online is not None and recipe.online.rounds >= rounds
-        assert recipe.stages.train_dpo is not None and recipe.stages.evaluate is not None
+        stages = [s for s, _ in recipe.stages.present()]
+        order = [(s.name, r) for s, r in schedule(stages, recipe.online)]
+        assert order == [
+            *((n, None) for n in before),
+            *((n, r) for r in range(1, rounds + 1) for n in ("sample", "judge", "train_dpo")),
+            ("evaluate", None),
+        ], name
 
 
 @pytest.mark.parametrize(
@@ -168,8 +174,6 @@ def test_an_online_run_refuses_shards_and_too_few_prompts(tmp_path):
 
 
 def test_each_round_trains_from_the_previous_policy_against_the_chosen_reference(tmp_path):
-    from types import SimpleNamespace
-
     from cai.pipeline import training
 
     def runner(reference: str, r: int | None, loss: str = "soft_dpo"):
@@ -177,19 +181,27 @@ def test_each_round_trains_from_the_previous_policy_against_the_chosen_reference
             ci_recipe(tmp_path),
             [f"online.reference={reference}", f"stages.train_dpo.loss={loss}"],
         )
-        return SimpleNamespace(recipe=recipe, round=r, run_dir=tmp_path / "run")
+        return Runner(recipe, tmp_path / "run").context_for(r)
 
     run = tmp_path / "run"
     assert training.start_model(runner("sft", 1), "train_dpo") == "smollm2-135m"
-    assert training.start_model(runner("sft", 3), "train_dpo") == str(run / "rounds/2/dpo")
-    assert training.output_dir(runner("sft", 3), "train_dpo") == run / "rounds/3/dpo"
-    assert training.data_dir(runner("sft", 3), "train_dpo") == run / "rounds/3/preferences"
-    assert training.data_dir(runner("sft", 3), "train_reward") == run / "rounds/3/preferences"
-    assert training.output_dir(runner("sft", 3), "train_reward") == run / "models/reward"
+    assert training.start_model(runner("sft", 2), "train_dpo") == str(run / "rounds/1/dpo")
+    assert training.output_dir(runner("sft", 2), "train_dpo") == run / "rounds/2/dpo"
+    assert training.data_dir(runner("sft", 2), "train_dpo") == run / "rounds/2/preferences"
+    assert training.data_dir(runner("sft", 1), "train_reward") == run / "rounds/1/preferences"
+    assert training.output_dir(runner("sft", 1), "train_reward") == run / "models/reward"
     assert training.reference(runner("sft", 1), "train_dpo") == {}  # starts from it already
     assert training.reference(runner("sft", 2), "train_dpo") == {"ref_model": "smollm2-135m"}
     assert training.reference(runner("previous", 2), "train_dpo") == {}  # the starting model
     assert training.reference(runner("sft", 2, loss="simpo"), "train_dpo") == {}  # none used
+    # Each round's context is a value of its own: the run's is left as it was.
+    base = Runner(load_recipe(ci_recipe(tmp_path)), run)
+    second = base.context_for(2)
+    assert (second.round, [p.key for p in second.prompts]) == (
+        2,
+        [p.key for p in base.schedule.prompts[1]],
+    )
+    assert base.context.round is None and len(base.context.prompts) == 4
 
 
 def fake_online(tmp_path: Path, monkeypatch, limit: int = 2, **online) -> Path:
@@ -223,12 +235,12 @@ def test_round_2_keys_depend_neither_on_float_noise_nor_on_the_run_directory(tmp
     """One online recipe in two run directories, the second judge's probabilities off by ~1e-7
     (what smaller batches on Ray give): the same round-1 preferences, so the same trained
     model's identity, so the same round-2 keys, seeds and samples (issue 22)."""
-    from test_pipeline_judge import FakeEngine
+    from fakes import PairEngine
 
     from cai.engine import OptionScores
     from cai.keys import model_key
 
-    class Noisy(FakeEngine):
+    class Noisy(PairEngine):
         def score(self, conversations, options, *, prefixes=None, progress=False):
             # ~1e-7, varying with the request (a constant offset would cancel in a pointwise
             # label, which compares two scores)
@@ -246,7 +258,7 @@ def test_round_2_keys_depend_neither_on_float_noise_nor_on_the_run_directory(tmp
             ]
 
     path = fake_online(tmp_path, monkeypatch)
-    runs = {"a": FakeEngine(), "elsewhere/b": Noisy()}
+    runs = {"a": PairEngine(), "elsewhere/b": Noisy()}
     for name, engine in runs.items():
         assert not Runner(load_recipe(path), tmp_path / name, engine=engine).run().failed
 
@@ -272,12 +284,12 @@ def test_round_2_keys_depend_neither_on_float_noise_nor_on_the_run_directory(tmp
 def test_the_dry_run_of_a_resumed_online_run_counts_each_rounds_own_pairs(
     tmp_path, monkeypatch, capsys
 ):
-    from test_pipeline_judge import FakeEngine
+    from fakes import PairEngine
 
     from cai.pipeline.__main__ import main
 
     path, run = fake_online(tmp_path, monkeypatch, limit=3), tmp_path / "run"
-    assert not Runner(load_recipe(path), run, engine=FakeEngine()).run().failed
+    assert not Runner(load_recipe(path), run, engine=PairEngine()).run().failed
     for stage in ("sample", "judge"):  # round 2's records deleted
         lines = (run / "stages" / f"{stage}.jsonl").read_text().splitlines()
         kept = [line for line in lines if json.loads(line)["round"] != 2]

@@ -3,7 +3,6 @@
 
 from __future__ import annotations
 
-import hashlib
 import itertools
 import json
 import os
@@ -15,43 +14,15 @@ from pathlib import Path
 
 import datasets
 import pytest
+from fakes import TextEngine
 from test_config import alias_bomb
 
 from cai.critique import clean_revision, revision_flags
-from cai.engine import Completion, Engine, Sample
 from cai.pipeline.__main__ import main
 from cai.pipeline.recipe import load_recipe
 from cai.pipeline.run import Runner
 
 ROOT = Path(__file__).resolve().parents[1]
-
-
-class FakeEngine(Engine):
-    """Deterministic text from (conversation, seed); fails requests that mention FAIL."""
-
-    backend = "fake"
-    model_name = "fake"
-
-    def __init__(self):
-        self.batches: list[int] = []
-
-    def generate(self, conversations, sampling=None, *, prefixes=None, progress=False):
-        params = sampling if isinstance(sampling, list) else [sampling] * len(conversations)
-        self.batches.append(len(conversations))
-        out = []
-        for conversation, p in zip(conversations, params, strict=True):
-            text = json.dumps(conversation[-1]["content"]) + str(p.seed)
-            if "FAIL" in json.dumps(conversation):
-                out.append(Completion(prompt_tokens=5, error="fake failure"))
-                continue
-            digest = hashlib.sha256(text.encode()).hexdigest()[:8]
-            out.append(
-                Completion([Sample(f"Revision: answer {digest}", "stop", 4)], prompt_tokens=10)
-            )
-        return out
-
-    def score(self, conversations, options, *, prefixes=None, progress=False):
-        raise NotImplementedError
 
 
 def write_prompts(path: Path, prompts: list[str]) -> Path:
@@ -99,7 +70,7 @@ def records(run_dir: Path, stage: str) -> list[dict]:
 def test_runner_batches_rounds_and_exports(tmp_path):
     prompts = write_prompts(tmp_path / "p.jsonl", ["one?", "two?", "three?"])
     recipe = load_recipe(write_recipe(tmp_path, prompts, rounds=3))
-    engine = FakeEngine()
+    engine = TextEngine()
     result = Runner(recipe, tmp_path / "run", engine=engine).run()
     # One generate batch, then per round one batch of critiques and one of revisions.
     assert engine.batches == [3] + [3, 3] * 3
@@ -113,33 +84,37 @@ def test_runner_batches_rounds_and_exports(tmp_path):
     for chain in by_input.values():
         for before, after in itertools.pairwise(chain):
             assert after["response"] == before["revision"]
-    sft = [json.loads(line) for line in (result.exported / "data.jsonl").read_text().splitlines()]
+    sft = [
+        json.loads(line) for line in (result.outputs["sft"] / "data.jsonl").read_text().splitlines()
+    ]
     assert len(sft) == 3
     assert sft[0]["messages"][-1] == {
         "role": "assistant",
         "content": by_input["p0"][-1]["revision"],
     }
     assert len(sft[0]["meta"]["principles"]) == 3
-    assert datasets.load_from_disk(str(result.exported / "dataset")).num_rows == 3
+    assert datasets.load_from_disk(str(result.outputs["sft"] / "dataset")).num_rows == 3
 
 
 def test_export_all_rounds(tmp_path):
     prompts = write_prompts(tmp_path / "p.jsonl", ["one?", "two?"])
     recipe = load_recipe(write_recipe(tmp_path, prompts, rounds=2, export="all"))
-    result = Runner(recipe, tmp_path / "run", engine=FakeEngine()).run()
-    sft = [json.loads(line) for line in (result.exported / "data.jsonl").read_text().splitlines()]
+    result = Runner(recipe, tmp_path / "run", engine=TextEngine()).run()
+    sft = [
+        json.loads(line) for line in (result.outputs["sft"] / "data.jsonl").read_text().splitlines()
+    ]
     assert sorted(r["meta"]["round"] for r in sft) == [1, 1, 2, 2]
 
 
 def test_rerun_skips_done_records_and_limit_extends(tmp_path):
     prompts = write_prompts(tmp_path / "p.jsonl", ["a?", "b?", "c?", "d?"])
     recipe = load_recipe(write_recipe(tmp_path, prompts))
-    Runner(recipe, tmp_path / "run", limit=2, engine=FakeEngine()).run()
-    engine = FakeEngine()
+    Runner(recipe, tmp_path / "run", limit=2, engine=TextEngine()).run()
+    engine = TextEngine()
     result = Runner(recipe, tmp_path / "run", engine=engine).run()
     assert engine.batches == [2, 2, 2, 2, 2]  # only the two new prompts
     assert result.stages[0].done_before == 2
-    again = FakeEngine()
+    again = TextEngine()
     Runner(recipe, tmp_path / "run", engine=again).run()
     assert again.batches == []
     assert len(records(tmp_path / "run", "generate")) == 4
@@ -149,15 +124,15 @@ def test_rerun_skips_done_records_and_limit_extends(tmp_path):
 def test_errors_become_records_fail_the_run_and_are_retried(tmp_path):
     prompts = write_prompts(tmp_path / "p.jsonl", ["fine", "please FAIL", "also fine"])
     recipe = load_recipe(write_recipe(tmp_path, prompts))
-    result = Runner(recipe, tmp_path / "run", engine=FakeEngine()).run()
+    result = Runner(recipe, tmp_path / "run", engine=TextEngine()).run()
     [gen] = [s for s in result.stages if s.name == "generate"]
     assert gen.errors == 1
     assert result.failed and "1 of 3 records failed" in result.failed[0]
     failed = [r for r in records(tmp_path / "run", "generate") if r["error"]]
     assert failed[0]["error"] == "fake failure" and failed[0]["response"] is None
     # The SFT export holds the two chains that finished; nothing is silently dropped from the store.
-    assert len((result.exported / "data.jsonl").read_text().splitlines()) == 2
-    engine = FakeEngine()
+    assert len((result.outputs["sft"] / "data.jsonl").read_text().splitlines()) == 2
+    engine = TextEngine()
     Runner(recipe, tmp_path / "run", engine=engine).run()
     assert engine.batches[0] == 1  # the failed record is retried
 
@@ -165,21 +140,21 @@ def test_errors_become_records_fail_the_run_and_are_retried(tmp_path):
 def test_shards_merge_into_the_unsharded_result(tmp_path):
     prompts = write_prompts(tmp_path / "p.jsonl", [f"question {i}?" for i in range(8)])
     recipe = load_recipe(write_recipe(tmp_path, prompts))
-    Runner(recipe, tmp_path / "whole", engine=FakeEngine()).run()
+    Runner(recipe, tmp_path / "whole", engine=TextEngine()).run()
     for k in (1, 2):
-        Runner(recipe, tmp_path / "sharded", shard=(k, 2), engine=FakeEngine()).run()
+        Runner(recipe, tmp_path / "sharded", shard=(k, 2), engine=TextEngine()).run()
     assert main(["merge", str(tmp_path / "sharded")]) == 0
-    engine = FakeEngine()
+    engine = TextEngine()
     result = Runner(recipe, tmp_path / "sharded", engine=engine).run()
     assert engine.batches == []  # everything was done by the shards
     whole = (tmp_path / "whole" / "sft" / "data.jsonl").read_text()
-    assert (result.exported / "data.jsonl").read_text() == whole
+    assert (result.outputs["sft"] / "data.jsonl").read_text() == whole
 
 
 def test_changed_recipe_is_refused_unless_forced(tmp_path, capsys):
     prompts = write_prompts(tmp_path / "p.jsonl", ["a?"])
     path = write_recipe(tmp_path, prompts)
-    Runner(load_recipe(path), tmp_path / "run", engine=FakeEngine()).run()
+    Runner(load_recipe(path), tmp_path / "run", engine=TextEngine()).run()
     code = main(
         ["run", str(path), "--run-dir", str(tmp_path / "run"), "--set", "seed=3", "--dry-run"]
     )

@@ -3,94 +3,18 @@ orchestration with a fake engine, then the real model end to end."""
 
 from __future__ import annotations
 
-import hashlib
 import json
-import math
-import re
 from pathlib import Path
 
 import datasets
 import pytest
 import yaml
+from fakes import PairEngine
 from test_pipeline import records, write_prompts, write_recipe
 
-from cai.engine import Completion, Engine, OptionScores, Sample
-from cai.engine.base import check_prefixes
 from cai.pipeline.__main__ import main
 from cai.pipeline.recipe import load_recipe
 from cai.pipeline.run import Runner, summary_table
-
-_OPTION = re.compile(r"^\(([AB])\) (.*)$", re.MULTILINE)
-
-
-def options_of(conversation) -> dict[str, str]:
-    """{"A": text, "B": text} of the judged example (the last user message)."""
-    return dict(_OPTION.findall(conversation[-1]["content"]))
-
-
-class FakeEngine(Engine):
-    """Generates deterministic text from (conversation, seed, sample index); judges by length.
-
-    Markers in a prompt: FAIL fails its generate requests; SAME makes every sample identical;
-    DUP makes the first two samples identical; TIE gives samples of equal length; STUCK makes a
-    revision repeat the response; BADJUDGE fails its score requests. Otherwise sample i is
-    ``"x" * (i + 1) + " answer <digest>"``, so sample 0 is the shortest. ``score`` gives the
-    first slot 0.5 + 0.05 × (len(B) - len(A)): shorter is better, by a margin of 0.05 per char.
-    """
-
-    backend = "fake"
-    model_name = "fake"
-
-    def __init__(self):
-        self.generate_batches: list[int] = []
-        self.score_batches: list[int] = []
-
-    def generate(self, conversations, sampling=None, *, prefixes=None, progress=False):
-        params = sampling if isinstance(sampling, list) else [sampling] * len(conversations)
-        self.generate_batches.append(len(conversations))
-        out = []
-        for conversation, p in zip(conversations, params, strict=True):
-            whole = json.dumps(conversation)
-            if "FAIL" in whole:
-                out.append(Completion(prompt_tokens=5, error="fake failure"))
-                continue
-            samples = []
-            for i in range(p.n):
-                text = json.dumps(conversation[-1]["content"]) + str(p.seed) + str(i)
-                digest = hashlib.sha256(text.encode()).hexdigest()[:8]
-                if "SAME" in whole or "STUCK" in whole:
-                    text = "the same answer"
-                elif "DUP" in whole:
-                    text = "x" * (max(i, 1)) + f" answer {digest if i > 1 else 'dup'}"
-                elif "TIE" in whole:
-                    text = f"tie {chr(65 + i)} {digest}"
-                else:
-                    text = "x" * (i + 1) + f" answer {digest}"
-                samples.append(Sample(text, "stop", 4))
-            out.append(Completion(samples, prompt_tokens=10))
-        return out
-
-    def score(self, conversations, options, *, prefixes=None, progress=False):
-        check_prefixes(prefixes, len(conversations))
-        self.score_batches.append(len(conversations))
-        out = []
-        for conversation in conversations:
-            if "BADJUDGE" in conversation[-1]["content"]:
-                out.append(OptionScores(list(options), [], [], error="fake score failure"))
-                continue
-            if list(options) == ["Yes", "No"]:  # the pointwise judge: shorter scores higher
-                text = conversation[-1]["content"]
-                response = text[text.rindex("Assistant: ") :].split("\n\n")[0]
-                p = min(max(0.9 - 0.02 * len(response), 0.05), 0.95)
-                logprobs = [math.log(p), math.log(1 - p)]
-                out.append(OptionScores(list(options), logprobs, [1, 1], prompt_tokens=10))
-                continue
-            shown = options_of(conversation)
-            p = 0.5 + 0.05 * (len(shown["B"]) - len(shown["A"]))
-            p = min(max(p, 0.05), 0.95)
-            logprobs = [math.log(p), math.log(1 - p)]
-            out.append(OptionScores(list(options), logprobs, [1, 1], prompt_tokens=10))
-        return out
 
 
 def pref_recipe(tmp_path: Path, prompts: Path, *, sample=None, judge=None, **top) -> Path:
@@ -130,7 +54,7 @@ def report(result, name):
 def test_sample_judge_export_counts(tmp_path, pairs, rows):
     prompts = write_prompts(tmp_path / "p.jsonl", ["one?", "two?"])
     recipe = load_recipe(pref_recipe(tmp_path, prompts, judge={"pairs": pairs}))
-    engine = FakeEngine()
+    engine = PairEngine()
     result = Runner(recipe, tmp_path / "run", engine=engine).run()
     # One generate call (n=k per prompt), then one score call: 6 pairs × 2 orders × 1 principle.
     assert engine.generate_batches == [2] and engine.score_batches == [12]
@@ -142,7 +66,7 @@ def test_sample_judge_export_counts(tmp_path, pairs, rows):
     assert all(r["input_key"] in ("p0", "p1") and r["error"] is None for r in judged)
     assert report(result, "judge").requests == 12
     assert report(result, "judge").prompt_tokens == 12 * 10  # what judging read is counted
-    prefs = exported(result.exported_preferences)
+    prefs = exported(result.outputs["preferences"])
     assert len(prefs) == rows
     for row in prefs:
         # The fake judge prefers the shorter response.
@@ -159,7 +83,7 @@ def test_sample_judge_export_counts(tmp_path, pairs, rows):
         assert all(row["p_chosen"] == pytest.approx(0.6) for row in prefs)
         assert all(row["meta"]["selection"] == "best_worst" for row in prefs)
         assert all(len(row["meta"]["mean_win_p"]) == 3 for row in prefs)
-    ds = datasets.load_from_disk(str(result.exported_preferences / "dataset"))
+    ds = datasets.load_from_disk(str(result.outputs["preferences"] / "dataset"))
     assert ds.num_rows == rows and {"prompt", "chosen", "rejected", "p_chosen"} <= set(
         ds.column_names
     )
@@ -168,7 +92,7 @@ def test_sample_judge_export_counts(tmp_path, pairs, rows):
 def test_identical_samples_are_dropped_and_counted(tmp_path):
     prompts = write_prompts(tmp_path / "p.jsonl", ["fine?", "DUP please", "SAME please"])
     recipe = load_recipe(pref_recipe(tmp_path, prompts, sample={"k": 4}))
-    engine = FakeEngine()
+    engine = PairEngine()
     result = Runner(recipe, tmp_path / "run", engine=engine).run()
     by_input = {r["input_key"]: r for r in records(tmp_path / "run", "sample")}
     assert len(by_input["p0"]["responses"]) == 4 and by_input["p0"]["duplicates_dropped"] == 0
@@ -183,7 +107,7 @@ def test_identical_samples_are_dropped_and_counted(tmp_path):
     assert len(records(tmp_path / "run", "judge")) == 6 + 3
     assert not result.failed
     # A skipped prompt is done: a re-run does not sample it again (its seed would repeat it).
-    again = FakeEngine()
+    again = PairEngine()
     Runner(recipe, tmp_path / "run", engine=again).run()
     assert again.generate_batches == [] and again.score_batches == []
 
@@ -191,39 +115,39 @@ def test_identical_samples_are_dropped_and_counted(tmp_path):
 def test_margin_filter_and_ties_stay_out_of_the_export(tmp_path):
     prompts = write_prompts(tmp_path / "p.jsonl", ["one?", "TIE please"])
     recipe = load_recipe(pref_recipe(tmp_path, prompts, judge={"min_margin": 0.08}))
-    result = Runner(recipe, tmp_path / "run", engine=FakeEngine()).run()
+    result = Runner(recipe, tmp_path / "run", engine=PairEngine()).run()
     judged = records(tmp_path / "run", "judge")
     ties = [r for r in judged if r["input_key"] == "p1"]
     assert len(ties) == 3 and all(r["winner"] == "tie" and r["p_a"] == 0.5 for r in ties)
     margins = sorted(round(r["margin"], 6) for r in judged if r["input_key"] == "p0")
     assert margins == [0.05, 0.05, 0.1]
     # Kept in the store, left out of the export: the ties and the two pairs below min_margin.
-    [row] = exported(result.exported_preferences)
+    [row] = exported(result.outputs["preferences"])
     assert row["p_chosen"] == pytest.approx(0.6) and row["meta"]["input_key"] == "p0"
     # Without the margin filter only the ties are left out.
     prompts2 = write_prompts(tmp_path / "p2.jsonl", ["one?", "TIE please"])
     (tmp_path / "second").mkdir()
     recipe = load_recipe(pref_recipe(tmp_path / "second", prompts2))
-    result = Runner(recipe, tmp_path / "run2", engine=FakeEngine()).run()
-    assert len(exported(result.exported_preferences)) == 3
+    result = Runner(recipe, tmp_path / "run2", engine=PairEngine()).run()
+    assert len(exported(result.outputs["preferences"])) == 3
 
 
 def test_resume_sends_no_engine_work(tmp_path):
     prompts = write_prompts(tmp_path / "p.jsonl", ["a?", "b?", "c?", "d?"])
     recipe = load_recipe(pref_recipe(tmp_path, prompts, judge={"ensemble": 2}, chunk_size=2))
-    first = FakeEngine()
+    first = PairEngine()
     Runner(recipe, tmp_path / "run", limit=2, engine=first).run()
     assert first.generate_batches == [2] and first.score_batches == [8, 8, 8]
-    second = FakeEngine()
+    second = PairEngine()
     result = Runner(recipe, tmp_path / "run", engine=second).run()
     # Only the two new prompts: one chunk of samples, then 6 pairs in chunks of 2.
     assert second.generate_batches == [2] and second.score_batches == [8, 8, 8]
     assert report(result, "sample").done_before == 2 and report(result, "judge").done_before == 6
-    third = FakeEngine()
+    third = PairEngine()
     result = Runner(recipe, tmp_path / "run", engine=third).run()
     assert third.generate_batches == [] and third.score_batches == []
     assert len(records(tmp_path / "run", "judge")) == 12
-    assert len(exported(result.exported_preferences)) == 12
+    assert len(exported(result.outputs["preferences"])) == 12
     # Every judged pair carries its ensemble's principles, drawn from the pair's key.
     assert all(len(r["principles"]) == 2 for r in records(tmp_path / "run", "judge"))
 
@@ -231,7 +155,7 @@ def test_resume_sends_no_engine_work(tmp_path):
 def test_failed_requests_are_error_records_and_retried(tmp_path):
     prompts = write_prompts(tmp_path / "p.jsonl", ["fine?", "please FAIL", "BADJUDGE this"])
     recipe = load_recipe(pref_recipe(tmp_path, prompts, max_error_rate=0.2))
-    result = Runner(recipe, tmp_path / "run", engine=FakeEngine()).run()
+    result = Runner(recipe, tmp_path / "run", engine=PairEngine()).run()
     failed = [r for r in records(tmp_path / "run", "sample") if r["error"]]
     assert len(failed) == 1 and failed[0]["error"] == "fake failure"
     assert failed[0]["input_key"] == "p1" and failed[0]["responses"] == []
@@ -242,8 +166,8 @@ def test_failed_requests_are_error_records_and_retried(tmp_path):
     assert report(result, "judge").errors == 3
     assert any("judge: 3 of 6 records failed" in f for f in result.failed)
     # The export holds the good prompt's pairs; the failures are retried on the next run.
-    assert {r["meta"]["input_key"] for r in exported(result.exported_preferences)} == {"p0"}
-    engine = FakeEngine()
+    assert {r["meta"]["input_key"] for r in exported(result.outputs["preferences"])} == {"p0"}
+    engine = PairEngine()
     Runner(recipe, tmp_path / "run", engine=engine).run()
     assert engine.generate_batches == [1] and engine.score_batches == [6]
 
@@ -256,16 +180,16 @@ def test_malformed_pairs_become_error_records(tmp_path, monkeypatch):
         raise ValueError("pair 0: response_a is empty")
 
     monkeypatch.setattr("cai.judge.Judge.label", broken)
-    result = Runner(recipe, tmp_path / "run", engine=FakeEngine()).run()
+    result = Runner(recipe, tmp_path / "run", engine=PairEngine()).run()
     judged = records(tmp_path / "run", "judge")
     assert len(judged) == 3 and all("response_a is empty" in r["error"] for r in judged)
-    assert result.exported_preferences is None and result.failed
+    assert "preferences" not in result.outputs and result.failed
 
 
 def test_judge_records_have_the_documented_fields(tmp_path):
     prompts = write_prompts(tmp_path / "p.jsonl", ["one?"])
     recipe = load_recipe(pref_recipe(tmp_path, prompts, sample={"k": 2}))
-    Runner(recipe, tmp_path / "run", engine=FakeEngine()).run()
+    Runner(recipe, tmp_path / "run", engine=PairEngine()).run()
     [record] = records(tmp_path / "run", "judge")
     assert {
         "key",
@@ -296,9 +220,9 @@ def test_judge_records_have_the_documented_fields(tmp_path):
 def test_a_changed_judge_setting_makes_new_records(tmp_path):
     prompts = write_prompts(tmp_path / "p.jsonl", ["one?"])
     path = pref_recipe(tmp_path, prompts)
-    Runner(load_recipe(path), tmp_path / "run", engine=FakeEngine()).run()
+    Runner(load_recipe(path), tmp_path / "run", engine=PairEngine()).run()
     changed = load_recipe(path, ["stages.judge.ensemble=2"])
-    engine = FakeEngine()
+    engine = PairEngine()
     Runner(changed, tmp_path / "run", engine=engine, force=True).run()
     assert engine.generate_batches == [] and engine.score_batches == [3 * 2 * 2]
 
@@ -307,13 +231,13 @@ def test_shard_skips_the_preference_export(tmp_path):
     prompts = write_prompts(tmp_path / "p.jsonl", [f"q{i}?" for i in range(6)])
     recipe = load_recipe(pref_recipe(tmp_path, prompts))
     for k in (1, 2):
-        result = Runner(recipe, tmp_path / "run", shard=(k, 2), engine=FakeEngine()).run()
-        assert result.exported_preferences is None
+        result = Runner(recipe, tmp_path / "run", shard=(k, 2), engine=PairEngine()).run()
+        assert "preferences" not in result.outputs
     assert main(["merge", str(tmp_path / "run")]) == 0
-    engine = FakeEngine()
+    engine = PairEngine()
     result = Runner(recipe, tmp_path / "run", engine=engine).run()
     assert engine.generate_batches == [] and engine.score_batches == []
-    assert len(exported(result.exported_preferences)) == 18
+    assert len(exported(result.outputs["preferences"])) == 18
 
 
 # ---- revision pairs ------------------------------------------------------------------------------
@@ -323,9 +247,9 @@ def test_revision_pairs_export(tmp_path):
     prompts = write_prompts(tmp_path / "p.jsonl", ["one?", "STUCK please", "two?"])
     path = write_recipe(tmp_path, prompts, rounds=2)
     recipe = load_recipe(path, ["stages.critique_revise.export_pairs=true"])
-    result = Runner(recipe, tmp_path / "run", engine=FakeEngine()).run()
-    assert result.exported_revision_pairs == tmp_path / "run" / "revision_pairs"
-    rows = exported(result.exported_revision_pairs)
+    result = Runner(recipe, tmp_path / "run", engine=PairEngine()).run()
+    assert result.outputs["revision_pairs"] == tmp_path / "run" / "revision_pairs"
+    rows = exported(result.outputs["revision_pairs"])
     chains = {}
     for r in records(tmp_path / "run", "critique_revise"):
         chains.setdefault(r["input_key"], []).append(r)
@@ -337,10 +261,10 @@ def test_revision_pairs_export(tmp_path):
         assert row["rejected"] == [{"role": "assistant", "content": chain[0]["response"]}]
         assert row["p_chosen"] == 1.0 and row["meta"]["source"] == "revision"
         assert len(row["meta"]["principles"]) == 2
-    assert datasets.load_from_disk(str(result.exported_revision_pairs / "dataset")).num_rows == 2
+    assert datasets.load_from_disk(str(result.outputs["revision_pairs"] / "dataset")).num_rows == 2
     # Off by default.
-    plain = Runner(load_recipe(path), tmp_path / "plain", engine=FakeEngine()).run()
-    assert plain.exported_revision_pairs is None
+    plain = Runner(load_recipe(path), tmp_path / "plain", engine=PairEngine()).run()
+    assert "revision_pairs" not in plain.outputs
     assert not (tmp_path / "plain" / "revision_pairs").exists()
 
 
@@ -351,10 +275,14 @@ def test_generate_and_sample_stages_in_one_recipe(tmp_path):
     data["stages"]["judge"] = {"few_shot": False}
     path = tmp_path / "both.yaml"
     path.write_text(yaml.safe_dump(data))
-    result = Runner(load_recipe(path), tmp_path / "run", engine=FakeEngine()).run()
+    result = Runner(load_recipe(path), tmp_path / "run", engine=PairEngine()).run()
     assert [s.name for s in result.stages] == ["generate", "critique_revise", "sample", "judge"]
-    assert result.exported and result.exported_preferences
-    assert len(exported(result.exported_preferences)) == 2
+    run = tmp_path / "run"
+    assert (result.outputs["sft"], result.outputs["preferences"]) == (
+        run / "sft",
+        run / "preferences",
+    )
+    assert len(exported(result.outputs["preferences"])) == 2
 
 
 # ---- plan and recipe errors ----------------------------------------------------------------------
@@ -371,7 +299,7 @@ def test_dry_run_plan_numbers(tmp_path, capsys):
     assert "generate" not in err
     assert "export: all pairs, min_margin 0.0" in err
     assert not run_dir.exists()
-    Runner(load_recipe(path), run_dir, limit=1, engine=FakeEngine()).run()
+    Runner(load_recipe(path), run_dir, limit=1, engine=PairEngine()).run()
     assert main(["run", str(path), "--run-dir", str(run_dir), "--dry-run"]) == 0
     err = capsys.readouterr().err
     assert "sample: 2 requests × k=3 (1 done" in err
@@ -444,7 +372,7 @@ def test_real_model_preference_export(tmp_path, hf_engine):
     assert len(samples) == 2 and all(len(s["responses"]) == 2 for s in samples)
     judged = records(tmp_path / "run", "judge")
     assert len(judged) == 2 and all(0 <= r["p_a"] <= 1 for r in judged)
-    ds = datasets.load_from_disk(str(result.exported_preferences / "dataset"))
+    ds = datasets.load_from_disk(str(result.outputs["preferences"] / "dataset"))
     assert ds.num_rows >= 1
     for row in ds:
         assert row["prompt"] and row["prompt"][-1]["role"] == "user"

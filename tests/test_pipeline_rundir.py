@@ -10,7 +10,8 @@ import logging
 import socket
 
 import pytest
-from test_pipeline import FakeEngine, records, write_prompts, write_recipe
+from fakes import TextEngine
+from test_pipeline import records, write_prompts, write_recipe
 
 import cai.pipeline.run as run_module
 from cai import cli
@@ -30,7 +31,7 @@ def test_a_second_run_on_the_same_directory_is_refused_before_it_loads_a_model(
     monkeypatch.setattr(run_module, "create_engine", lambda *a, **k: loaded.append(k) or None)
     outcome = {}
 
-    class FirstRun(FakeEngine):
+    class FirstRun(TextEngine):
         def generate(self, conversations, sampling=None, *, prefixes=None, progress=False):
             if not outcome:  # while the first run is busy, a second one starts on its directory
                 manifest = (run_dir / "manifest.json").read_bytes()
@@ -45,27 +46,27 @@ def test_a_second_run_on_the_same_directory_is_refused_before_it_loads_a_model(
     assert outcome["manifest untouched"]
     assert str(run_dir) in outcome["message"] and "another process" in outcome["message"]
     # The lock goes with the run: the next run on the directory goes ahead.
-    engine = FakeEngine()
+    engine = TextEngine()
     Runner(recipe, run_dir, engine=engine).run()
     assert engine.batches == []
     # Shards of one run directory are separate processes by design: each has its own lock.
     store = store_module.RunStore(run_dir)
     with store.lock((2, 2)):
-        Runner(recipe, run_dir, shard=(1, 2), engine=FakeEngine()).run()
+        Runner(recipe, run_dir, shard=(1, 2), engine=TextEngine()).run()
     with store.lock((1, 2)), pytest.raises(RunStoreError, match=r"in use for shard 1/2"):
-        Runner(recipe, run_dir, shard=(1, 2), engine=FakeEngine()).run()
+        Runner(recipe, run_dir, shard=(1, 2), engine=TextEngine()).run()
 
 
 def test_a_deleted_manifest_is_reported_and_checked_against_the_records(tmp_path, caplog):
     prompts = write_prompts(tmp_path / "p.jsonl", ["a?", "b?"])
     path = write_recipe(tmp_path, prompts)
     run_dir = tmp_path / "run"
-    Runner(load_recipe(path), run_dir, engine=FakeEngine()).run()
+    Runner(load_recipe(path), run_dir, engine=TextEngine()).run()
     manifest = run_dir / "manifest.json"
 
     # The same recipe: a warning, then a resume with nothing redone and a new manifest.
     manifest.unlink()
-    engine = FakeEngine()
+    engine = TextEngine()
     with caplog.at_level(logging.WARNING):
         Runner(load_recipe(path), run_dir, engine=engine).run()
     assert engine.batches == []
@@ -76,10 +77,10 @@ def test_a_deleted_manifest_is_reported_and_checked_against_the_records(tmp_path
     manifest.unlink()
     changed = write_recipe(tmp_path, prompts, max_tokens=7)
     with pytest.raises(RunStoreError, match=r"other settings.*--run-dir.*--force") as info:
-        Runner(load_recipe(changed), run_dir, engine=FakeEngine())
+        Runner(load_recipe(changed), run_dir, engine=TextEngine())
     assert str(run_dir / "stages" / "generate.jsonl") in str(info.value)
     assert not manifest.exists()
-    Runner(load_recipe(changed), run_dir, engine=FakeEngine(), force=True).run()
+    Runner(load_recipe(changed), run_dir, engine=TextEngine(), force=True).run()
     assert len(records(run_dir, "generate")) == 4
 
 
@@ -92,7 +93,7 @@ def _full_disk(monkeypatch):
 
 def test_a_full_disk_ends_in_one_line_and_exit_3(tmp_path, capsys, monkeypatch):
     path = write_recipe(tmp_path, write_prompts(tmp_path / "p.jsonl", ["a?"]))
-    monkeypatch.setattr(run_module, "create_engine", lambda *a, **k: FakeEngine())
+    monkeypatch.setattr(run_module, "create_engine", lambda *a, **k: TextEngine())
     _full_disk(monkeypatch)
     assert main(["run", str(path), "--run-dir", str(tmp_path / "run")]) == 3
     [line] = [x for x in capsys.readouterr().err.splitlines() if x.startswith("error:")]

@@ -8,7 +8,8 @@ import shutil
 from pathlib import Path
 
 import pytest
-from test_pipeline import FakeEngine, write_prompts
+from fakes import TextEngine
+from test_pipeline import write_prompts
 
 from cai.config import ConfigError
 from cai.keys import MARKER, model_key, model_name, record_key, revision
@@ -79,11 +80,12 @@ def test_train_sft_trains_once_and_again_when_its_data_changes(tmp_path, tiny_mo
     path = recipe_file(tmp_path, tiny_model)
     run_dir = tmp_path / "run"
     recipe = load_recipe(path)
-    runner = Runner(recipe, run_dir, engine=FakeEngine(), limit=2)
+    runner = Runner(recipe, run_dir, engine=TextEngine(), limit=2)
     assert "train_sft: " + tiny_model in runner.plan()
     result = runner.run()
     model = run_dir / "models" / "sft"
-    assert result.models == {"train_sft": model}
+    assert result.outputs == {"sft": run_dir / "sft", "train_sft": model}
+    assert result.lines[-1] == f"SFT model: {model}"
     trained = json.loads((model / RESULT_FILE).read_text())
     assert trained["global_step"] == 2
     assert trained["config"]["data"] == str(run_dir / "sft")
@@ -94,13 +96,13 @@ def test_train_sft_trains_once_and_again_when_its_data_changes(tmp_path, tiny_mo
     stamp = (model / "model.safetensors").stat().st_mtime_ns
 
     # Same data and settings: nothing is trained again.
-    again = Runner(recipe, run_dir, engine=FakeEngine(), limit=2).run()
+    again = Runner(recipe, run_dir, engine=TextEngine(), limit=2).run()
     [report] = [r for r in again.stages if r.name == "train_sft"]
     assert (report.done_before, report.records) == (1, 0)
     assert (model / "model.safetensors").stat().st_mtime_ns == stamp
 
     # Two more prompts change the SFT data: the model is trained anew, with a new revision.
-    Runner(recipe, run_dir, engine=FakeEngine()).run()
+    Runner(recipe, run_dir, engine=TextEngine()).run()
     assert revision(str(model)) != first
     assert json.loads((model / MARKER).read_text())["config"]["max_steps"] == 2
 
@@ -108,7 +110,7 @@ def test_train_sft_trains_once_and_again_when_its_data_changes(tmp_path, tiny_mo
 def test_cli_summary_names_the_trained_model(tmp_path, tiny_model, capsys, monkeypatch):
     import cai.pipeline.run as run_module
 
-    monkeypatch.setattr(run_module, "create_engine", lambda *a, **k: FakeEngine())
+    monkeypatch.setattr(run_module, "create_engine", lambda *a, **k: TextEngine())
     path = recipe_file(tmp_path, tiny_model)
     code = main(["run", str(path), "--run-dir", str(tmp_path / "run"), "--limit", "2"])
     assert code == 0
@@ -122,7 +124,7 @@ def test_a_copied_run_resumes_with_no_new_work(tmp_path, tiny_model):
     sampled or written again (keys and the trained model's identity do not name the run's
     folder)."""
     recipe = load_recipe(recipe_file(tmp_path, tiny_model, "  sample: {k: 2, max_tokens: 8}\n"))
-    first = Runner(recipe, tmp_path / "run", engine=FakeEngine(), limit=2)
+    first = Runner(recipe, tmp_path / "run", engine=TextEngine(), limit=2)
     first.run()
     # The key names the model by its folder relative to the run, and its revision.
     sft = str(tmp_path / "run" / "models" / "sft")
@@ -143,7 +145,7 @@ def test_a_copied_run_resumes_with_no_new_work(tmp_path, tiny_model):
     assert set(stages) == {"generate.jsonl", "critique_revise.jsonl", "sample.jsonl"}
     weights = (copy / "models" / "sft" / "model.safetensors").stat().st_mtime_ns
 
-    engine = FakeEngine()
+    engine = TextEngine()
     result = Runner(recipe, copy, engine=engine, limit=2).run()
     assert engine.batches == []  # no engine request at all
     [train] = [r for r in result.stages if r.name == "train_sft"]

@@ -11,7 +11,7 @@ from __future__ import annotations
 import math
 
 import pytest
-from test_judge import FakeEngine, options_of
+from fakes import ScriptedEngine, options_of
 
 from cai.engine import PromptTooLong
 from cai.judge import Judge
@@ -24,7 +24,7 @@ LONG = "very long " * 10  # too long for the judge's context (TooLongEngine)
 QUALITY = {X: 3.0, Y: 1.0, Z: 1.0, LONG: 1.0}
 
 
-def engine(bias: float = 1.0, fail: str | None = None) -> FakeEngine:
+def engine(bias: float = 1.0, fail: str | None = None) -> ScriptedEngine:
     """Bradley-Terry on QUALITY; the first slot's weight times ``bias``; ``fail``: a response
     whose pairs come back as errors."""
 
@@ -34,7 +34,7 @@ def engine(bias: float = 1.0, fail: str | None = None) -> FakeEngine:
             return "engine error"
         return (bias * QUALITY[o["A"]], QUALITY[o["B"]])
 
-    return FakeEngine(slot_a)
+    return ScriptedEngine(slot_a)
 
 
 def chat(text: str, role: str = "user") -> list[dict]:
@@ -85,7 +85,7 @@ def test_a_pair_the_judge_fails_on_is_left_out_of_the_mean():
     assert reward([PROMPT] * 3, [X, Y, Z]) == [pytest.approx(0.75), pytest.approx(0.25), None]
 
 
-class TooLongEngine(FakeEngine):
+class TooLongEngine(ScriptedEngine):
     """Raises as a real engine (overflow="raise") does when any prompt holds LONG."""
 
     def score(self, conversations, options, *, prefixes=None, progress=False):

@@ -45,8 +45,16 @@ def ci_sized(tmp_path: Path) -> Path:
 def test_shipped_rlaif_recipes_are_valid():
     for name in ("rlaif", "rlaif-tiny"):
         stages = load_recipe(resolve("pipelines", name)).stages
-        assert stages.train_sft is not None and stages.train_dpo is not None
-        assert stages.train_reward is not None and stages.evaluate is not None
+        assert [s.name for s, _ in stages.present()] == [
+            "generate",
+            "critique_revise",
+            "train_sft",
+            "sample",
+            "judge",
+            "train_reward",
+            "train_dpo",
+            "evaluate",
+        ], name
 
 
 def test_rlaif_tiny_end_to_end_writes_every_report_file(tmp_path, capsys, monkeypatch):
@@ -68,10 +76,15 @@ def test_rlaif_tiny_end_to_end_writes_every_report_file(tmp_path, capsys, monkey
     results = json.loads((run / "eval" / "results.json").read_text())
     assert list(results["models"]) == ["base", "sft", "dpo"]
     assert results["sets"] == {"helpful": 2, "red_team": 2, "over_refusal": 2, "sycophancy": 2}
+    base_reward = results["metrics"]["base"]["reward"]["mean"]
     for name, metrics in results["metrics"].items():
         assert metrics["errors"] == 0
         assert len(metrics["lengths"]) == 8
-        assert metrics["reward"] is not None
+        reward = metrics["reward"]  # the reward model's mean score, and its drift against base
+        assert isinstance(reward["mean"], float), name
+        assert reward["drift"] == (
+            None if name == "base" else pytest.approx(reward["mean"] - base_reward)
+        )
         for rate in ("harmlessness", "over_refusal", "sycophancy"):
             assert 0 <= metrics[rate]["low"] <= metrics[rate]["value"] <= metrics[rate]["high"]
         if name != "base":

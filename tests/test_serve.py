@@ -1,6 +1,6 @@
 """``cai serve`` over real HTTP on 127.0.0.1: values, coalescing, bad input, faults, shutdown.
 
-Fake judge engines (``test_judge.FakeEngine``, P(first slot) from the two responses' lengths, so
+Fake judge engines (``test_judge.ScriptedEngine``, P(first slot) from the two responses' lengths, so
 every pair has its own value) run the tests where the engine's numbers do not matter: exact
 equality with the in-process reward, the engine calls, errors, a client killed mid-request,
 overload, SIGTERM. One server with the real default model (module fixture) checks that served
@@ -30,8 +30,8 @@ from pathlib import Path
 import httpx
 import pytest
 import uvicorn
+from fakes import ScriptedEngine, options_of
 from servers import free_port
-from test_judge import FakeEngine, options_of
 from test_rewards import FakeRewardModel
 
 from cai import cli
@@ -56,7 +56,7 @@ def by_length(conversation, prefix):
     return (len(o["A"]), len(o["B"]))
 
 
-class GatedEngine(FakeEngine):
+class GatedEngine(ScriptedEngine):
     """A fake engine whose score calls wait for ``gate`` (set: no wait), take ``delay`` seconds,
     and raise on a conversation containing ``fail``."""
 
@@ -127,7 +127,7 @@ def completions(n: int) -> list[list[str]]:
 
 @functools.cache
 def local_reward() -> JudgeReward:
-    return JudgeReward(Judge(FakeEngine(by_length)), against="group", num_generations=2)
+    return JudgeReward(Judge(ScriptedEngine(by_length)), against="group", num_generations=2)
 
 
 def local_group(group: list[str]) -> list[float | None]:
@@ -167,7 +167,7 @@ def test_64_concurrent_requests_each_get_their_own_values_in_fewer_engine_calls(
 
 
 def test_sync_async_and_verl_clients_give_the_in_process_values():
-    judge = Judge(FakeEngine(by_length))
+    judge = Judge(ScriptedEngine(by_length))
     prompts = [PROMPT, [{"role": "user", "content": PROMPT}]]
     group = completions(1)[0]
     refs = ["Eggs.", "Boil water first."]
@@ -441,14 +441,14 @@ from cai.engine import OptionScores
 from cai.judge import Judge, Preference
 from cai.serve import ServeOptions, Service, serve
 sys.path.insert(0, {tests!r})
-from test_judge import FakeEngine, options_of
+from fakes import ScriptedEngine, options_of
 from test_rewards import FakeRewardModel
 
 def by_length(conversation, prefix):
     o = options_of(conversation)
     return (len(o["A"]), len(o["B"]))
 
-class Slow(FakeEngine):
+class Slow(ScriptedEngine):
     def score(self, *args, **kwargs):
         time.sleep(0.5)
         return super().score(*args, **kwargs)

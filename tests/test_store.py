@@ -604,3 +604,31 @@ def test_merge_runs_rejects_different_configs(tmp_path):
         merge_runs([a.run_dir, b.run_dir], tmp_path / "out")
     with pytest.raises(RunStoreError, match="does not exist"):
         merge_runs([a.run_dir, tmp_path / "nothing"], tmp_path / "out")
+
+
+def test_the_record_loop_reads_the_stage_file_once(tmp_path, monkeypatch):
+    from cai.record_loop import run_records
+
+    store = RunStore(tmp_path / "run")
+    with store.writer("s") as w:
+        w.write({"key": "a", "value": 1})
+        w.write({"key": "b", "value": None, "error": "boom"})
+    scans = []
+    real = store_module._scan
+    monkeypatch.setattr(
+        store_module, "_scan", lambda path, **kw: scans.append(path) or real(path, **kw)
+    )
+
+    def call(batch, progress):
+        return [{"key": k, "value": (1.5, k)} for k in batch]
+
+    records = run_records(store, "s", ["a", "b", "c"], key=lambda k: k, call=call)
+    assert scans == [store.stage_path("s")]
+    # The records as a reader of the file gets them: the done one kept, the error retried, JSON
+    # values (a tuple written is a list read).
+    assert records == {
+        "a": {"key": "a", "value": 1},
+        "b": {"key": "b", "value": [1.5, "b"]},
+        "c": {"key": "c", "value": [1.5, "c"]},
+    }
+    assert records == {k: store.read_stage("s")[k] for k in "abc"}

@@ -1,13 +1,18 @@
 """Record keys are data: run stores written by an earlier cai (tests/fixtures/store_v1 and eval_v1,
 made at commit 2419ecd by tests/fixtures/make_store_v1.py) resume under today's code with no new
-engine request. A changed key would make the resumed run ask the engine again."""
+engine request. A changed key would make the resumed run ask the engine again.
+
+The evaluation's comparisons (eval_compare) have held the judge template's text in their keys
+since issue 20, by a migration rather than a re-judge: the shipped template's text adds nothing
+to the key (``cai.evaluate.compare_template``), so these stores, judged with it, still resume with
+no request, while an edited template re-judges every comparison (and only the comparisons)."""
 
 from __future__ import annotations
 
 import shutil
 from pathlib import Path
 
-from test_pipeline_judge import FakeEngine
+from fakes import PairEngine
 
 from cai.eval_config import EvalConfig, EvalSet
 from cai.evaluate import run_eval
@@ -31,7 +36,7 @@ EVAL_CONFIG = EvalConfig(
 """The evaluation of eval_v1: two models and a judge, all served by the fake engine."""
 
 
-class NoRequests(FakeEngine):
+class NoRequests(PairEngine):
     """Fails the test on any request: a resumed run must find every record done."""
 
     def generate(self, conversations, sampling=None, *, prefixes=None, progress=False):
@@ -73,3 +78,28 @@ def test_an_evaluation_written_by_an_earlier_cai_resumes_with_no_request(tmp_pat
     )
     assert set(results["models"]) == {"base", "other"}
     assert {p.name: p.read_bytes() for p in (run_dir / "stages").iterdir()} == before
+
+
+def test_an_edited_judge_template_re_judges_the_evaluations_comparisons(tmp_path, monkeypatch):
+    import cai.judge
+    import cai.prompts
+
+    shipped = cai.prompts.load_template
+
+    def edited(name):
+        template = shipped(name)
+        if str(name) != "judge_mc":
+            return template
+        return cai.prompts.Template(template.path, template.source + "\n{# edited #}")
+
+    monkeypatch.setattr(cai.prompts, "load_template", edited)
+    monkeypatch.setattr(cai.judge, "load_template", edited)
+    run_dir = _copy("eval_v1", tmp_path)
+    before = RunStore(run_dir).read_stage("eval_compare")
+    engine = PairEngine()
+    run_eval(EVAL_CONFIG, run_dir, engine_for=lambda spec: engine, store=RunStore(run_dir))
+    after = RunStore(run_dir).read_stage("eval_compare")
+    # Every comparison judged again under a new key (two orders each), nothing else asked.
+    assert len(after) == 2 * len(before) and set(before) < set(after)
+    assert engine.generate_batches == []
+    assert sum(engine.score_batches) == 2 * len(before)

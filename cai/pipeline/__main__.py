@@ -110,7 +110,7 @@ def _merge(args: argparse.Namespace) -> int:
     if len(args.run_dirs) != 1:
         raise PipelineError("give one run directory, or several with --out DIR")
     store = RunStore(args.run_dirs[0])
-    stages = sorted({p.name.split(".shard-")[0] for p in store.stages_dir.glob("*.shard-*.jsonl")})
+    stages = store.shard_stages()
     if not stages:
         raise PipelineError(f"{args.run_dirs[0]}: no shard files to merge")
     for stage in stages:

@@ -12,20 +12,33 @@ rounds (not for a shard), ``<run>/sft/`` holds the SFT dataset and, with ``expor
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Literal
 
 from cai.config import FieldError, doc
 from cai.constitution import Constitution, load_constitution
-from cai.critique import CritiqueReviser, RoundInput, load_templates, revision_flags
+from cai.critique import (
+    CritiqueReviser,
+    RoundInput,
+    critique_principle,
+    load_templates,
+    next_response,
+    revision_flags,
+    template_text,
+)
 from cai.engine import Sampling
 from cai.export import export_dataset
 from cai.keys import record_key
-from cai.pipeline.stage import LazyEngine, Stage, StageContext, check_sampling, stage_records
+from cai.layout import DATA_FILE, DATASET
+from cai.pipeline.stage import Stage, StageContext, check_sampling, stage_records
 
 if TYPE_CHECKING:
-    from cai.records import StageTally
+    from collections.abc import Iterator
+
+    from cai.data import PromptRecord
+    from cai.record_loop import StageTally
 
 
 @dataclass
@@ -51,40 +64,49 @@ class CritiqueReviseStage:
         check_sampling(self)
 
 
-def prepare(runner: StageContext) -> Constitution:
+def prepare(ctx: StageContext) -> Constitution:
     """The stage's constitution; the templates are loaded and test-rendered to fail before any
     work."""
-    stage = runner.recipe.stages.critique_revise
-    constitution = load_constitution(stage.constitution or runner.recipe.constitution)
+    stage = ctx.recipe.stages.critique_revise
+    constitution = load_constitution(stage.constitution or ctx.recipe.constitution)
     load_templates(constitution, stage.critique_template, stage.revise_template, stage.few_shot)
     return constitution
 
 
-def run(runner: StageContext, tally: StageTally) -> None:
-    """Critique→revision rounds; ``runner.outputs["critique_revise"]``: prompt key → its round
-    records, in order (complete chains only). Then the exports, unless this is a shard."""
-    stage = runner.recipe.stages.critique_revise
-    constitution = runner.prepared["critique_revise"]
-    responses = runner.outputs["generate"]
+def run(ctx: StageContext, tally: StageTally) -> None:
+    """Critique→revision rounds, then the exports (of the complete chains), unless this is a
+    shard."""
+    stage = ctx.recipe.stages.critique_revise
+    constitution = ctx.prepared["critique_revise"]
+    responses = ctx.outputs["generate"]
     sampling = Sampling(
         max_tokens=stage.max_tokens, temperature=stage.temperature, top_p=stage.top_p
     )
-    reviser = CritiqueReviser(
-        LazyEngine(lambda: runner.engine_for(runner.recipe.model)),
-        constitution,
-        critique_template=stage.critique_template,
-        revise_template=stage.revise_template,
-        few_shot=stage.few_shot,
-        sampling=sampling,
-        seed=runner.recipe.seed,
+    templates = template_text(
+        *load_templates(
+            constitution, stage.critique_template, stage.revise_template, stage.few_shot
+        )
     )
+
+    @functools.cache
+    def reviser() -> CritiqueReviser:  # the engine loads only when a round has work
+        return CritiqueReviser(
+            ctx.engine_for(ctx.recipe.model),
+            constitution,
+            critique_template=stage.critique_template,
+            revise_template=stage.revise_template,
+            few_shot=stage.few_shot,
+            sampling=sampling,
+            seed=ctx.recipe.seed,
+        )
+
     chains: dict[str, list[dict]] = {key: [] for key in responses}
     previous = {key: (rec["key"], rec["response"]) for key, rec in responses.items()}
     for r in range(1, stage.rounds + 1):
         items = []
         for prompt_key, (prev_key, response) in previous.items():
             seed_key = f"{prev_key}/round{r}"
-            principle = reviser.principle_for(seed_key)
+            principle = critique_principle(constitution, seed_key, ctx.recipe.seed)
             key = record_key(
                 input=prompt_key,
                 stage="critique_revise",
@@ -92,16 +114,16 @@ def run(runner: StageContext, tally: StageTally) -> None:
                 previous=prev_key,
                 principle=principle.id,
                 constitution=constitution.name,
-                templates=reviser.template_text,
+                templates=templates,
                 few_shot=stage.few_shot,
-                model=runner.recipe.model,
+                model=ctx.recipe.model,
                 sampling=sampling.to_dict(),
             )
             prompt = responses[prompt_key]["prompt"]
             items.append((prompt_key, RoundInput(key, prompt, response, principle)))
 
         def call(chunk, progress, r=r):
-            rounds = reviser.run_round([it for _, it in chunk], progress=progress)
+            rounds = reviser().run_round([it for _, it in chunk], progress=progress)
             return [
                 {"key": item.key, "input_key": prompt_key, "round": r, "prompt": item.prompt}
                 | res.to_dict()
@@ -109,7 +131,7 @@ def run(runner: StageContext, tally: StageTally) -> None:
             ]
 
         records = stage_records(
-            runner,
+            ctx,
             "critique_revise",
             items,
             key=lambda it: it[1].key,
@@ -124,29 +146,38 @@ def run(runner: StageContext, tally: StageTally) -> None:
             if record is None or record.get("error") is not None:
                 continue  # the chain stops here; a re-run retries it
             chains[prompt_key].append(record)
-            nxt = record["response"] if "empty" in record["flags"] else record["revision"]
-            survivors[prompt_key] = (record["key"], nxt)
+            survivors[prompt_key] = (record["key"], next_response(record))
         previous = survivors
     final = {key: chain for key, chain in chains.items() if len(chain) == stage.rounds}
-    runner.outputs["critique_revise"] = final
-    if runner.shard is None:
-        runner.result.exported = export_sft(runner, final)
-        if stage.export_pairs:
-            runner.result.exported_revision_pairs = export_revision_pairs(runner, final)
+    if ctx.shard is None:
+        sft = export_sft(ctx, final)
+        if sft is not None:
+            ctx.result.add("sft", sft, f"SFT dataset: {sft}/{DATA_FILE} and {sft}/{DATASET}")
+        pairs = export_revision_pairs(ctx, final) if stage.export_pairs else None
+        if pairs is not None:
+            line = f"revision pairs: {pairs}/{DATA_FILE} and {pairs}/{DATASET}"
+            ctx.result.add("revision_pairs", pairs, line)
 
 
-def export_sft(runner: StageContext, chains: dict[str, list[dict]]) -> Path | None:
-    """``<run>/sft/``: the SFT dataset from the complete chains; None when there is none."""
-    stage = runner.recipe.stages.critique_revise
-    records = []
-    for prompt in runner.prompts:
+def _walk(
+    ctx: StageContext, chains: dict[str, list[dict]]
+) -> Iterator[tuple[PromptRecord, list[dict]]]:
+    """(prompt, its complete chain of round records) in prompt order: what the exports walk."""
+    for prompt in ctx.prompts:
         chain = chains.get(prompt.key)
-        if not chain:
-            continue
+        if chain:
+            yield prompt, chain
+
+
+def export_sft(ctx: StageContext, chains: dict[str, list[dict]]) -> Path | None:
+    """``<run>/sft/``: the SFT dataset from the complete chains; None when there is none."""
+    stage = ctx.recipe.stages.critique_revise
+    records = []
+    for prompt, chain in _walk(ctx, chains):
         initial = chain[0]["response"]
         picked = chain if stage.export == "all" else chain[-1:]
         for record in picked:
-            answer = record["response"] if "empty" in record["flags"] else record["revision"]
+            answer = next_response(record)
             records.append(
                 {
                     "messages": [*prompt.messages, {"role": "assistant", "content": answer}],
@@ -159,29 +190,25 @@ def export_sft(runner: StageContext, chains: dict[str, list[dict]]) -> Path | No
                         "critiques": [c["critique"] for c in chain[: record["round"]]],
                         "flags": sorted({f for c in chain[: record["round"]] for f in c["flags"]}),
                         "initial_response": initial,
-                        "constitution": runner.prepared["critique_revise"].name,
-                        "model": runner.recipe.model,
+                        "constitution": ctx.prepared["critique_revise"].name,
+                        "model": ctx.recipe.model,
                         **prompt.meta,
                     },
                 }
             )
     if not records:
         return None
-    out = runner.run_dir / "sft"
+    out = ctx.layout.sft
     export_dataset(records, out)
     return out
 
 
-def export_revision_pairs(runner: StageContext, chains: dict[str, list[dict]]) -> Path | None:
+def export_revision_pairs(ctx: StageContext, chains: dict[str, list[dict]]) -> Path | None:
     """``<run>/revision_pairs/``: the final revision chosen over the initial response
     (``p_chosen`` 1.0), leaving out chains whose final answer is empty or unchanged."""
     rows = []
-    for prompt in runner.prompts:
-        chain = chains.get(prompt.key)
-        if not chain:
-            continue
-        initial, last = chain[0]["response"], chain[-1]
-        final = last["response"] if "empty" in last["flags"] else last["revision"]
+    for prompt, chain in _walk(ctx, chains):
+        initial, final = chain[0]["response"], next_response(chain[-1])
         if not final.strip() or not initial.strip() or revision_flags(final, initial):
             continue
         rows.append(
@@ -198,37 +225,37 @@ def export_revision_pairs(runner: StageContext, chains: dict[str, list[dict]]) -
                     "rounds": len(chain),
                     "principles": [c["principle"] for c in chain],
                     "flags": sorted({f for c in chain for f in c["flags"]}),
-                    "constitution": runner.prepared["critique_revise"].name,
-                    "model": runner.recipe.model,
+                    "constitution": ctx.prepared["critique_revise"].name,
+                    "model": ctx.recipe.model,
                 },
             }
         )
     if not rows:
         return None
-    out = runner.run_dir / "revision_pairs"
+    out = ctx.layout.revision_pairs
     export_dataset(rows, out)
     return out
 
 
-def plan(runner: StageContext) -> list[str]:
-    stage = runner.recipe.stages.critique_revise
-    store, shard = runner.store, runner.shard
+def plan(ctx: StageContext) -> list[str]:
+    stage = ctx.recipe.stages.critique_revise
+    store, shard = ctx.store, ctx.shard
     written = (
         len(store.done_keys("critique_revise", shard))
         if store.stage_path("critique_revise", shard).exists()
         else 0
     )
-    total = len(runner.prompts) * stage.rounds
-    constitution = runner.prepared["critique_revise"].name
+    total = len(ctx.prompts) * stage.rounds
+    constitution = ctx.prepared["critique_revise"].name
     lines = [
-        f"  critique_revise: {stage.rounds} rounds × {len(runner.prompts)} prompts = {total} records, "
+        f"  critique_revise: {stage.rounds} rounds × {len(ctx.prompts)} prompts = {total} records, "
         f"{2 * total} requests at most ({written} records done); constitution {constitution!r}",
-        f"  export: {stage.export} → {runner.run_dir / 'sft'}"
+        f"  export: {stage.export} → {ctx.layout.sft}"
         + (" (skipped for a shard)" if shard else ""),
     ]
     if stage.export_pairs:
         lines.append(
-            f"  export: revision pairs → {runner.run_dir / 'revision_pairs'}"
+            f"  export: revision pairs → {ctx.layout.revision_pairs}"
             + (" (skipped for a shard)" if shard else "")
         )
     return lines
@@ -242,5 +269,5 @@ STAGE = Stage(
     plan=plan,
     needs=("generate",),
     prepare=prepare,
-    models=lambda runner: {"policy": runner.recipe.model},
+    models=lambda ctx: {"policy": ctx.recipe.model},
 )

@@ -17,35 +17,28 @@ the run report (``<run>/report.html``) follows.
 from __future__ import annotations
 
 import functools
-from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from cai.pipeline import judge, training
+from cai.pipeline import online_eval
 from cai.pipeline.stage import Stage, StageContext, stage_config
 
 if TYPE_CHECKING:
     from cai.eval_config import EvalConfig
-    from cai.records import StageTally
+    from cai.record_loop import StageTally
 
 _MODELS = (("train_sft", "sft"), ("train_dpo", "dpo"), ("train_grpo", "grpo"))
 
 
-def models(runner: StageContext) -> dict[str, str]:
+def models(ctx: StageContext) -> dict[str, str]:
     """Name → model spec of the models the stage compares: the base model, then each trained
-    (an online run: base, sft, then each round's policy)."""
-    if runner.recipe.online is not None:
-        from cai.pipeline.online_eval import eval_models
-
-        return eval_models(runner)[0]
-    out = {"base": runner.recipe.model}
+    (with rounds: base, sft, then each round's policy)."""
+    if ctx.rounds:
+        return online_eval.eval_models(ctx)[0]
+    out = {"base": ctx.recipe.model}
     for kind, name in _MODELS:
-        if getattr(runner.recipe.stages, kind) is not None:
-            out[name] = str(training.output_dir(runner, kind))
+        if getattr(ctx.recipe.stages, kind) is not None:
+            out[name] = str(ctx.layout.model(name))
     return out
-
-
-def eval_dir(runner: StageContext) -> Path:
-    return runner.run_dir / "eval"
 
 
 def _config(options: Any, filled: dict[str, Any], source: str) -> EvalConfig:
@@ -70,70 +63,67 @@ def check_options(recipe_data: Any, source: str) -> None:
         _config(options, {"dtype": None, "reward_model": None, **placeholders}, source)
 
 
-def eval_config(runner: StageContext) -> EvalConfig:
+def eval_config(ctx: StageContext) -> EvalConfig:
     """The stage's EvalConfig with the run's models and engine settings filled in."""
-    stages = runner.recipe.stages
-    engine = runner.recipe.engine
+    stages = ctx.recipe.stages
+    engine = ctx.recipe.engine
     options: Any = stages.evaluate
     filled: dict[str, Any] = {
-        "models": models(runner),
+        "models": models(ctx),
         "backend": engine.backend,
         "dtype": engine.dtype,
         "engine_options": dict(engine.options),
-        "reward_model": str(training.output_dir(runner, "train_reward"))
+        "reward_model": str(ctx.layout.model("reward"))
         if stages.train_reward is not None
         else None,
     }
-    if runner.recipe.online is not None:
-        from cai.pipeline.online_eval import eval_models
-
-        filled["previous"] = eval_models(runner)[1]
-    if "judge_model" not in options:
-        filled["judge_model"] = judge.judge_model(runner) if stages.judge else runner.recipe.model
+    if ctx.rounds:
+        filled["previous"] = online_eval.eval_models(ctx)[1]
+    if "judge_model" not in options:  # the judge stage's model, else the recipe's
+        filled["judge_model"] = (stages.judge and stages.judge.model) or ctx.recipe.model
     return _config(options, filled, "<recipe>")
 
 
-def run(runner: StageContext, tally: StageTally) -> None:
+def run(ctx: StageContext, tally: StageTally) -> None:
     """Evaluate the run's models into ``<run>/eval/results.json``."""
     from cai.evaluate import run_eval
 
-    config = runner.prepared["evaluate"]
+    config = ctx.prepared["evaluate"]
 
     def engine_for(spec: str):
-        runner.release_engines({spec})  # one model in memory at a time (GPU memory)
-        return runner.engine_for(spec)
+        ctx.release_engines({spec})  # one model in memory at a time (GPU memory)
+        return ctx.engine_for(spec)
 
     extend = None
-    if runner.recipe.online is not None:  # the rounds table joins results.json
-        from cai.pipeline.online_eval import measure
-
-        extend = functools.partial(measure, runner)
-    runner.release_engines()
+    if ctx.rounds:  # the rounds table joins results.json
+        extend = functools.partial(online_eval.measure, ctx)
+    ctx.release_engines()
     run_eval(
         config,
-        eval_dir(runner),
+        ctx.layout.eval,
         engine_for=engine_for,
-        exclude=runner.source_keys,
-        store=runner.store,
-        executor=runner.executor,
+        exclude=ctx.source_keys,
+        store=ctx.store,
+        executor=ctx.executor,
         extend=extend,
         tally=tally,
     )
-    runner.result.evaluation = eval_dir(runner) / "results.json"
+    results = ctx.layout.eval_results
+    ctx.result.add("evaluation", results, f"evaluation: {results}")
 
 
-def plan(runner: StageContext) -> list[str]:
+def plan(ctx: StageContext) -> list[str]:
     """The models and, per store stage, the requests a fresh evaluation makes and the records
     already done (held-out prompts are loaded: no model)."""
     from cai.eval_config import load_sets
     from cai.evaluate import COMPARED
     from cai.grading import GRADERS
 
-    config: EvalConfig = runner.prepared["evaluate"]
-    store = runner.store
-    shard = " (skipped for a shard)" if runner.shard else ""
-    names = ", ".join(f"{name}={spec}" for name, spec in models(runner).items())
-    sets, excluded = load_sets(config, runner.source_keys)
+    config: EvalConfig = ctx.prepared["evaluate"]
+    store = ctx.store
+    shard = " (skipped for a shard)" if ctx.shard else ""
+    names = ", ".join(f"{name}={spec}" for name, spec in models(ctx).items())
+    sets, excluded = load_sets(config, ctx.source_keys)
     prompts = {kind: len(records) for kind, records in sets.items()}
     answers = len(config.models) * sum(prompts.values())
     graded = len(config.models) * sum(prompts.get(g.kind, 0) for g in GRADERS.values())
@@ -152,7 +142,7 @@ def plan(runner: StageContext) -> list[str]:
         scored = len(config.models) * sum(prompts.get(kind, 0) for kind in COMPARED)
         compare = f"{compared} pairs, pointwise: each answer scored once = {scored} score requests"
     lines = [
-        f"  evaluate: {names} → {eval_dir(runner)}{shard}",
+        f"  evaluate: {names} → {ctx.layout.eval}{shard}",
         f"    eval_generate: {answers} answers ({sum(prompts.values())} held-out prompts × "
         f"{len(config.models)} models, {excluded} training prompts left out; "
         f"{done('eval_generate')} done)",

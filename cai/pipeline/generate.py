@@ -26,7 +26,7 @@ from cai.pipeline.stage import (
 )
 
 if TYPE_CHECKING:
-    from cai.records import StageTally
+    from cai.record_loop import StageTally
 
 
 @dataclass
@@ -39,28 +39,28 @@ class GenerateStage:
         check_sampling(self)
 
 
-def sampling(runner: StageContext) -> Sampling:
-    gen = runner.recipe.stages.generate
+def sampling(ctx: StageContext) -> Sampling:
+    gen = ctx.recipe.stages.generate
     return Sampling(max_tokens=gen.max_tokens, temperature=gen.temperature, top_p=gen.top_p)
 
 
-def generate_key(runner: StageContext, prompt: PromptRecord) -> str:
+def generate_key(ctx: StageContext, prompt: PromptRecord) -> str:
     return record_key(
         input=prompt.key,
         stage="generate",
-        model=runner.recipe.model,
-        sampling=sampling(runner).to_dict(),
+        model=ctx.recipe.model,
+        sampling=sampling(ctx).to_dict(),
     )
 
 
-def run(runner: StageContext, tally: StageTally) -> None:
+def run(ctx: StageContext, tally: StageTally) -> None:
     """Initial responses; leaves prompt key → generate record (done ones only) in
-    ``runner.outputs["generate"]``."""
-    base = sampling(runner)
-    keys = {p.key: generate_key(runner, p) for p in runner.prompts}
+    ``ctx.outputs["generate"]``."""
+    base = sampling(ctx)
+    keys = {p.key: generate_key(ctx, p) for p in ctx.prompts}
 
     def call(chunk, progress):
-        done = generate_seeded(runner, runner.recipe.model, chunk, keys, base, progress)
+        done = generate_seeded(ctx, ctx.recipe.model, chunk, keys, base, progress)
         records = []
         for p, seed, c in done:
             records.append(
@@ -79,30 +79,30 @@ def run(runner: StageContext, tally: StageTally) -> None:
         return records
 
     records = stage_records(
-        runner,
+        ctx,
         "generate",
-        runner.prompts,
+        ctx.prompts,
         key=lambda p: keys[p.key],
         call=call,
         tally=tally,
         label="generate",
     )
-    runner.outputs["generate"] = {
+    ctx.outputs["generate"] = {
         p.key: records[keys[p.key]]
-        for p in runner.prompts
+        for p in ctx.prompts
         if keys[p.key] in records and records[keys[p.key]].get("error") is None
     }
 
 
-def plan(runner: StageContext) -> list[str]:
-    store, shard = runner.store, runner.shard
+def plan(ctx: StageContext) -> list[str]:
+    store, shard = ctx.store, ctx.shard
     done = (
         store.done_keys("generate", shard)
         if store.stage_path("generate", shard).exists()
         else set()
     )
-    todo = sum(generate_key(runner, p) not in done for p in runner.prompts)
-    return [f"  generate: {todo} requests ({len(runner.prompts) - todo} done)"]
+    todo = sum(generate_key(ctx, p) not in done for p in ctx.prompts)
+    return [f"  generate: {todo} requests ({len(ctx.prompts) - todo} done)"]
 
 
 STAGE = Stage(
@@ -113,5 +113,5 @@ STAGE = Stage(
     plan=plan,
     starts=True,
     prompt_key=generate_key,
-    models=lambda runner: {"policy": runner.recipe.model},
+    models=lambda ctx: {"policy": ctx.recipe.model},
 )

@@ -32,16 +32,23 @@ from cai.config import FieldError, doc
 from cai.constitution import Constitution, check_pointwise, load_constitution
 from cai.data import PromptRecord
 from cai.export import export_dataset
-from cai.judge import Judge, JudgePair, check_ensemble
+from cai.judge import Judge, JudgePair, check_clamp, check_ensemble, check_margin
 from cai.keys import model_key, model_name, record_key
 from cai.label import LABEL_DECIMALS, judge_config, preference_fields, principle_ids
-from cai.pipeline import online, training
-from cai.pipeline.sample import pending, sample_key
-from cai.pipeline.stage import LazyEngine, PipelineError, Stage, StageContext, stage_records
+from cai.layout import DATA_FILE, DATASET
+from cai.pipeline.policy import pending, sample_key
+from cai.pipeline.stage import (
+    LazyEngine,
+    PipelineError,
+    Stage,
+    StageContext,
+    every_round,
+    stage_records,
+)
 from cai.stats import sigmoid
 
 if TYPE_CHECKING:
-    from cai.records import StageTally
+    from cai.record_loop import StageTally
 
 
 @dataclass
@@ -102,18 +109,9 @@ class JudgeStage:
             raise ValueError(f"ensemble must be >= 1 (got {self.ensemble})")
         if self.cot_max_tokens < 1:
             raise FieldError("cot_max_tokens", f"must be >= 1 (got {self.cot_max_tokens})")
-        if self.clamp is not None:
-            if len(self.clamp) != 2:
-                raise ValueError(f"clamp must be [low, high] or null (got {self.clamp})")
-            lo, hi = self.clamp
-            if not (0 <= lo < 0.5 < hi <= 1 and abs(lo + hi - 1) < 1e-9):
-                raise ValueError(
-                    f"clamp must be a band symmetric about 0.5, such as [0.4, 0.6] (got {self.clamp})"
-                )
+        check_clamp(self.clamp)
         for name in ("tie_margin", "min_margin"):
-            value = getattr(self, name)
-            if not 0 <= value < 0.5:
-                raise ValueError(f"{name} must be in [0, 0.5) (got {value})")
+            check_margin(name, getattr(self, name))
         s = self.settings
         if s["mode"] == "pointwise" and (self.cot or s["calibration"] != "none"):
             raise ValueError("cot and calibration apply to mode: pairwise")
@@ -127,29 +125,29 @@ class JudgeStage:
             raise FieldError("length_coef", f"must be a finite number (got {self.length_coef})")
 
 
-def judge_model(runner: StageContext) -> str:
-    return runner.recipe.stages.judge.model or runner.recipe.model
+def judge_model(ctx: StageContext) -> str:
+    return ctx.recipe.stages.judge.model or ctx.recipe.model
 
 
-def reward_labels(runner: StageContext) -> str | None:
-    """The reward model that labels this online round's pairs instead of the judge (online.labels:
-    reward_model, rounds 2 on), else None."""
-    config, r = runner.recipe.online, online.current_round(runner)
+def reward_labels(ctx: StageContext) -> str | None:
+    """The reward model that labels this round's pairs instead of the judge (online.labels:
+    reward_model, rounds 2 on: train_reward trains it in round 1), else None."""
+    config, r = ctx.recipe.online, ctx.round
     if config is None or config.labels != "reward_model" or r is None or r < 2:
         return None
-    return str(training.output_dir(runner, "train_reward"))
+    return str(ctx.layout.model("reward"))
 
 
-def labeller(runner: StageContext) -> dict[str, str]:
+def labeller(ctx: StageContext) -> dict[str, str]:
     """The stage's model role: the judge, or the reward model labelling an online round."""
-    spec = reward_labels(runner)
-    return {"judge": judge_model(runner)} if spec is None else {"labeller": spec}
+    spec = reward_labels(ctx)
+    return {"judge": judge_model(ctx)} if spec is None else {"labeller": spec}
 
 
-def prepare(runner: StageContext) -> Constitution:
+def prepare(ctx: StageContext) -> Constitution:
     """The judge's constitution, checked to have ``ensemble`` judge principles."""
-    judge = runner.recipe.stages.judge
-    constitution = load_constitution(judge.constitution or runner.recipe.constitution)
+    judge = ctx.recipe.stages.judge
+    constitution = load_constitution(judge.constitution or ctx.recipe.constitution)
     try:
         check_ensemble(constitution, judge.ensemble, judge.principles)
         if judge.settings["mode"] == "pointwise":
@@ -159,15 +157,15 @@ def prepare(runner: StageContext) -> Constitution:
     return constitution
 
 
-def make_judge(runner: StageContext) -> Judge:
-    stage = runner.recipe.stages.judge
-    spec = judge_model(runner)
-    engine = LazyEngine(lambda: runner.engine_for(spec))
+def make_judge(ctx: StageContext) -> Judge:
+    stage = ctx.recipe.stages.judge
+    spec = judge_model(ctx)
+    engine = LazyEngine(lambda: ctx.engine_for(spec))
     return Judge(
         engine,
-        runner.prepared["judge"],
+        ctx.prepared["judge"],
         ensemble=stage.ensemble,
-        seed=runner.recipe.seed,
+        seed=ctx.recipe.seed,
         cot=stage.cot,
         cot_max_tokens=stage.cot_max_tokens,
         clamp=tuple(stage.clamp) if stage.clamp is not None else None,
@@ -179,12 +177,12 @@ def make_judge(runner: StageContext) -> Judge:
 
 
 def pair_items(
-    runner: StageContext, judge: Judge, samples: dict[str, dict]
+    ctx: StageContext, judge: Judge, samples: dict[str, dict]
 ) -> dict[str, list[tuple[str, JudgePair, tuple[int, int]]]]:
     """prompt key → its pairs: (record key, JudgePair, (i, j)), in prompt then pair order."""
     config = judge_config(judge)
-    spec = judge_model(runner)
-    reward_model = reward_labels(runner)
+    spec = judge_model(ctx)
+    reward_model = reward_labels(ctx)
     out: dict[str, list] = {}
     for prompt_key, sample in samples.items():
         pairs = []
@@ -207,16 +205,15 @@ def pair_items(
     return out
 
 
-def run(runner: StageContext, tally: StageTally) -> None:
+def run(ctx: StageContext, tally: StageTally) -> None:
     """Judge every pair of each prompt's distinct samples, then export the preferences (unless
-    this is a shard); ``runner.outputs["judge"]``: prompt key → its pair records (the latest for
-    each pair: done, or an error), in pair order."""
-    stage = runner.recipe.stages.judge
-    samples = runner.outputs["sample"]
-    judge = make_judge(runner)
-    items = pair_items(runner, judge, samples)
+    this is a shard)."""
+    stage = ctx.recipe.stages.judge
+    samples = ctx.outputs["sample"]
+    judge = make_judge(ctx)
+    items = pair_items(ctx, judge, samples)
 
-    reward_model = reward_labels(runner)
+    reward_model = reward_labels(ctx)
     scorer = RewardScorer(reward_model) if reward_model is not None else None
 
     def call(chunk, progress):
@@ -227,7 +224,7 @@ def run(runner: StageContext, tally: StageTally) -> None:
                 pairs = [c[2] for c in chunk]
                 prefs = [p.to_dict() for p in judge.label(pairs, progress=progress)]
         except ValueError as e:  # a malformed pair fails its chunk, recorded, never dropped
-            prefs = [_failed(str(e)) for _ in chunk]
+            prefs = [_label_fields(error=str(e)) for _ in chunk]
         return [
             {
                 "key": key,
@@ -237,8 +234,8 @@ def run(runner: StageContext, tally: StageTally) -> None:
                 "prompt": pair.prompt,
                 "response_a": pair.response_a,
                 "response_b": pair.response_b,
-                "judge_model": model_name(reward_model or judge_model(runner)),
-                **online.round_key(runner),
+                "judge_model": model_name(reward_model or judge_model(ctx)),
+                **ctx.round_key(),
                 **pref,
             }
             for (prompt_key, key, pair, ij), pref in zip(chunk, prefs, strict=True)
@@ -254,7 +251,7 @@ def run(runner: StageContext, tally: StageTally) -> None:
         per_pair = 2 * stage.ensemble * (2 if stage.cot else 1)
     try:
         records = stage_records(
-            runner,
+            ctx,
             "judge",
             [
                 (prompt_key, key, pair, ij)
@@ -274,9 +271,11 @@ def run(runner: StageContext, tally: StageTally) -> None:
         prompt_key: [records[key] for key, _, _ in pairs if key in records]
         for prompt_key, pairs in items.items()
     }
-    runner.outputs["judge"] = judged
-    if runner.shard is None:
-        runner.result.exported_preferences = export_preferences(runner, samples, judged)
+    if ctx.shard is None:
+        out = export_preferences(ctx, samples, judged)
+        if out is not None:
+            line = f"preference dataset: {out}/{DATA_FILE} and {out}/{DATASET}"
+            ctx.result.add("preferences", out, line)
 
 
 class RewardScorer:
@@ -315,29 +314,30 @@ def reward_model_labels(
     for n, _ in enumerate(pairs):
         r_a, r_b = rewards[2 * n], rewards[2 * n + 1]
         if r_a is None or r_b is None:
-            out.append(_failed("longer than the reward model's context: not scored"))
+            out.append(_label_fields(error="longer than the reward model's context: not scored"))
             continue
         p_a = sigmoid(r_a - r_b)
         margin = abs(p_a - 0.5)
         winner = "tie" if margin <= tie_margin else ("A" if p_a > 0.5 else "B")
         out.append(
-            {
-                **_failed(None),
-                "winner": winner,
-                "p_a": p_a,
-                "p_a_first": p_a,
-                "p_a_second": p_a,
-                "consistent": True,
-                "margin": margin,
-                "model": scorer.spec,
-                "rewards": [r_a, r_b],
-            }
+            _label_fields(
+                winner=winner,
+                p_a=p_a,
+                p_a_first=p_a,
+                p_a_second=p_a,
+                consistent=True,
+                margin=margin,
+                model=scorer.spec,
+                rewards=[r_a, r_b],
+            )
         )
     return out
 
 
-def _failed(error: str | None) -> dict[str, Any]:
-    return {
+def _label_fields(**fields: Any) -> dict[str, Any]:
+    """A pair record's label fields (those of ``cai.judge.Preference``): ``fields`` over the
+    empty label's, which a failed pair keeps (with its ``error``)."""
+    empty = {
         "winner": None,
         "p_a": None,
         "p_a_first": None,
@@ -346,13 +346,14 @@ def _failed(error: str | None) -> dict[str, Any]:
         "margin": None,
         "principles": [],
         "model": "",
-        "error": error,
+        "error": None,
         "rationales": [],
     }
+    return {**empty, **fields}
 
 
 def _preference_row(
-    runner: StageContext,
+    ctx: StageContext,
     prompt: PromptRecord,
     sample: dict,
     record: dict,
@@ -362,7 +363,7 @@ def _preference_row(
     """The export row of a judged pair of ``sample``'s responses, or None when it is a tie or
     below min_margin."""
     fields = preference_fields(record)
-    if fields is None or record["margin"] < runner.recipe.stages.judge.min_margin:
+    if fields is None or record["margin"] < ctx.recipe.stages.judge.min_margin:
         return None
     row, judged = fields
     return {
@@ -376,8 +377,8 @@ def _preference_row(
             "pair_key": record["key"],
             "selection": selection,
             **judged,
-            "constitution": runner.prepared["judge"].name,
-            **online.round_key(runner),
+            "constitution": ctx.prepared["judge"].name,
+            **ctx.round_key(),
             "judge_model": record["judge_model"],
             # From the record, as the judge model is: the export (what train_reward and
             # train_dpo fingerprint) must not change when the run directory moves.
@@ -408,25 +409,25 @@ def best_worst(records: list[dict], count: int) -> tuple[dict, list[float]] | No
 
 
 def export_preferences(
-    runner: StageContext, samples: dict[str, dict], judged: dict[str, list[dict]]
+    ctx: StageContext, samples: dict[str, dict], judged: dict[str, list[dict]]
 ) -> Path | None:
     """``<run>/preferences/`` from the judge records; None when no pair qualifies."""
-    stage = runner.recipe.stages.judge
+    stage = ctx.recipe.stages.judge
     rows = []
-    for prompt in runner.prompts:
+    for prompt in ctx.prompts:
         records = judged.get(prompt.key)
         if not records:
             continue
         sample = samples[prompt.key]
         if stage.pairs == "all":
-            rows.extend(_preference_row(runner, prompt, sample, r, "all") for r in records)
+            rows.extend(_preference_row(ctx, prompt, sample, r, "all") for r in records)
         else:
             picked = best_worst(records, len(sample["responses"]))
             if picked is not None:
                 direct, scores = picked
                 rows.append(
                     _preference_row(
-                        runner,
+                        ctx,
                         prompt,
                         sample,
                         direct,
@@ -437,31 +438,31 @@ def export_preferences(
     rows = [r for r in rows if r is not None]
     if not rows:
         return None
-    out = online.preferences_dir(runner, online.current_round(runner))
+    out = ctx.layout.preferences(ctx.round)
     export_dataset(rows, out)
     return out
 
 
-def done_pairs(runner: StageContext) -> int:
+def done_pairs(ctx: StageContext) -> int:
     """Pairs judged of the samples this run (this round) judges: the store holds every round's,
     and records of samples no longer asked for."""
-    store, shard = runner.store, runner.shard
+    store, shard = ctx.store, ctx.shard
     if not store.stage_path("judge", shard).exists():
         return 0
-    samples = {sample_key(runner, p) for p in runner.prompts}
+    samples = {sample_key(ctx, p) for p in ctx.prompts}
     return sum(
         r.get("error") is None and r.get("sample_key") in samples
         for r in store.read_stage("judge", shard).values()
     )
 
 
-def plan(runner: StageContext) -> list[str]:
-    judge, shard = runner.recipe.stages.judge, runner.shard
-    unsampled, pairs = pending(runner)
-    done = done_pairs(runner)
+def plan(ctx: StageContext) -> list[str]:
+    judge, shard = ctx.recipe.stages.judge, ctx.shard
+    unsampled, pairs = pending(ctx)
+    done = done_pairs(ctx)
     todo = max(pairs - done, 0)
     bound = "at most " if unsampled else ""
-    reward_model = reward_labels(runner)
+    reward_model = reward_labels(ctx)
     if reward_model is not None:
         labels = (
             f"  judge: {bound}{todo} pairs × 2 responses = {bound}{todo * 2} reward-model scores "
@@ -470,7 +471,7 @@ def plan(runner: StageContext) -> list[str]:
     else:
         if judge.settings["mode"] == "pointwise":
             # k responses of a prompt make k(k-1)/2 pairs; each response is scored once
-            k = max(runner.recipe.stages.sample.k, 2)
+            k = max(ctx.recipe.stages.sample.k, 2)
             score = todo * 2 // (k - 1) * judge.ensemble
             how = (
                 f"{bound}{todo} pairs, pointwise: each response × {judge.ensemble} principles "
@@ -487,14 +488,25 @@ def plan(runner: StageContext) -> list[str]:
                 how += f", {judge.settings['calibration']} calibration"
         labels = (
             f"  judge: {how} ({done} pairs done); constitution "
-            f"{runner.prepared['judge'].name!r}, model {judge_model(runner)}"
+            f"{ctx.prepared['judge'].name!r}, model {judge_model(ctx)}"
         )
     return [
         labels,
         f"  export: {judge.pairs} pairs, min_margin {judge.min_margin} → "
-        f"{online.preferences_dir(runner, online.current_round(runner))}"
-        + (" (skipped for a shard)" if shard else ""),
+        f"{ctx.layout.preferences(ctx.round)}" + (" (skipped for a shard)" if shard else ""),
     ]
+
+
+def check_recipe(recipe: Any) -> None:
+    online = recipe.online
+    if (
+        online is not None
+        and online.labels == "reward_model"
+        and recipe.stages.train_reward is None
+    ):
+        raise ValueError(
+            "online.labels: reward_model needs a train_reward stage (round 1 trains it)"
+        )
 
 
 STAGE = Stage(
@@ -506,4 +518,6 @@ STAGE = Stage(
     needs=("sample",),
     prepare=prepare,
     models=labeller,
+    per_round=every_round,
+    check_recipe=check_recipe,
 )

@@ -8,34 +8,29 @@
       labels: judge          # judge, or reward_model: round 1's judged pairs train the reward
                              # model (train_reward), which labels the pairs of later rounds
 
-With an ``online:`` block, the stages ``sample``, ``judge``, ``train_reward`` (round 1 only) and
-``train_dpo`` run once per round, in that order, after the stages before them (generate,
-critique_revise, train_sft) and before ``evaluate``. Their records share the stage files, and carry
-their round in their keys and in a ``round`` field; round r's outputs go to
-``<run>/rounds/<r>/`` (``preferences/``, ``dpo/``). A killed run resumes inside the round where it
-stopped: a finished round's records are found done and its DPO model's marker matches, so nothing
-of it is redone. The evaluation compares ``base``, ``sft`` and each round's policy (``round1``,
-...), each round against the base and against the round before, and ``eval/results.json`` gets
-a ``rounds`` table and warnings (``cai.pipeline.online_eval``).
+The stages declare whether they run per round (``Stage.per_round``: the sample, judge and
+train_dpo stages in every round, train_reward in round 1 only); this module builds the schedule
+from those declarations alone, and gives each round a context of its own
+(``replace(ctx, round=r, prompts=...)``). Records of the rounds share the stage files, and carry
+their round in their keys and in a ``round`` field; round r's outputs go to ``<run>/rounds/<r>/``
+(``cai.layout``). A killed run resumes inside the round where it stopped: a finished round's
+records are found done and its trained model's marker matches, so nothing of it is redone. The
+evaluation compares each round's policy (``cai.pipeline.online_eval``).
 """
 
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Iterator, Sequence
-from contextlib import contextmanager
-from dataclasses import dataclass
-from pathlib import Path
+from collections.abc import Sequence
+from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING, Any, Literal
 
 from cai.config import doc
+from cai.pipeline.stage import PipelineError
 
 if TYPE_CHECKING:
     from cai.data import PromptRecord
-    from cai.pipeline.stage import StageContext
-
-ROUND_STAGES = ("sample", "judge", "train_reward", "train_dpo")
-"""The stages an online recipe runs once per round (``train_reward`` in round 1 only)."""
+    from cai.pipeline.stage import Stage, StageContext
 
 
 @dataclass
@@ -72,28 +67,21 @@ class OnlineConfig:
             raise ValueError(f"max_length_drift must be > 0 (got {self.max_length_drift})")
 
 
-def check_recipe(online: OnlineConfig, stages: Any) -> None:
-    """What an online recipe's ``stages:`` must hold (called when the recipe loads)."""
-    for name in ("sample", "judge", "train_dpo"):
-        if getattr(stages, name, None) is None:
-            raise ValueError(
-                f"online: the rounds run sample → judge → train_dpo; add a {name} stage"
-            )
-    if getattr(stages, "train_grpo", None) is not None:
-        raise ValueError("online: train_grpo does not run in rounds; use it in a recipe of its own")
-    if online.labels == "reward_model" and getattr(stages, "train_reward", None) is None:
+def check_recipe(stages: Any) -> None:
+    """An online recipe has stages that run per round (what each needs is its own check)."""
+    if not any(stage.per_round for stage, _ in stages.present()):
+        names = ", ".join(s.name for s in stages.STAGES if s.per_round)
         raise ValueError(
-            "online.labels: reward_model needs a train_reward stage (round 1 trains it)"
+            f"online: the rounds repeat the stages that run per round ({names}); add them"
         )
-    dpo = stages.train_dpo
-    if isinstance(dpo, dict) and "ref_model" in dpo:
-        raise ValueError(
-            "stages.train_dpo.ref_model: an online recipe sets the reference with "
-            "online.reference (sft or previous); remove it"
-        )
-    if stages.sample.model is not None:
-        raise ValueError(
-            "stages.sample.model: an online recipe samples from each round's policy; remove it"
+
+
+def check_shard(shard: tuple[int, int] | None) -> None:
+    """An online recipe runs whole: PipelineError under ``--shard``."""
+    if shard is not None:
+        raise PipelineError(
+            "online: a round trains before the next one samples, so an online recipe "
+            "runs whole; drop --shard (engine.executor: ray spreads the work instead)"
         )
 
 
@@ -113,8 +101,6 @@ def round_prompts(
     per_round = online.prompts or len(prompts) // online.rounds
     needed = per_round * online.rounds
     if per_round < 1 or needed > len(prompts):
-        from cai.pipeline.stage import PipelineError
-
         raise PipelineError(
             f"online: {online.rounds} rounds × {max(per_round, 1)} fresh prompts need "
             f"{max(needed, online.rounds)} prompts, and the sources give {len(prompts)} (after "
@@ -124,50 +110,60 @@ def round_prompts(
     return [list(prompts[r * per_round : (r + 1) * per_round]) for r in range(online.rounds)]
 
 
-def round_dir(runner: StageContext, r: int) -> Path:
-    return runner.run_dir / "rounds" / str(r)
-
-
-def preferences_dir(runner: StageContext, r: int | None) -> Path:
-    """Where the judge exports the pairs: ``<run>/preferences``, in round r
-    ``<run>/rounds/<r>/preferences``."""
-    return runner.run_dir / "preferences" if r is None else round_dir(runner, r) / "preferences"
-
-
-def current_round(runner: StageContext) -> int | None:
-    return getattr(runner, "round", None)
-
-
-def round_key(runner: StageContext) -> dict[str, int]:
-    """The record-key part of the round (nothing outside rounds: keys stay what they were)."""
-    r = current_round(runner)
-    return {} if r is None else {"round": r}
-
-
-@contextmanager
-def in_round(runner: Any, r: int | None) -> Iterator[None]:
-    """``runner.round`` and ``runner.prompts`` set to round ``r``'s (None: outside the rounds)."""
-    before = runner.round, runner.prompts
-    runner.round = r
-    if r is not None:
-        runner.prompts = runner.round_prompts[r - 1]
-    try:
-        yield
-    finally:
-        runner.round, runner.prompts = before
-
-
-def schedule(stages: Sequence[Any], online: OnlineConfig | None) -> list[tuple[Any, int | None]]:
-    """(stage, round) in the order they run: the round stages once per round, between the stages
-    before them and after them."""
-    if online is None:
+def schedule(
+    stages: Sequence[Stage], online: OnlineConfig | None
+) -> list[tuple[Stage, int | None]]:
+    """(stage, round) in the order they run: the stages declared ``per_round`` once in each round
+    they run in, after the stages before the first of them, and before the other stages."""
+    if online is None or not any(s.per_round for s in stages):
         return [(stage, None) for stage in stages]
-    names = [s.name for s in stages]
-    first = min(names.index(n) for n in ROUND_STAGES if n in names)
-    last = max(names.index(n) for n in ROUND_STAGES if n in names)
-    out: list[tuple[Any, int | None]] = [(s, None) for s in stages[:first]]
+    first = next(n for n, s in enumerate(stages) if s.per_round)
+    out: list[tuple[Stage, int | None]] = [(s, None) for s in stages[:first]]
     for r in range(1, online.rounds + 1):
-        out += [
-            (s, r) for s in stages[first : last + 1] if not (s.name == "train_reward" and r > 1)
-        ]
-    return out + [(s, None) for s in stages[last + 1 :]]
+        out += [(s, r) for s in stages[first:] if s.per_round and s.per_round(r)]
+    return out + [(s, None) for s in stages[first:] if not s.per_round]
+
+
+@dataclass(frozen=True)
+class Schedule:
+    """A run's stages in the order they run, with their rounds, and each round's prompts: what
+    the runner follows."""
+
+    steps: list[tuple[Stage, int | None]]
+    """(stage, round or None) in the order they run."""
+    prompts: list[list[PromptRecord]]
+    """Each round's prompts; none without rounds."""
+
+    @property
+    def rounds(self) -> int:
+        return len(self.prompts)
+
+    def context(self, ctx: StageContext, r: int | None) -> StageContext:
+        """The context of round ``r``: a new value with the round and its prompts; ``ctx`` itself
+        outside the rounds (None)."""
+        return ctx if r is None else replace(ctx, round=r, prompts=list(self.prompts[r - 1]))
+
+    def starts(self, n: int) -> str | None:
+        """The plan's line when step ``n`` starts a round, else None."""
+        r = self.steps[n][1]
+        if r is None or (n and self.steps[n - 1][1] == r):
+            return None
+        return f"round {r} of {self.rounds}: {len(self.prompts[r - 1])} prompts"
+
+    @staticmethod
+    def name(name: str, r: int | None, first: int | None = None) -> str:
+        """A stage's name (its summary row) or a model's role (the manifest) in round ``r``:
+        with `` r<round>`` but outside the rounds and in round ``first``."""
+        return name if r is None or r == first else f"{name} r{r}"
+
+
+def build(
+    recipe: Any, stages: Sequence[Stage], prompts: Sequence[PromptRecord], shard: Any
+) -> Schedule:
+    """The schedule of ``recipe``'s ``stages`` over ``prompts`` (after ``--limit``)."""
+    if recipe.online is None:
+        return Schedule(schedule(stages, None), [])
+    check_shard(shard)
+    return Schedule(
+        schedule(stages, recipe.online), round_prompts(prompts, recipe.online, recipe.seed)
+    )

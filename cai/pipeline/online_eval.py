@@ -1,6 +1,6 @@
-"""Per-round measurements of an online run (``cai.pipeline.online``): the evaluation's models
+"""Per-round measurements of a run with rounds (``cai.pipeline.online``): the evaluation's models
 (base, sft, round1..roundN, each round also against the round before), and the ``rounds`` table
-and ``warnings`` that ``eval/results.json`` gets.
+and ``warnings`` that the evaluation's results get.
 """
 
 from __future__ import annotations
@@ -12,7 +12,8 @@ from pathlib import Path
 from statistics import fmean, quantiles
 from typing import TYPE_CHECKING, Any
 
-from cai.pipeline.training import policy
+from cai.layout import TRAIN_RESULT
+from cai.pipeline.policy import after_round
 
 if TYPE_CHECKING:
     from cai.pipeline.stage import StageContext
@@ -20,26 +21,23 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 
-def eval_models(runner: StageContext) -> tuple[dict[str, str], dict[str, str]]:
+def eval_models(ctx: StageContext) -> tuple[dict[str, str], dict[str, str]]:
     """(name → spec, name → the name it is also compared with) of an online run's evaluation:
     base, sft, then round1..roundN, each round against the one before."""
-    online = runner.recipe.online
-    models = {"base": runner.recipe.model}
-    if runner.recipe.stages.train_sft is not None:
-        models["sft"] = policy(runner, 0)
+    models = {"base": ctx.recipe.model}
+    if ctx.recipe.stages.train_sft is not None:
+        models["sft"] = after_round(ctx, 0)
     start = "sft" if "sft" in models else "base"
     previous = {}
-    for r in range(1, online.rounds + 1):
-        models[f"round{r}"] = policy(runner, r)
+    for r in range(1, ctx.rounds + 1):
+        models[f"round{r}"] = after_round(ctx, r)
         previous[f"round{r}"] = start if r == 1 else f"round{r - 1}"
     return models, previous
 
 
 def _trained(path: Path) -> dict[str, float]:
-    from cai.train import RESULT_FILE
-
     try:
-        return json.loads((path / RESULT_FILE).read_text(encoding="utf-8"))["metrics"]
+        return json.loads((path / TRAIN_RESULT).read_text(encoding="utf-8"))["metrics"]
     except (OSError, ValueError, KeyError):
         return {}
 
@@ -55,27 +53,24 @@ def _pairs(records: list[dict]) -> dict[str, Any]:
     }
 
 
-def measure(runner: StageContext, results: dict) -> dict:
+def measure(ctx: StageContext, results: dict) -> dict:
     """``results`` with ``rounds`` (one row per round, round 0 the starting policy) and
     ``warnings`` (reward climbing while the held-out win rate falls; answers growing past
     ``online.max_length_drift``)."""
-    online = runner.recipe.online
     metrics = results["metrics"]
     judged = (
-        runner.store.read_stage("judge").values()
-        if runner.store.stage_path("judge").exists()
-        else []
+        ctx.store.read_stage("judge").values() if ctx.store.stage_path("judge").exists() else []
     )
     by_round: dict[int, list[dict]] = {}
     for record in judged:
         if record.get("round") is not None and record.get("error") is None:
             by_round.setdefault(record["round"], []).append(record)
-    models, _ = eval_models(runner)
+    models, _ = eval_models(ctx)
     rows = []
-    for r in range(online.rounds + 1):
+    for r in range(ctx.rounds + 1):
         name = f"round{r}" if r else ("sft" if "sft" in models else "base")
         m = metrics[name]
-        trained = _trained(Path(policy(runner, r))) if r else {}
+        trained = _trained(Path(after_round(ctx, r))) if r else {}
         rows.append(
             {
                 "round": r,
@@ -96,7 +91,11 @@ def measure(runner: StageContext, results: dict) -> dict:
                 "refusal_over_refusal": m.get("refusal_over_refusal"),
             }
         )
-    return {**results, "rounds": rows, "warnings": warnings(rows, online.max_length_drift)}
+    return {
+        **results,
+        "rounds": rows,
+        "warnings": warnings(rows, ctx.recipe.online.max_length_drift),
+    }
 
 
 def _reward(row: dict) -> float | None:

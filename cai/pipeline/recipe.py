@@ -15,7 +15,8 @@ from typing import Any, Literal
 from cai.config import ConfigError, FieldError, LineDict, doc, from_data, load_yaml, set_dotted
 from cai.engine import check_dtype, check_prefix_reuse
 from cai.engine.ray import check_address, replica_gpus
-from cai.pipeline.online import OnlineConfig, check_recipe
+from cai.pipeline import online
+from cai.pipeline.online import OnlineConfig
 from cai.pipeline.stage import Stage
 from cai.pipeline.stages import STAGES
 
@@ -134,7 +135,10 @@ class Recipe:
         if not 0 <= self.max_error_rate <= 1:
             raise ValueError(f"max_error_rate must be between 0 and 1 (got {self.max_error_rate})")
         if self.online is not None:
-            check_recipe(self.online, self.stages)
+            online.check_recipe(self.stages)
+        for stage, _ in self.stages.present():
+            if stage.check_recipe is not None:
+                stage.check_recipe(self)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)

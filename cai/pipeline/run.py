@@ -5,7 +5,7 @@ Stages write to the run store (``cai.store``): a record per (input, stage[, roun
 key made of everything that defines it (input key, stage, template text, principle, model,
 sampling), so a re-run skips what is written and a changed recipe never reuses stale records.
 Work goes to the engine in chunks of ``chunk_size`` records, flushed after each chunk (the record
-loop, ``cai.records``): a kill loses at most one chunk. Each record's sampling seed derives from its
+loop, ``cai.record_loop``): a kill loses at most one chunk. Each record's sampling seed derives from its
 key.
 
 Stages export their datasets (``<run>/sft/``, ``<run>/preferences/``, ...) unless the run is a
@@ -28,10 +28,11 @@ from typing import Any, TextIO
 from cai.data import PromptRecord, check_limit, load_prompts
 from cai.engine import Engine, create_engine
 from cai.keys import in_shard
+from cai.layout import RunLayout
 from cai.pipeline import online
 from cai.pipeline.recipe import Recipe
-from cai.pipeline.stage import PipelineError, RunResult, Stage
-from cai.records import Executor, InProcess, StageTally
+from cai.pipeline.stage import PipelineError, RunResult, Stage, StageContext
+from cai.record_loop import Executor, InProcess, StageTally
 from cai.store import RunStore, RunStoreError
 
 log = logging.getLogger(__name__)
@@ -81,7 +82,8 @@ def _versions() -> dict[str, str]:
 
 
 class Runner:
-    """Runs one recipe into one run directory; the stages read what they need from it."""
+    """Runs one recipe into one run directory: builds the stages' context (a new one for each
+    round), the schedule and the engines."""
 
     def __init__(
         self,
@@ -97,48 +99,56 @@ class Runner:
     ):
         check_limit(limit)
         self.recipe = recipe
-        self.run_dir = Path(run_dir or Path("runs") / recipe.name)
-        self.limit = limit
+        self.layout = RunLayout(Path(run_dir or Path("runs") / recipe.name))
+        self.run_dir = self.layout.root
         self.shard = shard
-        self.force = force
         self.out = out
         self.injected_engine = engine
         self._engines: dict[str, Engine] = {}
+        self._described: dict[str, dict] = {}
         self.store = RunStore(self.run_dir)
         # Everything that can be checked without a model is checked here, before any work.
-        prompts = load_sources(recipe)
-        self.source_keys = frozenset(p.key for p in prompts)
-        """Every training prompt's key (before --limit and sharding): never evaluated on."""
-        self.prompts = [p for p in prompts[:limit] if in_shard(p.key, shard)]
-        self.round: int | None = None
-        """The online round being run (``cai.pipeline.online``); None outside the rounds."""
-        self.round_prompts: list[list[PromptRecord]] = []
-        if recipe.online is not None:
-            if shard is not None:
-                raise PipelineError(
-                    "online: a round trains before the next one samples, so an online recipe "
-                    "runs whole; drop --shard (engine.executor: ray spreads the work instead)"
-                )
-            self.round_prompts = online.round_prompts(self.prompts, recipe.online, recipe.seed)
-        self.executor = executor or InProcess()
-        """Runs each stage's batches (``cai.records``); in this process unless given another."""
+        sources = load_sources(recipe)
+        prompts = [p for p in sources[:limit] if in_shard(p.key, shard)]
         self.stages: list[Stage] = [stage for stage, _ in recipe.stages.present()]
-        self.schedule = online.schedule(self.stages, recipe.online)
-        """(stage, online round or None) in the order they run."""
-        self.outputs: dict[str, Any] = {}
-        """Stage name → what it left for later stages (responses, samples, ...)."""
-        self.result = RunResult()
-        self._described: dict[str, dict] = {}
-        self.prepared: dict[str, Any] = {}
-        """Stage name → what its ``prepare`` loaded (a constitution, a config)."""
+        self.schedule = online.build(recipe, self.stages, prompts, shard)
+        """The stages in the order they run, and the rounds (``cai.pipeline.online``)."""
+        self.context = StageContext(
+            recipe=recipe,
+            layout=self.layout,
+            store=self.store,
+            shard=shard,
+            prompts=prompts,
+            source_keys=frozenset(p.key for p in sources),
+            out=out,
+            executor=executor or InProcess(),
+            engines=self,
+            outputs={},
+            prepared={},
+            result=RunResult(),
+            rounds=self.schedule.rounds,
+        )
+        """What the stages see (outside the rounds; :meth:`context_for` gives a round's)."""
         for stage in self.stages:
             if stage.prepare is not None:
-                self.prepared[stage.name] = stage.prepare(self)
+                self.context.prepared[stage.name] = stage.prepare(self.context)
         self.config = run_config(recipe)
         self.ray_gpus: float = 0
         """GPUs per Ray replica, resolved when Ray starts (``engine.executor: ray``)."""
         if not force and self.store.check_manifest(self.config) is None:
             self._check_records()
+
+    @property
+    def prompts(self) -> list[PromptRecord]:
+        return self.context.prompts
+
+    @property
+    def outputs(self) -> dict[str, Any]:
+        return self.context.outputs
+
+    def context_for(self, r: int | None) -> StageContext:
+        """The stages' context in round ``r`` (None: outside the rounds)."""
+        return self.schedule.context(self.context, r)
 
     def _check_records(self) -> None:
         """Without a manifest, what the records can tell: a warning when there are any, and a
@@ -149,26 +159,25 @@ class Runner:
         keyed = [s for s in self.stages if s.prompt_key is not None]
         if not keyed:
             return
-        first = keyed[0].name
-        in_rounds = self.recipe.online is not None and first in online.ROUND_STAGES
-        path = self.store.stage_path(first, self.shard)
+        first = keyed[0]
+        path = self.store.stage_path(first.name, self.shard)
         log.warning(
             "%s is missing, but %s holds records: a new manifest will be written for this "
             "recipe. It cannot check that the records were made with this recipe beyond the %s "
             "stage's keys; if the recipe changed, use a new --run-dir.",
             self.store.manifest_path,
             self.store.stages_dir,
-            first,
+            first.name,
         )
-        with online.in_round(self, 1 if in_rounds else None):
-            wanted = {p.key: keyed[0].prompt_key(self, p) for p in self.prompts}
-        records = self.store.read_stage(first, self.shard).values()
+        ctx = self.context_for(next((r for s, r in self.schedule.steps if s is first), None))
+        wanted = {p.key: first.prompt_key(ctx, p) for p in ctx.prompts}
+        records = self.store.read_stage(first.name, self.shard).values()
         found = [r for r in records if r.get("input_key") in wanted]
         if found and not any(r["key"] == wanted[r["input_key"]] for r in found):
             raise RunStoreError(
                 f"{self.store.manifest_path} is missing, and the {len(found)} record(s) for "
                 f"these prompts in {path} were all made with other settings than this recipe's "
-                f"{first} stage (model or sampling). Use a new --run-dir for this recipe, or "
+                f"{first.name} stage (model or sampling). Use a new --run-dir for this recipe, or "
                 "--force to reuse this one (records whose keys still match are kept)."
             )
 
@@ -189,18 +198,13 @@ class Runner:
                 f"engines on Ray ({ray.address or 'RAY_ADDRESS or a local Ray'}): "
                 f"{ray.replicas} replica(s) × {ray.num_cpus:g} CPU{gpus}"
             )
-        last = None
-        for stage, r in self.schedule:
-            if r is not None and r != last:
-                lines.append(
-                    f"  round {r} of {self.recipe.online.rounds}: {len(self.round_prompts[r - 1])} prompts"
-                )
-            with online.in_round(self, r):
-                lines.extend(("  " if r else "") + line for line in stage.plan(self))
-            last = r
+        for n, (stage, r) in enumerate(self.schedule.steps):
+            if (starts := self.schedule.starts(n)) is not None:
+                lines.append(f"  {starts}")
+            lines.extend(("  " if r else "") + line for line in stage.plan(self.context_for(r)))
         if self._ends_with_report():
             skipped = " (skipped for a shard)" if self.shard else ""
-            lines.append(f"  report: {self.run_dir / 'report.html'}{skipped}")
+            lines.append(f"  report: {self.layout.report_html}{skipped}")
         return "\n".join(lines)
 
     def _models(self, schedule: list[tuple[Stage, int | None]]) -> dict[str, str]:
@@ -208,9 +212,8 @@ class Runner:
         from round 2 on)."""
         out = {}
         for stage, r in schedule:
-            with online.in_round(self, r):
-                for role, model in stage.models(self).items():
-                    out[role if not r or r == 1 else f"{role} r{r}"] = model
+            for role, model in stage.models(self.context_for(r)).items():
+                out[self.schedule.name(role, r, first=1)] = model
         return out
 
     def engine_for(self, model: str) -> Engine:
@@ -254,7 +257,7 @@ class Runner:
         # wrote of that model (backend, dtype, ...) rather than just its name.
         before = (self.store.read_manifest() or {}).get("models", {})
         models = {}
-        for role, model in self._models(self.schedule).items():
+        for role, model in self._models(self.schedule.steps).items():
             engine = self.injected_engine or self._engines.get(model)
             if engine is not None:
                 models[role] = {**engine.describe(), "spec": model}
@@ -324,18 +327,17 @@ class Runner:
         return started
 
     def _run(self) -> RunResult:
-        result = self.result
+        result = self.context.result
         self._write_manifest()
-        for n, (stage, r) in enumerate(self.schedule):
+        for n, (stage, r) in enumerate(self.schedule.steps):
             if self.shard is not None and not stage.in_shard:
                 continue
             # Engines of models no stage from here on uses are closed (GPU memory).
-            self.release_engines(set(self._models(self.schedule[n:]).values()))
-            tally = StageTally(stage.name if r is None else f"{stage.name} r{r}")
+            self.release_engines(set(self._models(self.schedule.steps[n:]).values()))
+            tally = StageTally(self.schedule.name(stage.name, r))
             result.stages.append(tally)
             start = time.perf_counter()
-            with online.in_round(self, r):
-                stage.run(self, tally)
+            stage.run(self.context_for(r), tally)
             tally.seconds = time.perf_counter() - start
             self._write_manifest()
         if self.shard is None and self._ends_with_report():
@@ -363,19 +365,7 @@ def summary_table(result: RunResult, wall: float) -> str:
             f"{r.completion_tokens:>10}{r.seconds:>9.1f}"
         )
     rows.append(f"total wall time {wall:.1f} s")
-    if result.exported:
-        rows.append(f"SFT dataset: {result.exported}/data.jsonl and {result.exported}/dataset")
-    for name, path in (
-        ("revision pairs", result.exported_revision_pairs),
-        ("preference dataset", result.exported_preferences),
-    ):
-        if path:
-            rows.append(f"{name}: {path}/data.jsonl and {path}/dataset")
-    for kind, path in result.models.items():
-        name = kind.removeprefix("train_")
-        rows.append(f"{name.upper() if name != 'reward' else 'Reward'} model: {path}")
-    if result.evaluation:
-        rows.append(f"evaluation: {result.evaluation}")
+    rows.extend(result.lines)  # what the stages produced, each in its own words
     if result.report:
-        rows.append(f"report: {result.report} (and report.md beside it)")
+        rows.append(f"report: {result.report} (and {RunLayout(Path()).report_md} beside it)")
     return "\n".join(rows)

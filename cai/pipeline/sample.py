@@ -14,27 +14,25 @@ failure is an error record, retried.
 
 from __future__ import annotations
 
-import math
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from cai.config import doc
-from cai.data import PromptRecord
-from cai.engine import Sampling
-from cai.keys import model_key, model_name, record_key
-from cai.pipeline import online, training
+from cai.keys import model_name
+from cai.pipeline.policy import pending, sample_key, sample_model, sample_sampling
 from cai.pipeline.stage import (
     Stage,
     StageContext,
     check_sampling,
+    every_round,
     generate_seeded,
     stage_records,
     usage,
 )
 
 if TYPE_CHECKING:
-    from cai.records import StageTally
+    from cai.record_loop import StageTally
 
 
 @dataclass
@@ -60,32 +58,6 @@ class SampleStage:
         check_sampling(self)
 
 
-def sample_model(runner: StageContext) -> str:
-    """The stage's model, else the SFT model when the recipe trains one, else the recipe's; in
-    online round r, the policy round r-1 trained."""
-    r = online.current_round(runner)
-    if r is not None:
-        return training.policy(runner, r - 1)
-    return runner.recipe.stages.sample.model or training.policy_after_sft(runner)
-
-
-def sample_sampling(runner: StageContext) -> Sampling:
-    stage = runner.recipe.stages.sample
-    return Sampling(
-        n=stage.k, temperature=stage.temperature, top_p=stage.top_p, max_tokens=stage.max_tokens
-    )
-
-
-def sample_key(runner: StageContext, prompt: PromptRecord) -> str:
-    return record_key(
-        input=prompt.key,
-        stage="sample",
-        sampling=sample_sampling(runner).to_dict(),
-        **model_key("model", sample_model(runner)),
-        **online.round_key(runner),
-    )
-
-
 def distinct_responses(texts: Sequence[str]) -> tuple[list[str], int, int]:
     """(distinct non-empty stripped texts in order, duplicates dropped, empty ones dropped)."""
     out: list[str] = []
@@ -101,18 +73,18 @@ def distinct_responses(texts: Sequence[str]) -> tuple[list[str], int, int]:
     return out, duplicates, empty
 
 
-def run(runner: StageContext, tally: StageTally) -> None:
-    """K responses per prompt; ``runner.outputs["sample"]``: prompt key → sample record with
+def run(ctx: StageContext, tally: StageTally) -> None:
+    """K responses per prompt; ``ctx.outputs["sample"]``: prompt key → sample record with
     >= 2 responses."""
-    recipe = runner.recipe
+    recipe = ctx.recipe
     stage = recipe.stages.sample
-    sampling = sample_sampling(runner)
-    model = sample_model(runner)
-    keys = {p.key: sample_key(runner, p) for p in runner.prompts}
+    sampling = sample_sampling(ctx)
+    model = sample_model(ctx)
+    keys = {p.key: sample_key(ctx, p) for p in ctx.prompts}
 
     def call(chunk, progress):
         records = []
-        for p, seed, c in generate_seeded(runner, model, chunk, keys, sampling, progress):
+        for p, seed, c in generate_seeded(ctx, model, chunk, keys, sampling, progress):
             responses, duplicates, empty = distinct_responses(
                 [x.text for x in c.samples] if c.ok else []
             )
@@ -136,51 +108,51 @@ def run(runner: StageContext, tally: StageTally) -> None:
                     "seed": seed,
                     "usage": usage(c),
                     "meta": p.meta,
-                    **online.round_key(runner),
+                    **ctx.round_key(),
                     "error": c.error,
                 }
             )
         return records
 
     records = stage_records(
-        runner,
+        ctx,
         "sample",
-        runner.prompts,
+        ctx.prompts,
         key=lambda p: keys[p.key],
         call=call,
         tally=tally,
         label="sample",
     )
     done = {}
-    for p in runner.prompts:
+    for p in ctx.prompts:
         record = records.get(keys[p.key])
         if record is not None and record.get("error") is None and not record.get("skipped"):
             done[p.key] = record
-    runner.outputs["sample"] = done
+    ctx.outputs["sample"] = done
 
 
-def pending(runner: StageContext) -> tuple[int, int]:
-    """(prompts left to sample, pairs their samples will give at most): for the plans."""
-    stage, store, shard = runner.recipe.stages.sample, runner.store, runner.shard
-    have = store.read_stage("sample", shard) if store.stage_path("sample", shard).exists() else {}
-    pairs, unsampled = 0, 0
-    for p in runner.prompts:
-        record = have.get(sample_key(runner, p))
-        if record is None or record.get("error") is not None:
-            unsampled += 1
-            pairs += math.comb(stage.k, 2)
-        elif not record.get("skipped"):
-            pairs += math.comb(len(record["responses"]), 2)
-    return unsampled, pairs
-
-
-def plan(runner: StageContext) -> list[str]:
-    stage = runner.recipe.stages.sample
-    unsampled, _ = pending(runner)
+def plan(ctx: StageContext) -> list[str]:
+    stage = ctx.recipe.stages.sample
+    unsampled, _ = pending(ctx)
     return [
-        f"  sample: {unsampled} requests × k={stage.k} ({len(runner.prompts) - unsampled} done; "
-        f"model {sample_model(runner)}, temperature {stage.temperature})"
+        f"  sample: {unsampled} requests × k={stage.k} ({len(ctx.prompts) - unsampled} done; "
+        f"model {sample_model(ctx)}, temperature {stage.temperature})"
     ]
+
+
+def check_recipe(recipe: Any) -> None:
+    """An online recipe samples from each round's policy, and judges and trains on the samples."""
+    if recipe.online is None:
+        return
+    for name in ("judge", "train_dpo"):
+        if getattr(recipe.stages, name, None) is None:
+            raise ValueError(
+                f"online: the rounds run sample → judge → train_dpo; add a {name} stage"
+            )
+    if recipe.stages.sample.model is not None:
+        raise ValueError(
+            "stages.sample.model: an online recipe samples from each round's policy; remove it"
+        )
 
 
 STAGE = Stage(
@@ -191,5 +163,7 @@ STAGE = Stage(
     plan=plan,
     starts=True,
     prompt_key=sample_key,
-    models=lambda runner: {"sampler": sample_model(runner)},
+    models=lambda ctx: {"sampler": sample_model(ctx)},
+    per_round=every_round,
+    check_recipe=check_recipe,
 )

@@ -3,9 +3,12 @@
 A stage module defines its options (a typed dataclass, validated when the recipe loads) and one
 ``Stage``: its name (the recipe key under ``stages:`` and the run-store file), what it needs,
 how it plans (``--dry-run`` lines with request counts), how it runs, and the models it uses or
-produces. ``cai.pipeline.stages.STAGES`` lists the stages in the order they run; the recipe's
-``stages:`` fields, their validation, the plan, the manifest's models, the summary table and the
-error-rate check all come from that list. README.md, "Writing a stage", walks through one.
+produces, and whether it runs once or per round (``per_round``). ``cai.pipeline.stages.STAGES``
+lists the stages in the order they run; the recipe's ``stages:`` fields, their validation, the
+plan, the manifest's models, the online rounds' schedule (``cai.pipeline.online``), the summary
+table and the error-rate check all come from that list. A stage sees the run through a
+``StageContext`` value (a new one per round) and reports what it produced to ``RunResult``.
+README.md, "Writing a stage", walks through one.
 """
 
 from __future__ import annotations
@@ -18,12 +21,13 @@ from typing import TYPE_CHECKING, Any, Protocol, TextIO, TypeVar
 from cai.config import ConfigError, LineDict, from_data
 from cai.engine import Completion, Engine, Sampling
 from cai.keys import seed_for
-from cai.records import run_records
+from cai.layout import RunLayout
+from cai.record_loop import run_records
 
 if TYPE_CHECKING:
     from cai.data import PromptRecord
     from cai.keys import Shard
-    from cai.records import BatchCall, Executor, StageTally
+    from cai.record_loop import BatchCall, Executor, StageTally
     from cai.store import RunStore
 
 T = TypeVar("T")
@@ -38,50 +42,84 @@ class RunResult:
     """What a run did and produced: the summary table and the exit status read it."""
 
     stages: list[StageTally] = field(default_factory=list)
-    exported: Path | None = None
-    exported_preferences: Path | None = None
-    exported_revision_pairs: Path | None = None
-    models: dict[str, Path] = field(default_factory=dict)
-    """Trained model folders by stage (train_sft, train_reward, train_dpo, train_grpo)."""
-    evaluation: Path | None = None
-    """``<run>/eval/results.json`` when the recipe evaluates."""
+    outputs: dict[str, Path] = field(default_factory=dict)
+    """What the stages produced, by name (``sft``, ``preferences``, ``train_dpo``, ``evaluation``,
+    ...; a later round's replaces the round before's), as each stage declares it (:meth:`add`)."""
+    lines: list[str] = field(default_factory=list)
+    """The summary table's lines about the outputs, in the order they were produced."""
     report: Path | None = None
     """``<run>/report.html`` when the recipe trains or evaluates."""
     failed: list[str] = field(default_factory=list)
 
+    def add(self, name: str, path: Path, line: str) -> Path:
+        """Record an output of a stage and the summary line that reports it; returns ``path``."""
+        self.outputs[name] = path
+        self.lines.append(line)
+        return path
 
-class StageContext(Protocol):
-    """What a stage may use of the run (``cai.pipeline.run.Runner`` is the one implementation)."""
+
+class Engines(Protocol):
+    """The run's engines: built once per model spec, closed when no later stage needs them."""
+
+    def engine_for(self, model: str) -> Engine: ...
+
+    def release_engines(self, keep: Collection[str] = ()) -> None: ...
+
+
+@dataclass(frozen=True)
+class StageContext:
+    """What a stage may use of the run: a value the runner makes, and for each online round a
+    new one (``dataclasses.replace(ctx, round=r, prompts=...)``); a stage never changes it, but
+    adds to its ``outputs`` and ``result``."""
 
     recipe: Any
     """The recipe (``cai.pipeline.recipe.Recipe``); ``recipe.stages.<name>`` are the options."""
-    run_dir: Path
+    layout: RunLayout
+    """The run directory's paths (``cai.layout``)."""
     store: RunStore
     shard: Shard | None
     prompts: list[PromptRecord]
-    """The recipe's prompts after ``--limit`` and in this shard (in an online round: the
-    round's prompts)."""
-    round: int | None
-    """The online round being run (``cai.pipeline.online``), from 1; None outside the rounds."""
+    """The recipe's prompts after ``--limit`` and in this shard (in a round: the round's)."""
     source_keys: frozenset[str]
     """Every prompt key of the recipe's sources (before ``--limit`` and sharding)."""
     out: TextIO
     executor: Executor
+    engines: Engines
     outputs: dict[str, Any]
+    """Stage name → what it left for later stages (responses, samples, ...)."""
     prepared: dict[str, Any]
+    """Stage name → what its ``prepare`` loaded (a constitution, a config)."""
     result: RunResult
+    round: int | None = None
+    """The round being run, from 1, for a stage declared ``per_round``; None otherwise."""
+    rounds: int = 0
+    """How many rounds the recipe runs (its ``online:`` block); 0: none."""
+
+    @property
+    def run_dir(self) -> Path:
+        return self.layout.root
 
     def engine_for(self, model: str) -> Engine:
         """The engine of a model spec, built once."""
-        ...
+        return self.engines.engine_for(model)
 
     def release_engines(self, keep: Collection[str] = ()) -> None:
         """Close the engines of models not in ``keep``."""
-        ...
+        self.engines.release_engines(keep)
+
+    def round_key(self) -> dict[str, int]:
+        """The record-key (and record) part of the round: nothing outside the rounds, so that
+        keys stay what they were."""
+        return {} if self.round is None else {"round": self.round}
 
 
-def _no_models(runner: StageContext) -> dict[str, str]:
+def _no_models(ctx: StageContext) -> dict[str, str]:
     return {}
+
+
+def every_round(r: int) -> bool:
+    """``Stage.per_round`` of a stage that runs in every round."""
+    return True
 
 
 @dataclass(frozen=True)
@@ -98,7 +136,7 @@ class Stage:
     which ``check_options`` then builds once to check them with the recipe's lines."""
     run: Callable[[StageContext, StageTally], None]
     """Does the work; counts into the tally; leaves what later stages read in
-    ``runner.outputs[name]`` and what the run produced in ``runner.result``."""
+    ``ctx.outputs[name]`` and what the run produced in ``ctx.result``."""
     plan: Callable[[StageContext], list[str]]
     """The ``--dry-run`` lines: requests left, records done, where outputs go."""
     needs: tuple[str, ...] = ()
@@ -112,7 +150,7 @@ class Stage:
     checks that need more than the options type (a trainer's own config class)."""
     prepare: Callable[[StageContext], Any] | None = None
     """Checks and loads what the stage needs before any work (constitutions, templates); the
-    value is kept in ``runner.prepared[name]``."""
+    value is kept in ``ctx.prepared[name]``."""
     models: Callable[[StageContext], dict[str, str]] = _no_models
     """Role → model spec of the models the stage uses or produces (the manifest's ``models``;
     an engine no later stage uses is closed before the next stage)."""
@@ -123,11 +161,20 @@ class Stage:
     prompt_key: Callable[[StageContext, PromptRecord], str] | None = None
     """For a stage that makes one record per prompt: the key a prompt's record gets. When the
     manifest is missing, the runner checks the first such stage's records against it."""
+    per_round: Callable[[int], bool] | None = None
+    """None: the stage runs once. Else, in a recipe with rounds (an ``online:`` block), it runs
+    in each round r where ``per_round(r)`` holds (:func:`every_round`), with that round's context
+    (``ctx.round``, the round's ``ctx.prompts``); the rounds run after the stages before the
+    first such stage, and the stages after them run once the rounds are done. In a recipe
+    without rounds, it runs once."""
+    check_recipe: Callable[[Any], None] | None = None
+    """Checks of the whole recipe that concern this stage (it has rounds, another stage is
+    missing): raises ValueError, reported with the recipe's file and line when it loads."""
 
 
 class LazyEngine(Engine):
-    """An engine built on first use, so that a stage with nothing left to do loads no model
-    (the critique reviser and the judge need an Engine before any key can be computed)."""
+    """An engine built on first use, so that a judge stage with nothing left to do loads no model
+    (the judge's record keys need a ``Judge``, and a ``Judge`` an Engine)."""
 
     def __init__(self, factory: Callable[[], Engine]):
         self._factory = factory
@@ -158,7 +205,7 @@ class LazyEngine(Engine):
 
 
 def stage_records(
-    runner: StageContext,
+    ctx: StageContext,
     stage: str,
     items: Sequence[T],
     *,
@@ -168,25 +215,25 @@ def stage_records(
     label: str,
     requests: Callable[[dict], int] = lambda record: 1,
 ) -> dict[str, dict]:
-    """The record loop (``cai.records.run_records``) over the run's store and shard, in
+    """The record loop (``cai.record_loop.run_records``) over the run's store and shard, in
     ``chunk_size`` batches on the run's executor."""
     return run_records(
-        runner.store,
+        ctx.store,
         stage,
         items,
         key=key,
         call=call,
         tally=tally,
-        shard=runner.shard,
-        batch_size=runner.recipe.chunk_size,
+        shard=ctx.shard,
+        batch_size=ctx.recipe.chunk_size,
         label=label,
         requests=requests,
-        executor=runner.executor,
+        executor=ctx.executor,
     )
 
 
 def generate_seeded(
-    runner: StageContext,
+    ctx: StageContext,
     model: str,
     prompts: Sequence[PromptRecord],
     keys: dict[str, str],
@@ -195,9 +242,9 @@ def generate_seeded(
 ) -> list[tuple[PromptRecord, int, Completion]]:
     """One generate call for ``prompts``, each sampled with the seed of its record key
     (``keys[prompt.key]``): (prompt, seed, completion) in order."""
-    seeds = [seed_for(keys[p.key], runner.recipe.seed) for p in prompts]
+    seeds = [seed_for(keys[p.key], ctx.recipe.seed) for p in prompts]
     params = [replace(sampling, seed=seed) for seed in seeds]
-    engine = runner.engine_for(model)
+    engine = ctx.engine_for(model)
     done = engine.generate([p.messages for p in prompts], params, progress=progress)
     return list(zip(prompts, seeds, done, strict=True))
 

@@ -4,7 +4,7 @@ A stage is a module that declares one ``cai.pipeline.stage.Stage``; adding one i
 one line here (README.md, "Writing a stage"). A recipe names the stages it runs under ``stages:``.
 """
 
-from cai.pipeline import critique_revise, evaluation, generate, grpo, judge, sample, training
+from cai.pipeline import critique_revise, evaluation, generate, judge, sample, training
 
 STAGES = (
     generate.STAGE,
@@ -14,6 +14,6 @@ STAGES = (
     judge.STAGE,
     training.REWARD,
     training.DPO,
-    grpo.STAGE,
+    training.GRPO,
     evaluation.STAGE,
 )

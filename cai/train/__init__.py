@@ -29,10 +29,11 @@ from pathlib import Path
 from typing import Any, Literal
 
 from cai.config import doc
+from cai.layout import CHECKPOINTS, DATASET, TRAIN_RESULT
 
 log = logging.getLogger(__name__)
 
-RESULT_FILE = "cai_train.json"
+RESULT_FILE = TRAIN_RESULT
 """Written into output_dir once the model is saved: config, metrics and data statistics."""
 
 
@@ -177,8 +178,8 @@ def data_path(path: str) -> Path:
     source = Path(path).expanduser()
     if not source.exists():
         raise FileNotFoundError(f"{path}: no such data file or folder")
-    if source.is_dir() and (source / "dataset").is_dir():
-        return source / "dataset"
+    if source.is_dir() and (source / DATASET).is_dir():
+        return source / DATASET
     return source
 
 
@@ -259,7 +260,7 @@ def training_arguments(config: TrainConfig):
     from transformers import TrainingArguments
 
     args = TrainingArguments(
-        output_dir=str(Path(config.output_dir) / "checkpoints"),
+        output_dir=str(Path(config.output_dir) / CHECKPOINTS),
         learning_rate=config.learning_rate,
         num_train_epochs=config.epochs,
         max_steps=config.max_steps if config.max_steps is not None else -1,
@@ -300,7 +301,7 @@ def checkpoint_to_resume(config: TrainConfig) -> str | None:
     """The newest checkpoint in output_dir/checkpoints when ``resume`` is on, else None."""
     from transformers.trainer_utils import get_last_checkpoint
 
-    folder = Path(config.output_dir) / "checkpoints"
+    folder = Path(config.output_dir) / CHECKPOINTS
     if not config.resume or not folder.is_dir():
         return None
     last = get_last_checkpoint(str(folder))

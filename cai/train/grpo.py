@@ -28,6 +28,7 @@ from typing import Any
 from cai.config import doc
 from cai.data import DataError, read_rows
 from cai.engine.base import check_conversation
+from cai.layout import DATA_FILE
 from cai.train import (
     DataStats,
     TrainConfig,
@@ -79,8 +80,8 @@ def load_prompts(path: str) -> list[dict[str, Any]]:
     """``[{"prompt": [messages]}]`` from a jsonl file, a folder holding ``data.jsonl`` or a
     ``datasets`` folder."""
     source = data_path(path)
-    if source.is_dir() and (source / "data.jsonl").is_file():
-        source = source / "data.jsonl"
+    if source.is_dir() and (source / DATA_FILE).is_file():
+        source = source / DATA_FILE
     rows = read_rows(source)
     out = []
     for i, (where, row) in enumerate(rows, 1):

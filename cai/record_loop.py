@@ -100,7 +100,9 @@ def run_records(
     ``tally`` counts records, errors, skipped records (a truthy ``skipped``), engine requests
     (``requests(record)`` each) and ``usage`` tokens.
     """
-    with store.writer(stage, shard) as writer:
+    # One scan of the stage file: the writer reads it (done keys, and the records to return) and
+    # keeps what it writes.
+    with store.writer(stage, shard, keep_records=True) as writer:
         todo = list({key(item): item for item in items if key(item) not in writer}.values())
         if tally is not None:
             tally.done_before += len({key(item) for item in items}) - len(todo)
@@ -119,5 +121,5 @@ def run_records(
                     tally.skipped += bool(record.get("skipped"))
                     tally.add_usage(record.get("usage") or {})
             writer.flush()
-    stored = store.read_stage(stage, shard)
+    stored = writer.records
     return {key(item): stored[key(item)] for item in items if key(item) in stored}
