@@ -562,3 +562,23 @@ def test_sft_lowers_the_loss_and_the_engine_loads_the_output(model_path, sft_fil
     finally:
         engine.close()
     assert completion.ok and completion.text
+
+
+def test_lora_adapters_start_from_the_seed_not_from_the_process_state(tiny_model):
+    # DPO and SFT added their adapters before anything was seeded: the same data and settings
+    # trained other weights in another process. Now the adapters start from the config's seed.
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from cai.train import LoraOptions, add_lora
+
+    def adapters(drawn: int, seed: int) -> dict:
+        torch.manual_seed(drawn)  # whatever the process drew before
+        model = AutoModelForCausalLM.from_pretrained(tiny_model)
+        model = add_lora(model, LoraOptions(r=4, alpha=8), False, seed)
+        return {n: p.detach().clone() for n, p in model.named_parameters() if "lora_A" in n}
+
+    first, again, other = adapters(1, seed=7), adapters(2, seed=7), adapters(1, seed=8)
+    assert first and first.keys() == again.keys() == other.keys()
+    assert all(torch.equal(first[n], again[n]) for n in first)
+    assert not any(torch.equal(first[n], other[n]) for n in first)

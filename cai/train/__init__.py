@@ -232,12 +232,17 @@ def add_lora(
     model,
     options: LoraOptions,
     gradient_checkpointing: bool,
+    seed: int,
     task_type: str = "CAUSAL_LM",
     modules_to_save: list[str] | None = None,
 ):
     """Wrap ``model`` with fresh LoRA adapters (peft); only they (and ``modules_to_save``, such
-    as a new reward head) train."""
+    as a new reward head) train. The adapters are initialised from ``seed``, not from whatever
+    the process drew before: the same data and settings train the same weights."""
     from peft import LoraConfig, get_peft_model
+    from transformers import set_seed
+
+    set_seed(seed)
 
     if gradient_checkpointing:
         # With the base frozen, recomputed blocks would get no input that requires grad.

@@ -479,7 +479,7 @@ def train_dpo(config: DPOConfig) -> TrainResult:
                 attach_reference(reference, examples, data, config, tokenizer.pad_token_id)
         del reference
     if config.lora is not None:
-        model = add_lora(model, config.lora, config.gradient_checkpointing)
+        model = add_lora(model, config.lora, config.gradient_checkpointing, config.seed)
     trainer = PreferenceTrainer(
         model=model,
         args=args,

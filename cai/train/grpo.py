@@ -161,7 +161,7 @@ def train_grpo(config: GRPOConfig) -> TrainResult:
     check_prompt_lengths(prompts, tokenizer, config.max_length, config.data)
     model.config.use_cache = True  # GRPO generates with the model; load_model turns it off
     if config.lora is not None:
-        model = add_lora(model, config.lora, config.gradient_checkpointing)
+        model = add_lora(model, config.lora, config.gradient_checkpointing, config.seed)
     with Judge(
         config.judge_model,
         constitution=config.constitution,

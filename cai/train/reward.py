@@ -264,7 +264,12 @@ def train_reward(config: RewardConfig) -> TrainResult:
         train, held = split_pairs(examples, config.eval_split, config.seed)
     if config.lora is not None:
         model = add_lora(
-            model, config.lora, config.gradient_checkpointing, "SEQ_CLS", modules_to_save=[HEAD]
+            model,
+            config.lora,
+            config.gradient_checkpointing,
+            config.seed,
+            "SEQ_CLS",
+            modules_to_save=[HEAD],
         )
     trainer = RewardTrainer(
         model=model,

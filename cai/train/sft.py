@@ -185,7 +185,7 @@ def train_sft(config: SFTConfig) -> TrainResult:
     train, stats = _dataset(config.data, tokenizer, config)
     evaluation = _dataset(config.eval_data, tokenizer, config)[0] if config.eval_data else None
     if config.lora is not None:
-        model = add_lora(model, config.lora, config.gradient_checkpointing)
+        model = add_lora(model, config.lora, config.gradient_checkpointing, config.seed)
     trainer = Trainer(
         model=model,
         args=args,
