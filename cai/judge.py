@@ -61,7 +61,7 @@ from cai.engine import Engine, OptionScores, Sampling, create_engine
 from cai.engine.base import ROLES
 from cai.keys import canonical, record_key, seed_for
 from cai.pointwise import PointwiseScorer, ResponseScore
-from cai.prompts import JUDGE_ANSWER_PREFIX, cot_answer_prefix, load_template
+from cai.prompts import JUDGE_ANSWER_PREFIX, Template, cot_answer_prefix, load_template
 from cai.stats import sigmoid
 
 OPTIONS = ["A", "B"]
@@ -221,36 +221,24 @@ def check_ensemble(
         )
 
 
+def _setting(name: str) -> property:
+    """A judge's read-only view of one of its settings (``judge.settings.<name>``)."""
+    return property(lambda self: getattr(self.settings, name), doc=f"``settings.{name}``")
+
+
 class _PairJudge:
-    """What both judges share: the engine, constitution, template, principle draws, prompts."""
+    """What both judges share: the settings (constitution, template, principle draws) and the
+    engine."""
 
     def __init__(
         self,
         model: Engine | str | None,
-        constitution: Constitution | str | Path,
+        settings: JudgeSettings,
         *,
         backend: str,
         engine_options: dict | None,
-        template: str | Path,
-        ensemble: int,
-        seed: int,
-        few_shot: bool,
-        principles: Sequence[str] | None = None,
     ):
-        self.constitution = (
-            constitution
-            if isinstance(constitution, Constitution)
-            else load_constitution(constitution)
-        )
-        check_ensemble(self.constitution, ensemble, principles)
-        self.pool = judge_pool(self.constitution, principles)
-        self.principles = None if principles is None else [p.id for p in self.pool]
-        if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
-            raise ValueError(f"seed must be a non-negative integer, got {seed!r}")
-        self.template = load_template(template)
-        self.ensemble = ensemble
-        self.seed = seed
-        self.few_shot = few_shot
+        self.settings = settings
         if isinstance(model, Engine):
             if backend != "auto" or engine_options:
                 raise ValueError(
@@ -261,6 +249,14 @@ class _PairJudge:
         else:
             self.engine = create_engine(backend, model=model, **(engine_options or {}))
             self._owns_engine = True
+
+    constitution = _setting("constitution")
+    template = _setting("template")
+    ensemble = _setting("ensemble")
+    seed = _setting("seed")
+    few_shot = _setting("few_shot")
+    principles = _setting("principles")
+    pool = _setting("pool")
 
     def close(self) -> None:
         """Close the engine if this judge built it."""
@@ -274,33 +270,11 @@ class _PairJudge:
         self.close()
 
     def principles_for(self, key: str) -> list[Principle]:
-        """``ensemble`` distinct judge principles for a pair, drawn by weight without
-        replacement from ``random.Random(seed_for(key, seed))``."""
-        rng = random.Random(seed_for(key, self.seed))
-        pool = list(self.pool)
-        chosen = []
-        for _ in range(self.ensemble):
-            [p] = rng.choices(pool, weights=[p.weight for p in pool])
-            pool.remove(p)
-            chosen.append(p)
-        return chosen
+        """See :meth:`JudgeSettings.principles_for`."""
+        return self.settings.principles_for(key)
 
     def _items(self, pairs: Sequence[PairLike], *, per_prompt: bool = False) -> list[_Item]:
-        """The validated pairs with their principles, drawn per pair (its key) or, with
-        ``per_prompt``, per prompt (every response of a prompt asked the same questions)."""
-        if isinstance(pairs, str | bytes | JudgePair) or not isinstance(pairs, Sequence):
-            raise ValueError(
-                "pairs must be a list of (prompt, response_a, response_b) or JudgePair"
-            )
-        items = []
-        for i, pair in enumerate(pairs):
-            messages, a, b, key = _check_pair(pair, i)
-            if per_prompt:
-                key = record_key(prompt=messages)
-            elif key is None:
-                key = record_key(prompt=messages, response_a=a, response_b=b)
-            items.append(_Item(messages, (a, b), self.principles_for(key)))
-        return items
+        return self.settings.items(pairs, per_prompt=per_prompt)
 
     def _render(self, item: _Item, principle: Principle, swapped: bool) -> list[dict]:
         first, second = item.responses[::-1] if swapped else item.responses
@@ -367,6 +341,147 @@ def default_template(mode: str, cot: bool = False) -> str:
     return "judge_cot" if cot else "judge_mc"
 
 
+@dataclass(frozen=True)
+class JudgeSettings:
+    """Everything that defines a judge's labels, without its engine: which principles a pair is
+    asked about and what a label's record key holds are known before (or without) loading a
+    model. Arguments as :class:`Judge`'s; ``constitution`` and ``template`` may be names or
+    paths (loaded here), and ``principles`` becomes the ids of the pool, or None."""
+
+    constitution: Constitution | str | Path = "harmless"
+    template: Template | str | Path | None = None
+    mode: Mode = "pairwise"
+    ensemble: int = 1
+    seed: int = 0
+    cot: bool = False
+    cot_max_tokens: int = 192
+    clamp: tuple[float, float] | None = (0.4, 0.6)
+    tie_margin: float = 0.0
+    few_shot: bool = True
+    calibration: Calibration = "none"
+    temperature: float = 1.0
+    length_coef: float = 0.0
+    principles: Sequence[str] | None = None
+    pool: tuple[Principle, ...] = field(init=False, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        default = default_template(self.mode, self.cot)  # checks mode and cot
+        constitution = (
+            self.constitution
+            if isinstance(self.constitution, Constitution)
+            else load_constitution(self.constitution)
+        )
+        check_ensemble(constitution, self.ensemble, self.principles)
+        pool = judge_pool(constitution, self.principles)
+        seed = self.seed
+        if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
+            raise ValueError(f"seed must be a non-negative integer, got {seed!r}")
+        template = self.template
+        if not isinstance(template, Template):
+            template = load_template(template or default)
+        principles = None if self.principles is None else [p.id for p in pool]
+        if self.mode == "pointwise":
+            check_pointwise(constitution, principles)
+        check_clamp(self.clamp)
+        check_margin("tie_margin", self.tie_margin)
+        n = self.cot_max_tokens
+        if isinstance(n, bool) or not isinstance(n, int) or n < 1:
+            raise ValueError(f"cot_max_tokens must be an integer >= 1, got {n!r}")
+        if self.calibration not in CALIBRATIONS:
+            raise ValueError(f"calibration must be one of {CALIBRATIONS}, got {self.calibration!r}")
+        if self.mode == "pointwise" and self.calibration != "none":
+            raise ValueError(
+                "calibration applies to the pairwise judge: a pointwise label compares two "
+                "scores of the same question, so a shared offset cancels already"
+            )
+        t, coef = self.temperature, self.length_coef
+        if not (isinstance(t, int | float) and math.isfinite(t)) or t <= 0:
+            raise ValueError(f"temperature must be a number > 0, got {t!r}")
+        if not (isinstance(coef, int | float) and math.isfinite(coef)):
+            raise ValueError(f"length_coef must be a finite number, got {coef!r}")
+        if self.mode == "pairwise" and (t != 1.0 or coef != 0.0):
+            raise ValueError("temperature and length_coef apply to the pointwise judge")
+        for name, value in (
+            ("constitution", constitution),
+            ("template", template),
+            ("principles", principles),
+            ("pool", pool),
+            ("temperature", float(t)),
+            ("length_coef", float(coef)),
+        ):
+            object.__setattr__(self, name, value)
+
+    def principles_for(self, key: str) -> list[Principle]:
+        """``ensemble`` distinct judge principles for a pair (pointwise: a prompt), drawn by
+        weight without replacement from ``random.Random(seed_for(key, seed))``."""
+        rng = random.Random(seed_for(key, self.seed))
+        pool = list(self.pool)
+        chosen = []
+        for _ in range(self.ensemble):
+            [p] = rng.choices(pool, weights=[p.weight for p in pool])
+            pool.remove(p)
+            chosen.append(p)
+        return chosen
+
+    def items(self, pairs: Sequence[PairLike], *, per_prompt: bool = False) -> list[_Item]:
+        """The validated pairs with their principles, drawn per pair (its key) or, with
+        ``per_prompt``, per prompt (every response of a prompt asked the same questions)."""
+        if isinstance(pairs, str | bytes | JudgePair) or not isinstance(pairs, Sequence):
+            raise ValueError(
+                "pairs must be a list of (prompt, response_a, response_b) or JudgePair"
+            )
+        items = []
+        for i, pair in enumerate(pairs):
+            messages, a, b, key = _check_pair(pair, i)
+            if per_prompt:
+                key = record_key(prompt=messages)
+            elif key is None:
+                key = record_key(prompt=messages, response_a=a, response_b=b)
+            items.append(_Item(messages, (a, b), self.principles_for(key)))
+        return items
+
+    def principles_of(self, pair: PairLike) -> list[Principle]:
+        """The principles this judge asks about ``pair``: drawn per pair (pairwise) or per
+        prompt (pointwise)."""
+        return self.items([pair], per_prompt=self.mode == "pointwise")[0].principles
+
+    def asked(self, pair: PairLike) -> list[list[str | None]]:
+        """[id, question asked] of each principle asked about ``pair``: the judge question
+        (pairwise) or the score question (pointwise), so that editing the wording re-judges."""
+        pointwise = self.mode == "pointwise"
+        return [
+            [p.id, p.score_question if pointwise else p.judge] for p in self.principles_of(pair)
+        ]
+
+    def key_fields(self) -> dict[str, Any]:
+        """The settings that define the labels, as a label record's key holds them (not the
+        engine's runtime description)."""
+        described = {
+            "judge": "Judge",
+            "constitution": self.constitution.name,
+            "constitution_version": self.constitution.version,
+            "template_text": self.template.source,
+            "ensemble": self.ensemble,
+            "seed": self.seed,
+            "few_shot": self.few_shot,
+            "cot": self.cot,
+            "cot_max_tokens": self.cot_max_tokens if self.cot else None,
+            "clamp": list(self.clamp) if self.cot and self.clamp else None,
+            "tie_margin": self.tie_margin,
+        }
+        # Settings beyond the first judge's join the key only when used, so that pairwise records
+        # written before them keep their keys.
+        if self.mode == "pointwise":
+            described.update(
+                mode=self.mode, temperature=self.temperature, length_coef=self.length_coef
+            )
+        if self.calibration != "none":
+            described["calibration"] = self.calibration
+        if self.principles is not None:
+            described["principles"] = self.principles
+        return described
+
+
 class Judge(_PairJudge):
     """The AI-feedback judge from option log-probs: pairwise multiple-choice (the module
     docstring) or pointwise yes/no scores (``mode="pointwise"``, ``cai.pointwise``)."""
@@ -417,60 +532,67 @@ class Judge(_PairJudge):
             length_coef: pointwise only: each score less ``length_coef * ln(characters)``.
             principles: draw only from these principle ids (default: every judge principle).
         """
-        default = default_template(mode, cot)  # checks mode and cot
-        super().__init__(
-            model,
+        settings = JudgeSettings(
             constitution,
-            backend=backend,
-            engine_options=engine_options,
-            template=template or default,
+            template,
+            mode=mode,
             ensemble=ensemble,
             seed=seed,
+            cot=cot,
+            cot_max_tokens=cot_max_tokens,
+            clamp=clamp,
+            tie_margin=tie_margin,
             few_shot=few_shot,
+            calibration=calibration,
+            temperature=temperature,
+            length_coef=length_coef,
             principles=principles,
         )
-        if mode == "pointwise":
-            check_pointwise(self.constitution, self.principles)
-        check_clamp(clamp)
-        check_margin("tie_margin", tie_margin)
-        if not isinstance(cot_max_tokens, int) or cot_max_tokens < 1:
-            raise ValueError(f"cot_max_tokens must be an integer >= 1, got {cot_max_tokens!r}")
-        if calibration not in CALIBRATIONS:
-            raise ValueError(f"calibration must be one of {CALIBRATIONS}, got {calibration!r}")
-        if mode == "pointwise" and calibration != "none":
-            raise ValueError(
-                "calibration applies to the pairwise judge: a pointwise label compares two "
-                "scores of the same question, so a shared offset cancels already"
-            )
-        if not (isinstance(temperature, int | float) and math.isfinite(temperature)) or (
-            temperature <= 0
-        ):
-            raise ValueError(f"temperature must be a number > 0, got {temperature!r}")
-        if not (isinstance(length_coef, int | float) and math.isfinite(length_coef)):
-            raise ValueError(f"length_coef must be a finite number, got {length_coef!r}")
-        if mode == "pairwise" and (temperature != 1.0 or length_coef != 0.0):
-            raise ValueError("temperature and length_coef apply to the pointwise judge")
-        self.mode = mode
-        self.cot = cot
-        self.cot_max_tokens = cot_max_tokens
-        self.clamp = clamp
-        self.tie_margin = tie_margin
-        self.calibration = calibration
-        self.temperature = float(temperature)
-        self.length_coef = float(length_coef)
+        self._start(model, settings, backend, engine_options)
+
+    @classmethod
+    def from_settings(
+        cls,
+        settings: JudgeSettings,
+        model: Engine | str | None = None,
+        *,
+        backend: str = "auto",
+        engine_options: dict | None = None,
+    ) -> Judge:
+        """The judge of ``settings`` (made beforehand, say for record keys) on ``model``."""
+        judge = cls.__new__(cls)
+        judge._start(model, settings, backend, engine_options)
+        return judge
+
+    def _start(
+        self,
+        model: Engine | str | None,
+        settings: JudgeSettings,
+        backend: str,
+        engine_options: dict | None,
+    ) -> None:
+        super().__init__(model, settings, backend=backend, engine_options=engine_options)
         self._scorer = PointwiseScorer(
             self.engine,
-            self.template,
-            self.constitution,
-            self.principles_for,
-            few_shot=few_shot,
-            length_coef=self.length_coef,
+            settings.template,
+            settings.constitution,
+            settings.principles_for,
+            few_shot=settings.few_shot,
+            length_coef=settings.length_coef,
         )
 
+    mode = _setting("mode")
+    cot = _setting("cot")
+    cot_max_tokens = _setting("cot_max_tokens")
+    clamp = _setting("clamp")
+    tie_margin = _setting("tie_margin")
+    calibration = _setting("calibration")
+    temperature = _setting("temperature")
+    length_coef = _setting("length_coef")
+
     def principles_of(self, pair: PairLike) -> list[Principle]:
-        """The principles this judge asks about ``pair``: drawn per pair (pairwise) or per
-        prompt (pointwise)."""
-        return self._items([pair], per_prompt=self.mode == "pointwise")[0].principles
+        """See :meth:`JudgeSettings.principles_of`."""
+        return self.settings.principles_of(pair)
 
     def compare(self, prompt: Prompt, response_a: str, response_b: str) -> Preference:
         """Judge one pair: which of ``response_a`` and ``response_b`` better answers ``prompt``."""
@@ -673,6 +795,7 @@ __all__ = [
     "MODES",
     "Judge",
     "JudgePair",
+    "JudgeSettings",
     "Preference",
     "check_ensemble",
 ]

@@ -15,7 +15,7 @@ from typing import Any, Literal
 
 from cai.constitution import Constitution
 from cai.engine import Engine, Sampling
-from cai.judge import ORDERS, PairLike, Prompt, _PairJudge
+from cai.judge import ORDERS, JudgeSettings, PairLike, Prompt, _PairJudge
 
 
 @dataclass
@@ -110,16 +110,8 @@ class GenerativeJudge(_PairJudge):
         few_shot: bool = True,
         max_tokens: int = 24,
     ):
-        super().__init__(
-            model,
-            constitution,
-            backend=backend,
-            engine_options=engine_options,
-            template=template,
-            ensemble=1,
-            seed=seed,
-            few_shot=few_shot,
-        )
+        settings = JudgeSettings(constitution, template, seed=seed, few_shot=few_shot)
+        super().__init__(model, settings, backend=backend, engine_options=engine_options)
         self.sampling = Sampling(max_tokens=max_tokens)
 
     def compare(self, prompt: Prompt, response_a: str, response_b: str) -> GenerativeVerdict:

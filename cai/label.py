@@ -17,10 +17,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 from cai.export import export_dataset
-from cai.judge import Judge, JudgePair
+from cai.judge import Judge, JudgePair, JudgeSettings
 from cai.keys import record_key
 from cai.pairs import LabelledPair
 from cai.record_loop import StageTally, run_records
@@ -33,41 +32,6 @@ LABEL_DECIMALS = 2
 the judge's float noise (~1e-6 between batch sizes, as on Ray, and between backends) must not
 change the data a model trains on: that data is the trained model's identity, and so the keys
 and samples of every later round (see ``cai.keys.model_key``)."""
-
-
-def judge_config(judge: Judge) -> dict[str, Any]:
-    """The judge's settings that define its labels (not the engine's runtime description)."""
-    described = {
-        "judge": type(judge).__name__,
-        "constitution": judge.constitution.name,
-        "constitution_version": judge.constitution.version,
-        "template_text": judge.template.source,
-        "ensemble": judge.ensemble,
-        "seed": judge.seed,
-        "few_shot": judge.few_shot,
-        "cot": judge.cot,
-        "cot_max_tokens": judge.cot_max_tokens if judge.cot else None,
-        "clamp": list(judge.clamp) if judge.cot and judge.clamp else None,
-        "tie_margin": judge.tie_margin,
-    }
-    # Settings beyond the first judge's join the key only when used, so that pairwise records
-    # written before them keep their keys.
-    if judge.mode == "pointwise":
-        described.update(
-            mode=judge.mode, temperature=judge.temperature, length_coef=judge.length_coef
-        )
-    if judge.calibration != "none":
-        described["calibration"] = judge.calibration
-    if judge.principles is not None:
-        described["principles"] = judge.principles
-    return described
-
-
-def principle_ids(judge: Judge, pair: JudgePair) -> list[list[str | None]]:
-    """[id, question asked] of each principle the judge asks about ``pair``: the judge question
-    (pairwise) or the score question (pointwise), so that editing the wording re-judges."""
-    pointwise = judge.mode == "pointwise"
-    return [[p.id, p.score_question if pointwise else p.judge] for p in judge.principles_of(pair)]
 
 
 def preference_fields(record: dict) -> tuple[dict, dict] | None:
@@ -111,10 +75,10 @@ class LabelResult:
     out: Path
 
 
-def label_key(judge: Judge, pair: LabelledPair, model: str) -> str:
+def label_key(settings: JudgeSettings, pair: LabelledPair, model: str) -> str:
     """A pair's record key: the pair, the principles drawn for it, the judge's settings and
     model. Changed settings make new records; the old ones stay in the store, unexported."""
-    principles = principle_ids(judge, JudgePair(pair.prompt, pair.chosen, pair.rejected, pair.key))
+    principles = settings.asked(JudgePair(pair.prompt, pair.chosen, pair.rejected, pair.key))
     return record_key(
         input=pair.key,
         stage=STAGE,
@@ -122,7 +86,7 @@ def label_key(judge: Judge, pair: LabelledPair, model: str) -> str:
         response_a=pair.chosen,
         response_b=pair.rejected,
         principles=principles,
-        judge=judge_config(judge),
+        judge=settings.key_fields(),
         model=model,
     )
 
@@ -138,7 +102,7 @@ def label_pairs(
 ) -> LabelResult:
     """Judge the pairs not yet labelled in ``out``, then export every decided pair there."""
     out = Path(out)
-    items = [(label_key(judge, p, model), p) for p in pairs]
+    items = [(label_key(judge.settings, p, model), p) for p in pairs]
 
     def call(batch, label):
         try:
@@ -201,4 +165,4 @@ def label_pairs(
     return LabelResult(len(items), len(rows), ties, errors, tally, out)
 
 
-__all__ = ["LabelResult", "judge_config", "label_key", "label_pairs", "preference_fields"]
+__all__ = ["LabelResult", "label_key", "label_pairs", "preference_fields"]

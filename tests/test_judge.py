@@ -14,7 +14,7 @@ from fakes import ScriptedEngine, options_of
 
 from cai import cli
 from cai.constitution import load_constitution
-from cai.judge import Judge, JudgePair
+from cai.judge import Judge, JudgePair, JudgeSettings
 from cai.judge_agreement import agreement
 from cai.judge_generative import GenerativeJudge, parse_verdict
 from cai.pairs import load_pairs
@@ -114,6 +114,30 @@ def test_principle_sampling_is_seeded_per_pair():
     [pref] = Judge(engine, few_shot=False).label(pairs[:1])
     question = harmless.principle(pref.principles[0]).judge
     assert question in engine.score_calls[0][0][0][-1]["content"]
+
+
+def test_settings_draw_principles_and_give_keys_without_an_engine():
+    """A record's key needs the judge's settings and principle draws, not its model: settings
+    made alone agree with the judge built on them, and bad ones fail before any engine."""
+    pairs = many_pairs(6)
+    for mode in ("pairwise", "pointwise"):
+        settings = JudgeSettings("harmless", mode=mode, ensemble=2, seed=3)
+        judge = Judge.from_settings(settings, ScriptedEngine())
+        same = Judge(ScriptedEngine(), "harmless", mode=mode, ensemble=2, seed=3)
+        assert same.settings.key_fields() == settings.key_fields()
+        drawn = [settings.principles_of(p) for p in pairs]
+        assert drawn == [same.principles_of(p) for p in pairs]
+        labels = judge.label(pairs)
+        assert [[p.id for p in d] for d in drawn] == [p.principles for p in labels]
+        asked = settings.asked(pairs[0])
+        question = "score_question" if mode == "pointwise" else "judge"
+        assert asked == [[p.id, getattr(p, question)] for p in drawn[0]]
+    assert settings.key_fields()["mode"] == "pointwise"
+    assert "mode" not in JudgeSettings("harmless").key_fields()  # old pairwise keys hold
+    with pytest.raises(ValueError, match="ensemble=99"):
+        JudgeSettings("harmless", ensemble=99)
+    with pytest.raises(ValueError, match="calibration applies to the pairwise judge"):
+        JudgeSettings("harmless", mode="pointwise", calibration="batch")
 
 
 def test_ensemble_averages_distinct_principles():

@@ -203,6 +203,18 @@ def check_prefixes(prefixes: Sequence[str] | None, count: int) -> list[str]:
     return prefixes
 
 
+def check_chats(conversations: Sequence[Conversation]) -> None:
+    """Every request's conversation is well formed and ends with a user turn (the assistant's
+    start goes in ``prefixes``); ValueError naming the first that is not, before any work."""
+    for i, conversation in enumerate(conversations):
+        check_conversation(conversation, i)
+        if conversation[-1]["role"] == "assistant":
+            raise ValueError(
+                f"conversation {i}: ends with an assistant message; end it with a user message "
+                "and pass the assistant's start as prefixes= to continue it"
+            )
+
+
 def check_options(options: Sequence[str]) -> list[str]:
     if isinstance(options, str):
         raise ValueError("options must be a list of strings, such as ['A', 'B']")

@@ -9,15 +9,17 @@ tokenized on their own and appended, so an option's tokens never merge with the 
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import dataclass, field
 from typing import Any
 
 from jinja2 import TemplateError
 
 from cai.engine.base import (
     Conversation,
+    OptionScores,
     PromptTooLong,
     Sampling,
-    check_conversation,
+    check_chats,
     check_options,
     check_prefixes,
     per_request,
@@ -61,13 +63,7 @@ class PromptEncoder:
         ``overflow`` is 'raise', PromptTooLong (a ValueError) for the first prompt that does not
         fit.
         """
-        for i, conversation in enumerate(conversations):
-            check_conversation(conversation, i)
-            if conversation[-1]["role"] == "assistant":
-                raise ValueError(
-                    f"conversation {i}: ends with an assistant message; end it with a user message "
-                    "and pass the assistant's start as prefixes= to continue it"
-                )
+        check_chats(conversations)
         out: list[list[int] | str] = []
         for i, (conversation, prefix) in enumerate(zip(conversations, prefixes, strict=True)):
             try:
@@ -121,8 +117,9 @@ class PromptEncoder:
         options: Sequence[str],
         prefixes: Sequence[str] | str | None,
         overflow: str,
-    ) -> tuple[list[str], list[list[int]], list[list[int] | str]]:
-        """Every backend's score preamble: the options, their token ids, and the prompt ids."""
+    ) -> ScoreJob:
+        """Every backend's score preamble: the options, their token ids, the prompt ids, and the
+        results with the prompts that cannot run already failed."""
         options = check_options(options)
         option_ids = self.encode_options(options)
         longest = max(len(t) for t in option_ids)
@@ -130,7 +127,42 @@ class PromptEncoder:
         prompts = self.encode_prompts(
             conversations, prefixes, new_tokens=[longest] * len(conversations), overflow=overflow
         )
-        return options, option_ids, prompts
+        return ScoreJob(options, option_ids, prompts)
+
+
+@dataclass
+class ScoreJob:
+    """A ``score`` call after its preamble: the backend fills ``results[i]`` for each request
+    ``i`` of ``todo`` (:meth:`done` or :meth:`failed`); the rest failed before it started."""
+
+    options: list[str]
+    option_ids: list[list[int]]
+    prompts: list[list[int] | str]
+    results: list[OptionScores | None] = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.results = [
+            OptionScores(self.options, [], [], error=p) if isinstance(p, str) else None
+            for p in self.prompts
+        ]
+
+    @property
+    def todo(self) -> list[int]:
+        """The requests whose prompt encoded and fits."""
+        return [i for i, p in enumerate(self.prompts) if not isinstance(p, str)]
+
+    @property
+    def longest(self) -> int:
+        """The most tokens of one option."""
+        return max(len(t) for t in self.option_ids)
+
+    def done(self, i: int, logprobs: Sequence[float]) -> None:
+        self.results[i] = OptionScores(
+            self.options, list(logprobs), [len(t) for t in self.option_ids], len(self.prompts[i])
+        )
+
+    def failed(self, i: int, error: str) -> None:
+        self.results[i] = OptionScores(self.options, [], [], len(self.prompts[i]), error)
 
 
 def _stop_token_ids(tokenizer: Any) -> set[int]:

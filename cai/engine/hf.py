@@ -497,36 +497,20 @@ class HFEngine(Engine):
         prefixes: Sequence[str] | str | None = None,
         progress: bool | str = False,
     ) -> list[OptionScores]:
-        options, option_ids, prompts = self.encoder.prepare_score(
-            conversations, options, prefixes, self.overflow
-        )
-        longest = max(len(t) for t in option_ids)
-        results: list[OptionScores] = [
-            OptionScores(options, [], [], error=p) if isinstance(p, str) else None for p in prompts
-        ]
-        rows = [
-            _Row(i, 0, p, Sampling(max_tokens=longest), None)
-            for i, p in enumerate(prompts)
-            if not isinstance(p, str)
-        ]
+        job = self.encoder.prepare_score(conversations, options, prefixes, self.overflow)
+        longest = job.longest
+        rows = [_Row(i, 0, job.prompts[i], Sampling(max_tokens=longest), None) for i in job.todo]
         with progress_bar(len(rows), progress, unit="conv") as bar:
-            for batch in self._micro_batches(rows, lambda r: longest * len(options)):
+            for batch in self._micro_batches(rows, lambda r: longest * len(job.options)):
                 try:
-                    scores = self._score_batch([r.prompt for r in batch], option_ids)
+                    scores = self._score_batch([r.prompt for r in batch], job.option_ids)
                     for row, lps in zip(batch, scores, strict=True):
-                        results[row.request] = OptionScores(
-                            options,
-                            lps,
-                            [len(t) for t in option_ids],
-                            prompt_tokens=len(row.prompt),
-                        )
+                        job.done(row.request, lps)
                 except torch.OutOfMemoryError as e:
                     for row in batch:
-                        results[row.request] = OptionScores(
-                            options, [], [], len(row.prompt), f"out of memory: {e}"
-                        )
+                        job.failed(row.request, f"out of memory: {e}")
                 bar.update(len(batch))
-        return results
+        return job.results
 
     @torch.inference_mode()
     def _score_batch(

@@ -53,7 +53,7 @@ from cai.engine.base import (
     OptionScores,
     Sample,
     Sampling,
-    check_conversation,
+    check_chats,
     check_prefixes,
     per_request,
 )
@@ -258,7 +258,7 @@ class OpenAIEngine(Engine):
         prefixes = check_prefixes(prefixes, len(conversations))
         if self.encoder is None:
             params = per_request(sampling, len(conversations))
-            _check_chats(conversations)
+            check_chats(conversations)
             if any(prefixes):
                 raise ValueError(
                     "generate with prefixes sends token ids rendered by a local tokenizer; "
@@ -315,54 +315,36 @@ class OpenAIEngine(Engine):
                 "score sends token ids rendered by a local tokenizer; pass tokenizer= (a model "
                 "spec or path) to OpenAIEngine"
             )
-        options, option_ids, prompts = self.encoder.prepare_score(
-            conversations, options, prefixes, self.overflow
-        )
-        counts = [len(t) for t in option_ids]
-        results: list[OptionScores] = [
-            OptionScores(options, [], [], error=p) if isinstance(p, str) else None for p in prompts
-        ]
-        todo = [i for i, p in enumerate(prompts) if not isinstance(p, str)]
+        job = self.encoder.prepare_score(conversations, options, prefixes, self.overflow)
         # max_tokens 0 with echo: the server returns the prompt's log-probs and generates nothing.
         jobs = [
             (
                 "completions",
                 {
                     "model": self.served_model,
-                    "prompt": prompts[i] + tokens,
+                    "prompt": job.prompts[i] + tokens,
                     "echo": True,
                     "logprobs": 1,
                     "max_tokens": 0,
                     "temperature": 0.0,
                 },
             )
-            for i in todo
-            for tokens in option_ids
+            for i in job.todo
+            for tokens in job.option_ids
         ]
         replies = self._post_all(jobs, progress, "req")
-        k = len(options)
-        for n, i in enumerate(todo):
+        k = len(job.options)
+        for n, i in enumerate(job.todo):
             found = [
-                _option_logprob(reply, len(prompts[i]), tokens)
-                for reply, tokens in zip(replies[n * k : (n + 1) * k], option_ids, strict=True)
+                _option_logprob(reply, len(job.prompts[i]), tokens)
+                for reply, tokens in zip(replies[n * k : (n + 1) * k], job.option_ids, strict=True)
             ]
             error = next((f for f in found if isinstance(f, str)), None)
             if error is not None:
-                results[i] = OptionScores(options, [], [], len(prompts[i]), error)
+                job.failed(i, error)
             else:
-                results[i] = OptionScores(options, found, counts, len(prompts[i]))
-        return results
-
-
-def _check_chats(conversations: Sequence[Conversation]) -> None:
-    """The checks ``PromptEncoder.encode_prompts`` makes, for when there is no tokenizer."""
-    for i, conversation in enumerate(conversations):
-        check_conversation(conversation, i)
-        if conversation[-1]["role"] == "assistant":
-            raise ValueError(
-                f"conversation {i}: ends with an assistant message; end it with a user message "
-                "and pass the assistant's start as prefixes= to continue it"
-            )
+                job.done(i, found)
+        return job.results
 
 
 def _completion(reply: Reply, p: Sampling, *, chat: bool, prompt_tokens: int) -> Completion:

@@ -51,7 +51,7 @@ from cai.engine.base import (
     Engine,
     OptionScores,
     Sampling,
-    check_conversation,
+    check_chats,
     check_options,
     check_prefixes,
     per_request,
@@ -295,8 +295,7 @@ class RayEngine(Engine):
     @staticmethod
     def _check(conversations: Sequence[Conversation], prefixes: Any) -> int:
         """The engine's argument checks, here: a bad argument raises before any work."""
-        for i, conversation in enumerate(conversations):
-            check_conversation(conversation, i)
+        check_chats(conversations)
         check_prefixes(prefixes, len(conversations))
         return len(conversations)
 

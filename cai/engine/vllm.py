@@ -183,46 +183,37 @@ class VLLMEngine(Engine):
         prefixes: Sequence[str] | str | None = None,
         progress: bool | str = False,
     ) -> list[OptionScores]:
-        options, option_ids, prompts = self.encoder.prepare_score(
-            conversations, options, prefixes, self.overflow
-        )
-        longest = max(len(t) for t in option_ids)
-        counts = [len(t) for t in option_ids]
-        results: list[OptionScores] = [
-            OptionScores(options, [], [], error=p) if isinstance(p, str) else None for p in prompts
-        ]
-        todo = [i for i, p in enumerate(prompts) if not isinstance(p, str)]
-        if longest == 1:
-            wanted = [t[0] for t in option_ids]
+        job = self.encoder.prepare_score(conversations, options, prefixes, self.overflow)
+        todo, prompts = job.todo, job.prompts
+        if job.longest == 1:
+            wanted = [t[0] for t in job.option_ids]
             param = self._vllm.SamplingParams(
                 max_tokens=1, temperature=0.0, logprob_token_ids=wanted
             )
             outputs = self._run([prompts[i] for i in todo], [param] * len(todo), progress)
             for i, out in zip(todo, outputs, strict=True):
                 if isinstance(out, str):
-                    results[i] = OptionScores(options, [], [], len(prompts[i]), out)
-                    continue
-                step = out.outputs[0].logprobs[0]
-                results[i] = OptionScores(
-                    options, [step[t].logprob for t in wanted], counts, len(prompts[i])
-                )
-            return results
+                    job.failed(i, out)
+                else:
+                    step = out.outputs[0].logprobs[0]
+                    job.done(i, [step[t].logprob for t in wanted])
+            return job.results
         # Multi-token options: prompt log-probs of prompt + option, one request per option; the
         # shared prompt is a cached prefix for all but the first.
         param = self._vllm.SamplingParams(max_tokens=1, temperature=0.0, prompt_logprobs=0)
-        flat = [prompts[i] + t for i in todo for t in option_ids]
+        flat = [prompts[i] + t for i in todo for t in job.option_ids]
         outputs = self._run(flat, [param] * len(flat), progress)
-        k = len(options)
+        k = len(job.options)
         for n, i in enumerate(todo):
             group = outputs[n * k : (n + 1) * k]
             failed = next((o for o in group if isinstance(o, str)), None)
             if failed is not None:
-                results[i] = OptionScores(options, [], [], len(prompts[i]), failed)
+                job.failed(i, failed)
                 continue
             logprobs = []
-            for out, tokens in zip(group, option_ids, strict=True):
+            for out, tokens in zip(group, job.option_ids, strict=True):
                 start = len(prompts[i])
                 entries = out.prompt_logprobs[start : start + len(tokens)]
                 logprobs.append(sum(e[t].logprob for e, t in zip(entries, tokens, strict=True)))
-            results[i] = OptionScores(options, logprobs, counts, len(prompts[i]))
-        return results
+            job.done(i, logprobs)
+        return job.results

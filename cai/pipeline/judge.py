@@ -32,13 +32,19 @@ from cai.config import FieldError, doc
 from cai.constitution import Constitution, check_pointwise, load_constitution
 from cai.data import PromptRecord
 from cai.export import export_dataset
-from cai.judge import Judge, JudgePair, check_clamp, check_ensemble, check_margin
+from cai.judge import (
+    Judge,
+    JudgePair,
+    JudgeSettings,
+    check_clamp,
+    check_ensemble,
+    check_margin,
+)
 from cai.keys import model_key, model_name, record_key
-from cai.label import LABEL_DECIMALS, judge_config, preference_fields, principle_ids
+from cai.label import LABEL_DECIMALS, preference_fields
 from cai.layout import DATA_FILE, DATASET
 from cai.pipeline.policy import pending, sample_key
 from cai.pipeline.stage import (
-    LazyEngine,
     PipelineError,
     Stage,
     StageContext,
@@ -157,12 +163,10 @@ def prepare(ctx: StageContext) -> Constitution:
     return constitution
 
 
-def make_judge(ctx: StageContext) -> Judge:
+def judge_settings(ctx: StageContext) -> JudgeSettings:
+    """The stage's judge settings: what its record keys hold, known without loading a model."""
     stage = ctx.recipe.stages.judge
-    spec = judge_model(ctx)
-    engine = LazyEngine(lambda: ctx.engine_for(spec))
-    return Judge(
-        engine,
+    return JudgeSettings(
         ctx.prepared["judge"],
         ensemble=stage.ensemble,
         seed=ctx.recipe.seed,
@@ -177,10 +181,10 @@ def make_judge(ctx: StageContext) -> Judge:
 
 
 def pair_items(
-    ctx: StageContext, judge: Judge, samples: dict[str, dict]
+    ctx: StageContext, settings: JudgeSettings, samples: dict[str, dict]
 ) -> dict[str, list[tuple[str, JudgePair, tuple[int, int]]]]:
     """prompt key → its pairs: (record key, JudgePair, (i, j)), in prompt then pair order."""
-    config = judge_config(judge)
+    config = settings.key_fields()
     spec = judge_model(ctx)
     reward_model = reward_labels(ctx)
     out: dict[str, list] = {}
@@ -194,10 +198,10 @@ def pair_items(
             pair = {"input": prompt_key, "stage": "judge", "sample": sample["key"]}
             pair.update(response_a=a, response_b=b)
             if reward_model is not None:
-                labelled_by = {"labeller": "reward_model", "tie_margin": judge.tie_margin}
+                labelled_by = {"labeller": "reward_model", "tie_margin": settings.tie_margin}
                 labelled_by.update(model_key("reward_model", reward_model))
             else:
-                asked = principle_ids(judge, JudgePair(sample["prompt"], a, b, key=seed_key))
+                asked = settings.asked(JudgePair(sample["prompt"], a, b, key=seed_key))
                 labelled_by = {"principles": asked, "judge": config, "model": spec}
             key = record_key(**pair, **labelled_by)
             pairs.append((key, JudgePair(sample["prompt"], a, b, key=seed_key), (i, j)))
@@ -210,17 +214,21 @@ def run(ctx: StageContext, tally: StageTally) -> None:
     this is a shard)."""
     stage = ctx.recipe.stages.judge
     samples = ctx.outputs["sample"]
-    judge = make_judge(ctx)
-    items = pair_items(ctx, judge, samples)
+    settings = judge_settings(ctx)
+    items = pair_items(ctx, settings, samples)
+    judge: Judge | None = None  # its engine loads on the first chunk with pairs to judge
 
     reward_model = reward_labels(ctx)
     scorer = RewardScorer(reward_model) if reward_model is not None else None
 
     def call(chunk, progress):
+        nonlocal judge
         try:
             if scorer is not None:
-                prefs = reward_model_labels(scorer, [c[2] for c in chunk], judge.tie_margin)
+                prefs = reward_model_labels(scorer, [c[2] for c in chunk], settings.tie_margin)
             else:
+                if judge is None:
+                    judge = Judge.from_settings(settings, ctx.engine_for(judge_model(ctx)))
                 pairs = [c[2] for c in chunk]
                 prefs = [p.to_dict() for p in judge.label(pairs, progress=progress)]
         except ValueError as e:  # a malformed pair fails its chunk, recorded, never dropped

@@ -172,38 +172,6 @@ class Stage:
     missing): raises ValueError, reported with the recipe's file and line when it loads."""
 
 
-class LazyEngine(Engine):
-    """An engine built on first use, so that a judge stage with nothing left to do loads no model
-    (the judge's record keys need a ``Judge``, and a ``Judge`` an Engine)."""
-
-    def __init__(self, factory: Callable[[], Engine]):
-        self._factory = factory
-        self._engine: Engine | None = None
-
-    @property
-    def inner(self) -> Engine:
-        if self._engine is None:
-            self._engine = self._factory()
-        return self._engine
-
-    @property
-    def backend(self) -> str:  # type: ignore[override]
-        return self.inner.backend
-
-    @property
-    def model_name(self) -> str:  # type: ignore[override]
-        return self.inner.model_name
-
-    def generate(self, conversations, sampling=Sampling(), *, prefixes=None, progress=False):
-        return self.inner.generate(conversations, sampling, prefixes=prefixes, progress=progress)
-
-    def score(self, conversations, options, *, prefixes=None, progress=False):
-        return self.inner.score(conversations, options, prefixes=prefixes, progress=progress)
-
-    def describe(self) -> dict[str, Any]:
-        return self.inner.describe()
-
-
 def stage_records(
     ctx: StageContext,
     stage: str,
