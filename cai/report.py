@@ -396,6 +396,11 @@ def _feedback_section(inputs: Inputs, plots: Path, notes: list[str]) -> list[Sec
         )
         plot_consistency(values, plots / "consistency.png")
         section.images.append(Image("consistency.png", "Judge position consistency"))
+    elif any(r.get("scores") is not None for r in inputs.judged):
+        notes.append(
+            f"{len(inputs.judged)} judged pairs, labelled pointwise (each response scored alone, "
+            "no order shown): no position-consistency figure."
+        )
     else:
         notes.append(
             "No judged pairs (stages/judge.jsonl) and no evaluated comparisons: "

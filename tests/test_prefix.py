@@ -49,6 +49,25 @@ def test_prefix_tree_by_hand():
     assert prefix_tree([[5, 6]], 1) == ([], [None])
 
 
+def test_a_node_that_saves_too_little_leaves_its_tokens_to_its_children():
+    prompts = [[1, 2, 3, 4, 5, 6], [1, 2, 3, 4, 5, 7], [1, 2, 3, 9, 9], [8, 8, 8]]
+    prompts += [[1, 2, 3, 4, 5, 6], [8, 8, 9, 9, 9, 9, 9], [7]]
+
+    def tree(min_saved):
+        nodes, deepest = prefix_tree(prompts, 2, min_saved)
+        return [(n.parent, n.start, n.end, sorted(n.rows)) for n in nodes], deepest
+
+    # Savings: [1,2,3] 3 tokens for 3 more rows = 9; [4,5] under it 2 × 2 = 4; [8,8] 2 × 1 = 2.
+    assert tree(3) == (
+        [(None, 0, 3, [0, 1, 2, 4]), (0, 3, 5, [0, 1, 4])],
+        [1, 1, 0, None, 1, None, None],
+    )
+    assert tree(5) == ([(None, 0, 3, [0, 1, 2, 4])], [0, 0, 0, None, 0, None, None])
+    # [1,2,3] alone saves 9 < 10; the rows that share [1..5] save 2 × 5 = 10 as one node.
+    assert tree(10) == ([(None, 0, 5, [0, 1, 4])], [0, 0, None, None, 0, None, None])
+    assert tree(11) == ([], [None] * 7)
+
+
 def test_sharing_order_keeps_sharers_together_longest_first():
     prompts = [[1, 2, 3, 4, 5, 6], [8, 8, 8], [1, 2, 3, 9, 9], [8, 8, 9, 9, 9, 9, 9], [1, 2, 3, 4]]
     # Group [1,2,3]: longest 6; group [8,8]: longest 7 goes first, each longest first inside.
@@ -64,7 +83,9 @@ def test_sharing_order_keeps_sharers_together_longest_first():
 def tiny_engines(tiny_model):
     """(reuse on, reuse off) over one model; min_shared_prefix 4 makes deep trees of short
     prompts."""
-    on = create_engine("hf", model=tiny_model, dtype="float32", min_shared_prefix=4)
+    on = create_engine(
+        "hf", model=tiny_model, dtype="float32", min_shared_prefix=4, min_prefix_saving=0
+    )
     off = copy.copy(on)
     off.prefix_reuse = False
     assert on.describe()["prefix_reuse"] and not off.describe()["prefix_reuse"]
@@ -148,6 +169,33 @@ def test_reuse_gives_the_same_scores_and_texts(tiny_engines, batch):
         for e in (on, off)
     )
     assert got == want
+
+
+def test_a_prefix_kept_from_an_earlier_call_is_not_computed_again(tiny_model):
+    on = create_engine(
+        "hf", model=tiny_model, dtype="float32", min_shared_prefix=4, min_prefix_saving=0
+    )
+    off = copy.copy(on)
+    off.prefix_reuse = False
+    batch = BATCHES["shared"]
+    want = [s.probs() for s in off.score(batch, ["A", "B"])]
+    runs = []
+    for conversations in (batch, batch, batch[2:4], batch):
+        got, ran = fed_tokens(on, lambda c=conversations: on.score(c, ["A", "B"]))
+        runs.append(ran)
+        for g, w in zip(got, [want[batch.index(c)] for c in conversations], strict=True):
+            assert max(abs(a - b) for a, b in zip(g.probs(), w, strict=True)) < TOLERANCE
+    prompts = [on.encoder.encode(on.encoder.render_text(c)) for c in batch]
+    [root, *_], _ = prefix_tree(prompts, on.min_shared_prefix)
+    assert root.parent is None and root.end > 10
+    assert runs[1] == runs[0] - root.end  # the second call continues the kept root
+    # A call whose prompts share a longer root continues the kept one (and keeps its own).
+    assert len(on.prefix_cache.entries) == 2
+    assert runs[3] == runs[1]
+    no_cache = copy.copy(on)
+    no_cache.prefix_cache = type(on.prefix_cache)(0)
+    _, full = fed_tokens(no_cache, lambda: no_cache.score(batch, ["A", "B"]))
+    assert full == runs[0]
 
 
 def test_a_mid_token_prefix_shares_only_the_tokens_both_encodings_have(tiny_engines):

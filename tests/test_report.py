@@ -217,6 +217,16 @@ def test_a_partial_run_says_what_is_missing(tmp_path, capsys):
     assert "No SFT model" not in md
 
 
+def test_pointwise_pairs_are_said_to_have_no_order_not_to_be_missing(tmp_path):
+    run = tmp_path / "run"
+    pointwise = {"consistent": None, "error": None, "scores": [0.4, -0.2], "p_a": 0.65}
+    _jsonl(run / "stages" / "judge.jsonl", [{"key": str(i), **pointwise} for i in range(3)])
+    write_report(run)
+    md = (run / "report.md").read_text()
+    assert "3 judged pairs, labelled pointwise" in md
+    assert "No judged pairs" not in md
+
+
 def test_not_a_run_directory_and_corrupt_files(tmp_path, capsys):
     with pytest.raises(ReportError, match="not a cai run directory"):
         write_report(tmp_path)

@@ -12,8 +12,11 @@ expanded once per option, in a single extra forward.
 Prefix reuse (``prefix_reuse``, on by default): prompts that share a token prefix (a stage's
 few-shot exemplars, a principle's text, a pair's conversation, a request's ``n`` samples) sit
 together in the micro-batches, and each shared prefix is computed once per micro-batch and its
-keys and values reused by every prompt under it (``cai.engine.prefix`` finds them). The results
-are those of the path without reuse up to float rounding.
+keys and values reused by every prompt under it (``cai.engine.prefix`` finds them). A prefix
+that saves fewer than ``min_prefix_saving`` tokens of compute is not run apart (its own forward
+costs more than its tokens in the batch's), and the last few root prefixes are kept between
+calls, so that a stage's chunks compute their common exemplars once. The results are those of
+the path without reuse up to float rounding.
 
 The decode loop pays for little besides the model: on the CPU, grouped key/value heads go to
 torch's attention without a copy per query head (``GROUPED_SDPA``), and the cache has room for
@@ -173,6 +176,44 @@ class _Row:
     generator: torch.Generator | None
 
 
+def _common_start(a: Sequence[int], b: Sequence[int]) -> int:
+    n, limit = 0, min(len(a), len(b))
+    while n < limit and a[n] == b[n]:
+        n += 1
+    return n
+
+
+class _PrefixCache:
+    """The keys and values of the last ``size`` root prefixes computed (per layer (keys, values),
+    each [1, heads, tokens, dim]; never written after they are kept): a call whose prompts start
+    with one of them continues it instead of computing it again."""
+
+    def __init__(self, size: int):
+        self.size = size
+        self.entries: dict[tuple[int, ...], list] = {}  # oldest first
+
+    def longest(self, tokens: tuple[int, ...]) -> tuple[int, list | None]:
+        """(n, keys and values of ``tokens[:n]``) for the longest start ``tokens`` shares with a
+        kept prefix (positions before n do not depend on the tokens after them, so a longer
+        kept prefix serves sliced); (0, None): none shares any."""
+        best, n = None, 0
+        for kept in self.entries:
+            common = _common_start(kept, tokens)
+            if common > n:
+                best, n = kept, common
+        if best is None:
+            return 0, None
+        self.entries[best] = self.entries.pop(best)  # used last: evicted last
+        return n, [(k[:, :, :n], v[:, :, :n]) for k, v in self.entries[best]]
+
+    def put(self, tokens: tuple[int, ...], kv: list) -> None:
+        if self.size:
+            self.entries.pop(tokens, None)
+            self.entries[tokens] = kv
+            while len(self.entries) > self.size:
+                del self.entries[next(iter(self.entries))]
+
+
 class HFEngine(Engine):
     """Engine on a transformers causal LM."""
 
@@ -189,11 +230,16 @@ class HFEngine(Engine):
         max_batch_tokens: int = 16384,
         prefix_reuse: bool = True,
         min_shared_prefix: int = 32,
+        min_prefix_saving: int = 64,
+        prefix_cache: int = 4,
         overflow: str = "raise",
     ):
         """``prefix_reuse``: compute each token prefix that prompts of a micro-batch share once
         (see the module docstring); ``min_shared_prefix``: the fewest tokens a shared prefix
-        must add to the one it extends to be computed apart."""
+        must add to the one it extends to be computed apart; ``min_prefix_saving``: the fewest
+        tokens of compute it must save (its own forward costs more than a few tokens more in
+        the batch's); ``prefix_cache``: the longest shared prefixes kept between calls (0:
+        none), so that a stage's calls compute their common exemplars once."""
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
         resolved = resolve_model(model)
@@ -203,10 +249,13 @@ class HFEngine(Engine):
         if overflow not in ("raise", "error"):
             raise ValueError(f"overflow must be 'raise' or 'error' (got {overflow!r})")
         self.overflow = overflow
-        if not isinstance(min_shared_prefix, int) or min_shared_prefix < 1:
-            raise ValueError(
-                f"min_shared_prefix must be an integer >= 1 (got {min_shared_prefix!r})"
-            )
+        for name, value, least in (
+            ("min_shared_prefix", min_shared_prefix, 1),
+            ("min_prefix_saving", min_prefix_saving, 0),
+            ("prefix_cache", prefix_cache, 0),
+        ):
+            if isinstance(value, bool) or not isinstance(value, int) or value < least:
+                raise ValueError(f"{name} must be an integer >= {least} (got {value!r})")
         self.tokenizer = AutoTokenizer.from_pretrained(resolved.path)
         self.model = AutoModelForCausalLM.from_pretrained(resolved.path, dtype=self.dtype)
         self.model.to(self.device).eval()
@@ -220,6 +269,8 @@ class HFEngine(Engine):
         self.max_batch_size = max_batch_size
         self.max_batch_tokens = max_batch_tokens
         self.min_shared_prefix = min_shared_prefix
+        self.min_prefix_saving = min_prefix_saving
+        self.prefix_cache = _PrefixCache(prefix_cache)
         # Reused keys and values are copied between caches, which a sliding-window or recurrent
         # layer's cache does not allow: such models take the path without reuse.
         layers = DynamicCache(config=self.model.config).layers
@@ -287,13 +338,15 @@ class HFEngine(Engine):
         A batch costs its padded rectangle: rows × (longest prompt + new tokens). With reuse, the
         tokens a row shares with a neighbour are not run for it, only kept as keys and values, so
         they count a quarter, and the rectangle is that of the tokens each row runs itself. A
-        shared prefix is computed once per batch, so its rows stay together where they fit."""
+        shared prefix is computed once per batch (or kept from an earlier one), so its rows stay
+        together where they fit."""
         if not self.prefix_reuse:
             order = sorted(rows, key=lambda r: len(r.prompt), reverse=True)
             links = [0] * (len(order) + 1)
         else:
             prompts = [r.prompt for r in rows]
-            order = [rows[i] for i in sharing_order(prompts, self.min_shared_prefix)]
+            nodes = sharing_order(prompts, self.min_shared_prefix, self.min_prefix_saving)
+            order = [rows[i] for i in nodes]
             # links[i]: the tokens order[i] shares with the row before it
             links = [0, *(shared_tokens(a.prompt, b.prompt) for a, b in pairwise(order)), 0]
         batch: list = []
@@ -341,19 +394,28 @@ class HFEngine(Engine):
         """
         nodes, deepest = ([], [None] * len(prompts))
         if self.prefix_reuse:
-            nodes, deepest = prefix_tree(prompts, self.min_shared_prefix)
+            nodes, deepest = prefix_tree(prompts, self.min_shared_prefix, self.min_prefix_saving)
         shared = []  # per node, per layer: (keys, values), each [1, heads, end, dim]
         for node in nodes:
-            ids = torch.tensor([prompts[node.row][node.start : node.end]], device=self.device)
+            start, past = node.start, None if node.parent is None else shared[node.parent]
+            if node.parent is None:  # the longest prefix of it kept from an earlier call
+                tokens = tuple(prompts[node.row][: node.end])
+                start, past = self.prefix_cache.longest(tokens)
+            if start == node.end:
+                shared.append(past)
+                continue
+            ids = torch.tensor([prompts[node.row][start : node.end]], device=self.device)
             out = self.model(
                 input_ids=ids,
-                position_ids=torch.arange(node.start, node.end, device=self.device)[None],
+                position_ids=torch.arange(start, node.end, device=self.device)[None],
                 # A new cache over the parent's tensors: the forward appends to its own.
-                past_key_values=None if node.parent is None else DynamicCache(shared[node.parent]),
+                past_key_values=None if past is None else DynamicCache(past),
                 use_cache=True,
                 logits_to_keep=1,
             )
             shared.append([(k, v) for k, v, _ in out.past_key_values])
+            if node.parent is None:
+                self.prefix_cache.put(tokens, shared[-1])
         starts = [0 if d is None else nodes[d].end for d in deepest]
         ids, mask, positions = self._left_pad(
             [p[start:] for p, start in zip(prompts, starts, strict=True)], starts

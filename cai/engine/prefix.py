@@ -48,11 +48,13 @@ def shared_tokens(a: Sequence[int], b: Sequence[int]) -> int:
 
 
 def prefix_tree(
-    prompts: Sequence[Sequence[int]], min_tokens: int
+    prompts: Sequence[Sequence[int]], min_tokens: int, min_saved: int = 0
 ) -> tuple[list[Node], list[int | None]]:
     """The shared prefixes of ``prompts``: nodes of at least ``min_tokens`` tokens beyond their
-    parent, each shared by at least two prompts, parents before children; and each prompt's
-    deepest node (None: it shares no prefix worth computing once).
+    parent, each shared by at least two prompts and saving at least ``min_saved`` tokens of
+    compute (a node of n prompts and t tokens saves (n - 1) × t; a smaller one is not a node of
+    its own, its tokens go to its children or its prompts), parents before children; and each
+    prompt's deepest node (None: it shares no prefix worth computing once).
 
     In lexicographic order the prompts under any prefix are contiguous, and the prefix a run of
     them shares is the least of their neighbours' common prefixes; so a node is a maximal run
@@ -63,28 +65,36 @@ def prefix_tree(
     common = [shared_tokens(prompts[a], prompts[b]) for a, b in pairwise(order)]
     nodes: list[Node] = []
     deepest: list[int | None] = [None] * len(prompts)
-    todo: list[tuple[int, int, int, int | None]] = [(0, len(prompts), 0, None)]
-    while todo:  # (lo, hi, start, parent): order[lo:hi] share prompt[:start], their parent's
-        lo, hi, start, parent = todo.pop()
+    # (lo, hi, start, need, parent): order[lo:hi] share prompt[:start], their parent's; a run
+    # inside them is a node when its neighbours share at least ``need`` tokens.
+    todo: list[tuple[int, int, int, int, int | None]] = [(0, len(prompts), 0, min_tokens, None)]
+    while todo:
+        lo, hi, start, need, parent = todo.pop()
         i = lo
         while i < hi:
             j = i
-            while j + 1 < hi and common[j] >= start + min_tokens:
+            while j + 1 < hi and common[j] >= need:
                 j += 1
             if j > i:
-                nodes.append(Node(parent, start, min(common[i:j]), order[i : j + 1]))
-                for r in nodes[-1].rows:
-                    deepest[r] = len(nodes) - 1
-                todo.append((i, j + 1, nodes[-1].end, len(nodes) - 1))
+                end = min(common[i:j])
+                if (j - i) * (end - start) < min_saved:  # too little saved: look deeper
+                    todo.append((i, j + 1, start, end + 1, parent))
+                else:
+                    nodes.append(Node(parent, start, end, order[i : j + 1]))
+                    for r in nodes[-1].rows:
+                        deepest[r] = len(nodes) - 1
+                    todo.append((i, j + 1, end, end + min_tokens, len(nodes) - 1))
             i = j + 1
     return nodes, deepest
 
 
-def sharing_order(prompts: Sequence[Sequence[int]], min_tokens: int) -> list[int]:
+def sharing_order(
+    prompts: Sequence[Sequence[int]], min_tokens: int, min_saved: int = 0
+) -> list[int]:
     """Prompt indices with the prompts under each shared prefix together (a walk of the prefix
     tree), longest first at every level: with no shared prefix, the prompts by length,
     longest first, so that consecutive prompts cut into micro-batches pad little."""
-    nodes, deepest = prefix_tree(prompts, min_tokens)
+    nodes, deepest = prefix_tree(prompts, min_tokens, min_saved)
     children: dict[int | None, list[tuple[int, bool, int]]] = {}
     longest = [max(len(prompts[r]) for r in n.rows) for n in nodes]
     for i, n in enumerate(nodes):
