@@ -7,8 +7,10 @@ timed). The critique workload is one critique → revision round over them (``Cr
 the harmless constitution's few-shot exemplars, greedy, up to --max-tokens per step); the judge
 workload labels the pairs (initial response, revision) with the multiple-choice log-prob judge,
 both orders. Both run on the same requests with reuse on and off (the HF engine's
-``prefix_reuse``; vLLM's prefix caching, an engine of each), after a one-request warm-up, each
-``--repeats`` times, the fastest run counting. On HF both engines are loaded and the runs
+``prefix_reuse``; vLLM's prefix caching, an engine of each), each ``--repeats`` times, the
+fastest run counting. Before each timed run the prefixes an engine keeps between calls are
+emptied and one warm-up request runs on a prompt that is not measured: each run starts where a
+stage's second chunk would (its exemplars kept), never with its own requests cached. On HF both engines are loaded and the runs
 alternate (on, off, then off, on), so that a change in the machine's load falls on both arms.
 
 On HF the table also gives the floor: the time with reuse less the time spent computing the
@@ -32,6 +34,7 @@ from cai.keys import record_key
 from cai.resources import resolve
 
 TOLERANCE = 1e-4
+WARM_RESPONSE = "I can help with that. Here is a short, careful answer to your question."
 
 
 def quickstart_prompts(count: int) -> list[str]:
@@ -66,9 +69,11 @@ class SharedPrefixTimer:
 class Arm:
     """One engine (reuse on or off) with the critique reviser and the judge over it."""
 
-    def __init__(self, args, reuse: bool, prompts: list[str], responses: list[str] | None):
+    def __init__(
+        self, args, reuse: bool, prompts: list[str], responses: list[str] | None, warm_up: str
+    ):
         options = {"enforce_eager": True} if args.backend == "vllm" else {}
-        self.reuse = reuse
+        self.args, self.reuse = args, reuse
         self.engine = create_engine(
             args.backend, model=args.model, dtype=args.dtype, prefix_reuse=reuse, **options
         )
@@ -86,8 +91,15 @@ class Arm:
             self.items.append(
                 RoundInput(key, conversation, response, self.reviser.principle_for(key))
             )
-        self.reviser.run_round(self.items[:1])  # warm-up
-        self.judge.label([(prompts[0], responses[0], responses[0] + ".")])
+        # The warm-up prompt is none of the measured ones: what an earlier chunk of the stage
+        # would have left in a prefix cache (its exemplars), and no more.
+        self.warm_item = RoundInput(
+            record_key(bench="prefix-warm-up"),
+            [{"role": "user", "content": warm_up}],
+            WARM_RESPONSE,
+            self.reviser.principle_for(record_key(bench="prefix-warm-up")),
+        )
+        self.warm_pair = (warm_up, WARM_RESPONSE, WARM_RESPONSE + " That is all I know.")
         self.timer = SharedPrefixTimer(self.engine) if args.backend == "hf" else None
         self.dtype = self.engine.describe().get("dtype")
         self.best: dict[str, dict] = {}
@@ -95,8 +107,23 @@ class Arm:
         self.p_a: list = []
         self.prompt_tokens = 0
 
+    def reset(self, workload: str) -> None:
+        """Empty the prefix caches kept between calls, then run the warm-up request of
+        ``workload``: each timed run starts where a stage's second chunk would, never with the
+        measured requests themselves kept from a run before."""
+        if self.args.backend == "hf":
+            self.engine.prefix_cache.entries.clear()
+        elif self.reuse:
+            self.engine.llm.reset_prefix_cache()
+        if workload == "critique":
+            self.reviser.run_round([self.warm_item])
+        else:
+            self.judge.label([self.warm_pair])
+
     def measure(self, workload: str) -> None:
-        """Run ``workload`` once; keep the fastest run's wall time (and its floor)."""
+        """Run ``workload`` once (after :meth:`reset`); keep the fastest run's wall time (and
+        its floor)."""
+        self.reset(workload)
         shared_before = self.timer.seconds if self.timer else 0.0
         start = time.perf_counter()
         if workload == "critique":
@@ -118,14 +145,14 @@ class Arm:
         self.engine.close()
 
 
-def measure_all(args, prompts: list[str]) -> tuple[Arm, Arm]:
+def measure_all(args, prompts: list[str], warm_up: str) -> tuple[Arm, Arm]:
     """Both arms over the same requests. HF: both engines loaded, the runs alternating (on, off,
     then off, on, ...) so that a change in the machine's load falls on both; vLLM: one engine
     at a time (each reserves its share of memory)."""
     workloads = ("critique", "judge")
     if args.backend == "hf":
-        on = Arm(args, True, prompts, None)
-        off = Arm(args, False, prompts, on.responses)
+        on = Arm(args, True, prompts, None, warm_up)
+        off = Arm(args, False, prompts, on.responses, warm_up)
         for workload in workloads:
             for rep in range(args.repeats):
                 for arm in (on, off) if rep % 2 == 0 else (off, on):
@@ -134,7 +161,7 @@ def measure_all(args, prompts: list[str]) -> tuple[Arm, Arm]:
         return on, off
     arms = []
     for reuse in (True, False):
-        arm = Arm(args, reuse, prompts, arms[0].responses if arms else None)
+        arm = Arm(args, reuse, prompts, arms[0].responses if arms else None, warm_up)
         try:
             for workload in workloads:
                 for _ in range(args.repeats):
@@ -154,8 +181,8 @@ def main() -> None:
     parser.add_argument("--max-tokens", type=int, default=64)
     parser.add_argument("--repeats", type=int, default=2, help="runs per arm (the fastest counts)")
     args = parser.parse_args()
-    prompts = quickstart_prompts(args.prompts)
-    on, off = measure_all(args, prompts)
+    *prompts, warm_up = quickstart_prompts(args.prompts + 1)
+    on, off = measure_all(args, prompts, warm_up)
     identical = {
         "critique": [r.to_dict() for r in on.rounds] == [r.to_dict() for r in off.rounds],
         "judge": all(abs(a - b) <= TOLERANCE for a, b in zip(on.p_a, off.p_a, strict=True)),
