@@ -196,6 +196,16 @@ def test_a_prefix_kept_from_an_earlier_call_is_not_computed_again(tiny_model):
     no_cache.prefix_cache = type(on.prefix_cache)(0)
     _, full = fed_tokens(no_cache, lambda: no_cache.score(batch, ["A", "B"]))
     assert full == runs[0]
+    # A kept prefix longer than the new root serves sliced: its first root.end positions.
+    longer = copy.copy(on)
+    longer.prefix_cache = type(on.prefix_cache)(4)
+    longer.score(batch[2:4], ["A", "B"])
+    [(kept, _)] = longer.prefix_cache.entries.items()
+    assert len(kept) > root.end
+    got, ran = fed_tokens(longer, lambda: longer.score(batch, ["A", "B"]))
+    assert ran == full - root.end
+    for g, w in zip(got, want, strict=True):
+        assert max(abs(a - b) for a, b in zip(g.probs(), w, strict=True)) < TOLERANCE
 
 
 def test_a_mid_token_prefix_shares_only_the_tokens_both_encodings_have(tiny_engines):
