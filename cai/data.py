@@ -48,6 +48,7 @@ import difflib
 import hashlib
 import json
 import logging
+import os
 import re
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -56,7 +57,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 from cai.engine.base import ROLES
-from cai.resources import resolve, shipped_names
+from cai.resources import resolve, shipped_dir, shipped_names
 
 log = logging.getLogger(__name__)
 
@@ -162,8 +163,16 @@ def load_prompts(
         meta = _meta(row, used, where)
         if reference:
             meta["reference"] = reference
-        records.append(PromptRecord(key, messages, where, meta))
+        records.append(PromptRecord(key, messages, _portable(where), meta))
     return _nonempty(records, dropped, source)
+
+
+def _portable(where: str) -> str:
+    """``where`` (``path:line``) with a shipped set's path written ``data/<file>``: a record's
+    source (which the exports carry, and so the trained models' data fingerprints) must not
+    depend on the folder cai is installed or checked out in."""
+    shipped = str(shipped_dir("data")) + os.sep
+    return "data/" + where[len(shipped) :] if where.startswith(shipped) else where
 
 
 def check_limit(limit: Any, name: str = "limit") -> None:

@@ -220,6 +220,9 @@ def test_shipped_sets(name):
     assert all(len(r.messages) == 1 and r.meta["category"] for r in records)
     if name == "false_premise":
         assert all(r.meta["false_premise"] for r in records)
+    # The source names the shipped file as data/<file>, not where cai is checked out: exports
+    # carry it, and a trained model's identity must not change with the folder.
+    assert [r.source for r in records[:2]] == [f"data/{name}.jsonl:1", f"data/{name}.jsonl:2"]
 
 
 def test_shipped_red_team_covers_ten_categories_and_no_prompt_is_in_two_sets():
