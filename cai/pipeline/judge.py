@@ -29,7 +29,7 @@ from statistics import fmean
 from typing import TYPE_CHECKING, Any, Literal
 
 from cai.config import FieldError, doc
-from cai.constitution import Constitution, check_pointwise, load_constitution
+from cai.constitution import load_constitution
 from cai.data import PromptRecord
 from cai.export import export_dataset
 from cai.judge import (
@@ -37,7 +37,6 @@ from cai.judge import (
     JudgePair,
     JudgeSettings,
     check_clamp,
-    check_ensemble,
     check_margin,
 )
 from cai.keys import model_key, model_name, record_key
@@ -150,34 +149,26 @@ def labeller(ctx: StageContext) -> dict[str, str]:
     return {"judge": judge_model(ctx)} if spec is None else {"labeller": spec}
 
 
-def prepare(ctx: StageContext) -> Constitution:
-    """The judge's constitution, checked to have ``ensemble`` judge principles."""
-    judge = ctx.recipe.stages.judge
-    constitution = load_constitution(judge.constitution or ctx.recipe.constitution)
+def prepare(ctx: StageContext) -> JudgeSettings:
+    """The stage's judge settings (what its record keys hold, known without loading a model),
+    checked once before the run: ``ensemble`` judge principles, a score question for each when
+    pointwise."""
+    stage = ctx.recipe.stages.judge
     try:
-        check_ensemble(constitution, judge.ensemble, judge.principles)
-        if judge.settings["mode"] == "pointwise":
-            check_pointwise(constitution, judge.principles)
+        return JudgeSettings(
+            load_constitution(stage.constitution or ctx.recipe.constitution),
+            ensemble=stage.ensemble,
+            seed=ctx.recipe.seed,
+            cot=stage.cot,
+            cot_max_tokens=stage.cot_max_tokens,
+            clamp=tuple(stage.clamp) if stage.clamp is not None else None,
+            tie_margin=stage.tie_margin,
+            few_shot=stage.few_shot,
+            **stage.settings,
+            principles=stage.principles,
+        )
     except ValueError as e:
         raise PipelineError(f"stages.judge: {e}") from None
-    return constitution
-
-
-def judge_settings(ctx: StageContext) -> JudgeSettings:
-    """The stage's judge settings: what its record keys hold, known without loading a model."""
-    stage = ctx.recipe.stages.judge
-    return JudgeSettings(
-        ctx.prepared["judge"],
-        ensemble=stage.ensemble,
-        seed=ctx.recipe.seed,
-        cot=stage.cot,
-        cot_max_tokens=stage.cot_max_tokens,
-        clamp=tuple(stage.clamp) if stage.clamp is not None else None,
-        tie_margin=stage.tie_margin,
-        few_shot=stage.few_shot,
-        **stage.settings,
-        principles=stage.principles,
-    )
 
 
 def pair_items(
@@ -214,7 +205,7 @@ def run(ctx: StageContext, tally: StageTally) -> None:
     this is a shard)."""
     stage = ctx.recipe.stages.judge
     samples = ctx.outputs["sample"]
-    settings = judge_settings(ctx)
+    settings: JudgeSettings = ctx.prepared["judge"]
     items = pair_items(ctx, settings, samples)
     judge: Judge | None = None  # its engine loads on the first chunk with pairs to judge
 
@@ -385,7 +376,7 @@ def _preference_row(
             "pair_key": record["key"],
             "selection": selection,
             **judged,
-            "constitution": ctx.prepared["judge"].name,
+            "constitution": ctx.prepared["judge"].constitution.name,
             **ctx.round_key(),
             "judge_model": record["judge_model"],
             # From the record, as the judge model is: the export (what train_reward and
@@ -496,7 +487,7 @@ def plan(ctx: StageContext) -> list[str]:
                 how += f", {judge.settings['calibration']} calibration"
         labels = (
             f"  judge: {how} ({done} pairs done); constitution "
-            f"{ctx.prepared['judge'].name!r}, model {judge_model(ctx)}"
+            f"{ctx.prepared['judge'].constitution.name!r}, model {judge_model(ctx)}"
         )
     return [
         labels,
