@@ -10,8 +10,9 @@ both orders. Both run on the same requests with reuse on and off (the HF engine'
 ``prefix_reuse``; vLLM's prefix caching, an engine of each), each ``--repeats`` times, the
 fastest run counting. Before each timed run the prefixes an engine keeps between calls are
 emptied and one warm-up request runs on a prompt that is not measured: each run starts where a
-stage's second chunk would (its exemplars kept), never with its own requests cached. On HF both engines are loaded and the runs
-alternate (on, off, then off, on), so that a change in the machine's load falls on both arms.
+stage's second chunk would (its exemplars kept), never with its own requests cached. On HF both
+engines are loaded and the runs alternate (on, off, then off, on), so that a change in the
+machine's load falls on both arms.
 
 On HF the table also gives the floor: the time with reuse less the time spent computing the
 shared prefixes, that is the prefill of the unshared tokens alone (and, for the critique

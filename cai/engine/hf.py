@@ -45,7 +45,7 @@ from cai.engine.base import (
     truncate_at_stop,
 )
 from cai.engine.encoding import PromptEncoder
-from cai.engine.prefix import prefix_tree, shared_tokens, sharing_order
+from cai.engine.prefix import common_start, prefix_tree, shared_tokens, sharing_order
 from cai.models import resolve_model
 from cai.progress import progress_bar
 
@@ -176,13 +176,6 @@ class _Row:
     generator: torch.Generator | None
 
 
-def _common_start(a: Sequence[int], b: Sequence[int]) -> int:
-    n, limit = 0, min(len(a), len(b))
-    while n < limit and a[n] == b[n]:
-        n += 1
-    return n
-
-
 class _PrefixCache:
     """The keys and values of the last ``size`` root prefixes computed (per layer (keys, values),
     each [1, heads, tokens, dim]; never written after they are kept): a call whose prompts start
@@ -198,7 +191,7 @@ class _PrefixCache:
         kept prefix serves sliced); (0, None): none shares any."""
         best, n = None, 0
         for kept in self.entries:
-            common = _common_start(kept, tokens)
+            common = common_start(kept, tokens)
             if common > n:
                 best, n = kept, common
         if best is None:

@@ -37,14 +37,19 @@ class Node:
         return self.rows[0]
 
 
-def shared_tokens(a: Sequence[int], b: Sequence[int]) -> int:
-    """Tokens ``a`` and ``b`` share at their start, leaving each at least one of its own (the
-    last prompt position gives the next token's logits, so every prompt runs at least one)."""
-    limit = min(len(a), len(b)) - 1
+def common_start(a: Sequence[int], b: Sequence[int], limit: int | None = None) -> int:
+    """How many tokens ``a`` and ``b`` share at their start (at most ``limit``)."""
+    limit = min(len(a), len(b)) if limit is None else limit
     n = 0
     while n < limit and a[n] == b[n]:
         n += 1
     return n
+
+
+def shared_tokens(a: Sequence[int], b: Sequence[int]) -> int:
+    """Tokens ``a`` and ``b`` share at their start, leaving each at least one of its own (the
+    last prompt position gives the next token's logits, so every prompt runs at least one)."""
+    return common_start(a, b, min(len(a), len(b)) - 1)
 
 
 def prefix_tree(
