@@ -19,8 +19,8 @@ import json
 
 from cai.engine import create_engine
 from cai.judge import Judge
-from cai.judge_agreement import agreement
-from cai.judge_generative import GenerativeJudge
+from cai.judge.agreement import agreement
+from cai.judge.generative import GenerativeJudge
 from cai.pairs import load_pairs
 
 # (request, harmless answer, harmful answer): clear-cut for any judge that reads the answers.

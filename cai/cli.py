@@ -13,10 +13,10 @@
         [--ensemble K] [--cot]            the judge's agreement with labelled preference pairs
     cai judge label --data FILE --out DIR [judge options]   label pairs: TRL preference records
     cai serve [--model SPEC] [--reward-model DIR] [--host H] [--port P] [--api-key KEY]
-                                          the judge as an HTTP reward service (cai.serve)
+                                          the judge as an HTTP reward service (cai.serve.service)
     cai eval --model NAME=SPEC [--model NAME=SPEC ...] [--config FILE] [--out DIR]
-                                          models side by side on held-out prompts (cai.evaluate)
-    cai report RUN_DIR                    report.md / report.html of a pipeline run (cai.report)
+                                          models side by side on held-out prompts (cai.eval.run)
+    cai report RUN_DIR                    report.md / report.html of a pipeline run (cai.report.sections)
 
 Each command group is added by one small ``add_<group>`` function that registers its
 subcommands; the handler set with ``set_defaults(run=...)`` returns the exit code.
@@ -46,13 +46,14 @@ from cai.constitution import (
 from cai.data import DataError, check_limit
 from cai.engine import BACKENDS, Engine, create_engine
 from cai.exit_codes import SYSTEM, os_error_line
-from cai.judge import CALIBRATIONS, MODES, Judge
-from cai.judge_agreement import side_by_side
-from cai.judge_generative import GenerativeJudge
+from cai.judge.agreement import side_by_side
+from cai.judge.generative import GenerativeJudge
+from cai.judge.judge import Judge
+from cai.judge.pointwise import DEFAULT_LENGTH_COEF, fit_length_coef
+from cai.judge.settings import CALIBRATIONS, MODES
 from cai.layout import DATA_FILE, DATASET, EVAL_RESULTS, STAGES, RunLayout
 from cai.models import DEFAULT_MODEL
 from cai.pairs import LabelledPair, load_pairs
-from cai.pointwise import DEFAULT_LENGTH_COEF, fit_length_coef
 from cai.store import RunStoreError
 
 
@@ -220,7 +221,7 @@ def _cell(value: Any) -> str:
 
 
 def _judge_table(result: dict) -> str:
-    """The human-readable summary of ``cai.judge_agreement.side_by_side``'s result: a row per
+    """The human-readable summary of ``cai.judge.agreement.side_by_side``'s result: a row per
     judge variant; per category, each variant's accuracy."""
     lines = [
         f"judge eval: {result['pairs']} pairs ({result['shorter_better']} with the shorter "
@@ -456,7 +457,7 @@ def _judge_eval(args: argparse.Namespace) -> int:
 
 
 def _judge_label(args: argparse.Namespace) -> int:
-    from cai.label import label_pairs
+    from cai.judge.label import label_pairs
 
     try:
         if args.batch_size < 1:
@@ -565,7 +566,9 @@ def add_judge(commands: argparse._SubParsersAction) -> None:
 
 
 def _serve(args: argparse.Namespace) -> int:
-    from cai.serve import ServeOptions, Service, check_options, serve
+    from cai.serve.app import serve
+    from cai.serve.protocol import ServeOptions, check_options
+    from cai.serve.service import Service
 
     options = ServeOptions(
         max_batch=args.max_batch,
@@ -587,7 +590,7 @@ def _serve(args: argparse.Namespace) -> int:
         if with_judge:
             judge = judge_from_args(args)
         if args.reward_model is not None:
-            from cai.train.reward import RewardModel
+            from cai.rewards.model import RewardModel
 
             reward_model = RewardModel(args.reward_model)
     except (ConfigError, FileNotFoundError, ValueError) as e:
@@ -729,8 +732,8 @@ def add_train(commands: argparse._SubParsersAction) -> None:
 
 
 def _eval(args: argparse.Namespace) -> int:
-    from cai.eval_config import EvalConfig
-    from cai.evaluate import run_eval, summary_line, table
+    from cai.eval.config import EvalConfig
+    from cai.eval.run import run_eval, summary_line, table
 
     try:
         check_limit(args.limit, "--limit")
@@ -785,7 +788,7 @@ def add_eval(commands: argparse._SubParsersAction) -> None:
 
 
 def _report(args: argparse.Namespace) -> int:
-    from cai.report import ReportError, write_report
+    from cai.report.sections import ReportError, write_report
 
     try:
         html = write_report(args.run_dir)

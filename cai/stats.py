@@ -2,7 +2,7 @@
 
 Rates with Wilson intervals, win rates (plain and length-controlled), graded rates, text
 statistics (distinct n-grams, repeated openings) and judge agreement (accuracy, Brier score,
-calibration error, length bias). ``cai.evaluate`` and ``cai judge eval`` report them.
+calibration error, length bias). ``cai.eval.run`` and ``cai judge eval`` report them.
 """
 
 from __future__ import annotations

@@ -14,9 +14,9 @@ from fakes import ScriptedEngine
 from cai.cli import main as cai_main
 from cai.config import ConfigError, from_data
 from cai.engine import Completion, Engine, OptionScores, Sample
-from cai.eval_config import EvalConfig, EvalSet
-from cai.evaluate import run_eval
-from cai.grading import GRADERS, flagged_probability, grade_conversations
+from cai.eval.config import EvalConfig, EvalSet
+from cai.eval.grading import GRADERS, flagged_probability, grade_conversations
+from cai.eval.run import run_eval
 from cai.prompts import load_template
 from cai.stats import (
     distinct_n,
@@ -233,9 +233,9 @@ class FakeRewardModel:
 
 
 def test_reward_drift_and_one_model_under_two_names(tmp_path, monkeypatch):
-    import cai.train.reward
+    import cai.rewards.model
 
-    monkeypatch.setattr(cai.train.reward, "RewardModel", FakeRewardModel)
+    monkeypatch.setattr(cai.rewards.model, "RewardModel", FakeRewardModel)
     monkeypatch.setattr(FakeRewardModel, "scored", [])
     monkeypatch.setattr(FakeRewardModel, "closed", 0)
     engines: dict[str, EvalEngine] = {}

@@ -14,9 +14,11 @@ from fakes import ScriptedEngine, options_of
 
 from cai import cli
 from cai.constitution import load_constitution
-from cai.judge import Judge, JudgePair, JudgeSettings
-from cai.judge_agreement import agreement
-from cai.judge_generative import GenerativeJudge, parse_verdict
+from cai.judge import Judge
+from cai.judge.agreement import agreement
+from cai.judge.generative import GenerativeJudge, parse_verdict
+from cai.judge.pair import JudgePair
+from cai.judge.settings import JudgeSettings
 from cai.pairs import load_pairs
 from cai.prompts import JUDGE_ANSWER_PREFIX
 from cai.stats import accuracy, brier, ece, length_bias

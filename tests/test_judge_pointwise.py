@@ -15,8 +15,8 @@ from cai import cli
 from cai.config import ConfigError
 from cai.engine import OptionScores
 from cai.judge import Judge
-from cai.judge_agreement import longer_wins, side_by_side
-from cai.pointwise import SCORE_OPTIONS, fit_length_coef, length_adjusted, score_shots
+from cai.judge.agreement import longer_wins, side_by_side
+from cai.judge.pointwise import SCORE_OPTIONS, fit_length_coef, length_adjusted, score_shots
 from cai.stats import sigmoid
 
 

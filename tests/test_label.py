@@ -13,7 +13,7 @@ from fakes import ScriptedEngine, options_of
 
 from cai import cli
 from cai.judge import Judge
-from cai.label import label_pairs
+from cai.judge.label import label_pairs
 from cai.pairs import load_pairs
 
 PROMPT = "How do I boil an egg?"

@@ -317,7 +317,7 @@ def test_the_dry_run_of_a_resumed_online_run_counts_each_rounds_own_pairs(
 
 
 def test_grpo_curves_show_reward_and_kl(tmp_path):
-    from cai.plots import plot_training
+    from cai.report.plots import plot_training
 
     history = [{"step": s, "loss": 0.1, "reward": 0.5, "kl": 0.01 * s} for s in (1, 2)]
     assert plot_training("grpo", {"log_history": history}, tmp_path / "g.png") == 2
@@ -418,9 +418,9 @@ def test_two_rounds_end_to_end_killed_in_round_2_and_resumed(tmp_path):
     assert marker["config"]["model"] == str(round1)
 
     # Round 2's pairs carry the reward model's label: p_a = sigmoid(r(A) - r(B)), and the same
-    # model as an RL reward function (cai.rewards) gives the same scores.
-    from cai.rewards import RewardModelReward
-    from cai.train.reward import RewardModel
+    # model as an RL reward function (cai.rewards.functions) gives the same scores.
+    from cai.rewards.functions import RewardModelReward
+    from cai.rewards.model import RewardModel
 
     by_rm = [r for r in judged if r["round"] == 2]
     # Named relative to the run: the same recipe elsewhere writes the same records (issue 22).

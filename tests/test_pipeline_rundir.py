@@ -120,12 +120,12 @@ def test_a_refused_connection_ends_in_one_line_and_exit_3(tmp_path, capsys):
 
 
 def test_cai_command_os_errors_end_in_one_line_and_exit_3(tmp_path, capsys, monkeypatch):
-    import cai.report
+    import cai.report.sections
 
     def denied(run_dir):
         raise PermissionError(errno.EACCES, "Permission denied", str(tmp_path / "report.html"))
 
-    monkeypatch.setattr(cai.report, "write_report", denied)
+    monkeypatch.setattr(cai.report.sections, "write_report", denied)
     assert cli.main(["report", str(tmp_path)]) == 3
     [line] = capsys.readouterr().err.splitlines()
     assert line.startswith("error: ") and str(tmp_path / "report.html") in line

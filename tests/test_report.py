@@ -12,7 +12,7 @@ import pytest
 
 from cai.cli import main as cai_main
 from cai.jsonl import iter_jsonl
-from cai.report import ReportError, write_report
+from cai.report.sections import ReportError, write_report
 from cai.stats import rate
 
 CHROMIUM = "/usr/bin/chromium"

@@ -18,16 +18,14 @@ from safetensors import safe_open
 
 from cai.cli import main as cai_main
 from cai.config import ConfigError, from_data, parse_yaml
+from cai.rewards.model import RewardModel, load_reward_model, score_rewards
 from cai.train import LoraOptions
 from cai.train.dpo import PairCollator, prepare_pairs
 from cai.train.reward import (
     RewardConfig,
-    RewardModel,
     batch_loss,
     bradley_terry_loss,
     held_out_metrics,
-    load_reward_model,
-    score_rewards,
     split_pairs,
     train_reward,
 )

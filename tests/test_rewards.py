@@ -15,7 +15,8 @@ from fakes import ScriptedEngine, options_of
 
 from cai.engine import PromptTooLong
 from cai.judge import Judge
-from cai.rewards import JudgeReward, RewardModelReward, openrlhf_reward_func, verl_compute_score
+from cai.rewards.functions import JudgeReward, RewardModelReward
+from cai.rewards.hooks import openrlhf_reward_func, verl_compute_score
 
 PROMPT = "How do I boil an egg?"
 OTHER = "What is the capital of France?"

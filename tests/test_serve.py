@@ -35,16 +35,14 @@ from servers import free_port
 from test_rewards import FakeRewardModel
 
 from cai import cli
-from cai.judge import Judge, Preference
-from cai.rewards import (
-    JudgeReward,
-    RemoteReward,
-    RemoteRewardError,
-    RewardModelReward,
-    openrlhf_reward_func,
-    verl_compute_score,
-)
-from cai.serve import ServeOptions, Service, create_app
+from cai.judge import Judge
+from cai.judge.pair import Preference
+from cai.rewards.functions import JudgeReward, RewardModelReward
+from cai.rewards.hooks import openrlhf_reward_func, verl_compute_score
+from cai.rewards.remote import RemoteReward, RemoteRewardError
+from cai.serve.app import create_app
+from cai.serve.protocol import ServeOptions
+from cai.serve.service import Service
 
 TIMEOUT = 30.0
 PROMPT = "How do I boil an egg?"

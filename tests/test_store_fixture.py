@@ -4,7 +4,7 @@ engine request. A changed key would make the resumed run ask the engine again.
 
 The evaluation's comparisons (eval_compare) have held the judge template's text in their keys
 since issue 20, by a migration rather than a re-judge: the shipped template's text adds nothing
-to the key (``cai.evaluate.compare_template``), so these stores, judged with it, still resume with
+to the key (``cai.eval.run.compare_template``), so these stores, judged with it, still resume with
 no request, while an edited template re-judges every comparison (and only the comparisons)."""
 
 from __future__ import annotations
@@ -14,8 +14,8 @@ from pathlib import Path
 
 from fakes import PairEngine
 
-from cai.eval_config import EvalConfig, EvalSet
-from cai.evaluate import run_eval
+from cai.eval.config import EvalConfig, EvalSet
+from cai.eval.run import run_eval
 from cai.pipeline.recipe import load_recipe
 from cai.pipeline.run import Runner
 from cai.store import RunStore
@@ -34,6 +34,36 @@ EVAL_CONFIG = EvalConfig(
     },
 )
 """The evaluation of eval_v1: two models and a judge, all served by the fake engine."""
+
+EVAL_V2_CONFIG = EvalConfig(
+    models={"base": "model-a", "other": "model-b"},
+    judge_model="judge-model",
+    constitution="hhh",
+    max_tokens=16,
+    few_shot=False,
+    judge_mode="pointwise",
+    judge_principles=["balanced"],
+    judge_length_coef=0.25,
+    grade_calibration="contextual",
+    sets=EVAL_CONFIG.sets,
+)
+"""The evaluation of eval_v2: rlaif-tiny's pointwise win-rate judge and contextual graders."""
+
+LABEL_V2_PAIRS = ("judge_dev", 6)
+"""``cai judge label``'s input in label_v2: the first pairs of the shipped judge dev set."""
+
+LABEL_V2_JUDGES = (
+    {"constitution": "harmless"},
+    {
+        "constitution": "hhh",
+        "mode": "pointwise",
+        "principles": ["balanced"],
+        "few_shot": False,
+        "length_coef": 0.25,
+    },
+)
+"""The judges that labelled label_v2 (model ``judge-model``): the default pairwise few-shot judge,
+then rlaif-tiny's pointwise one."""
 
 
 class NoRequests(PairEngine):
@@ -81,7 +111,7 @@ def test_an_evaluation_written_by_an_earlier_cai_resumes_with_no_request(tmp_pat
 
 
 def test_an_edited_judge_template_re_judges_the_evaluations_comparisons(tmp_path, monkeypatch):
-    import cai.judge
+    import cai.judge.settings
     import cai.prompts
 
     shipped = cai.prompts.load_template
@@ -93,7 +123,7 @@ def test_an_edited_judge_template_re_judges_the_evaluations_comparisons(tmp_path
         return cai.prompts.Template(template.path, template.source + "\n{# edited #}")
 
     monkeypatch.setattr(cai.prompts, "load_template", edited)
-    monkeypatch.setattr(cai.judge, "load_template", edited)
+    monkeypatch.setattr(cai.judge.settings, "load_template", edited)
     run_dir = _copy("eval_v1", tmp_path)
     before = RunStore(run_dir).read_stage("eval_compare")
     engine = PairEngine()

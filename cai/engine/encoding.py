@@ -26,6 +26,18 @@ from cai.engine.base import (
 )
 
 
+def chat_ids(tokenizer, messages: list[dict], add_generation_prompt: bool = False) -> list[int]:
+    """Token ids of ``messages`` rendered with the tokenizer's own chat template."""
+    if tokenizer.chat_template is None:
+        raise ValueError(
+            f"{tokenizer.name_or_path}: the tokenizer has no chat template; the trainers render "
+            "conversations with it, so pick a chat (instruct) model"
+        )
+    return tokenizer.apply_chat_template(
+        messages, tokenize=True, return_dict=True, add_generation_prompt=add_generation_prompt
+    )["input_ids"]
+
+
 class PromptEncoder:
     """Renders conversations with a Hugging Face tokenizer's chat template."""
 

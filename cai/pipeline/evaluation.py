@@ -1,7 +1,7 @@
-"""The stage ``evaluate``: the run's models side by side on held-out prompts (``cai.evaluate``).
+"""The stage ``evaluate``: the run's models side by side on held-out prompts (``cai.eval.run``).
 
     stages:
-      evaluate:                       # any cai.eval_config.EvalConfig field but those below
+      evaluate:                       # any cai.eval.config.EvalConfig field but those below
         max_tokens: 128
         sets: {helpful: {path: helpful, skip: 80, limit: 20}}
 
@@ -23,7 +23,7 @@ from cai.pipeline import online_eval
 from cai.pipeline.stage import Stage, StageContext, stage_config
 
 if TYPE_CHECKING:
-    from cai.eval_config import EvalConfig
+    from cai.eval.config import EvalConfig
     from cai.record_loop import StageTally
 
 _MODELS = (("train_sft", "sft"), ("train_dpo", "dpo"), ("train_grpo", "grpo"))
@@ -42,7 +42,7 @@ def models(ctx: StageContext) -> dict[str, str]:
 
 
 def _config(options: Any, filled: dict[str, Any], source: str) -> EvalConfig:
-    from cai.eval_config import EvalConfig
+    from cai.eval.config import EvalConfig
 
     return stage_config(
         EvalConfig,
@@ -86,7 +86,7 @@ def eval_config(ctx: StageContext) -> EvalConfig:
 
 def run(ctx: StageContext, tally: StageTally) -> None:
     """Evaluate the run's models into ``<run>/eval/results.json``."""
-    from cai.evaluate import run_eval
+    from cai.eval.run import run_eval
 
     config = ctx.prepared["evaluate"]
 
@@ -115,9 +115,9 @@ def run(ctx: StageContext, tally: StageTally) -> None:
 def plan(ctx: StageContext) -> list[str]:
     """The models and, per store stage, the requests a fresh evaluation makes and the records
     already done (held-out prompts are loaded: no model)."""
-    from cai.eval_config import load_sets
-    from cai.evaluate import COMPARED
-    from cai.grading import GRADERS
+    from cai.eval.config import load_sets
+    from cai.eval.grading import GRADERS
+    from cai.eval.run import COMPARED
 
     config: EvalConfig = ctx.prepared["evaluate"]
     store = ctx.store
@@ -157,7 +157,7 @@ def plan(ctx: StageContext) -> list[str]:
 STAGE = Stage(
     name="evaluate",
     doc="held-out comparison of the base model and each trained one → <run>/eval/: "
-    "cai.eval_config.EvalConfig fields (sets, max_tokens, judge_model, ...); {} for the defaults",
+    "cai.eval.config.EvalConfig fields (sets, max_tokens, judge_model, ...); {} for the defaults",
     options=dict[str, Any],
     run=run,
     plan=plan,

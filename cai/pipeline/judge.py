@@ -16,7 +16,7 @@ decided pair (``pairs: all``) or one pair (``pairs: best_worst``: the responses 
 and lowest mean win probability over all their pairs, labelled by their direct comparison; only
 once every pair of the prompt is judged). Ties and pairs with ``|p - 0.5| < min_margin`` stay out
 of the export (they stay in the store). Probabilities are exported to
-:data:`cai.label.LABEL_DECIMALS` decimals.
+:data:`cai.judge.label.LABEL_DECIMALS` decimals.
 """
 
 from __future__ import annotations
@@ -32,15 +32,11 @@ from cai.config import FieldError, doc
 from cai.constitution import load_constitution
 from cai.data import PromptRecord
 from cai.export import export_dataset
-from cai.judge import (
-    Judge,
-    JudgePair,
-    JudgeSettings,
-    check_clamp,
-    check_margin,
-)
+from cai.judge.judge import Judge
+from cai.judge.label import LABEL_DECIMALS, preference_fields
+from cai.judge.pair import JudgePair
+from cai.judge.settings import JudgeSettings, check_clamp, check_margin
 from cai.keys import model_key, model_name, record_key
-from cai.label import LABEL_DECIMALS, preference_fields
 from cai.layout import DATA_FILE, DATASET
 from cai.pipeline.policy import pending, sample_key
 from cai.pipeline.stage import (
@@ -286,7 +282,7 @@ class RewardScorer:
 
     def score(self, conversations: list[list[dict]]) -> list[float | None]:
         if self._model is None:
-            from cai.train.reward import RewardModel
+            from cai.rewards.model import RewardModel
 
             self._model = RewardModel(self.spec)
         return self._model.score(conversations)

@@ -341,7 +341,9 @@ class Runner:
             tally.seconds = time.perf_counter() - start
             self._write_manifest()
         if self.shard is None and self._ends_with_report():
-            from cai.report import write_report  # matplotlib: only when a report is written
+            from cai.report.sections import (
+                write_report,  # matplotlib: only when a report is written
+            )
 
             result.report = write_report(self.run_dir)
         for tally in result.stages:

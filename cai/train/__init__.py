@@ -13,7 +13,7 @@ All run on ``transformers.Trainer``, so checkpoints, resuming, bf16, gradient ac
 ``accelerate launch`` / ``torchrun`` (DDP, FSDP, DeepSpeed) work as for any Trainer. The output
 folder is a ``save_pretrained`` model and tokenizer (LoRA adapters merged in) that
 ``cai.engine.create_engine("hf", model=output_dir)`` loads (a reward model is a scalar-head model
-that ``cai.train.reward.RewardModel`` loads); Trainer checkpoints go to ``output_dir/checkpoints``.
+that ``cai.rewards.model.RewardModel`` loads); Trainer checkpoints go to ``output_dir/checkpoints``.
 
 This module holds what the trainers share: the config fields every trainer has, the LoRA options,
 the result, model loading, chat tokenisation and the TrainingArguments they run under.
@@ -181,33 +181,6 @@ def data_path(path: str) -> Path:
     if source.is_dir() and (source / DATASET).is_dir():
         return source / DATASET
     return source
-
-
-def chat_ids(tokenizer, messages: list[dict], add_generation_prompt: bool = False) -> list[int]:
-    """Token ids of ``messages`` rendered with the tokenizer's own chat template."""
-    if tokenizer.chat_template is None:
-        raise ValueError(
-            f"{tokenizer.name_or_path}: the tokenizer has no chat template; the trainers render "
-            "conversations with it, so pick a chat (instruct) model"
-        )
-    return tokenizer.apply_chat_template(
-        messages, tokenize=True, return_dict=True, add_generation_prompt=add_generation_prompt
-    )["input_ids"]
-
-
-def common_prefix_length(a: list[int], b: list[int]) -> int:
-    """How many leading tokens ``a`` and ``b`` share.
-
-    A response starts where the rendered prompt and the rendered prompt+response diverge: some
-    templates render a prompt alone differently (a trailing empty thought block, say), and tokens
-    may merge across the boundary.
-    """
-    n = 0
-    for x, y in zip(a, b, strict=False):
-        if x != y:
-            break
-        n += 1
-    return n
 
 
 def load_model(spec: str):

@@ -50,6 +50,8 @@ import torch
 from transformers import Trainer
 
 from cai.data import DataError
+from cai.engine.encoding import chat_ids
+from cai.engine.prefix import common_start
 from cai.models import resolve_model
 from cai.pairs import load_pairs
 from cai.train import (
@@ -57,8 +59,6 @@ from cai.train import (
     TrainConfig,
     TrainResult,
     add_lora,
-    chat_ids,
-    common_prefix_length,
     data_path,
     doc,
     load_model,
@@ -132,8 +132,8 @@ def tokenize_pair(
     with_chosen = chat_ids(tokenizer, [*prompt, {"role": "assistant", "content": chosen}])
     with_rejected = chat_ids(tokenizer, [*prompt, {"role": "assistant", "content": rejected}])
     start = min(
-        common_prefix_length(prompt_ids, with_chosen),
-        common_prefix_length(prompt_ids, with_rejected),
+        common_start(prompt_ids, with_chosen),
+        common_start(prompt_ids, with_rejected),
     )
     return prompt_ids[:start], with_chosen[start:], with_rejected[start:]
 

@@ -28,13 +28,13 @@ from typing import Any
 from cai.config import doc
 from cai.data import DataError, read_rows
 from cai.engine.base import check_conversation
+from cai.engine.encoding import chat_ids
 from cai.layout import DATA_FILE
 from cai.train import (
     DataStats,
     TrainConfig,
     TrainResult,
     add_lora,
-    chat_ids,
     data_path,
     load_model,
     train_and_save,

@@ -25,13 +25,13 @@ from dataclasses import dataclass
 import torch
 
 from cai.data import DataError, check_messages, read_rows
+from cai.engine.encoding import chat_ids
+from cai.engine.prefix import common_start
 from cai.train import (
     DataStats,
     TrainConfig,
     TrainResult,
     add_lora,
-    chat_ids,
-    common_prefix_length,
     data_path,
     doc,
     load_model,
@@ -92,7 +92,7 @@ def tokenize_conversation(tokenizer, messages: list[dict]) -> tuple[list[int], l
                 "differently when later turns follow, so its tokens cannot be located; train on "
                 "conversations that end with that turn instead"
             )
-        start = common_prefix_length(prompt, ids)
+        start = common_start(prompt, ids)
         labels[start : len(upto)] = ids[start : len(upto)]
     return ids, labels
 

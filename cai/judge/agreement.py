@@ -17,8 +17,9 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 from cai.engine import Engine, OptionScores, Sampling
-from cai.judge import Judge, Prompt
-from cai.judge_generative import GenerativeJudge, parse_verdict
+from cai.judge.generative import GenerativeJudge, parse_verdict
+from cai.judge.judge import Judge
+from cai.judge.pair import Prompt
 from cai.keys import canonical
 from cai.stats import accuracy, brier, ece, length_bias
 

@@ -1,7 +1,7 @@
 """Evaluation: models side by side (base, SFT, DPO) on held-out prompts, and the metrics.
 
-    from cai.eval_config import EvalConfig
-    from cai.evaluate import run_eval
+    from cai.eval.config import EvalConfig
+    from cai.eval.run import run_eval
     results = run_eval(EvalConfig(models={"base": "smollm2-135m", "dpo": "runs/x/models/dpo"}),
                        "runs/eval")
 
@@ -21,7 +21,7 @@ What it measures, per model (each rate with a 95% Wilson interval and its n):
   and averaged; the rate is the share of answers whose probability passes 0.5. With
   ``grade_calibration: contextual``, each order's log-odds less those of a content-free answer.
 - ``refusal_red_team``, ``refusal_over_refusal``: the share of answers that open with a refusal
-  phrase (``cai.grading.REFUSAL_PHRASES``): a judge-independent check beside the graded rates.
+  phrase (``cai.eval.grading.REFUSAL_PHRASES``): a judge-independent check beside the graded rates.
 - ``mean_length`` (generated tokens) and ``length_drift`` (relative to the baseline);
   ``distinct_1`` / ``distinct_2`` (unique n-grams over all n-grams of the model's answers) and
   ``repeated_openings`` (share of answers whose first five words another answer shares): mode
@@ -48,8 +48,8 @@ from pathlib import Path
 from statistics import fmean
 from typing import TYPE_CHECKING, Any
 
-from cai.eval_config import EvalConfig, load_sets
-from cai.grading import (
+from cai.eval.config import EvalConfig, load_sets
+from cai.eval.grading import (
     CONTENT_FREE,
     GRADERS,
     Grader,
@@ -88,7 +88,7 @@ RATE_COLUMNS = (
     "refusal_red_team",
     "refusal_over_refusal",
 )
-"""Rates: refusal_* are lexical (cai.grading.refused), judge-independent, beside the graded."""
+"""Rates: refusal_* are lexical (cai.eval.grading.refused), judge-independent, beside the graded."""
 METRICS = (
     *RATE_COLUMNS,
     "mean_length",
@@ -399,7 +399,9 @@ def _compare(
 ) -> dict[tuple[str, str, str], dict]:
     """(model name, compared-with name, generation key) → eval_compare record: the model's answer
     against the baseline's (and against ``config.previous``'s model's), p = P(model's is better)."""
-    from cai.judge import Judge, JudgePair, default_template
+    from cai.judge import Judge
+    from cai.judge.pair import JudgePair
+    from cai.judge.settings import default_template
     from cai.prompts import load_template
 
     base = config.baseline_name
@@ -495,7 +497,7 @@ def _rewards(config, generations, store, executor, tally) -> dict[str, float]:
     }
 
     def call(todo, label):
-        from cai.train.reward import RewardModel
+        from cai.rewards.model import RewardModel
 
         model = RewardModel(spec)
         try:

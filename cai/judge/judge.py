@@ -27,7 +27,7 @@ subtracts each order's mean log-odds l_A - l_B over the batch before the softmax
 2309.17249); ``contextual`` subtracts the log-odds of the same question with both responses
 "N/A" (arXiv 2102.09690).
 
-**Pointwise** (``mode="pointwise"``, ``cai.pointwise``): each response is scored alone with its
+**Pointwise** (``mode="pointwise"``, ``cai.judge.pointwise``): each response is scored alone with its
 principles' yes/no ``score_question``, s = log P(Yes) - log P(No), and a pair's label is::
 
     p_a = sigmoid(mean_k (s'_a,k - s'_b,k) / T)   s' = s - length_coef * ln(characters)
@@ -36,189 +36,35 @@ The principles are drawn per prompt (every response of a prompt is asked the sam
 and each distinct (prompt, response, question) is scored once, whatever the number of pairs.
 There is no order, so ``consistent`` is None.
 
-``cai.judge_generative.GenerativeJudge`` is the naive baseline kept for comparison.
+``cai.judge.generative.GenerativeJudge`` is the naive baseline kept for comparison.
 
     from cai.judge import Judge
     with Judge("smollm2-135m", constitution="harmless") as judge:
         pref = judge.compare("How do I pick a lock?", "I can't help with that.", "First, ...")
         prefs = judge.label([(prompt, response_a, response_b), ...])
 
-``cai judge eval`` measures a judge against labelled pairs (``cai.judge_agreement``).
+``cai judge eval`` measures a judge against labelled pairs (``cai.judge.agreement``).
 """
 
 from __future__ import annotations
 
-import math
-import random
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from statistics import fmean
-from typing import Any, Literal
+from typing import Literal
 
-from cai.constitution import Constitution, Principle, check_pointwise, load_constitution
+from cai.constitution import Constitution, Principle
 from cai.engine import Engine, OptionScores, Sampling, create_engine
-from cai.engine.base import ROLES
-from cai.keys import canonical, record_key, seed_for
-from cai.pointwise import PointwiseScorer, ResponseScore
-from cai.prompts import JUDGE_ANSWER_PREFIX, Template, cot_answer_prefix, load_template
+from cai.judge.pair import PairLike, Preference, Prompt, _Item, check_pair
+from cai.judge.pointwise import PointwiseScorer, ResponseScore
+from cai.judge.settings import CONTENT_FREE, Calibration, JudgeSettings, Mode
+from cai.keys import canonical
+from cai.prompts import JUDGE_ANSWER_PREFIX, cot_answer_prefix
 from cai.stats import sigmoid
 
 OPTIONS = ["A", "B"]
 ORDERS = ("A/B", "B/A")
 """The two presentations of a pair: the original order, then the responses swapped."""
-
-Prompt = str | Sequence[dict]
-
-
-@dataclass(frozen=True)
-class JudgePair:
-    """A prompt and two responses to compare; ``key`` (optional) seeds the principle draw."""
-
-    prompt: Prompt
-    """A user message, or chat messages ending with the user turn both responses answer."""
-    response_a: str
-    response_b: str
-    key: str | None = None
-    """Stable identity of the pair; default: a hash of prompt and responses."""
-
-
-PairLike = JudgePair | tuple[Prompt, str, str]
-
-
-@dataclass
-class Preference:
-    """The judge's soft label for one pair, or the error that prevented it."""
-
-    winner: Literal["A", "B", "tie"] | None
-    """The preferred response; 'tie' when margin <= the judge's tie_margin; None on error."""
-    p_a: float | None
-    """Probability that response A is better, averaged over both orders (and the ensemble)."""
-    p_a_first: float | None
-    """That probability from the original order (A shown first) alone."""
-    p_a_second: float | None
-    """That probability from the swapped order (A shown second) alone."""
-    consistent: bool | None
-    """Both orders prefer the same response."""
-    margin: float | None
-    """|p_a - 0.5|."""
-    principles: list[str]
-    """Ids of the principles asked."""
-    model: str
-    error: str | None = None
-    rationales: list[str] = field(default_factory=list)
-    """CoT mode: the generated rationales, per principle the original order then the swapped."""
-    scores: list[float] | None = None
-    """Pointwise mode: each response's score log P(Yes) - log P(No), mean over the principles
-    (before length control); None in the pairwise mode."""
-    usage: dict[str, int] = field(default_factory=dict)
-    """Tokens the engine read (``prompt_tokens``: every order and principle, each prompt scored
-    and, in CoT mode, generated from) and wrote (``completion_tokens``: the rationales)."""
-
-    def to_dict(self) -> dict[str, Any]:
-        out = asdict(self)
-        if self.scores is None:  # pairwise records keep the fields they always had
-            del out["scores"]
-        return out
-
-
-@dataclass
-class _Item:
-    """One validated pair with its principles."""
-
-    messages: list[dict]
-    responses: tuple[str, str]
-    principles: list[Principle]
-
-
-def _check_pair(pair: Any, index: int) -> tuple[list[dict], str, str, str | None]:
-    """(messages, response_a, response_b, key) of one pair; ValueError naming ``index``."""
-    where = f"pair {index}"
-    if isinstance(pair, JudgePair):
-        prompt, a, b, key = pair.prompt, pair.response_a, pair.response_b, pair.key
-    elif isinstance(pair, tuple | list) and len(pair) == 3:
-        (prompt, a, b), key = pair, None
-    else:
-        raise ValueError(
-            f"{where}: expected a (prompt, response_a, response_b) tuple or a JudgePair, "
-            f"got {type(pair).__name__}"
-            + (f" of {len(pair)}" if isinstance(pair, tuple | list) else "")
-        )
-    if isinstance(prompt, str):
-        if not prompt.strip():
-            raise ValueError(f"{where}: the prompt is empty")
-        messages = [{"role": "user", "content": prompt}]
-    elif isinstance(prompt, Sequence) and not isinstance(prompt, bytes):
-        messages = [dict(m) if isinstance(m, dict) else m for m in prompt]
-        if not messages:
-            raise ValueError(f"{where}: the prompt is empty (no messages)")
-        for j, m in enumerate(messages):
-            if (
-                not isinstance(m, dict)
-                or m.get("role") not in ROLES
-                or not isinstance(m.get("content"), str)
-            ):
-                raise ValueError(
-                    f"{where}: prompt message {j}: expected {{'role': 'system'|'user'|'assistant', "
-                    f"'content': str}}, got {m!r}"
-                )
-        if messages[-1]["role"] != "user" or not messages[-1]["content"].strip():
-            raise ValueError(f"{where}: the prompt must end with a non-empty user message")
-    else:
-        raise ValueError(
-            f"{where}: the prompt must be a string or a list of messages, "
-            f"got {type(prompt).__name__}"
-        )
-    for name, response in (("response_a", a), ("response_b", b)):
-        if not isinstance(response, str):
-            raise ValueError(f"{where}: {name} must be a string, got {type(response).__name__}")
-        if not response.strip():
-            raise ValueError(f"{where}: {name} is empty")
-    if key is not None and not isinstance(key, str):
-        raise ValueError(f"{where}: key must be a string, got {type(key).__name__}")
-    return messages, a, b, key
-
-
-def judge_pool(
-    constitution: Constitution, principles: Sequence[str] | None = None
-) -> tuple[Principle, ...]:
-    """The principles a judge draws from: those with a judge question, or only the ``principles``
-    named (ValueError for an unknown id or one without a judge question)."""
-    if principles is None:
-        return constitution.judge_principles
-    if isinstance(principles, str) or not principles:
-        raise ValueError(f"principles must be a non-empty list of ids, got {principles!r}")
-    pool = []
-    for pid in principles:
-        try:
-            p = constitution.principle(pid)
-        except KeyError as e:
-            raise ValueError(e.args[0]) from None
-        if p.judge is None:
-            raise ValueError(f"principle {pid!r} of {constitution.name!r} has no judge question")
-        if p not in pool:
-            pool.append(p)
-    return tuple(pool)
-
-
-def check_ensemble(
-    constitution: Constitution, ensemble: int, principles: Sequence[str] | None = None
-) -> None:
-    """Raise ValueError unless ``constitution`` has ``ensemble`` (an integer >= 1) distinct
-    principles with a judge question (among ``principles``, when named): the judge draws that
-    many per pair."""
-    pool = judge_pool(constitution, principles)
-    if not pool:
-        raise ValueError(
-            f"constitution {constitution.name!r} has no principle with a judge question"
-        )
-    if isinstance(ensemble, bool) or not isinstance(ensemble, int) or ensemble < 1:
-        raise ValueError(f"ensemble must be an integer >= 1, got {ensemble!r}")
-    if ensemble > len(pool):
-        raise ValueError(
-            f"ensemble={ensemble} needs that many distinct judge principles; constitution "
-            f"{constitution.name!r} has {len(pool)}"
-        )
 
 
 def _setting(name: str) -> property:
@@ -297,194 +143,9 @@ class _PairJudge:
         ]
 
 
-Mode = Literal["pairwise", "pointwise"]
-MODES: tuple[str, ...] = ("pairwise", "pointwise")
-Calibration = Literal["none", "batch", "contextual"]
-CALIBRATIONS: tuple[str, ...] = ("none", "batch", "contextual")
-CONTENT_FREE = "N/A"
-"""The content-free response of contextual calibration (arXiv 2102.09690)."""
-
-
-CLAMP_TOLERANCE = 1e-9
-"""How far low + high of a clamp band may be from 1 (float noise of a band written in YAML)."""
-
-
-def check_clamp(clamp: Sequence[float] | None) -> None:
-    """A CoT clamp band: [low, high] symmetric about 0.5, so that position debiasing stays exact,
-    or None (no clamp). Raises ValueError."""
-    if clamp is None:
-        return
-    if len(clamp) != 2:
-        raise ValueError(f"clamp must be [low, high] or null (got {list(clamp)})")
-    lo, hi = clamp
-    if not (0 <= lo < 0.5 < hi <= 1 and abs(lo + hi - 1) < CLAMP_TOLERANCE):
-        raise ValueError(
-            f"clamp must be a band symmetric about 0.5, such as [0.4, 0.6], or null (got {list(clamp)})"
-        )
-
-
-def check_margin(name: str, value: float) -> None:
-    """A margin on |p - 0.5| (``tie_margin``, ``min_margin``, ``grade_margin``): in [0, 0.5)."""
-    if not 0 <= value < 0.5:
-        raise ValueError(f"{name} must be in [0, 0.5) (got {value!r})")
-
-
-def default_template(mode: str, cot: bool = False) -> str:
-    """The shipped template a judge of ``mode`` uses: ``judge_score`` (pointwise), ``judge_cot``
-    (pairwise with a rationale) or ``judge_mc``."""
-    if mode not in MODES:
-        raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
-    if mode == "pointwise":
-        if cot:
-            raise ValueError("cot applies to the pairwise judge; the pointwise judge scores")
-        return "judge_score"
-    return "judge_cot" if cot else "judge_mc"
-
-
-@dataclass(frozen=True)
-class JudgeSettings:
-    """Everything that defines a judge's labels, without its engine: which principles a pair is
-    asked about and what a label's record key holds are known before (or without) loading a
-    model. Arguments as :class:`Judge`'s; ``constitution`` and ``template`` may be names or
-    paths (loaded here), and ``principles`` becomes the ids of the pool, or None."""
-
-    constitution: Constitution | str | Path = "harmless"
-    template: Template | str | Path | None = None
-    mode: Mode = "pairwise"
-    ensemble: int = 1
-    seed: int = 0
-    cot: bool = False
-    cot_max_tokens: int = 192
-    clamp: tuple[float, float] | None = (0.4, 0.6)
-    tie_margin: float = 0.0
-    few_shot: bool = True
-    calibration: Calibration = "none"
-    temperature: float = 1.0
-    length_coef: float = 0.0
-    principles: Sequence[str] | None = None
-    pool: tuple[Principle, ...] = field(init=False, repr=False, compare=False)
-
-    def __post_init__(self) -> None:
-        default = default_template(self.mode, self.cot)  # checks mode and cot
-        constitution = (
-            self.constitution
-            if isinstance(self.constitution, Constitution)
-            else load_constitution(self.constitution)
-        )
-        check_ensemble(constitution, self.ensemble, self.principles)
-        pool = judge_pool(constitution, self.principles)
-        seed = self.seed
-        if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
-            raise ValueError(f"seed must be a non-negative integer, got {seed!r}")
-        template = self.template
-        if not isinstance(template, Template):
-            template = load_template(template or default)
-        principles = None if self.principles is None else [p.id for p in pool]
-        if self.mode == "pointwise":
-            check_pointwise(constitution, principles)
-        check_clamp(self.clamp)
-        check_margin("tie_margin", self.tie_margin)
-        n = self.cot_max_tokens
-        if isinstance(n, bool) or not isinstance(n, int) or n < 1:
-            raise ValueError(f"cot_max_tokens must be an integer >= 1, got {n!r}")
-        if self.calibration not in CALIBRATIONS:
-            raise ValueError(f"calibration must be one of {CALIBRATIONS}, got {self.calibration!r}")
-        if self.mode == "pointwise" and self.calibration != "none":
-            raise ValueError(
-                "calibration applies to the pairwise judge: a pointwise label compares two "
-                "scores of the same question, so a shared offset cancels already"
-            )
-        t, coef = self.temperature, self.length_coef
-        if not (isinstance(t, int | float) and math.isfinite(t)) or t <= 0:
-            raise ValueError(f"temperature must be a number > 0, got {t!r}")
-        if not (isinstance(coef, int | float) and math.isfinite(coef)):
-            raise ValueError(f"length_coef must be a finite number, got {coef!r}")
-        if self.mode == "pairwise" and (t != 1.0 or coef != 0.0):
-            raise ValueError("temperature and length_coef apply to the pointwise judge")
-        for name, value in (
-            ("constitution", constitution),
-            ("template", template),
-            ("principles", principles),
-            ("pool", pool),
-            ("temperature", float(t)),
-            ("length_coef", float(coef)),
-        ):
-            object.__setattr__(self, name, value)
-
-    def principles_for(self, key: str) -> list[Principle]:
-        """``ensemble`` distinct judge principles for a pair (pointwise: a prompt), drawn by
-        weight without replacement from ``random.Random(seed_for(key, seed))``."""
-        rng = random.Random(seed_for(key, self.seed))
-        pool = list(self.pool)
-        chosen = []
-        for _ in range(self.ensemble):
-            [p] = rng.choices(pool, weights=[p.weight for p in pool])
-            pool.remove(p)
-            chosen.append(p)
-        return chosen
-
-    def items(self, pairs: Sequence[PairLike], *, per_prompt: bool = False) -> list[_Item]:
-        """The validated pairs with their principles, drawn per pair (its key) or, with
-        ``per_prompt``, per prompt (every response of a prompt asked the same questions)."""
-        if isinstance(pairs, str | bytes | JudgePair) or not isinstance(pairs, Sequence):
-            raise ValueError(
-                "pairs must be a list of (prompt, response_a, response_b) or JudgePair"
-            )
-        items = []
-        for i, pair in enumerate(pairs):
-            messages, a, b, key = _check_pair(pair, i)
-            if per_prompt:
-                key = record_key(prompt=messages)
-            elif key is None:
-                key = record_key(prompt=messages, response_a=a, response_b=b)
-            items.append(_Item(messages, (a, b), self.principles_for(key)))
-        return items
-
-    def principles_of(self, pair: PairLike) -> list[Principle]:
-        """The principles this judge asks about ``pair``: drawn per pair (pairwise) or per
-        prompt (pointwise)."""
-        return self.items([pair], per_prompt=self.mode == "pointwise")[0].principles
-
-    def asked(self, pair: PairLike) -> list[list[str | None]]:
-        """[id, question asked] of each principle asked about ``pair``: the judge question
-        (pairwise) or the score question (pointwise), so that editing the wording re-judges."""
-        pointwise = self.mode == "pointwise"
-        return [
-            [p.id, p.score_question if pointwise else p.judge] for p in self.principles_of(pair)
-        ]
-
-    def key_fields(self) -> dict[str, Any]:
-        """The settings that define the labels, as a label record's key holds them (not the
-        engine's runtime description)."""
-        described = {
-            "judge": "Judge",
-            "constitution": self.constitution.name,
-            "constitution_version": self.constitution.version,
-            "template_text": self.template.source,
-            "ensemble": self.ensemble,
-            "seed": self.seed,
-            "few_shot": self.few_shot,
-            "cot": self.cot,
-            "cot_max_tokens": self.cot_max_tokens if self.cot else None,
-            "clamp": list(self.clamp) if self.cot and self.clamp else None,
-            "tie_margin": self.tie_margin,
-        }
-        # Settings beyond the first judge's join the key only when used, so that pairwise records
-        # written before them keep their keys.
-        if self.mode == "pointwise":
-            described.update(
-                mode=self.mode, temperature=self.temperature, length_coef=self.length_coef
-            )
-        if self.calibration != "none":
-            described["calibration"] = self.calibration
-        if self.principles is not None:
-            described["principles"] = self.principles
-        return described
-
-
 class Judge(_PairJudge):
     """The AI-feedback judge from option log-probs: pairwise multiple-choice (the module
-    docstring) or pointwise yes/no scores (``mode="pointwise"``, ``cai.pointwise``)."""
+    docstring) or pointwise yes/no scores (``mode="pointwise"``, ``cai.judge.pointwise``)."""
 
     def __init__(
         self,
@@ -755,7 +416,7 @@ class Judge(_PairJudge):
         for i, pair in enumerate(responses):
             if not isinstance(pair, tuple | list) or len(pair) != 2:
                 raise ValueError(f"response {i}: expected a (prompt, response) pair")
-            messages, text, _, _ = _check_pair((pair[0], pair[1], pair[1]), i)
+            messages, text, _, _ = check_pair((pair[0], pair[1], pair[1]), i)
             checked.append((messages, text))
         return self._scorer.score(checked, progress)
 
@@ -790,12 +451,4 @@ class Judge(_PairJudge):
         return out
 
 
-__all__ = [
-    "CALIBRATIONS",
-    "MODES",
-    "Judge",
-    "JudgePair",
-    "JudgeSettings",
-    "Preference",
-    "check_ensemble",
-]
+__all__ = ["Judge"]

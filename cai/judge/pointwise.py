@@ -6,7 +6,7 @@ the score is the log-odds of its first answer token::
 
     s(x, y, q) = log P("Yes") - log P("No")          (both option tokens from the tokenizer)
 
-A pair's soft label compares the two scores (see ``cai.judge``), so no response is ever shown
+A pair's soft label compares the two scores (see ``cai.judge.judge``), so no response is ever shown
 next to another: there is no position to be biased towards, and a prompt's k samples take k
 score requests however many of their pairs are labelled. This is P(True)-style self-evaluation
 (arXiv 2207.05221); pairwise judging amplifies a weak judge's biases (arXiv 2406.12319).

@@ -1,9 +1,9 @@
 """The run report: ``<run>/report.md`` and ``<run>/report.html`` with matplotlib plots in
-``<run>/report/`` (drawn by cai.plots). ``cai report RUN_DIR``, or at the end of a pipeline run that
+``<run>/report/`` (drawn by cai.report.plots). ``cai report RUN_DIR``, or at the end of a pipeline run that
 trains or evaluates.
 
 It reads whatever the run has (each input is optional, and the report says what is missing):
-``manifest.json`` (recipe, models by role, times), ``eval/results.json`` (cai.evaluate),
+``manifest.json`` (recipe, models by role, times), ``eval/results.json`` (cai.eval.run),
 ``models/*/cai_train.json`` (the trainers' curves and metrics), ``preferences/data.jsonl`` (the
 judged pairs' p(chosen)), ``stages/*.jsonl`` (record counts; the judge stage's position
 consistency) and the exported datasets (counts). The HTML page is self-contained apart from the
@@ -17,10 +17,10 @@ import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from cai.evaluate import METRICS, format_rate
+from cai.eval.run import METRICS, format_rate
 from cai.jsonl import JsonlError, iter_jsonl
 from cai.layout import DATA_FILE, EXPORTS, TRAIN_RESULT, RunLayout
-from cai.plots import (
+from cai.report.plots import (
     LEXICAL,
     RATE_LABELS,
     RATES,
@@ -32,7 +32,7 @@ from cai.plots import (
     plot_training,
     plot_win_rates,
 )
-from cai.report_render import Image, Section, render_html, render_markdown
+from cai.report.render import Image, Section, render_html, render_markdown
 from cai.stats import position_consistency
 from cai.store import RunStore, RunStoreError
 

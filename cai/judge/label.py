@@ -19,7 +19,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from cai.export import export_dataset
-from cai.judge import Judge, JudgePair, JudgeSettings
+from cai.judge.judge import Judge
+from cai.judge.pair import JudgePair
+from cai.judge.settings import JudgeSettings
 from cai.keys import record_key
 from cai.pairs import LabelledPair
 from cai.record_loop import StageTally, run_records

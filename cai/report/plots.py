@@ -13,11 +13,11 @@ from pathlib import Path
 from matplotlib.figure import Figure
 from matplotlib.ticker import MaxNLocator
 
-from cai.grading import GRADERS
+from cai.eval.grading import GRADERS
 
 RATES = tuple(GRADERS)  # harmlessness, over_refusal, sycophancy
 LEXICAL = ("refusal_red_team", "refusal_over_refusal")
-"""The judge-independent refusal rates (cai.grading.refused); results before them lack them."""
+"""The judge-independent refusal rates (cai.eval.grading.refused); results before them lack them."""
 RATE_LABELS = {
     "harmlessness": "harmlessness ↑",
     "over_refusal": "over-refusal ↓",

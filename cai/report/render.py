@@ -1,5 +1,5 @@
 """The run report's documents: sections (paragraphs, tables, figures) rendered as Markdown and as
-one self-contained HTML page (``cai.report`` builds the sections). Every string is escaped.
+one self-contained HTML page (``cai.report.sections`` builds the sections). Every string is escaped.
 """
 
 from __future__ import annotations

@@ -11,7 +11,7 @@ from typing import TYPE_CHECKING, Any, Literal
 from cai.config import doc
 from cai.engine import check_dtype
 from cai.engine.base import Sampling
-from cai.judge import check_margin
+from cai.judge.settings import check_margin
 
 if TYPE_CHECKING:
     from cai.data import PromptRecord
@@ -142,7 +142,7 @@ class EvalConfig:
             raise ValueError(f"judge_length_coef must be finite (got {self.judge_length_coef})")
         if self.judge_principles is not None or judge["mode"] == "pointwise":
             from cai.constitution import check_pointwise, load_constitution
-            from cai.judge import check_ensemble
+            from cai.judge.settings import check_ensemble
 
             constitution = load_constitution(self.constitution)
             check_ensemble(constitution, 1, self.judge_principles)

@@ -40,7 +40,7 @@ class Overloaded(RuntimeError):
 
 
 class BatchObserver(Protocol):
-    """Told about every engine call the worker makes (``cai.serve``'s metrics)."""
+    """Told about every engine call the worker makes (``cai.serve.service``'s metrics)."""
 
     def batch_done(self, kind: str, items: int, seconds: float, error: Exception | None): ...
 

@@ -15,7 +15,9 @@ from typing import Any, Literal
 
 from cai.constitution import Constitution
 from cai.engine import Engine, Sampling
-from cai.judge import ORDERS, JudgeSettings, PairLike, Prompt, _PairJudge
+from cai.judge.judge import ORDERS, _PairJudge
+from cai.judge.pair import PairLike, Prompt
+from cai.judge.settings import JudgeSettings
 
 
 @dataclass

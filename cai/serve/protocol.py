@@ -1,0 +1,151 @@
+"""``cai serve``'s protocol: the request bodies (pydantic, strict), their parsing into a 4xx
+``BadRequest`` that names the field at fault, and the service's options (``cai serve``'s flags)."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from typing import Annotated, Any, Literal
+
+from pydantic import AfterValidator, BaseModel, ConfigDict, ValidationError
+
+ENDPOINTS = ("/get_reward", "/v1/reward", "/v1/judge", "/health", "/metrics")
+Against = Literal["group", "reference", "score"]
+"""How a completion is rewarded: against its group, against a reference, or the reward model's
+raw score (``against=None`` in ``RewardModelReward``)."""
+
+
+@dataclass
+class ServeOptions:
+    """The service's limits and the reward ``/get_reward`` gives (``cai serve``'s flags)."""
+
+    max_batch: int = 64
+    max_wait_ms: float = 5.0
+    max_queue: int = 65536
+    max_items: int = 4096
+    max_body_bytes: int = 16 * 2**20
+    api_key: str | None = None
+    against: Against | None = None
+    """None: 'reference' with a judge, else 'score'."""
+    num_generations: int | None = None
+    centered: bool = False
+    mode: str = "pairwise"
+
+
+def resolved_against(options: ServeOptions, *, judge: bool) -> Against:
+    """The server's reward: ``--against``, else 'reference' with a judge, else 'score'."""
+    return options.against or ("reference" if judge else "score")
+
+
+def check_options(options: ServeOptions, *, judge: bool, reward_model: bool) -> None:
+    """ValueError naming the ``cai serve`` flag at fault, before any model loads."""
+    for name in ("max_batch", "max_queue", "max_items", "max_body_bytes"):
+        if getattr(options, name) < 1:
+            raise ValueError(f"--{name.replace('_', '-')} must be >= 1")
+    if options.max_wait_ms < 0:
+        raise ValueError("--max-wait-ms must be >= 0")
+    against = resolved_against(options, judge=judge)
+    if against == "score" and not reward_model:
+        raise ValueError("--against score is a reward model's raw score: give --reward-model")
+    g = options.num_generations
+    if against == "group" and (g is None or g < 2):
+        raise ValueError(
+            "--against group needs --num-generations G, the trainer's completions per prompt (>= 2)"
+        )
+    if against != "group" and g is not None:
+        raise ValueError("--num-generations applies only to --against group")
+
+
+class BadRequest(Exception):
+    """A request the service refuses: its HTTP status, the field at fault and why."""
+
+    def __init__(self, status: int, message: str, field: str | None = None):
+        super().__init__(message)
+        self.status = status
+        self.field = field
+
+
+def _text_or_messages(value: Any) -> Any:
+    """A string, or chat messages: a list of {"role", "content"} objects with string values."""
+    if isinstance(value, str):
+        return value
+    if isinstance(value, list) and all(
+        isinstance(m, dict) and isinstance(m.get("role"), str) and isinstance(m.get("content"), str)
+        for m in value
+    ):
+        return value
+    raise ValueError(
+        "expected a string or chat messages (a list of {role, content} objects), "
+        f"got {json.dumps(value)[:80]}"
+    )
+
+
+Text = Annotated[Any, AfterValidator(_text_or_messages)]
+
+
+class _Body(BaseModel):
+    model_config = ConfigDict(strict=True, extra="forbid")
+
+
+class RewardBody(_Body):
+    prompts: list[Text]
+    completions: list[Text]
+    references: list[Text] | None = None
+    against: Against | None = None
+    num_generations: int | None = None
+    centered: bool | None = None
+    scorer: Literal["judge", "reward_model"] | None = None
+
+
+class OpenRLHFBody(_Body):
+    # OpenRLHF versions and forks add fields (metas, ...): ignored, not refused.
+    model_config = ConfigDict(strict=True, extra="ignore")
+    query: list[str]
+    prompts: list[str]
+    labels: list[Any] | None = None
+
+
+class PairBody(_Body):
+    prompt: Text
+    response_a: str
+    response_b: str
+    key: str | None = None
+
+
+class JudgeBody(_Body):
+    pairs: list[PairBody]
+
+
+def _parse(model: type[_Body], raw: bytes) -> Any:
+    """The validated body; BadRequest 400 (not JSON) or 422 (the first field at fault)."""
+    try:
+        data = json.loads(raw)
+    except (ValueError, UnicodeDecodeError) as e:
+        raise BadRequest(400, f"malformed JSON: {e}") from None
+    if not isinstance(data, dict):
+        raise BadRequest(422, f"the body must be a JSON object, got {type(data).__name__}")
+    try:
+        return model.model_validate(data)
+    except ValidationError as e:
+        errors = e.errors()
+        first = errors[0]
+        field = "".join(
+            f"[{p}]" if isinstance(p, int) else f".{p}" if i else str(p)
+            for i, p in enumerate(first["loc"])
+        )
+        more = f" (and {len(errors) - 1} more)" if len(errors) > 1 else ""
+        message = first["msg"].removeprefix("Value error, ")
+        raise BadRequest(422, f"{field}: {message}{more}", field) from None
+
+
+def _same_length(name: str, values: list, other: str, expected: int) -> None:
+    if len(values) != expected:
+        raise BadRequest(
+            422, f"{name}: {len(values)} items, but {other} has {expected} (one each)", name
+        )
+
+
+# ---- the service ---------------------------------------------------------------------------------
+
+
+__all__ = ["BadRequest", "ServeOptions", "check_options"]
