@@ -12,6 +12,7 @@ import pytest
 from conftest import requires_vllm
 from fakes import ScriptedEngine, options_of
 
+import cai.cli.judge
 from cai import cli
 from cai.constitution import load_constitution
 from cai.judge import Judge
@@ -259,7 +260,7 @@ def test_cli_refuses_empty_same_and_overlong_pairs_before_the_model_loads(
     def no_model(*args, **kwargs):
         raise AssertionError("the judge's model was loaded")
 
-    monkeypatch.setattr(cli, "Judge", no_model)
+    monkeypatch.setattr(cai.cli.judge, "Judge", no_model)
     good = {"prompt": "Which is better?", "chosen": "This one.", "rejected": "That one."}
     cases = [
         ({**good, "chosen": ""}, "chosen is empty"),

@@ -11,6 +11,7 @@ import json
 import pytest
 from fakes import ScriptedEngine, options_of
 
+import cai.cli.judge
 from cai import cli
 from cai.judge import Judge
 from cai.judge.label import label_pairs
@@ -82,7 +83,9 @@ def test_label_exports_decided_pairs_oriented_and_resumes(tmp_path):
 @pytest.mark.slow
 def test_cli_judge_label_real_model(tmp_path, capsys, monkeypatch, hf_engine):
     # The command's judge on the session's engine (the default model, loaded once for all tests).
-    monkeypatch.setattr(cli, "judge_from_args", lambda args: Judge(hf_engine, args.constitution))
+    monkeypatch.setattr(
+        cai.cli.judge, "judge_from_args", lambda args: Judge(hf_engine, args.constitution)
+    )
     out = tmp_path / "labels"
     args = ["judge", "label", "--data", "hh_sample", "--limit", "1", "--out", str(out)]
     assert cli.main(args) == 0

@@ -16,7 +16,14 @@ from pathlib import Path
 
 CAI = Path(__file__).resolve().parents[1] / "cai"
 
-ENTRY_POINTS = {"cai.cli"}
+ENTRY_POINTS = {
+    "cai.cli",
+    "cai.cli.constitution",
+    "cai.cli.eval",
+    "cai.cli.judge",
+    "cai.cli.serve",
+    "cai.cli.train",
+}
 """Modules outside cai.pipeline that may import it: the ``cai`` command."""
 
 
