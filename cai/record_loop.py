@@ -92,18 +92,33 @@ def run_records(
     label: str | bool = False,
     requests: Callable[[dict], int] = lambda record: 1,
     executor: Executor | None = None,
+    stored_as: Callable[[dict[str, dict], T], str | None] | None = None,
 ) -> dict[str, dict]:
     """Run the items whose key is not done in ``stage``'s file; returns key → stored record (done,
     else the latest error) for every item that has one.
 
     Items sharing a key are asked once. ``batch_size`` None sends all the work as one batch.
     ``tally`` counts records, errors, skipped records (a truthy ``skipped``), engine requests
-    (``requests(record)`` each) and ``usage`` tokens.
+    (``requests(record)`` each) and ``usage`` tokens. ``stored_as(records, item)``, where given,
+    names the key an item's done record is stored under (its own, or one an older cai gave it:
+    the record is then taken as it is), or None where it has none.
     """
     # One scan of the stage file: the writer reads it (done keys, and the records to return) and
     # keeps what it writes.
     with store.writer(stage, shard, keep_records=True) as writer:
-        todo = list({key(item): item for item in items if key(item) not in writer}.values())
+        alias: dict[str, str] = {}
+        if stored_as is not None:
+            for item in items:
+                found = stored_as(writer.records, item)
+                if found is not None and found != key(item) and found in writer:
+                    alias[key(item)] = found
+        todo = list(
+            {
+                key(item): item
+                for item in items
+                if key(item) not in writer and key(item) not in alias
+            }.values()
+        )
         if tally is not None:
             tally.done_before += len({key(item) for item in items}) - len(todo)
         size = batch_size or max(len(todo), 1)
@@ -121,5 +136,5 @@ def run_records(
                     tally.skipped += bool(record.get("skipped"))
                     tally.add_usage(record.get("usage") or {})
             writer.flush()
-    stored = writer.records
+    stored = {**writer.records, **{k: writer.records[found] for k, found in alias.items()}}
     return {key(item): stored[key(item)] for item in items if key(item) in stored}

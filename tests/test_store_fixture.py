@@ -9,6 +9,7 @@ no request, while an edited template re-judges every comparison (and only the co
 
 from __future__ import annotations
 
+import dataclasses
 import shutil
 from pathlib import Path
 
@@ -16,6 +17,9 @@ from fakes import PairEngine
 
 from cai.eval.config import EvalConfig, EvalSet
 from cai.eval.run import run_eval
+from cai.judge import Judge
+from cai.judge.label import label_pairs
+from cai.pairs import load_pairs
 from cai.pipeline.recipe import load_recipe
 from cai.pipeline.run import Runner
 from cai.store import RunStore
@@ -133,3 +137,127 @@ def test_an_edited_judge_template_re_judges_the_evaluations_comparisons(tmp_path
     assert len(after) == 2 * len(before) and set(before) < set(after)
     assert engine.generate_batches == []
     assert sum(engine.score_batches) == 2 * len(before)
+
+
+# ---- issue 27: stores written before the judge had one key ------------------------------------
+
+
+def test_v2_stores_written_before_the_one_judge_key_resume_with_no_request(tmp_path):
+    run_dir = _copy("store_v2", tmp_path)
+    before = {p.name: p.read_bytes() for p in (run_dir / "stages").iterdir()}
+    recipe = load_recipe(FIXTURES / "store_v2_recipe.yaml")
+    result = Runner(recipe, run_dir, engine=NoRequests()).run()
+    assert not result.failed
+    by_name = {report.name: report for report in result.stages}
+    for name in ("generate", "critique_revise", "sample", "judge", "evaluate"):
+        assert by_name[name].records == 0 and by_name[name].done_before > 0, name
+    assert {p.name: p.read_bytes() for p in (run_dir / "stages").iterdir()} == before
+
+    eval_dir = _copy("eval_v2", tmp_path)
+    before = {p.name: p.read_bytes() for p in (eval_dir / "stages").iterdir()}
+    engine = NoRequests()
+    run_eval(EVAL_V2_CONFIG, eval_dir, engine_for=lambda spec: engine, store=RunStore(eval_dir))
+    assert {p.name: p.read_bytes() for p in (eval_dir / "stages").iterdir()} == before
+
+    label_dir = _copy("label_v2", tmp_path)
+    stored = (label_dir / "stages" / "label.jsonl").read_bytes()
+    pairs = load_pairs(LABEL_V2_PAIRS[0], limit=LABEL_V2_PAIRS[1])
+    for settings in LABEL_V2_JUDGES:
+        result = label_pairs(
+            Judge(NoRequests(), **settings), pairs, label_dir, model="judge-model", progress=False
+        )
+        assert result.tally.records == 0 and result.tally.done_before == len(pairs)
+    assert (label_dir / "stages" / "label.jsonl").read_bytes() == stored
+
+
+def _edited_hhh(tmp_path: Path) -> Path:
+    """A copy of the shipped ``hhh`` constitution whose ``balanced`` principle asks another
+    score question (and only that changed)."""
+    import yaml
+
+    from cai.resources import resolve
+
+    data = yaml.safe_load(Path(resolve("constitutions", "hhh")).read_text(encoding="utf-8"))
+    [balanced] = [p for p in data["principles"] if p["id"] == "balanced"]
+    balanced["score_question"] = "Is the assistant's last response good in every way?"
+    path = tmp_path / "hhh-edited.yaml"
+    path.write_text(yaml.safe_dump(data, sort_keys=False), encoding="utf-8")
+    return path
+
+
+def test_an_edited_score_question_re_judges_exactly_the_records_that_asked_it(tmp_path):
+    edited = str(_edited_hhh(tmp_path))
+
+    # The pipeline: its judge asked `balanced` of every pair; nothing else is asked again.
+    run_dir = _copy("store_v2", tmp_path)
+    judged = RunStore(run_dir).read_stage("judge")
+    recipe = load_recipe(
+        FIXTURES / "store_v2_recipe.yaml", overrides=[f"stages.judge.constitution={edited}"]
+    )
+    engine = PairEngine()
+    result = Runner(recipe, run_dir, engine=engine, force=True).run()
+    assert not result.failed
+    by_name = {report.name: report for report in result.stages}
+    assert by_name["judge"].records == len(judged)
+    for name in ("generate", "critique_revise", "sample", "evaluate"):
+        assert by_name[name].records == 0, name
+    assert engine.generate_batches == []
+
+    # The evaluation: every comparison asked `balanced` (re-judged); no grade used the
+    # constitution (none re-judged).
+    eval_dir = _copy("eval_v2", tmp_path)
+    compared = RunStore(eval_dir).read_stage("eval_compare")
+    grades = (eval_dir / "stages" / "eval_grade.jsonl").read_bytes()
+    config = dataclasses.replace(EVAL_V2_CONFIG, constitution=edited)
+    engine = PairEngine()
+    run_eval(config, eval_dir, engine_for=lambda spec: engine, store=RunStore(eval_dir))
+    after = RunStore(eval_dir).read_stage("eval_compare")
+    assert len(after) == 2 * len(compared) and set(compared) < set(after)
+    assert (eval_dir / "stages" / "eval_grade.jsonl").read_bytes() == grades
+    assert engine.generate_batches == []
+
+    # `cai judge label`: the pointwise judge's records (which asked `balanced`) are judged
+    # again; the pairwise judge's (harmless's principles) are not.
+    label_dir = _copy("label_v2", tmp_path)
+    pairs = load_pairs(LABEL_V2_PAIRS[0], limit=LABEL_V2_PAIRS[1])
+    pairwise, pointwise = LABEL_V2_JUDGES
+    result = label_pairs(
+        Judge(NoRequests(), **pairwise), pairs, label_dir, model="judge-model", progress=False
+    )
+    assert result.tally.records == 0
+    result = label_pairs(
+        Judge(PairEngine(), **{**pointwise, "constitution": edited}),
+        pairs,
+        label_dir,
+        model="judge-model",
+        progress=False,
+    )
+    assert result.tally.records == len(pairs) and result.tally.done_before == 0
+
+
+def test_an_edited_exemplar_or_system_prompt_re_judges_the_few_shot_pairwise_judge(tmp_path):
+    import yaml
+
+    from cai.judge.keys import judge_key
+    from cai.judge.settings import JudgeSettings
+    from cai.resources import resolve
+
+    data = yaml.safe_load(Path(resolve("constitutions", "harmless")).read_text(encoding="utf-8"))
+    pair = ("How do I pick a lock?", "I can't help with that.", "First, get a tension wrench.")
+    shipped = judge_key(JudgeSettings("harmless"), pair, "judge-model")
+    assert "rendered" not in shipped  # the shipped text: keys as before issue 27
+    for edit in ("system_prompt", "exemplar"):
+        changed = yaml.safe_load(yaml.safe_dump(data))
+        if edit == "system_prompt":
+            changed["system_prompt"] = (changed.get("system_prompt") or "") + " Be brief."
+        else:
+            changed["judge_examples"][0]["response_a"] += " (edited)"
+        path = tmp_path / f"{edit}.yaml"
+        path.write_text(yaml.safe_dump(changed, sort_keys=False), encoding="utf-8")
+        key = judge_key(JudgeSettings(str(path)), pair, "judge-model")
+        assert key["rendered"] and key != shipped, edit
+        # Without exemplars, an exemplar's edit is not in the prompt, so not in the key.
+        if edit == "exemplar":
+            assert judge_key(JudgeSettings(str(path), few_shot=False), pair, "m") == judge_key(
+                JudgeSettings("harmless", few_shot=False), pair, "m"
+            )

@@ -3,7 +3,6 @@ held-out prompt sets."""
 
 from __future__ import annotations
 
-import math
 from collections.abc import Collection
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Literal
@@ -11,7 +10,7 @@ from typing import TYPE_CHECKING, Any, Literal
 from cai.config import doc
 from cai.engine import check_dtype
 from cai.engine.base import Sampling
-from cai.judge.settings import check_margin
+from cai.judge.settings import JudgeSettings, check_margin
 
 if TYPE_CHECKING:
     from cai.data import PromptRecord
@@ -97,14 +96,22 @@ class EvalConfig:
         None,
     )
 
-    @property
-    def judge_settings(self) -> dict[str, Any]:
-        """The win-rate judge's mode, calibration and length control, neutral values filled in."""
-        return {
-            "mode": self.judge_mode or "pairwise",
-            "calibration": self.judge_calibration or "none",
-            "length_coef": self.judge_length_coef or 0.0,
+    def judge_settings(self) -> JudgeSettings:
+        """The win-rate judge: the ``judge_*`` fields (None: the setting's default), the
+        constitution, ``few_shot``, ``tie_margin`` and ``seed``, checked by JudgeSettings."""
+        chosen = {
+            "mode": self.judge_mode,
+            "calibration": self.judge_calibration,
+            "length_coef": self.judge_length_coef,
+            "principles": self.judge_principles,
         }
+        return JudgeSettings(
+            self.constitution,
+            seed=self.seed,
+            tie_margin=self.tie_margin,
+            few_shot=self.few_shot,
+            **{k: v for k, v in chosen.items() if v is not None},
+        )
 
     def validate(self) -> None:
         check_dtype(self.backend, self.dtype)
@@ -131,23 +138,8 @@ class EvalConfig:
         if not self.sets:
             raise ValueError(f"sets must name at least one of {', '.join(KINDS)}")
         Sampling(max_tokens=self.max_tokens, temperature=self.temperature).validate()
-        for name in ("tie_margin", "grade_margin"):
-            check_margin(name, getattr(self, name))
-        judge = self.judge_settings
-        if judge["mode"] == "pointwise" and judge["calibration"] != "none":
-            raise ValueError("judge_calibration applies to judge_mode: pairwise")
-        if judge["mode"] == "pairwise" and self.judge_length_coef is not None:
-            raise ValueError("judge_length_coef applies to judge_mode: pointwise")
-        if not math.isfinite(judge["length_coef"]):
-            raise ValueError(f"judge_length_coef must be finite (got {self.judge_length_coef})")
-        if self.judge_principles is not None or judge["mode"] == "pointwise":
-            from cai.constitution import check_pointwise, load_constitution
-            from cai.judge.settings import check_ensemble
-
-            constitution = load_constitution(self.constitution)
-            check_ensemble(constitution, 1, self.judge_principles)
-            if judge["mode"] == "pointwise":
-                check_pointwise(constitution, self.judge_principles)
+        check_margin("grade_margin", self.grade_margin)
+        self.judge_settings()
 
     @property
     def baseline_name(self) -> str:

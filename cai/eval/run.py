@@ -394,30 +394,77 @@ def compare_template(text: str) -> dict[str, str]:
     return {} if digest in COMPARE_TEMPLATES else {"template": text}
 
 
+def legacy_compare_key(config, generation: str, baseline_generation: str) -> str:
+    """The key an eval_compare record had before issue 27 (the constitution by its name, the
+    judge settings that differed from the first judge's, the template unless shipped)."""
+    from cai.judge.settings import default_template
+    from cai.prompts import load_template
+
+    neutral = {"mode": "pairwise", "calibration": "none", "length_coef": 0.0}
+    chosen = {
+        "mode": config.judge_mode or "pairwise",
+        "calibration": config.judge_calibration or "none",
+        "length_coef": config.judge_length_coef or 0.0,
+    }
+    settings = {k: v for k, v in chosen.items() if v != neutral[k]}
+    if config.judge_principles is not None:
+        settings["principles"] = config.judge_principles
+    template = load_template(default_template(chosen["mode"]))
+    settings.update(compare_template(template.source))
+    return record_key(
+        stage="eval_compare",
+        model=generation,
+        baseline=baseline_generation,
+        constitution=config.constitution,
+        few_shot=config.few_shot,
+        seed=config.seed,
+        **model_key("judge", config.judge_spec),
+        **settings,
+    )
+
+
+def adopted(stored: dict, key: str, legacy_key: str, settings) -> str | None:
+    """``key`` if stored, else ``legacy_key`` where that record, written before issue 27, was
+    judged with what ``key`` describes: its key named the constitution, not the text it asked,
+    so it is taken only where every principle it asked renders the shipped text
+    (``cai.judge.keys.is_shipped``); else None (judged anew)."""
+    from cai.judge.keys import is_shipped
+
+    if key in stored and stored[key].get("error") is None:
+        return key
+    record = stored.get(legacy_key)
+    if record is None or record.get("error") is not None:
+        return None
+    constitution = settings.constitution
+    ids = record.get("principles") or []
+    known = {p.id for p in constitution.principles}
+    if not ids or not set(ids) <= known:
+        return None
+    if all(is_shipped(settings, constitution.principle(i)) for i in ids):
+        return legacy_key
+    return None
+
+
 def _compare(
     config, sets, generations, store, engines, progress, executor, tally
 ) -> dict[tuple[str, str, str], dict]:
     """(model name, compared-with name, generation key) → eval_compare record: the model's answer
-    against the baseline's (and against ``config.previous``'s model's), p = P(model's is better)."""
+    against the baseline's (and against ``config.previous``'s model's), p = P(model's is better).
+    Keys: both generations and the judge's part (``cai.judge.keys.judge_key``); a comparison
+    stored under its key of before issue 27 is taken as it is where that key still describes
+    it (:func:`legacy_compare_key`)."""
     from cai.judge import Judge
+    from cai.judge.keys import judge_key
     from cai.judge.pair import JudgePair
-    from cai.judge.settings import default_template
-    from cai.prompts import load_template
 
     base = config.baseline_name
     judge_spec = config.judge_spec
-    judge_key = model_key("judge", judge_spec)
+    settings = config.judge_settings()
     against = [(name, base) for name in config.models if name != base]
     against += [(n, o) for n, o in config.previous.items() if o != base]
-    # The judge's settings join the key only when they differ from the first judge's, so that
-    # comparisons recorded before them keep their keys.
-    neutral = {"mode": "pairwise", "calibration": "none", "length_coef": 0.0}
-    settings = {k: v for k, v in config.judge_settings.items() if v != neutral[k]}
-    if config.judge_principles is not None:
-        settings["principles"] = config.judge_principles
-    template = load_template(default_template(config.judge_settings["mode"]))
-    settings.update(compare_template(template.source))
     jobs: list[tuple[str, str, dict, dict, str]] = []
+    pairs: dict[str, JudgePair] = {}
+    legacy: dict[str, str] = {}
     for name, other in against:
         for kind in COMPARED:
             for p in sets.get(kind, []):
@@ -426,33 +473,20 @@ def _compare(
                     generations.get((other, kind, p.key)),
                 )
                 if _ok(mine) and _ok(theirs):
+                    generated = {"generation": mine["key"], "baseline_generation": theirs["key"]}
+                    # The principles are drawn from the key comparisons had before issue 27, so
+                    # that the same evaluation asks the same questions as it did then.
+                    draw = legacy_compare_key(config, mine["key"], theirs["key"])
+                    pair = JudgePair(mine["prompt"], mine["response"], theirs["response"], draw)
                     key = record_key(
-                        stage="eval_compare",
-                        model=mine["key"],
-                        baseline=theirs["key"],
-                        constitution=config.constitution,
-                        few_shot=config.few_shot,
-                        seed=config.seed,
-                        **judge_key,
-                        **settings,
+                        stage="eval_compare", **generated, **judge_key(settings, pair, judge_spec)
                     )
+                    pairs[key], legacy[key] = pair, draw
                     jobs.append((name, other, mine, theirs, key))
 
     def call(todo, label):
-        judge = Judge(
-            engines(judge_spec),
-            config.constitution,
-            seed=config.seed,
-            tie_margin=config.tie_margin,
-            few_shot=config.few_shot,
-            principles=config.judge_principles,
-            **config.judge_settings,
-        )
-        pairs = [
-            JudgePair(mine["prompt"], mine["response"], theirs["response"], key=key)
-            for _, _, mine, theirs, key in todo
-        ]
-        prefs = judge.label(pairs, progress=label)
+        judge = Judge.from_settings(settings, engines(judge_spec))
+        prefs = judge.label([pairs[key] for *_, key in todo], progress=label)
         return [
             {
                 "key": key,
@@ -476,6 +510,7 @@ def _compare(
         "eval_compare",
         jobs,
         key=lambda job: job[4],
+        stored_as=lambda stored, job: adopted(stored, job[4], legacy[job[4]], settings),
         call=call,
         label="eval comparisons" if progress else False,
         executor=executor,

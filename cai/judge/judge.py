@@ -51,13 +51,13 @@ from __future__ import annotations
 from collections.abc import Sequence
 from pathlib import Path
 from statistics import fmean
-from typing import Literal
+from typing import Any, Literal
 
 from cai.constitution import Constitution, Principle
 from cai.engine import Engine, OptionScores, Sampling, create_engine
 from cai.judge.pair import PairLike, Preference, Prompt, _Item, check_pair
 from cai.judge.pointwise import PointwiseScorer, ResponseScore
-from cai.judge.settings import CONTENT_FREE, Calibration, JudgeSettings, Mode
+from cai.judge.settings import CONTENT_FREE, JudgeSettings
 from cai.keys import canonical
 from cai.prompts import JUDGE_ANSWER_PREFIX, cot_answer_prefix
 from cai.stats import sigmoid
@@ -115,23 +115,12 @@ class _PairJudge:
     def __exit__(self, *exc: object) -> None:
         self.close()
 
-    def principles_for(self, key: str) -> list[Principle]:
-        """See :meth:`JudgeSettings.principles_for`."""
-        return self.settings.principles_for(key)
-
     def _items(self, pairs: Sequence[PairLike], *, per_prompt: bool = False) -> list[_Item]:
         return self.settings.items(pairs, per_prompt=per_prompt)
 
     def _render(self, item: _Item, principle: Principle, swapped: bool) -> list[dict]:
-        first, second = item.responses[::-1] if swapped else item.responses
-        return self.template.render(
-            system=self.constitution.system_prompt,
-            examples=self.constitution.judge_shots(principle.judge) if self.few_shot else [],
-            conversation=item.messages,
-            question=principle.judge,
-            response_a=first,
-            response_b=second,
-        )
+        responses = item.responses[::-1] if swapped else item.responses
+        return self.settings.render(principle.judge, item.messages, responses)  # type: ignore[arg-type]
 
     def _requests(self, items: list[_Item]) -> list[tuple[int, Principle, bool]]:
         """(item, principle, swapped) of every request: per item, per principle, both orders."""
@@ -154,19 +143,7 @@ class Judge(_PairJudge):
         *,
         backend: str = "auto",
         engine_options: dict | None = None,
-        template: str | Path | None = None,
-        mode: Mode = "pairwise",
-        ensemble: int = 1,
-        seed: int = 0,
-        cot: bool = False,
-        cot_max_tokens: int = 192,
-        clamp: tuple[float, float] | None = (0.4, 0.6),
-        tie_margin: float = 0.0,
-        few_shot: bool = True,
-        calibration: Calibration = "none",
-        temperature: float = 1.0,
-        length_coef: float = 0.0,
-        principles: Sequence[str] | None = None,
+        **settings: Any,
     ):
         """
         Args:
@@ -174,42 +151,10 @@ class Judge(_PairJudge):
                 the judge builds an engine with ``create_engine(backend, model, **engine_options)``
                 and closes it on ``close()``.
             constitution: a Constitution, a shipped name or a path.
-            template: default ``judge_score`` in the pointwise mode, ``judge_cot`` with ``cot``,
-                else ``judge_mc``.
-            mode: ``pairwise`` (both responses in one multiple-choice prompt, both orders) or
-                ``pointwise`` (each response scored alone with its principles' score questions).
-            ensemble: distinct principles asked per pair (pointwise: per prompt), averaged.
-            seed: the judge's seed; with the pair (pointwise: the prompt) it fixes the principles.
-            cot: write a rationale first (greedy, up to ``cot_max_tokens``), then score.
-            clamp: CoT only: the band each order's probability is clamped into, symmetric about
-                0.5 so that position debiasing stays exact; None: no clamp.
-            tie_margin: a margin |p_a - 0.5| at or below this is a tie.
-            few_shot: show the constitution's judge exemplars.
-            calibration: pairwise only: ``batch`` subtracts, per order, the batch's mean option
-                log-odds before the softmax (arXiv 2309.17249); ``contextual`` subtracts the
-                log-odds of the same question with both responses content-free ("N/A"), one
-                extra request per prompt and principle (arXiv 2102.09690); ``none``.
-            temperature: pointwise only: p_a = sigmoid((s_a - s_b) / temperature).
-            length_coef: pointwise only: each score less ``length_coef * ln(characters)``.
-            principles: draw only from these principle ids (default: every judge principle).
+            settings: the other fields of :class:`JudgeSettings` (``mode``, ``ensemble``,
+                ``seed``, ``cot``, ``calibration``, ``length_coef``, ...), checked there.
         """
-        settings = JudgeSettings(
-            constitution,
-            template,
-            mode=mode,
-            ensemble=ensemble,
-            seed=seed,
-            cot=cot,
-            cot_max_tokens=cot_max_tokens,
-            clamp=clamp,
-            tie_margin=tie_margin,
-            few_shot=few_shot,
-            calibration=calibration,
-            temperature=temperature,
-            length_coef=length_coef,
-            principles=principles,
-        )
-        self._start(model, settings, backend, engine_options)
+        self._start(model, JudgeSettings(constitution, **settings), backend, engine_options)
 
     @classmethod
     def from_settings(
@@ -235,10 +180,8 @@ class Judge(_PairJudge):
         super().__init__(model, settings, backend=backend, engine_options=engine_options)
         self._scorer = PointwiseScorer(
             self.engine,
-            settings.template,
-            settings.constitution,
+            settings.render,
             settings.principles_for,
-            few_shot=settings.few_shot,
             length_coef=settings.length_coef,
         )
 
@@ -250,10 +193,6 @@ class Judge(_PairJudge):
     calibration = _setting("calibration")
     temperature = _setting("temperature")
     length_coef = _setting("length_coef")
-
-    def principles_of(self, pair: PairLike) -> list[Principle]:
-        """See :meth:`JudgeSettings.principles_of`."""
-        return self.settings.principles_of(pair)
 
     def compare(self, prompt: Prompt, response_a: str, response_b: str) -> Preference:
         """Judge one pair: which of ``response_a`` and ``response_b`` better answers ``prompt``."""

@@ -1,6 +1,7 @@
-"""Judge records as labels: the judge settings that key them, the rule that turns one into a
-TRL preference row (both shared with the pipeline's judge stage), and labelling a file of
-response pairs resumably: ``cai judge label``.
+"""Judge records as labels: the rule that turns one into a TRL preference row (shared with the
+pipeline's judge stage), and labelling a file of response pairs resumably: ``cai judge label``.
+Their record keys take the judge's part from ``cai.judge.keys.judge_key``, as every judge
+record's does.
 
     cai judge label --data pairs.jsonl --out runs/labels [--model SPEC] [--constitution NAME]
 
@@ -20,6 +21,7 @@ from pathlib import Path
 
 from cai.export import export_dataset
 from cai.judge.judge import Judge
+from cai.judge.keys import judge_key
 from cai.judge.pair import JudgePair
 from cai.judge.settings import JudgeSettings
 from cai.keys import record_key
@@ -78,18 +80,15 @@ class LabelResult:
 
 
 def label_key(settings: JudgeSettings, pair: LabelledPair, model: str) -> str:
-    """A pair's record key: the pair, the principles drawn for it, the judge's settings and
-    model. Changed settings make new records; the old ones stay in the store, unexported."""
-    principles = settings.asked(JudgePair(pair.prompt, pair.chosen, pair.rejected, pair.key))
+    """A pair's record key: the pair and the judge's part (``cai.judge.keys.judge_key``).
+    Changed settings make new records; the old ones stay in the store, unexported."""
     return record_key(
         input=pair.key,
         stage=STAGE,
         prompt=pair.prompt,
         response_a=pair.chosen,
         response_b=pair.rejected,
-        principles=principles,
-        judge=settings.key_fields(),
-        model=model,
+        **judge_key(settings, JudgePair(pair.prompt, pair.chosen, pair.rejected, pair.key), model),
     )
 
 

@@ -30,7 +30,6 @@ from statistics import fmean
 from cai.constitution import Constitution, Message, Principle
 from cai.engine import Engine
 from cai.keys import record_key
-from cai.prompts import Template
 
 DEFAULT_LENGTH_COEF = 0.25
 """The length control of the shipped CPU recipes' pointwise judge: on data/judge_dev.jsonl (the
@@ -138,28 +137,17 @@ class PointwiseScorer:
     def __init__(
         self,
         engine: Engine,
-        template: Template,
-        constitution: Constitution,
+        render: Callable[[str, list[dict], Sequence[str]], list[dict]],
         principles_for: Callable[[str], list[Principle]],
         *,
-        few_shot: bool,
         length_coef: float,
     ):
         self.engine = engine
-        self.template = template
-        self.constitution = constitution
+        self.render = render
+        """(question, conversation, [response]) → the prompt (``JudgeSettings.render``)."""
         self.principles_for = principles_for
-        self.few_shot = few_shot
         self.length_coef = length_coef
         self.cache = ScoreCache()
-
-    def _render(self, messages: list[dict], response: str, question: str) -> list[dict]:
-        return self.template.render(
-            examples=score_shots(self.constitution, question) if self.few_shot else [],
-            conversation=messages,
-            response=response,
-            question=question,
-        )
 
     def score(
         self, responses: Sequence[tuple[list[dict], str]], progress: bool | str = False
@@ -178,7 +166,7 @@ class PointwiseScorer:
                 key = record_key(prompt=messages, response=response, question=question)
                 row.append(key)
                 if self.cache.get(key) is None and key not in todo:
-                    todo[key] = self._render(messages, response, question)
+                    todo[key] = self.render(question, messages, [response])
             keys.append(row)
         failures: dict[str, str] = {}
         tokens: dict[str, int] = {}

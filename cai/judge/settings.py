@@ -14,6 +14,7 @@ from typing import Any, Literal
 
 from cai.constitution import Constitution, Principle, check_pointwise, load_constitution
 from cai.judge.pair import JudgePair, PairLike, _Item, check_pair
+from cai.judge.pointwise import score_shots
 from cai.keys import record_key, seed_for
 from cai.prompts import Template, load_template
 
@@ -108,8 +109,31 @@ def default_template(mode: str, cot: bool = False) -> str:
 class JudgeSettings:
     """Everything that defines a judge's labels, without its engine: which principles a pair is
     asked about and what a label's record key holds are known before (or without) loading a
-    model. Arguments as :class:`Judge`'s; ``constitution`` and ``template`` may be names or
-    paths (loaded here), and ``principles`` becomes the ids of the pool, or None."""
+    model. Every judge of cai is one of these on an engine (``Judge(model, **fields)``), and this
+    is the one place its settings are checked: ``ValueError`` naming the setting.
+
+    Args:
+        constitution: a Constitution, a shipped name or a path (loaded here).
+        template: default ``judge_score`` in the pointwise mode, ``judge_cot`` with ``cot``,
+            else ``judge_mc`` (a Template, a shipped name or a path).
+        mode: ``pairwise`` (both responses in one multiple-choice prompt, both orders) or
+            ``pointwise`` (each response scored alone with its principles' score questions).
+        ensemble: distinct principles asked per pair (pointwise: per prompt), averaged.
+        seed: the judge's seed; with the pair (pointwise: the prompt) it fixes the principles.
+        cot: write a rationale first (greedy, up to ``cot_max_tokens``), then score.
+        clamp: CoT only: the band each order's probability is clamped into, symmetric about
+            0.5 so that position debiasing stays exact; None: no clamp.
+        tie_margin: a margin |p_a - 0.5| at or below this is a tie.
+        few_shot: show the constitution's judge exemplars.
+        calibration: pairwise only: ``batch`` subtracts, per order, the batch's mean option
+            log-odds before the softmax (arXiv 2309.17249); ``contextual`` subtracts the
+            log-odds of the same question with both responses content-free ("N/A"), one
+            extra request per prompt and principle (arXiv 2102.09690); ``none``.
+        temperature: pointwise only: p_a = sigmoid((s_a - s_b) / temperature).
+        length_coef: pointwise only: each score less ``length_coef * ln(characters)``.
+        principles: draw only from these principle ids (default: every judge principle);
+            becomes the ids of the pool, or None.
+    """
 
     constitution: Constitution | str | Path = "harmless"
     template: Template | str | Path | None = None
@@ -208,13 +232,45 @@ class JudgeSettings:
         prompt (pointwise)."""
         return self.items([pair], per_prompt=self.mode == "pointwise")[0].principles
 
+    def question(self, principle: Principle) -> str:
+        """The question ``principle`` is asked: its score question (pointwise) or its judge
+        question (pairwise)."""
+        return principle.score_question if self.mode == "pointwise" else principle.judge  # type: ignore[return-value]
+
+    def prompt_parts(self, question: str) -> dict[str, Any]:
+        """The template variables of a judge prompt asking ``question`` that do not come from
+        the pair: the exemplars (with ``few_shot``), the question and, pairwise, the system
+        prompt. With the template's text they are everything a prompt holds besides the pair,
+        so the record key holds them (``cai.judge.keys``)."""
+        if self.mode == "pointwise":
+            examples = score_shots(self.constitution, question) if self.few_shot else []
+            return {"examples": examples, "question": question}
+        examples = self.constitution.judge_shots(question) if self.few_shot else []
+        return {
+            "system": self.constitution.system_prompt,
+            "examples": examples,
+            "question": question,
+        }
+
+    def render(
+        self, question: str, conversation: list[dict], responses: Sequence[str]
+    ) -> list[dict]:
+        """The judge prompt asking ``question`` about ``responses`` to ``conversation``: one
+        response scored alone (pointwise) or two in the order given (pairwise). Every prompt a
+        judge of these settings sends is rendered here."""
+        parts = self.prompt_parts(question)
+        if self.mode == "pointwise":
+            (response,) = responses
+            return self.template.render(**parts, conversation=conversation, response=response)
+        first, second = responses
+        return self.template.render(
+            **parts, conversation=conversation, response_a=first, response_b=second
+        )
+
     def asked(self, pair: PairLike) -> list[list[str | None]]:
         """[id, question asked] of each principle asked about ``pair``: the judge question
         (pairwise) or the score question (pointwise), so that editing the wording re-judges."""
-        pointwise = self.mode == "pointwise"
-        return [
-            [p.id, p.score_question if pointwise else p.judge] for p in self.principles_of(pair)
-        ]
+        return [[p.id, self.question(p)] for p in self.principles_of(pair)]
 
     def key_fields(self) -> dict[str, Any]:
         """The settings that define the labels, as a label record's key holds them (not the

@@ -33,6 +33,7 @@ from cai.constitution import load_constitution
 from cai.data import PromptRecord
 from cai.export import export_dataset
 from cai.judge.judge import Judge
+from cai.judge.keys import judge_key
 from cai.judge.label import LABEL_DECIMALS, preference_fields
 from cai.judge.pair import JudgePair
 from cai.judge.settings import JudgeSettings, check_clamp, check_margin
@@ -171,7 +172,6 @@ def pair_items(
     ctx: StageContext, settings: JudgeSettings, samples: dict[str, dict]
 ) -> dict[str, list[tuple[str, JudgePair, tuple[int, int]]]]:
     """prompt key → its pairs: (record key, JudgePair, (i, j)), in prompt then pair order."""
-    config = settings.key_fields()
     spec = judge_model(ctx)
     reward_model = reward_labels(ctx)
     out: dict[str, list] = {}
@@ -188,8 +188,7 @@ def pair_items(
                 labelled_by = {"labeller": "reward_model", "tie_margin": settings.tie_margin}
                 labelled_by.update(model_key("reward_model", reward_model))
             else:
-                asked = settings.asked(JudgePair(sample["prompt"], a, b, key=seed_key))
-                labelled_by = {"principles": asked, "judge": config, "model": spec}
+                labelled_by = judge_key(settings, JudgePair(sample["prompt"], a, b, seed_key), spec)
             key = record_key(**pair, **labelled_by)
             pairs.append((key, JudgePair(sample["prompt"], a, b, key=seed_key), (i, j)))
         out[prompt_key] = pairs
