@@ -261,3 +261,18 @@ def test_an_edited_exemplar_or_system_prompt_re_judges_the_few_shot_pairwise_jud
             assert judge_key(JudgeSettings(str(path), few_shot=False), pair, "m") == judge_key(
                 JudgeSettings("harmless", few_shot=False), pair, "m"
             )
+
+
+def test_the_dry_run_plan_counts_the_pairs_an_edited_question_re_judges(tmp_path, capsys):
+    from cai.pipeline.__main__ import main
+
+    run_dir = _copy("store_v2", tmp_path)
+    recipe = str(FIXTURES / "store_v2_recipe.yaml")
+    args = ["run", recipe, "--run-dir", str(run_dir), "--dry-run"]
+    assert main(args) == 0
+    judged = len(RunStore(run_dir).read_stage("judge"))
+    assert "judge: 0 pairs, pointwise" in capsys.readouterr().err
+    edited = str(_edited_hhh(tmp_path))
+    assert main([*args, "--set", f"stages.judge.constitution={edited}", "--force"]) == 0
+    out = capsys.readouterr().err
+    assert f"judge: {judged} pairs, pointwise" in out and "(0 pairs done)" in out

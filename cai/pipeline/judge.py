@@ -438,15 +438,23 @@ def export_preferences(
 
 
 def done_pairs(ctx: StageContext) -> int:
-    """Pairs judged of the samples this run (this round) judges: the store holds every round's,
-    and records of samples no longer asked for."""
+    """Pairs of this run's (this round's) samples already judged under the keys the run would
+    give them now, so that the plan counts as the run does: a changed judge setting or
+    question re-judges, and the plan says so."""
     store, shard = ctx.store, ctx.shard
     if not store.stage_path("judge", shard).exists():
         return 0
-    samples = {sample_key(ctx, p) for p in ctx.prompts}
+    have = store.read_stage("sample", shard) if store.stage_path("sample", shard).exists() else {}
+    samples = {}
+    for p in ctx.prompts:
+        record = have.get(sample_key(ctx, p))
+        if record is not None and record.get("error") is None and not record.get("skipped"):
+            samples[p.key] = record
+    judged = store.read_stage("judge", shard)
     return sum(
-        r.get("error") is None and r.get("sample_key") in samples
-        for r in store.read_stage("judge", shard).values()
+        key in judged and judged[key].get("error") is None
+        for pairs in pair_items(ctx, ctx.prepared["judge"], samples).values()
+        for key, _, _ in pairs
     )
 
 
