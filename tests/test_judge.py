@@ -129,7 +129,7 @@ def test_settings_draw_principles_and_give_keys_without_an_engine():
         same = Judge(ScriptedEngine(), "harmless", mode=mode, ensemble=2, seed=3)
         assert same.settings.key_fields() == settings.key_fields()
         drawn = [settings.principles_of(p) for p in pairs]
-        assert drawn == [same.principles_of(p) for p in pairs]
+        assert drawn == [same.settings.principles_of(p) for p in pairs]
         labels = judge.label(pairs)
         assert [[p.id for p in d] for d in drawn] == [p.principles for p in labels]
         asked = settings.asked(pairs[0])

@@ -14,7 +14,7 @@ from test_judge import BAD, GOOD, PROMPT
 from cai import cli
 from cai.config import ConfigError
 from cai.engine import OptionScores
-from cai.judge import Judge
+from cai.judge import Judge, JudgeSettings
 from cai.judge.agreement import longer_wins, side_by_side
 from cai.judge.pointwise import SCORE_OPTIONS, fit_length_coef, length_adjusted, score_shots
 from cai.stats import sigmoid
@@ -284,8 +284,8 @@ def test_side_by_side_reports_every_variant_and_the_length_baseline():
     engine = ScoreEngine(lambda r, c: yes[r])
     result = side_by_side(
         {
-            "pointwise": lambda e: Judge(e, mode="pointwise"),
-            "pointwise lc": lambda e: Judge(e, mode="pointwise", length_coef=0.1),
+            "pointwise": JudgeSettings(mode="pointwise"),
+            "pointwise lc": JudgeSettings(mode="pointwise", length_coef=0.1),
         },
         engine,
         pairs,

@@ -5,7 +5,6 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-from collections.abc import Callable
 from typing import Any
 
 from cai.config import ConfigError
@@ -13,28 +12,16 @@ from cai.constitution import (
     load_constitution,
 )
 from cai.data import DataError, check_limit
-from cai.engine import BACKENDS, Engine, create_engine
+from cai.engine import BACKENDS, create_engine
 from cai.judge.agreement import side_by_side
 from cai.judge.generative import GenerativeJudge
 from cai.judge.judge import Judge
 from cai.judge.pointwise import DEFAULT_LENGTH_COEF, fit_length_coef
-from cai.judge.settings import CALIBRATIONS, MODES
+from cai.judge.settings import CALIBRATIONS, MODES, JudgeSettings
 from cai.layout import DATA_FILE, DATASET, STAGES, RunLayout
 from cai.models import DEFAULT_MODEL
 from cai.pairs import LabelledPair, load_pairs
 from cai.store import RunStoreError
-
-
-class _NoEngine(Engine):
-    """Stands in for the model while judge settings are checked, before the model loads."""
-
-    backend, model_name = "none", "none"
-
-    def generate(self, *args: Any, **kwargs: Any) -> list:
-        raise RuntimeError("no engine: settings check only")
-
-    score = generate
-
 
 _JUDGE_COLUMNS = [
     ("accuracy", "accuracy"),
@@ -95,9 +82,10 @@ def _principles(args: argparse.Namespace) -> list[str] | None:
     return None if args.principles is None else _list(args.principles, None, "--principles")
 
 
-def _judge_variants(args: argparse.Namespace) -> dict[str, Callable[[Any], Judge]]:
-    """Variant name → a Judge builder on a given engine, from --mode, --calibration and
-    --length-coef (calibration applies to the pairwise mode, length control to the pointwise)."""
+def _judge_variants(args: argparse.Namespace) -> dict[str, JudgeSettings]:
+    """Variant name → its judge settings (checked, no model loaded), from --mode, --calibration
+    and --length-coef (calibration applies to the pairwise mode, length control to the
+    pointwise)."""
     modes = _list(args.mode, MODES, "--mode")
     calibrations = _list(args.calibration, CALIBRATIONS, "--calibration")
     try:
@@ -110,7 +98,7 @@ def _judge_variants(args: argparse.Namespace) -> dict[str, Callable[[Any], Judge
         "few_shot": not args.zero_shot,
         "principles": _principles(args),
     }
-    variants: dict[str, Callable[[Any], Judge]] = {}
+    variants: dict[str, JudgeSettings] = {}
     constitution = load_constitution(args.constitution)
     for mode in modes:
         if mode == "pairwise":
@@ -118,22 +106,19 @@ def _judge_variants(args: argparse.Namespace) -> dict[str, Callable[[Any], Judge
                 name = (
                     "pairwise" + ("" if cal == "none" else f"+{cal}") + (" cot" if args.cot else "")
                 )
-                variants[name] = lambda e, cal=cal: Judge(
-                    e, constitution, calibration=cal, cot=args.cot, **common
+                variants[name] = flag_settings(
+                    constitution, calibration=cal, cot=args.cot, **common
                 )
         else:
             for coef in coefs:
                 name = "pointwise" + (f" lc={coef:g}" if coef else "")
-                variants[name] = lambda e, coef=coef: Judge(
-                    e,
+                variants[name] = flag_settings(
                     constitution,
                     mode="pointwise",
                     length_coef=coef,
                     temperature=args.temperature,
                     **common,
                 )
-    for build in variants.values():  # refuse bad settings before the model loads
-        build(_NoEngine()).close()
     return variants
 
 
@@ -220,14 +205,36 @@ def add_judge_options(parser: argparse.ArgumentParser, *, constitution: str = "h
     )
 
 
-def judge_from_args(args: argparse.Namespace) -> Judge:
-    """The judge the command line asks for (``add_judge_options``); the one place a command
-    builds it."""
-    return Judge(
-        args.model,
-        args.constitution,
-        backend=args.backend,
-        engine_options={"dtype": args.dtype} if args.dtype else None,
+FLAGS = {
+    "constitution": "--constitution",
+    "mode": "--mode",
+    "ensemble": "--ensemble",
+    "seed": "--seed",
+    "cot": "--cot",
+    "few_shot": "--zero-shot",
+    "calibration": "--calibration",
+    "temperature": "--temperature",
+    "length_coef": "--length-coef",
+    "principles": "--principles",
+}
+"""The judge commands' flag of each JudgeSettings field (what an error names)."""
+
+
+def flag_settings(constitution: Any, **fields: Any) -> JudgeSettings:
+    """JudgeSettings from the judge flags, checked there (the one validator); ValueError naming
+    the flag at fault."""
+    try:
+        return JudgeSettings(constitution, **fields)
+    except ValueError as e:
+        message = str(e)
+        named = [flag for field, flag in FLAGS.items() if message.startswith(field)]
+        raise ValueError(f"{named[0]}: {message}" if named else message) from None
+
+
+def settings_from_args(args: argparse.Namespace) -> JudgeSettings:
+    """The judge settings the command line asks for (``add_judge_options``)."""
+    return flag_settings(
+        load_constitution(args.constitution),
         mode=args.mode,
         calibration=args.calibration,
         length_coef=args.length_coef,
@@ -237,6 +244,17 @@ def judge_from_args(args: argparse.Namespace) -> Judge:
         ensemble=args.ensemble,
         seed=args.seed,
         cot=args.cot,
+    )
+
+
+def judge_from_args(args: argparse.Namespace) -> Judge:
+    """The judge the command line asks for (``add_judge_options``); the one place a command
+    builds it. Its settings are checked before the model loads."""
+    return Judge.from_settings(
+        settings_from_args(args),
+        args.model,
+        backend=args.backend,
+        engine_options={"dtype": args.dtype} if args.dtype else None,
     )
 
 

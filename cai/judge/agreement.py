@@ -20,6 +20,7 @@ from cai.engine import Engine, OptionScores, Sampling
 from cai.judge.generative import GenerativeJudge, parse_verdict
 from cai.judge.judge import Judge
 from cai.judge.pair import Prompt
+from cai.judge.settings import JudgeSettings
 from cai.keys import canonical
 from cai.stats import accuracy, brier, ece, length_bias
 
@@ -209,7 +210,7 @@ class ScoreMemo(Engine):
 
 
 def side_by_side(
-    variants: dict[str, Callable[[Engine], Judge]],
+    variants: dict[str, JudgeSettings],
     engine: Engine,
     pairs: Sequence[Labelled],
     *,
@@ -217,7 +218,7 @@ def side_by_side(
     generative: Callable[[Engine], GenerativeJudge] | None = None,
     progress: bool = False,
 ) -> dict[str, Any]:
-    """Every judge variant (name → a Judge built on the given engine) on the same pairs and the
+    """Every judge variant (name → its settings, judged on the given engine) on the same pairs and the
     same loaded model, with the "longer wins" baseline and, optionally, the generative judge;
     per-category accuracies when ``categories`` (one per pair) are given."""
     if not pairs:
@@ -226,8 +227,8 @@ def side_by_side(
     rows: dict[str, dict[str, Any]] = {"longer wins": longer_wins(pairs)}
     per_pair: dict[str, list[float | None]] = {}
     scores: dict[str, list] = {}
-    for name, build in variants.items():
-        judge = build(memo)
+    for name, settings in variants.items():
+        judge = Judge.from_settings(settings, memo)
         asked = memo.asked
         metrics = judge_metrics(judge, pairs, progress=name if progress else False)
         if memo.asked == asked:  # every score came from an earlier variant: no speed to report
