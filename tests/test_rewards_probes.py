@@ -126,6 +126,11 @@ def test_remote_reward_accepts_numbers_and_nulls():
         remote = RemoteReward(url, against="group", num_generations=2, timeout=10)
         assert remote([PROMPT] * 2, [X, Y]) == [1.0, None]
 
+        async def in_a_notebook():  # a sync call from inside a running event loop
+            return remote([PROMPT] * 2, [X, Y])
+
+        assert asyncio.run(in_a_notebook()) == [1.0, None]
+
 
 @pytest.mark.timeout(30)
 def test_remote_reward_timeout_is_a_total_for_the_call_against_a_dripping_server():
