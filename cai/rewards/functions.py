@@ -20,9 +20,10 @@ Two ways to turn a pairwise judge into a reward, for each completion ``c`` of a 
     once, both orders averaged, so ``P(c_j beats c_i) = 1 - P(c_i beats c_j)`` exactly and a
     group's rewards sum to ``G / 2``. The whole batch is one ``judge.label`` call.
 
-``centered=True`` maps ``r`` from [0, 1] to [-1, 1] (``2r - 1``). An empty (or whitespace)
-completion is not shown to the judge: it loses to any non-empty response and ties with another
-empty one. ``RewardModelReward`` does the same with a trained reward model's scores ``s``, where
+``centered=True`` maps ``r`` from [0, 1] to [-1, 1] (``2r - 1``). An empty completion (nothing
+visible: only whitespace and zero-width characters, ``is_empty``) is not shown to the judge: it
+loses to any non-empty response and ties with another empty one; the pointwise judge gives it 0.
+``RewardModelReward`` does the same with a trained reward model's scores ``s``, where
 a win probability is the Bradley-Terry ``sigmoid(s_c - s_other)`` (and ``against=None`` gives the
 raw score ``s_c``).
 
@@ -40,14 +41,16 @@ many trainer workers share one loaded judge (README: "Serving the judge").
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-from typing import Any, Literal, Protocol
+from collections.abc import Callable, Sequence
+from typing import Any, Literal, Protocol, TypeVar
 
 from cai.engine import PromptTooLong
 from cai.judge.judge import Judge
 from cai.stats import sigmoid
 
 Against = Literal["reference", "group"]
+T = TypeVar("T")
+R = TypeVar("R")
 
 
 class Scorer(Protocol):
@@ -84,6 +87,40 @@ def _text(response: Any, what: str) -> str:
         f"{what}: expected a string or chat messages ending with an assistant message, "
         f"got {response!r:.200}"
     )
+
+
+# Characters that render as nothing, beside whitespace: zero-width space, non-joiner and joiner,
+# word joiner, BOM (zero-width no-break space), soft hyphen, combining grapheme joiner, Mongolian
+# vowel separator, direction marks, embeddings, overrides and isolates, invisible math
+# operators, and the Hangul fillers. A completion of only these reads as empty to a person,
+# while a judge model sees tokens and may score them above a real answer.
+_INVISIBLE = frozenset(
+    "\u00ad\u034f\u115f\u1160\u180e\u200b\u200c\u200d\u200e\u200f\u202a\u202b\u202c"
+    "\u202d\u202e\u2060\u2061\u2062\u2063\u2064\u2066\u2067\u2068\u2069\u3164\ufeff"
+    "\uffa0"
+)
+
+
+def is_empty(text: str) -> bool:
+    """True for a response with nothing visible: only whitespace and invisible characters.
+    Such a response is never shown to the judge; it loses to any non-empty one."""
+    return all(c.isspace() or c in _INVISIBLE for c in text)
+
+
+def _isolating_overflow(judge: Callable[[list[T]], list[R]], items: list[T]) -> list[R | None]:
+    """``judge(items)``; where the engine raises ``PromptTooLong`` (an item too long for its
+    context, on an engine that raises on overflow), the halves are judged apart until each
+    item too long is alone, and costs only its own value, None. An item's principles and
+    scores do not depend on the batch it is judged in, so the others' values are unchanged."""
+    if not items:
+        return []
+    try:
+        return list(judge(items))
+    except PromptTooLong:
+        if len(items) == 1:
+            return [None]
+        half = len(items) // 2
+        return _isolating_overflow(judge, items[:half]) + _isolating_overflow(judge, items[half:])
 
 
 class _PairwiseReward:
@@ -123,14 +160,14 @@ class _PairwiseReward:
 
     def _pairwise(self, pairs: list[tuple[list[dict], str, str]]) -> list[float | None]:
         """``_win_probs`` in one call for the pairs where both sides are non-empty."""
-        asked = [i for i, (_, a, b) in enumerate(pairs) if a.strip() and b.strip()]
+        asked = [i for i, (_, a, b) in enumerate(pairs) if not is_empty(a) and not is_empty(b)]
         probs = dict(zip(asked, self._win_probs([pairs[i] for i in asked]), strict=True))
         out: list[float | None] = []
         for i, (_, a, b) in enumerate(pairs):
             if i in probs:
                 out.append(probs[i])
             else:  # an empty response loses to a non-empty one and ties with another empty one
-                out.append(0.5 if not a.strip() and not b.strip() else float(bool(a.strip())))
+                out.append(0.5 if is_empty(a) and is_empty(b) else float(not is_empty(a)))
         return out
 
     def __call__(
@@ -180,7 +217,7 @@ class _PairwiseReward:
             )
         refs = [_text(r, f"{self.reference_key} {i}") for i, r in enumerate(references)]
         for i, ref in enumerate(refs):
-            if not ref.strip():
+            if is_empty(ref):
                 raise ValueError(f"{self.reference_key} {i}: the reference response is empty")
         return refs
 
@@ -282,25 +319,24 @@ class JudgeReward(_PairwiseReward):
     def _scores(self, messages: list[list[dict]], texts: list[str]) -> list[float | None]:
         """One score request per completion (and principle): sigmoid of its score; an empty
         completion gets 0 without being asked about."""
-        asked = [i for i, t in enumerate(texts) if t.strip()]
-        scored = self.judge.score_responses([(messages[i], texts[i]) for i in asked])
+        asked = [i for i, t in enumerate(texts) if not is_empty(t)]
+
+        def score(batch: list[tuple[list[dict], str]]) -> list[float | None]:
+            return [
+                None if s.adjusted is None else sigmoid(s.adjusted)
+                for s in self.judge.score_responses(batch)
+            ]
+
+        scored = _isolating_overflow(score, [(messages[i], texts[i]) for i in asked])
         out: list[float | None] = [0.0] * len(texts)
-        for i, s in zip(asked, scored, strict=True):
-            out[i] = None if s.adjusted is None else sigmoid(s.adjusted)
+        for i, r in zip(asked, scored, strict=True):
+            out[i] = r
         return out
 
     def _win_probs(self, pairs: list[tuple[list[dict], str, str]]) -> list[float | None]:
-        if not pairs:
-            return []
-        try:
-            return [pref.p_a for pref in self.judge.label(pairs)]
-        except PromptTooLong:
-            # A pair too long for the judge's context (an engine that raises on overflow):
-            # judge the pairs one by one, so that it costs only its own reward, None. A pair's
-            # principles and scores do not depend on the batch it is judged in.
-            if len(pairs) == 1:
-                return [None]
-            return [p for pair in pairs for p in self._win_probs([pair])]
+        return _isolating_overflow(
+            lambda batch: [pref.p_a for pref in self.judge.label(batch)], pairs
+        )
 
 
 class RewardModelReward(_PairwiseReward):
@@ -357,4 +393,4 @@ class RewardModelReward(_PairwiseReward):
         ]
 
 
-__all__ = ["Against", "JudgeReward", "RewardModelReward", "Scorer"]
+__all__ = ["Against", "JudgeReward", "RewardModelReward", "Scorer", "is_empty"]

@@ -4,9 +4,9 @@ that many trainer workers share one loaded judge (README: "Serving the judge")."
 from __future__ import annotations
 
 import asyncio
-import time
-from collections.abc import Callable, Generator, Sequence
-from typing import Any, Literal
+from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any, Literal, NoReturn
 
 import httpx
 
@@ -33,8 +33,9 @@ class RemoteReward(_PairwiseReward):
     TRL runs concurrently with its other reward functions). ``verl_compute_score(reward)`` makes
     it verl's ``compute_score``. Connection errors and 503 (server starting, overloaded or
     draining) are retried ``retries`` times, waiting ``backoff`` seconds and doubling (at most
-    ``MAX_BACKOFF``); any other failure, or no answer within ``timeout`` seconds, raises
-    ``RemoteRewardError`` naming the URL.
+    ``MAX_BACKOFF``); any other failure, an answer that is not ``{"rewards": [...]}`` with one
+    number or null per completion, or no answer within ``timeout`` seconds (a total for the
+    call: every try and every wait between tries) raises ``RemoteRewardError`` naming the URL.
     """
 
     def __init__(
@@ -59,6 +60,7 @@ class RemoteReward(_PairwiseReward):
             scorer: ``"judge"`` or ``"reward_model"`` where the server has both; None: its
                 judge if it has one.
             api_key: the server's ``--api-key``, sent as a bearer token.
+            timeout: seconds for the whole call, retries and their waits included.
         """
         super().__init__(
             against,
@@ -75,9 +77,8 @@ class RemoteReward(_PairwiseReward):
         self.timeout = timeout
         self.retries = retries
         self.backoff = backoff
-        self._client: httpx.Client | None = None
         # One TLS context for every client this reward makes: building one costs ~0.1 s, too
-        # much for each call of ``as_async`` (its clients cannot outlive their event loop).
+        # much for each call (a call's client cannot outlive the call's event loop).
         self._tls = httpx.create_ssl_context()
 
     def _payload(self, prompts: Sequence[Any], completions: Sequence[Any], kwargs: dict) -> dict:
@@ -105,54 +106,90 @@ class RemoteReward(_PairwiseReward):
         for attempt in range(self.retries):
             yield min(self.backoff * 2**attempt, MAX_BACKOFF)
 
-    def _tries(self) -> Generator[float, httpx.Response | httpx.TransportError, list]:
-        """The retry rule, for both clients: yields the wait before each try, is sent the try's
-        response (or transport error), returns the rewards or raises ``RemoteRewardError``."""
+    async def _call(self, payload: dict) -> list[float | None]:
+        """The whole call, tries and waits between them, within ``timeout`` seconds. httpx's
+        own timeouts bound each read, not the call: a server that sends a byte a second would
+        hold it forever, so the deadline is the event loop's, which cancels the read."""
+        async with httpx.AsyncClient(timeout=self.timeout, verify=self._tls) as client:
+            try:
+                async with asyncio.timeout(self.timeout):
+                    return await self._tries(client, payload)
+            except TimeoutError:
+                raise RemoteRewardError(
+                    f"{self.endpoint}: no answer within {self.timeout} s (the call's timeout, "
+                    "its retries included)"
+                ) from None
+
+    async def _tries(self, client: httpx.AsyncClient, payload: dict) -> list[float | None]:
+        """Connection errors and 503 are tried again after the next delay; anything else is
+        the answer, or a ``RemoteRewardError``."""
         last: object = None
         for delay in self._delays():
-            outcome = yield delay
-            if isinstance(outcome, _RETRIED):
-                last = outcome
+            await asyncio.sleep(delay)
+            try:
+                response = await client.post(self.endpoint, json=payload, headers=self.headers)
+            except _RETRIED as e:
+                last = e
                 continue
-            if isinstance(outcome, httpx.TimeoutException):
-                raise RemoteRewardError(f"{self.endpoint}: no answer within {self.timeout} s")
-            if isinstance(outcome, httpx.TransportError):
-                raise RemoteRewardError(f"{self.endpoint}: {type(outcome).__name__}: {outcome}")
-            if outcome.status_code == 503:
+            except httpx.TimeoutException:
+                raise RemoteRewardError(
+                    f"{self.endpoint}: no answer within {self.timeout} s"
+                ) from None
+            except httpx.TransportError as e:
+                raise RemoteRewardError(f"{self.endpoint}: {type(e).__name__}: {e}") from e
+            if response.status_code == 503:
                 last = "HTTP 503: the server is overloaded or shutting down"
                 continue
-            try:
-                body = outcome.json()
-            except ValueError:
-                body = {"error": outcome.text[:200]}
-            if outcome.status_code != 200:
-                raise RemoteRewardError(
-                    f"{self.endpoint}: HTTP {outcome.status_code}: {body.get('error', body)}"
-                )
-            return [None if r is None else float(r) for r in body["rewards"]]
+            return self._rewards(response, len(payload["completions"]))
         raise RemoteRewardError(
             f"{self.endpoint}: no answer after {self.retries + 1} tries ({last}); is `cai serve` "
             "running there?"
         )
 
+    def _rewards(self, response: httpx.Response, count: int) -> list[float | None]:
+        """The rewards of a 200 answer, checked: a proxy's HTML page or another server's JSON
+        must not become rewards (or a KeyError deep in the trainer)."""
+        try:
+            body = response.json()
+        except ValueError:
+            body = None
+            if response.status_code == 200:
+                self._refuse(
+                    f"the answer is not JSON ({response.headers.get('content-type')}): "
+                    f"{response.text[:200]!r}"
+                )
+        if response.status_code != 200:
+            error = body.get("error", body) if isinstance(body, dict) else body
+            self._refuse(f"HTTP {response.status_code}: {error or response.text[:200]}")
+        if not isinstance(body, dict):
+            self._refuse(f"the answer is not a JSON object but a {_json_type(body)}")
+        if "rewards" not in body:
+            self._refuse(f"the answer has no 'rewards' field (its fields: {sorted(body)[:10]})")
+        rewards = body["rewards"]
+        if not isinstance(rewards, list):
+            self._refuse(f"'rewards' is not a list but a {_json_type(rewards)}")
+        if len(rewards) != count:
+            self._refuse(f"{len(rewards)} rewards for {count} completions")
+        for i, r in enumerate(rewards):
+            # bool is an int to Python, but a JSON true is no reward
+            if r is not None and (isinstance(r, bool) or not isinstance(r, int | float)):
+                self._refuse(f"reward {i} is not a number or null: {r!r:.50}")
+        return [None if r is None else float(r) for r in rewards]
+
+    def _refuse(self, why: str) -> NoReturn:
+        raise RemoteRewardError(f"{self.endpoint}: {why}")
+
     def __call__(
         self, prompts: Sequence[Any], completions: Sequence[Any], **kwargs: Any
     ) -> list[float | None]:
-        payload = self._payload(prompts, completions, kwargs)
-        if self._client is None:
-            self._client = httpx.Client(timeout=self.timeout, verify=self._tls)
-        tries = self._tries()
-        delay = next(tries)
-        while True:
-            time.sleep(delay)
-            try:
-                outcome = self._client.post(self.endpoint, json=payload, headers=self.headers)
-            except httpx.TransportError as e:
-                outcome = e
-            try:
-                delay = tries.send(outcome)
-            except StopIteration as done:
-                return done.value
+        call = self._call(self._payload(prompts, completions, kwargs))
+        try:
+            asyncio.get_running_loop()
+        except RuntimeError:
+            return asyncio.run(call)
+        # Called from inside an event loop (a notebook): the call gets a loop of its own.
+        with ThreadPoolExecutor(1) as pool:
+            return pool.submit(asyncio.run, call).result()
 
     def as_async(self) -> Callable[..., Any]:
         """This reward as an ``async`` function of the same arguments (for TRL's concurrent
@@ -161,30 +198,19 @@ class RemoteReward(_PairwiseReward):
         async def reward(
             prompts: Sequence[Any], completions: Sequence[Any], **kwargs: Any
         ) -> list[float | None]:
-            payload = self._payload(prompts, completions, kwargs)
-            tries = self._tries()
-            delay = next(tries)
-            async with httpx.AsyncClient(timeout=self.timeout, verify=self._tls) as client:
-                while True:
-                    await asyncio.sleep(delay)
-                    try:
-                        outcome = await client.post(
-                            self.endpoint, json=payload, headers=self.headers
-                        )
-                    except httpx.TransportError as e:
-                        outcome = e
-                    try:
-                        delay = tries.send(outcome)
-                    except StopIteration as done:
-                        return done.value
+            return await self._call(self._payload(prompts, completions, kwargs))
 
         reward.__name__ = self.__name__
         return reward
 
     def close(self) -> None:
-        if self._client is not None:
-            self._client.close()
-            self._client = None
+        """Nothing to release: each call has its own connection (kept for callers that close
+        their rewards)."""
+
+
+def _json_type(value: object) -> str:
+    names = {dict: "object", list: "list", str: "string", bool: "boolean", type(None): "null"}
+    return names.get(type(value), "number")
 
 
 __all__ = ["RemoteReward", "RemoteRewardError"]
