@@ -105,6 +105,42 @@ def default_template(mode: str, cot: bool = False) -> str:
     return "judge_cot" if cot else "judge_mc"
 
 
+def check_fields(fields: Any) -> None:
+    """The checks of a judge's settings that need no constitution (``fields``: anything with
+    JudgeSettings' attributes, such as a recipe's judge stage with its neutral values filled
+    in): JudgeSettings runs them first, and a recipe at load time, where an error can still name
+    the file and line. Raises ValueError naming the setting."""
+    default_template(fields.mode, fields.cot)  # checks mode and cot
+    seed = fields.seed
+    if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
+        raise ValueError(f"seed must be a non-negative integer, got {seed!r}")
+    if (
+        isinstance(fields.ensemble, bool)
+        or not isinstance(fields.ensemble, int)
+        or fields.ensemble < 1
+    ):
+        raise ValueError(f"ensemble must be an integer >= 1, got {fields.ensemble!r}")
+    check_clamp(fields.clamp)
+    check_margin("tie_margin", fields.tie_margin)
+    n = fields.cot_max_tokens
+    if isinstance(n, bool) or not isinstance(n, int) or n < 1:
+        raise ValueError(f"cot_max_tokens must be an integer >= 1, got {n!r}")
+    if fields.calibration not in CALIBRATIONS:
+        raise ValueError(f"calibration must be one of {CALIBRATIONS}, got {fields.calibration!r}")
+    if fields.mode == "pointwise" and fields.calibration != "none":
+        raise ValueError(
+            "calibration applies to the pairwise judge: a pointwise label compares two "
+            "scores of the same question, so a shared offset cancels already"
+        )
+    t, coef = fields.temperature, fields.length_coef
+    if not (isinstance(t, int | float) and math.isfinite(t)) or t <= 0:
+        raise ValueError(f"temperature must be a number > 0, got {t!r}")
+    if not (isinstance(coef, int | float) and math.isfinite(coef)):
+        raise ValueError(f"length_coef must be a finite number, got {coef!r}")
+    if fields.mode == "pairwise" and (t != 1.0 or coef != 0.0):
+        raise ValueError("temperature and length_coef apply to the pointwise judge")
+
+
 @dataclass(frozen=True)
 class JudgeSettings:
     """Everything that defines a judge's labels, without its engine: which principles a pair is
@@ -152,7 +188,7 @@ class JudgeSettings:
     pool: tuple[Principle, ...] = field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
-        default = default_template(self.mode, self.cot)  # checks mode and cot
+        check_fields(self)
         constitution = (
             self.constitution
             if isinstance(self.constitution, Constitution)
@@ -160,41 +196,19 @@ class JudgeSettings:
         )
         check_ensemble(constitution, self.ensemble, self.principles)
         pool = judge_pool(constitution, self.principles)
-        seed = self.seed
-        if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
-            raise ValueError(f"seed must be a non-negative integer, got {seed!r}")
         template = self.template
         if not isinstance(template, Template):
-            template = load_template(template or default)
+            template = load_template(template or default_template(self.mode, self.cot))
         principles = None if self.principles is None else [p.id for p in pool]
         if self.mode == "pointwise":
             check_pointwise(constitution, principles)
-        check_clamp(self.clamp)
-        check_margin("tie_margin", self.tie_margin)
-        n = self.cot_max_tokens
-        if isinstance(n, bool) or not isinstance(n, int) or n < 1:
-            raise ValueError(f"cot_max_tokens must be an integer >= 1, got {n!r}")
-        if self.calibration not in CALIBRATIONS:
-            raise ValueError(f"calibration must be one of {CALIBRATIONS}, got {self.calibration!r}")
-        if self.mode == "pointwise" and self.calibration != "none":
-            raise ValueError(
-                "calibration applies to the pairwise judge: a pointwise label compares two "
-                "scores of the same question, so a shared offset cancels already"
-            )
-        t, coef = self.temperature, self.length_coef
-        if not (isinstance(t, int | float) and math.isfinite(t)) or t <= 0:
-            raise ValueError(f"temperature must be a number > 0, got {t!r}")
-        if not (isinstance(coef, int | float) and math.isfinite(coef)):
-            raise ValueError(f"length_coef must be a finite number, got {coef!r}")
-        if self.mode == "pairwise" and (t != 1.0 or coef != 0.0):
-            raise ValueError("temperature and length_coef apply to the pointwise judge")
         for name, value in (
             ("constitution", constitution),
             ("template", template),
             ("principles", principles),
             ("pool", pool),
-            ("temperature", float(t)),
-            ("length_coef", float(coef)),
+            ("temperature", float(self.temperature)),
+            ("length_coef", float(self.length_coef)),
         ):
             object.__setattr__(self, name, value)
 

@@ -26,9 +26,10 @@ import math
 from dataclasses import dataclass
 from pathlib import Path
 from statistics import fmean
+from types import SimpleNamespace
 from typing import TYPE_CHECKING, Any, Literal
 
-from cai.config import FieldError, doc
+from cai.config import doc
 from cai.constitution import load_constitution
 from cai.data import PromptRecord
 from cai.export import export_dataset
@@ -36,7 +37,7 @@ from cai.judge.judge import Judge
 from cai.judge.keys import judge_key
 from cai.judge.label import LABEL_DECIMALS, preference_fields
 from cai.judge.pair import JudgePair
-from cai.judge.settings import JudgeSettings, check_clamp, check_margin
+from cai.judge.settings import JudgeSettings, check_fields, check_margin
 from cai.keys import model_key, model_name, record_key
 from cai.layout import DATA_FILE, DATASET
 from cai.pipeline.policy import pending, sample_key
@@ -106,25 +107,25 @@ class JudgeStage:
             "length_coef": 0.0 if self.length_coef is None else self.length_coef,
         }
 
+    def judge_fields(self, seed: int = 0) -> dict[str, Any]:
+        """The JudgeSettings fields this stage sets (all but the constitution)."""
+        return {
+            "ensemble": self.ensemble,
+            "seed": seed,
+            "cot": self.cot,
+            "cot_max_tokens": self.cot_max_tokens,
+            "clamp": tuple(self.clamp) if self.clamp is not None else None,
+            "tie_margin": self.tie_margin,
+            "few_shot": self.few_shot,
+            **self.settings,
+            "principles": self.principles,
+        }
+
     def validate(self) -> None:
-        if self.ensemble < 1:
-            raise ValueError(f"ensemble must be >= 1 (got {self.ensemble})")
-        if self.cot_max_tokens < 1:
-            raise FieldError("cot_max_tokens", f"must be >= 1 (got {self.cot_max_tokens})")
-        check_clamp(self.clamp)
-        for name in ("tie_margin", "min_margin"):
-            check_margin(name, getattr(self, name))
-        s = self.settings
-        if s["mode"] == "pointwise" and (self.cot or s["calibration"] != "none"):
-            raise ValueError("cot and calibration apply to mode: pairwise")
-        if s["mode"] == "pairwise" and (
-            self.temperature is not None or self.length_coef is not None
-        ):
-            raise ValueError("temperature and length_coef apply to mode: pointwise")
-        if not (math.isfinite(s["temperature"]) and s["temperature"] > 0):
-            raise FieldError("temperature", f"must be a number > 0 (got {self.temperature})")
-        if not math.isfinite(s["length_coef"]):
-            raise FieldError("length_coef", f"must be a finite number (got {self.length_coef})")
+        # The judge's own checks (JudgeSettings'), at load time, so that an error names the
+        # recipe's line; those that need the constitution run when the stage is prepared.
+        check_fields(SimpleNamespace(**self.judge_fields()))
+        check_margin("min_margin", self.min_margin)
 
 
 def judge_model(ctx: StageContext) -> str:
@@ -154,15 +155,7 @@ def prepare(ctx: StageContext) -> JudgeSettings:
     try:
         return JudgeSettings(
             load_constitution(stage.constitution or ctx.recipe.constitution),
-            ensemble=stage.ensemble,
-            seed=ctx.recipe.seed,
-            cot=stage.cot,
-            cot_max_tokens=stage.cot_max_tokens,
-            clamp=tuple(stage.clamp) if stage.clamp is not None else None,
-            tie_margin=stage.tie_margin,
-            few_shot=stage.few_shot,
-            **stage.settings,
-            principles=stage.principles,
+            **stage.judge_fields(ctx.recipe.seed),
         )
     except ValueError as e:
         raise PipelineError(f"stages.judge: {e}") from None
