@@ -1,4 +1,5 @@
-"""The package's import graph: no cycles between modules, and the pipeline on top.
+"""The package's import graph: its layers (``LAYERS``, which the README's Layout table shows), no
+cycles between modules, and the pipeline on top.
 
 Parsed, not imported: every ``import`` and ``from ... import`` in ``cai/`` is an edge, at module
 level, in a function or under ``if TYPE_CHECKING:`` (stages see the run through
@@ -27,6 +28,61 @@ ENTRY_POINTS = {
     "cai.cli.train",
 }
 """Modules outside cai.pipeline that may import it: the ``cai`` command."""
+
+
+LAYERS: list[set[str]] = [
+    {
+        "cai",
+        "cai.stats",
+        "cai.layout",
+        "cai.exit_codes",
+        "cai.progress",
+        "cai.jsonl",
+        "cai.resources",
+        "cai.keys",
+        "cai.config",
+    },
+    {"cai.store", "cai.stage_files", "cai.merge", "cai.record_loop", "cai.models"},
+    {"cai.engine"},
+    {
+        "cai.constitution",
+        "cai.constitution_convert",
+        "cai.prompts",
+        "cai.data",
+        "cai.pairs",
+        "cai.export",
+        "cai.critique",
+    },
+    {"cai.judge"},
+    {"cai.rewards"},
+    {"cai.train"},
+    {"cai.eval", "cai.serve"},
+    {"cai.report"},
+    {"cai.pipeline"},
+    {"cai.cli"},
+]
+"""The layers, from the bottom: a module imports only from its own layer or below. An entry
+names a module, or a package and every module in it; the root ``cai`` names only itself (its
+``__init__`` holds the version), or it would cover everything."""
+
+
+def covers(entry: str, module: str) -> bool:
+    return module == entry or (entry != "cai" and module.startswith(entry + "."))
+
+
+def layers_of(module: str, layers: list[set[str]]) -> list[int]:
+    """The indices of the layers with an entry that covers ``module`` (one, in a good table)."""
+    return [i for i, layer in enumerate(layers) if any(covers(e, module) for e in layer)]
+
+
+def upward_imports(graph: dict[str, set[str]], layers: list[set[str]]) -> list[tuple[str, str]]:
+    """(importer, imported) of every edge from a layer to one above it."""
+    return sorted(
+        (module, imported)
+        for module, imports in graph.items()
+        for imported in imports
+        if layers_of(imported, layers) > layers_of(module, layers)
+    )
 
 
 def _module_name(path: Path) -> str:
@@ -108,6 +164,24 @@ def test_only_entry_points_import_the_pipeline():
         if not module.startswith("cai.pipeline") and module not in ENTRY_POINTS
     }
     assert {m: i for m, i in outside.items() if i} == {}
+
+
+def test_every_module_is_in_exactly_one_layer():
+    placed = {m: layers_of(m, LAYERS) for m in import_graph()}
+    assert {m: where for m, where in placed.items() if len(where) != 1} == {}
+
+
+def test_no_module_imports_from_a_layer_above_its_own():
+    assert upward_imports(import_graph(), LAYERS) == []
+
+
+def test_the_checker_sees_an_upward_import():
+    graph = {"p.low": {"p.high.x"}, "p.high.x": {"p.low"}, "p.high": set(), "p.mid": {"p.low"}}
+    layers = [{"p.low"}, {"p.mid"}, {"p.high"}]
+    assert upward_imports(graph, layers) == [("p.low", "p.high.x")]
+    assert layers_of("p.high.x", layers) == [2]
+    assert layers_of("p.highway", layers) == []  # a prefix covers a package, not a longer name
+    assert layers_of("cai.judge", [{"cai"}, {"cai.judge"}]) == [1]
 
 
 def stage_modules() -> set[str]:
