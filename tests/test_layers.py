@@ -345,3 +345,16 @@ def test_the_layout_checker_sees_names_and_path_words_only():
         'help = "writes <run>/report.md"\n'
     )
     assert layout_strings(source) == ["/data.jsonl", "report", "/rounds/"]
+
+
+def docstring_modules(source: str) -> set[str]:
+    """The ``name.py`` files a module's docstring names."""
+    return set(re.findall(r"\b\w+\.py\b", ast.get_docstring(ast.parse(source)) or ""))
+
+
+def test_the_pipeline_docstring_names_its_modules():
+    named = docstring_modules((CAI / "pipeline" / "__init__.py").read_text(encoding="utf-8"))
+    present = {p.name for p in (CAI / "pipeline").glob("*.py")} - {"__init__.py"}
+    assert sorted(named - present) == []  # named, but no such module
+    assert sorted(present - named) == []  # a module the docstring leaves out
+    assert docstring_modules('"""a.py, b.py: c.pyc"""\nx = "d.py"\n') == {"a.py", "b.py"}
