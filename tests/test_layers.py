@@ -358,3 +358,29 @@ def test_the_pipeline_docstring_names_its_modules():
     assert sorted(named - present) == []  # named, but no such module
     assert sorted(present - named) == []  # a module the docstring leaves out
     assert docstring_modules('"""a.py, b.py: c.pyc"""\nx = "d.py"\n') == {"a.py", "b.py"}
+
+
+def readme_layers(readme: str) -> list[set[str]]:
+    """The module names of each row's first cell in README.md's ``### Layout`` table, top row
+    first: ``stats.py`` is ``cai.stats``, ``engine/`` the package ``cai.engine``, ``__init__.py``
+    the root ``cai``."""
+    section = readme.split("\n### Layout\n", 1)[1].split("\n#", 1)[0]
+    rows = [line for line in section.splitlines() if line.startswith("| `")]
+    layers = []
+    for row in rows:
+        paths = re.findall(r"`([^`]+)`", row.split("|")[1])
+        names = set()
+        for path in paths:
+            parts = path.removesuffix("/").removesuffix(".py").split("/")
+            names.add(".".join(["cai", *parts]) if parts != ["__init__"] else "cai")
+        layers.append(names)
+    return layers
+
+
+def test_the_readme_layout_table_is_the_layer_table():
+    readme = (CAI.parent / "README.md").read_text(encoding="utf-8")
+    assert readme_layers(readme) == LAYERS
+    table = (
+        "x\n### Layout\n\n| a | b |\n|---|---|\n| `__init__.py`, `a.py` | `b.py` |\n| `p/` | c |\n"
+    )
+    assert readme_layers(table + "## Next\n| `q.py` | d |\n") == [{"cai", "cai.a"}, {"cai.p"}]
