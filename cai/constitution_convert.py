@@ -171,10 +171,35 @@ def from_huggingface(path: str | Path) -> Constitution:
                 "revision": entry["revision"].strip(),
             }
         )
-    by_requests = {(p["critique"], p["revision"]): p["id"] for p in principles}
     chats = data.get("system_chat", [])
     if not isinstance(chats, list):
         raise ConfigError(f"{path}: system_chat: expected a list of conversations")
+    examples, skipped = _chat_examples(chats, principles, path)
+    description = (
+        f"Converted from the Hugging Face constitution {path.name}: {len(entries)} principles, "
+        f"{len(examples)} exemplars from system_chat."
+    )
+    if skipped:
+        description += (
+            f" {skipped} system_chat entries skipped: not user/assistant turns ending in critique"
+            " request, critique, revision request, revision."
+        )
+    converted = {
+        "name": _slug(path.stem) or "huggingface",
+        "description": description,
+        "version": "1",
+        "principles": principles,
+        "critique_examples": examples,
+    }
+    return constitution_from_data(converted, f"{path} (converted)")
+
+
+def _chat_examples(
+    chats: list[Any], principles: list[dict[str, Any]], path: Path
+) -> tuple[list[dict[str, Any]], int]:
+    """(critique exemplars, number skipped) of ``system_chat``; a request pair no principle has
+    becomes a new principle, appended to ``principles``."""
+    by_requests = {(p["critique"], p["revision"]): p["id"] for p in principles}
     examples: list[dict[str, Any]] = []
     skipped = 0
     for i, chat in enumerate(chats):
@@ -197,23 +222,7 @@ def from_huggingface(path: str | Path) -> Constitution:
                 "revision": turns[-1]["content"].strip(),
             }
         )
-    description = (
-        f"Converted from the Hugging Face constitution {path.name}: {len(entries)} principles, "
-        f"{len(examples)} exemplars from system_chat."
-    )
-    if skipped:
-        description += (
-            f" {skipped} system_chat entries skipped: not user/assistant turns ending in critique"
-            " request, critique, revision request, revision."
-        )
-    converted = {
-        "name": _slug(path.stem) or "huggingface",
-        "description": description,
-        "version": "1",
-        "principles": principles,
-        "critique_examples": examples,
-    }
-    return constitution_from_data(converted, f"{path} (converted)")
+    return examples, skipped
 
 
 def _json_turns(chat: Any, where: str) -> list[dict[str, str]]:
