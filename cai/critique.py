@@ -176,11 +176,6 @@ class CritiqueReviser:
         self.sampling = sampling
         self.seed = seed
 
-    @property
-    def template_text(self) -> str:
-        """The templates' source text, part of every record key."""
-        return template_text(self.critique_template, self.revise_template)
-
     def principle_for(self, key: str) -> Principle:
         """The principle of one conversation's round (:func:`critique_principle`)."""
         return critique_principle(self.constitution, key, self.seed)

@@ -13,7 +13,8 @@ from pathlib import Path
 
 from cai.keys import Shard
 from cai.layout import shard_file
-from cai.store import RunStore, RunStoreError, _merge, config_hash
+from cai.stage_files import merge_shard_files
+from cai.store import RunStore, RunStoreError, config_hash
 
 log = logging.getLogger(__name__)
 
@@ -69,7 +70,7 @@ def merge_runs(
                 )
             files[shard] = path
     for stage, files in sorted(by_stage.items()):
-        _merge(stage, files, target.stage_path(stage))
+        merge_shard_files(stage, files, target.stage_path(stage))
     manifest = dict(manifests[0])
     manifest["updated"] = datetime.now(UTC).isoformat(timespec="seconds")
     manifest["merged_from"] = [str(run.run_dir) for run in runs]

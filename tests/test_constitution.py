@@ -20,11 +20,9 @@ from cai.constitution import (
     JudgeExample,
     Message,
     Principle,
-    dump_constitution,
-    from_anthropic,
-    from_huggingface,
     load_constitution,
 )
+from cai.constitution_convert import dump_constitution, from_anthropic, from_huggingface
 from cai.resources import shipped_names
 
 # Line numbers are those of this text; the malformed cases below edit it line by line.

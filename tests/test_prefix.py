@@ -224,7 +224,7 @@ def test_a_mid_token_prefix_shares_only_the_tokens_both_encodings_have(tiny_engi
 def test_grouped_attention_gives_transformers_sdpa_numbers(tiny_engines):
     # The tiny model has 2 query heads over 1 key/value head: the CPU engine passes the groups
     # to torch as they are instead of copying keys and values per head, with the same numbers.
-    from cai.engine.hf import GROUPED_SDPA
+    from cai.engine.kv_cache import GROUPED_SDPA
 
     on, _ = tiny_engines
     assert on.model.config._attn_implementation == GROUPED_SDPA
@@ -249,11 +249,11 @@ def test_grouped_attention_gives_transformers_sdpa_numbers(tiny_engines):
 def test_a_reserved_cache_layer_writes_in_place_grows_and_reorders():
     import torch
 
-    from cai.engine.hf import _Reserved
+    from cai.engine.kv_cache import ReservedLayer
 
     torch.manual_seed(0)
     keys, values = torch.randn(3, 2, 5, 4), torch.randn(3, 2, 5, 4)
-    layer = _Reserved.of(keys, values, room=2)
+    layer = ReservedLayer.of(keys, values, room=2)
     buffer = layer.buffers[0]
     steps = [(torch.randn(3, 2, 1, 4), torch.randn(3, 2, 1, 4)) for _ in range(3)]
     for i, (k, v) in enumerate(steps[:2]):

@@ -18,6 +18,7 @@ from pathlib import Path
 
 import pytest
 
+from cai import stage_files
 from cai import store as store_module
 from cai.keys import in_shard, parse_shard, record_key, seed_for, shard_of
 from cai.merge import merge_runs
@@ -614,10 +615,11 @@ def test_the_record_loop_reads_the_stage_file_once(tmp_path, monkeypatch):
         w.write({"key": "a", "value": 1})
         w.write({"key": "b", "value": None, "error": "boom"})
     scans = []
-    real = store_module._scan
-    monkeypatch.setattr(
-        store_module, "_scan", lambda path, **kw: scans.append(path) or real(path, **kw)
-    )
+    real = stage_files.scan_file
+    for module in (store_module, stage_files):
+        monkeypatch.setattr(
+            module, "scan_file", lambda path, **kw: scans.append(path) or real(path, **kw)
+        )
 
     def call(batch, progress):
         return [{"key": k, "value": (1.5, k)} for k in batch]

@@ -12,11 +12,9 @@ from cai.constitution import (
     Constitution,
     Message,
     check_pointwise,
-    dump_constitution,
-    from_anthropic,
-    from_huggingface,
     load_constitution,
 )
+from cai.constitution_convert import dump_constitution, from_anthropic, from_huggingface
 
 
 def _summary(c: Constitution) -> str:

@@ -77,7 +77,7 @@ def _report(args: argparse.Namespace) -> int:
     except ReportError as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
-    print(f"wrote {html} and {html.with_suffix('.md')} (plots in {html.parent / 'report'})")
+    print(f"wrote {html} and {html.with_suffix('.md')} (plots in {RunLayout(html.parent).plots})")
     return 0
 
 

@@ -19,8 +19,8 @@ calls, so that a stage's chunks compute their common exemplars once. The results
 the path without reuse up to float rounding.
 
 The decode loop pays for little besides the model: on the CPU, grouped key/value heads go to
-torch's attention without a copy per query head (``GROUPED_SDPA``), and the cache has room for
-the tokens a batch will generate, so a step writes in place (``_Reserved``).
+torch's attention without a copy per query head, and the cache has room for the tokens a batch
+will generate, so a step writes in place (both in ``cai.engine.kv_cache``).
 """
 
 from __future__ import annotations
@@ -45,50 +45,12 @@ from cai.engine.base import (
     truncate_at_stop,
 )
 from cai.engine.encoding import PromptEncoder
-from cai.engine.prefix import common_start, prefix_tree, shared_tokens, sharing_order
+from cai.engine.kv_cache import PrefixCache, ReservedLayer, reserve, use_grouped_sdpa
+from cai.engine.prefix import prefix_tree, shared_tokens, sharing_order
 from cai.models import resolve_model
 from cai.progress import progress_bar
 
 log = logging.getLogger(__name__)
-
-GROUPED_SDPA = "cai_grouped_sdpa"
-"""transformers' ``sdpa`` attention, except that on the CPU grouped key/value heads go to torch's
-SDPA as they are (``enable_gqa``): with a padding mask transformers copies the keys and values
-once per query head at every layer and step (``repeat_kv``), which costs a decoding step with a
-long cache more than the model's matrix products (SmolLM2: 9 query heads over 3 key/value heads).
-The numbers are the same: torch computes the same attention without the copies."""
-
-
-def _grouped_sdpa(module, query, key, value, attention_mask, **kwargs):
-    from transformers.integrations.sdpa_attention import sdpa_attention_forward
-
-    groups = getattr(module, "num_key_value_groups", 1)
-    plain = kwargs.get("position_bias") is None and kwargs.get("cache") is None
-    if query.device.type != "cpu" or groups == 1 or not plain or attention_mask is None:
-        return sdpa_attention_forward(module, query, key, value, attention_mask, **kwargs)
-    out = torch.nn.functional.scaled_dot_product_attention(
-        query,
-        key,
-        value,
-        attn_mask=attention_mask,
-        dropout_p=kwargs.get("dropout", 0.0),
-        scale=kwargs.get("scaling"),
-        enable_gqa=True,
-    )
-    return out.transpose(1, 2).contiguous(), None
-
-
-def _use_grouped_sdpa(model) -> None:
-    """Switch a model on transformers' sdpa attention to ``GROUPED_SDPA`` (registered once)."""
-    from transformers import AttentionInterface
-    from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, sdpa_mask
-
-    if getattr(model.config, "_attn_implementation", None) != "sdpa":
-        return
-    AttentionInterface.register(GROUPED_SDPA, _grouped_sdpa)
-    ALL_MASK_ATTENTION_FUNCTIONS.register(GROUPED_SDPA, sdpa_mask)
-    model.set_attn_implementation(GROUPED_SDPA)
-
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -106,65 +68,6 @@ def pick_dtype(dtype: str, device: torch.device) -> torch.dtype:
     return torch.bfloat16 if capability in ("AVX512_BF16", "AMX") else torch.float32
 
 
-class _Reserved(DynamicLayer):
-    """A plain cache layer whose keys and values are the front of buffers with room for more
-    positions: an update writes its positions in place, where ``DynamicLayer`` copies the whole
-    cache into a new tensor (``torch.cat``) at every layer of every decoding step."""
-
-    def __init__(self, keys: torch.Tensor, values: torch.Tensor, length: int):
-        """``keys``/``values``: buffers [batch, heads, capacity, dim], their first ``length``
-        positions filled."""
-        super().__init__()
-        self.buffers = (keys, values)
-        self.dtype, self.device = keys.dtype, keys.device
-        self.is_initialized = True
-        self._view(length)
-
-    @classmethod
-    def of(cls, keys: torch.Tensor, values: torch.Tensor, room: int) -> _Reserved:
-        """A layer holding ``keys``/``values`` with room for ``room`` more positions."""
-        n = keys.shape[-2]
-        buffers = []
-        for t in (keys, values):
-            buffer = t.new_empty((*t.shape[:-2], n + room, t.shape[-1]))
-            buffer[..., :n, :] = t
-            buffers.append(buffer)
-        return cls(*buffers, n)
-
-    def _view(self, length: int) -> None:
-        keys, values = self.buffers
-        self.keys, self.values = keys[..., :length, :], values[..., :length, :]
-
-    def update(self, key_states, value_states, *args, **kwargs):
-        n = self.keys.shape[-2]
-        m = n + key_states.shape[-2]
-        if m > self.buffers[0].shape[-2]:  # out of room: as much again
-            self.buffers = _Reserved.of(self.keys, self.values, max(m, 2 * n) - n).buffers
-        keys, values = self.buffers
-        keys[..., n:m, :] = key_states
-        values[..., n:m, :] = value_states
-        self._view(m)
-        return self.keys, self.values
-
-    def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
-        self.batch_select_indices(beam_idx)
-
-    def batch_select_indices(self, indices: torch.Tensor) -> None:
-        n = self.keys.shape[-2]
-        index = torch.as_tensor(indices, device=self.device)
-        self.buffers = tuple(b.index_select(0, index) for b in self.buffers)
-        self._view(n)
-
-
-def _reserve(cache: DynamicCache, room: int) -> DynamicCache:
-    """``cache`` with room for ``room`` more positions in each plain layer (see ``_Reserved``)."""
-    cache.layers = [
-        _Reserved.of(layer.keys, layer.values, room) if type(layer) is DynamicLayer else layer
-        for layer in cache.layers
-    ]
-    return cache
-
-
 @dataclass
 class _Row:
     """One sequence being decoded: request ``request``, sample ``sample``."""
@@ -174,37 +77,6 @@ class _Row:
     prompt: list[int]
     sampling: Sampling
     generator: torch.Generator | None
-
-
-class _PrefixCache:
-    """The keys and values of the last ``size`` root prefixes computed (per layer (keys, values),
-    each [1, heads, tokens, dim]; never written after they are kept): a call whose prompts start
-    with one of them continues it instead of computing it again."""
-
-    def __init__(self, size: int):
-        self.size = size
-        self.entries: dict[tuple[int, ...], list] = {}  # oldest first
-
-    def longest(self, tokens: tuple[int, ...]) -> tuple[int, list | None]:
-        """(n, keys and values of ``tokens[:n]``) for the longest start ``tokens`` shares with a
-        kept prefix (positions before n do not depend on the tokens after them, so a longer
-        kept prefix serves sliced); (0, None): none shares any."""
-        best, n = None, 0
-        for kept in self.entries:
-            common = common_start(kept, tokens)
-            if common > n:
-                best, n = kept, common
-        if best is None:
-            return 0, None
-        self.entries[best] = self.entries.pop(best)  # used last: evicted last
-        return n, [(k[:, :, :n], v[:, :, :n]) for k, v in self.entries[best]]
-
-    def put(self, tokens: tuple[int, ...], kv: list) -> None:
-        if self.size:
-            self.entries.pop(tokens, None)
-            self.entries[tokens] = kv
-            while len(self.entries) > self.size:
-                del self.entries[next(iter(self.entries))]
 
 
 class HFEngine(Engine):
@@ -253,7 +125,7 @@ class HFEngine(Engine):
         self.model = AutoModelForCausalLM.from_pretrained(resolved.path, dtype=self.dtype)
         self.model.to(self.device).eval()
         if self.device.type == "cpu":
-            _use_grouped_sdpa(self.model)
+            use_grouped_sdpa(self.model)
         context = getattr(self.model.config, "max_position_embeddings", None) or 2048
         self.encoder = PromptEncoder(self.tokenizer, min(max_model_len or context, context))
         self.pad_id = self.tokenizer.pad_token_id
@@ -263,7 +135,7 @@ class HFEngine(Engine):
         self.max_batch_tokens = max_batch_tokens
         self.min_shared_prefix = min_shared_prefix
         self.min_prefix_saving = min_prefix_saving
-        self.prefix_cache = _PrefixCache(prefix_cache)
+        self.prefix_cache = PrefixCache(prefix_cache)
         # Reused keys and values are copied between caches, which a sliding-window or recurrent
         # layer's cache does not allow: such models take the path without reuse.
         layers = DynamicCache(config=self.model.config).layers
@@ -427,7 +299,7 @@ class HFEngine(Engine):
         )
         cache = out.past_key_values
         if past is None and room and cache is not None:
-            cache = _reserve(cache, room)
+            cache = reserve(cache, room)
         return cache, out.logits[:, -1, :].float(), mask, positions[:, -1]
 
     def _shared_past(self, shared, ends: list[int], deepest: list[int | None], room: int):
@@ -461,7 +333,7 @@ class HFEngine(Engine):
                 if node is None:
                     for buffer in buffers:
                         buffer[r, :, :width] = 0
-            cache.layers.append(_Reserved(*buffers, width))
+            cache.layers.append(ReservedLayer(*buffers, width))
         return cache, mask.to(self.device)
 
     @torch.inference_mode()

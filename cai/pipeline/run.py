@@ -142,10 +142,6 @@ class Runner:
     def prompts(self) -> list[PromptRecord]:
         return self.context.prompts
 
-    @property
-    def outputs(self) -> dict[str, Any]:
-        return self.context.outputs
-
     def context_for(self, r: int | None) -> StageContext:
         """The stages' context in round ``r`` (None: outside the rounds)."""
         return self.schedule.context(self.context, r)
