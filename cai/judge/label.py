@@ -15,7 +15,7 @@ format with ``p_chosen``: ``OUT/data.jsonl`` and ``OUT/dataset/``); ties stay ou
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from cai.export import export_dataset
@@ -75,6 +75,8 @@ class LabelResult:
     errors: int
     tally: StageTally
     out: Path
+    failed: list[tuple[str, str, str]] = field(default_factory=list)
+    """(source, input key, error) of each pair that failed, in input order."""
 
 
 def label_key(settings: JudgeSettings, pair: LabelledPair, model: str) -> str:
@@ -93,6 +95,26 @@ def label_key(settings: JudgeSettings, pair: LabelledPair, model: str) -> str:
     )
 
 
+def _judged(judge: Judge, pairs: list[LabelledPair], progress: bool | str) -> list[dict]:
+    """The judge's Preference fields per pair. A ValueError for the batch (a malformed pair, or
+    a prompt over the context on an engine that raises on overflow, PromptTooLong, before any
+    work) is narrowed down by halving the batch, so that it costs only the pair that caused it,
+    as that pair's error record naming it; the others are judged in the halves."""
+    try:
+        return [
+            p.to_dict()
+            for p in judge.label(
+                [JudgePair(p.prompt, p.chosen, p.rejected, key=p.key) for p in pairs],
+                progress=progress,
+            )
+        ]
+    except ValueError as e:
+        if len(pairs) == 1:
+            return [{"error": f"pair {pairs[0].key} ({pairs[0].source}): {e}"}]
+        half = len(pairs) // 2
+        return _judged(judge, pairs[:half], progress) + _judged(judge, pairs[half:], progress)
+
+
 def label_pairs(
     judge: Judge,
     pairs: list[LabelledPair],
@@ -107,16 +129,7 @@ def label_pairs(
     items = [(label_key(judge.settings, p, model), p) for p in pairs]
 
     def call(batch, label):
-        try:
-            prefs = [
-                p.to_dict()
-                for p in judge.label(
-                    [JudgePair(p.prompt, p.chosen, p.rejected, key=p.key) for _, p in batch],
-                    progress=label,
-                )
-            ]
-        except ValueError as e:  # a malformed pair fails its batch, recorded, never dropped
-            prefs = [{"error": str(e)} for _ in batch]
+        prefs = _judged(judge, [pair for _, pair in batch], label)
         return [
             {
                 "key": key,
@@ -142,13 +155,15 @@ def label_pairs(
         batch_size=batch_size,
         label="label" if progress else False,
     )
-    rows, ties, errors = [], 0, 0
+    rows, ties, failed = [], 0, []
     for key, pair in items:
         record = records[key]
         fields = preference_fields(record)
         if fields is None:
-            errors += record.get("error") is not None
-            ties += record.get("error") is None
+            if record.get("error") is not None:
+                failed.append((pair.source, pair.key, record["error"]))
+            else:
+                ties += 1
             continue
         row, judged = fields
         meta = {
@@ -164,7 +179,7 @@ def label_pairs(
         rows.append({"prompt": pair.prompt, **row, "meta": meta})
     if rows:
         export_dataset(rows, out)
-    return LabelResult(len(items), len(rows), ties, errors, tally, out)
+    return LabelResult(len(items), len(rows), ties, len(failed), tally, out, failed)
 
 
 __all__ = ["LabelResult", "label_key", "label_pairs", "preference_fields"]
