@@ -176,3 +176,30 @@ def test_cli_judge_label_refuses_near_limit_pair_before_loading(tmp_path, capsys
     err = capsys.readouterr().err
     assert err.startswith(f"error: {data}:7: the judge's prompt for this pair")
     assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("inside", ["data.jsonl", "dataset", "stages/label.jsonl", "."])
+def test_cli_judge_label_refuses_out_on_its_input(tmp_path, capsys, monkeypatch, inside):
+    out = tmp_path / "runs" / "d"
+    data = out / inside
+    if inside == ".":
+        data = out  # a saved dataset folder, read as the input
+    elif inside == "dataset":
+        data.mkdir(parents=True)
+    else:
+        data.parent.mkdir(parents=True, exist_ok=True)
+        write_pairs(data, [{"prompt": PROMPT, "chosen": LONG, "rejected": SHORT}])
+    out.mkdir(parents=True, exist_ok=True)
+    before = sorted(p.name for p in out.rglob("*"))
+
+    def no_model(args):
+        raise AssertionError("the model loaded")
+
+    monkeypatch.setattr(cai.cli.judge, "judge_from_args", no_model)
+    # Spelled another way (relative, through ..), the input is still the output.
+    monkeypatch.chdir(tmp_path)
+    args = ["judge", "label", "--data", str(data), "--out", "runs/x/../d"]
+    assert cli.main(args) == 1
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith("error: --out runs/x/../d")
+    assert sorted(p.name for p in out.rglob("*")) == before

@@ -352,9 +352,10 @@ _FAILED_SHOWN = 5
 
 
 def _judge_label(args: argparse.Namespace) -> int:
-    from cai.judge.label import label_pairs
+    from cai.judge.label import check_out, label_pairs
 
     try:
+        check_out(args.data, args.out)
         if args.batch_size < 1:
             raise ValueError(f"--batch-size must be >= 1, got {args.batch_size}")
         pairs, judge = _pairs_and_judge(args)

@@ -18,13 +18,16 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from cai.data import DataError
 from cai.export import export_dataset
 from cai.judge.judge import Judge
 from cai.judge.pair import JudgePair
 from cai.judge.settings import JudgeSettings
 from cai.keys import record_key
+from cai.layout import DATA_FILE, DATASET, STAGES
 from cai.pairs import LabelledPair
 from cai.record_loop import StageTally, run_records
+from cai.resources import resolve, shipped_names
 from cai.store import RunStore
 
 STAGE = "label"
@@ -77,6 +80,27 @@ class LabelResult:
     out: Path
     failed: list[tuple[str, str, str]] = field(default_factory=list)
     """(source, input key, error) of each pair that failed, in input order."""
+
+
+def check_out(source: str | Path, out: str | Path) -> None:
+    """Raise DataError if a labelling run's outputs in ``out`` (the export, the dataset folder,
+    the stage records) would overwrite, or sit inside or around, the input ``source`` (a file
+    or a folder; a shipped set's name is its file): the export replaces its file whole, so
+    ``--data D/data.jsonl --out D`` would put the labelled rows in place of the pairs. Paths
+    are compared resolved, so any spelling of the same file is caught."""
+    path = Path(source).expanduser()
+    if not path.exists() and str(source) in shipped_names("data"):
+        path = resolve("data", source)
+    if not path.exists():
+        return  # a hub id, or a missing file that loading reports
+    path = path.resolve()
+    for name in (DATA_FILE, DATASET, STAGES):
+        output = (Path(out).expanduser() / name).resolve()
+        if output == path or path in output.parents or output in path.parents:
+            raise DataError(
+                f"--out {out}: its {name} would overwrite or sit on the input {source}; "
+                "write the labels to another folder"
+            )
 
 
 def label_key(settings: JudgeSettings, pair: LabelledPair, model: str) -> str:
@@ -182,4 +206,4 @@ def label_pairs(
     return LabelResult(len(items), len(rows), ties, len(failed), tally, out, failed)
 
 
-__all__ = ["LabelResult", "label_key", "label_pairs", "preference_fields"]
+__all__ = ["LabelResult", "check_out", "label_key", "label_pairs", "preference_fields"]
