@@ -15,12 +15,17 @@ import re
 from collections.abc import Iterator
 from itertools import islice
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 from cai.resources import resolve, shipped_dir, shipped_names
 
 FORMATS = ("jsonl", "json", "parquet", "datasets", "hub")
 """Values of ``format=``: a file type, a ``save_to_disk`` folder, or a hub id."""
+
+MAX_LINE_BYTES = 64 * 2**20
+"""The longest jsonl line (without its newline) a reader takes, in bytes: far above any record,
+and low enough that a file that is not jsonl, gigabytes on one line, fails on reading its first
+64 MiB rather than after holding all of it (twice: bytes and text) in memory."""
 
 _EXTENSIONS = {".jsonl": "jsonl", ".json": "json", ".parquet": "parquet"}
 _HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*(/[\w.-]+)?")
@@ -105,14 +110,31 @@ def _guess_format(path: Path) -> str:
     )
 
 
+def _bounded_lines(f: BinaryIO) -> Iterator[bytes | None]:
+    """The lines of ``f``, None for one over MAX_LINE_BYTES (after which reading stops): each
+    read is bounded, where iterating a file reads a line whole however long it is."""
+    limit = MAX_LINE_BYTES  # read per call: a test makes it small
+    while raw := f.readline(limit + 1):
+        if len(raw) > limit and not (len(raw) == limit + 1 and raw.endswith(b"\n")):
+            yield None
+            return
+        yield raw
+
+
 def _jsonl_rows(path: Path) -> Iterator[tuple[str, Any]]:
     try:
         f = path.open("rb")
     except OSError as e:
         raise DataError(f"{path}: cannot read: {e.strerror}") from e
     with f:
-        for number, raw in enumerate(f, 1):
+        for number, raw in enumerate(_bounded_lines(f), 1):
             where = f"{path}:{number}"
+            if raw is None:
+                raise DataError(
+                    f"{where}: a line longer than {MAX_LINE_BYTES:,} bytes "
+                    "(cai.sources.MAX_LINE_BYTES); a jsonl file holds one record per line, and no "
+                    "record is that long: is this a jsonl file?"
+                )
             try:
                 # utf-8-sig: editors on Windows start files with a byte-order mark
                 line = raw.decode("utf-8-sig")
