@@ -123,7 +123,8 @@ def _judged(judge: Judge, pairs: list[LabelledPair], progress: bool | str) -> li
     """The judge's Preference fields per pair. A ValueError for the batch (a malformed pair, or
     a prompt over the context on an engine that raises on overflow, PromptTooLong, before any
     work) is narrowed down by halving the batch, so that it costs only the pair that caused it,
-    as that pair's error record naming it; the others are judged in the halves."""
+    as that pair's error record naming it; the others are judged in the halves (under
+    ``calibration="batch"`` their labels then come from the halves' means)."""
     try:
         return [
             p.to_dict()
