@@ -27,6 +27,7 @@ from cai.data import (  # the readers and record checks prompts and pairs share
     _meta,
     _nonempty,
     _open,
+    _portable,
     _record_id,
 )
 
@@ -100,7 +101,7 @@ def load_pairs(
         meta = _meta(row, {"prompt", "chosen", "rejected", "p_chosen"}, where)
         if row.get("p_chosen") is not None:
             meta["p_chosen"] = _probability(row["p_chosen"], where)
-        pairs.append(LabelledPair(key, prompt, chosen, rejected, where, meta))
+        pairs.append(LabelledPair(key, prompt, chosen, rejected, _portable(where), meta))
     return _nonempty(pairs, dropped, source)
 
 

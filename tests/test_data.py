@@ -659,3 +659,35 @@ def test_failed_export_leaves_no_partial_output(tmp_path):
     with pytest.raises(DataError, match=r"records\[1\]: meta cannot be written as JSON"):
         export_dataset([SFT[0], {**SFT[1], "meta": {"x": object()}}], out)
     assert list(out.iterdir()) == []
+
+
+def test_jsonl_line_over_the_limit_fails_fast_naming_it(tmp_path, monkeypatch):
+    import tracemalloc
+
+    from cai import sources
+
+    limit = 64 * 1024
+    monkeypatch.setattr(sources, "MAX_LINE_BYTES", limit, raising=False)
+    path = tmp_path / "pairs.jsonl"
+    fits = json.dumps({"prompt": "p" * (limit - 100), "chosen": "a", "rejected": "b"})
+    huge = json.dumps({"prompt": "q", "chosen": "x" * 4_000_000, "rejected": "b"})
+    assert len(fits) <= limit
+    path.write_text(f"{fits}\n{huge}\n")
+    tracemalloc.start()
+    try:
+        with pytest.raises(DataError) as e:
+            load_pairs(path)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert str(e.value).startswith(f"{path}:2: ")
+    assert f"{limit:,} bytes" in str(e.value) and "MAX_LINE_BYTES" in str(e.value)
+    assert peak < 1_000_000  # the 4 MB line was never read whole
+    with pytest.raises(DataError, match=f"{path}:2: "):
+        load_prompts(path)
+    assert len(load_pairs(path, limit=1)) == 1  # a line up to the limit reads
+
+
+def test_shipped_pairs_source_is_portable():
+    [pair] = load_pairs("judge_dev", limit=1)
+    assert pair.source == "data/judge_dev.jsonl:1"

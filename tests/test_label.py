@@ -13,6 +13,8 @@ from fakes import ScriptedEngine, options_of
 
 import cai.cli.judge
 from cai import cli
+from cai.data import DataError
+from cai.engine import PromptTooLong
 from cai.judge import Judge
 from cai.judge.label import label_pairs
 from cai.pairs import load_pairs
@@ -100,3 +102,104 @@ def test_cli_judge_label_real_model(tmp_path, capsys, monkeypatch, hf_engine):
     for pair in exported:
         assert 0.5 < pair.meta["p_chosen"] <= 1
         assert pair.meta["judge_model"] == "smollm2-135m"
+
+
+class RaisingEngine(ScriptedEngine):
+    """Raises PromptTooLong for a batch holding a response with HUGE, as the backends do when
+    built with overflow="raise" (their default): before any work, for the whole call."""
+
+    def score(self, conversations, options, *, prefixes=None, progress=False):
+        for i, conversation in enumerate(conversations):
+            if "HUGE" in options_of(conversation).values():
+                raise PromptTooLong(f"conversation {i}: prompt exceeds the model's context")
+        return super().score(conversations, options, prefixes=prefixes, progress=progress)
+
+
+def test_label_an_overflowing_pair_fails_only_itself(tmp_path):
+    data = tmp_path / "pairs.jsonl"
+    rows = [{"prompt": f"Egg {i}?", "chosen": LONG, "rejected": SHORT} for i in range(6)]
+    rows.insert(4, {"prompt": PROMPT, "chosen": "HUGE", "rejected": SHORT, "id": "big"})
+    write_pairs(data, rows)
+    pairs = load_pairs(data)
+    engine = RaisingEngine(by_length())
+    result = label_pairs(Judge(engine), pairs, tmp_path / "out", model="fake", progress=False)
+    assert (result.pairs, result.exported, result.errors) == (7, 6, 1)
+    [(source, key, error)] = result.failed
+    assert (source, key) == (f"{data}:5", "big")
+    assert "pair big" in error and f"{data}:5" in error and "context" in error
+    records = [
+        json.loads(line)
+        for line in (tmp_path / "out" / "stages" / "label.jsonl").read_text().splitlines()
+    ]
+    assert [r["input_key"] for r in records if r["error"] is not None] == ["big"]
+
+
+def near_limit_pairs(path) -> None:
+    """Six ordinary pairs and, on line 7, one whose text (~8000 tokens) fits the default
+    model's 8192-token context alone but not inside the judge's template."""
+    rows = [
+        {"prompt": f"How long do I boil {n} eggs?", "chosen": LONG, "rejected": SHORT}
+        for n in range(1, 7)
+    ]
+    rows.append({"prompt": PROMPT, "chosen": " egg" * 7990, "rejected": SHORT, "id": "big"})
+    write_pairs(path, rows)
+
+
+@pytest.mark.slow
+def test_label_near_limit_pair_real_model(tmp_path, hf_engine):
+    data = tmp_path / "pairs.jsonl"
+    near_limit_pairs(data)
+    pairs = load_pairs(data)
+    cai.cli.judge._check_pair_lengths(pairs, None, "hf")  # the text alone fits
+    judge = Judge(hf_engine)
+    with pytest.raises(DataError, match=f"{data}:7: the judge's prompt for this pair"):
+        cai.cli.judge._check_pair_lengths(pairs, None, "hf", judge)
+
+    result = label_pairs(judge, pairs, tmp_path / "out", model="smollm2-135m", progress=False)
+    assert (result.pairs, result.exported + result.ties, result.errors) == (7, 6, 1)
+    [(source, key, error)] = result.failed
+    assert (source, key) == (f"{data}:7", "big") and "context" in error
+
+
+@pytest.mark.slow
+def test_cli_judge_label_refuses_near_limit_pair_before_loading(tmp_path, capsys, monkeypatch):
+    data = tmp_path / "pairs.jsonl"
+    near_limit_pairs(data)
+
+    def unloaded_only(args):
+        assert isinstance(args.model, cai.cli.judge._NoEngine), "the model loaded"
+        return Judge(args.model, args.constitution)
+
+    monkeypatch.setattr(cai.cli.judge, "judge_from_args", unloaded_only)
+    args = ["judge", "label", "--data", str(data), "--out", str(tmp_path / "out")]
+    assert cli.main(args) == 1
+    err = capsys.readouterr().err
+    assert err.startswith(f"error: {data}:7: the judge's prompt for this pair")
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("inside", ["data.jsonl", "dataset", "stages/label.jsonl", "."])
+def test_cli_judge_label_refuses_out_on_its_input(tmp_path, capsys, monkeypatch, inside):
+    out = tmp_path / "runs" / "d"
+    data = out / inside
+    if inside == ".":
+        data = out  # a saved dataset folder, read as the input
+    elif inside == "dataset":
+        data.mkdir(parents=True)
+    else:
+        data.parent.mkdir(parents=True, exist_ok=True)
+        write_pairs(data, [{"prompt": PROMPT, "chosen": LONG, "rejected": SHORT}])
+    out.mkdir(parents=True, exist_ok=True)
+    before = sorted(p.name for p in out.rglob("*"))
+
+    def no_model(args):
+        raise AssertionError("the model loaded")
+
+    monkeypatch.setattr(cai.cli.judge, "judge_from_args", no_model)
+    # Spelled another way (relative, through ..), the input is still the output.
+    monkeypatch.chdir(tmp_path)
+    args = ["judge", "label", "--data", str(data), "--out", "runs/x/../d"]
+    assert cli.main(args) == 1
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith("error: --out runs/x/../d")
+    assert sorted(p.name for p in out.rglob("*")) == before

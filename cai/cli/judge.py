@@ -21,6 +21,7 @@ from cai.judge.settings import CALIBRATIONS, MODES, JudgeSettings
 from cai.layout import DATA_FILE, DATASET, STAGES, RunLayout
 from cai.models import DEFAULT_MODEL
 from cai.pairs import LabelledPair, load_pairs
+from cai.prompts import JUDGE_ANSWER_PREFIX
 from cai.store import RunStoreError
 
 _JUDGE_COLUMNS = [
@@ -127,10 +128,14 @@ CHARS_PER_TOKEN_BOUND = 16
 alone: no tokenizer's tokens run that long on average, and tokenizing 40 MB takes gigabytes."""
 
 
-def _check_pair_lengths(pairs: list[LabelledPair], spec: str | None, backend: str) -> None:
+def _check_pair_lengths(
+    pairs: list[LabelledPair], spec: str | None, backend: str, judge: Judge | None = None
+) -> None:
     """Refuse, before the judge's model loads, a pair whose prompt and two responses together
     exceed the model's context in tokens: the judge shows both responses in one prompt, so such
-    a pair could never be judged. An OpenAI-compatible server's model is checked by the server."""
+    a pair could never be judged. Given the (pairwise) ``judge``, also a pair whose judge
+    prompt, its template wrapped around the pair, does not fit. An OpenAI-compatible server's
+    model is checked by the server."""
     if backend == "openai":
         return
     from transformers import AutoConfig, AutoTokenizer
@@ -140,21 +145,69 @@ def _check_pair_lengths(pairs: list[LabelledPair], spec: str | None, backend: st
     path = resolve_model(spec).path
     tokenizer = AutoTokenizer.from_pretrained(path)
     context = getattr(AutoConfig.from_pretrained(path), "max_position_embeddings", None) or 2048
+    overheads: dict[str, int] = {}
     for pair in pairs:
         texts = [m["content"] for m in pair.prompt] + [pair.chosen, pair.rejected]
         chars = sum(len(t) for t in texts)
-        if chars > CHARS_PER_TOKEN_BOUND * context:
-            size = f"{chars:,} characters"
-        else:
+        tokens = None
+        if chars <= CHARS_PER_TOKEN_BOUND * context:
             tokens = sum(len(tokenizer(t, add_special_tokens=False)["input_ids"]) for t in texts)
             if tokens <= context:
+                if judge is not None and judge.mode == "pairwise":
+                    _check_judge_prompt(pair, tokens, judge, tokenizer, context, overheads)
                 continue
-            size = f"{tokens:,} tokens"
+        size = f"{chars:,} characters" if tokens is None else f"{tokens:,} tokens"
         raise DataError(
             f"{pair.source}: the prompt and both responses are {size}, more than the judge "
             f"model's context of {context:,} tokens (the judge reads both in one prompt); "
             "shorten or remove the pair"
         )
+
+
+TEMPLATE_SLACK = 32
+"""Tokens of leeway in the estimate of a judge prompt's length (its template's tokens plus the
+pair's): where text meets template the tokens can merge differently. A pair within it of the
+context is rendered and counted exactly."""
+
+
+def _check_judge_prompt(
+    pair: LabelledPair,
+    tokens: int,
+    judge: Judge,
+    tokenizer: Any,
+    context: int,
+    overheads: dict[str, int],
+) -> None:
+    """Refuse ``pair`` (of ``tokens`` tokens of text) if a judge prompt for it, as the engine
+    will encode it, plus the tokens it must then read or write, exceeds ``context``. Rendering
+    every prompt would cost a template render and tokenization per pair, order and principle:
+    most pairs are cleared by each principle's template length, counted once."""
+    from cai.judge.pair import JudgePair, _Item
+
+    def count(conversation: list[dict]) -> int:
+        text = tokenizer.apply_chat_template(
+            conversation, tokenize=False, add_generation_prompt=True
+        )
+        prefix = "" if judge.cot else JUDGE_ANSWER_PREFIX
+        return len(tokenizer(text + prefix, add_special_tokens=False)["input_ids"])
+
+    # CoT writes its rationale within the context; otherwise one option token follows.
+    after = judge.cot_max_tokens if judge.cot else 1
+    [item] = judge.settings.items([JudgePair(pair.prompt, pair.chosen, pair.rejected, pair.key)])
+    for principle in item.principles:
+        if principle.id not in overheads:
+            blank = _Item([{"role": "user", "content": ""}], ("", ""), [principle])
+            overheads[principle.id] = count(judge._render(blank, principle, False))
+        if tokens + overheads[principle.id] + after + TEMPLATE_SLACK <= context:
+            continue
+        longest = max(count(judge._render(item, principle, swapped)) for swapped in (False, True))
+        if longest + after > context:
+            raise DataError(
+                f"{pair.source}: the judge's prompt for this pair (principle {principle.id}) is "
+                f"{longest:,} tokens with its template, plus {after:,} to "
+                f"{'write' if judge.cot else 'read'}: more than the judge model's context of "
+                f"{context:,} tokens; shorten or remove the pair"
+            )
 
 
 def _add_judge_common(parser: argparse.ArgumentParser, constitution: str) -> None:
@@ -262,7 +315,10 @@ def _pairs_and_judge(args: argparse.Namespace) -> tuple[list[LabelledPair], Judg
     """``--data`` (the first ``--limit`` pairs) and the judge, for ``cai judge label``."""
     check_limit(args.limit, "--limit")
     pairs = load_pairs(args.data, limit=args.limit)
-    _check_pair_lengths(pairs, args.model, args.backend)
+    # The same judge on no model, to render its prompts before the model loads.
+    unloaded = argparse.Namespace(**{**vars(args), "model": _NoEngine(), "backend": "auto"})
+    unloaded.dtype = None
+    _check_pair_lengths(pairs, args.model, args.backend, judge_from_args(unloaded))
     return pairs, judge_from_args(args)
 
 
@@ -309,10 +365,15 @@ def _judge_eval(args: argparse.Namespace) -> int:
     return 0
 
 
+_FAILED_SHOWN = 5
+"""Failed pairs named on stderr by ``cai judge label``; the rest are in the stage's records."""
+
+
 def _judge_label(args: argparse.Namespace) -> int:
-    from cai.judge.label import label_pairs
+    from cai.judge.label import check_out, label_pairs
 
     try:
+        check_out(args.data, args.out)
         if args.batch_size < 1:
             raise ValueError(f"--batch-size must be >= 1, got {args.batch_size}")
         pairs, judge = _pairs_and_judge(args)
@@ -338,6 +399,8 @@ def _judge_label(args: argparse.Namespace) -> int:
         f"{result.errors} errors"
     )
     if result.errors:
+        for source, key, error in result.failed[:_FAILED_SHOWN]:
+            print(f"error: {source} (pair {key}): {error}", file=sys.stderr)
         print(
             f"error: {result.errors} pairs failed (see {RunLayout(result.out).stage('label')}); "
             "run the same command again to retry them",

@@ -16,17 +16,20 @@ format with ``p_chosen``: ``OUT/data.jsonl`` and ``OUT/dataset/``); ties stay ou
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
+from cai.data import DataError
 from cai.export import export_dataset
 from cai.judge.judge import Judge
 from cai.judge.keys import judge_key
 from cai.judge.pair import JudgePair
 from cai.judge.settings import JudgeSettings
 from cai.keys import record_key
+from cai.layout import DATA_FILE, DATASET, STAGES
 from cai.pairs import LabelledPair
 from cai.record_loop import StageTally, run_records
+from cai.resources import resolve, shipped_names
 from cai.store import RunStore
 
 STAGE = "label"
@@ -77,6 +80,29 @@ class LabelResult:
     errors: int
     tally: StageTally
     out: Path
+    failed: list[tuple[str, str, str]] = field(default_factory=list)
+    """(source, input key, error) of each pair that failed, in input order."""
+
+
+def check_out(source: str | Path, out: str | Path) -> None:
+    """Raise DataError if a labelling run's outputs in ``out`` (the export, the dataset folder,
+    the stage records) would overwrite, or sit inside or around, the input ``source`` (a file
+    or a folder; a shipped set's name is its file): the export replaces its file whole, so
+    ``--data D/data.jsonl --out D`` would put the labelled rows in place of the pairs. Paths
+    are compared resolved, so any spelling of the same file is caught."""
+    path = Path(source).expanduser()
+    if not path.exists() and str(source) in shipped_names("data"):
+        path = resolve("data", source)
+    if not path.exists():
+        return  # a hub id, or a missing file that loading reports
+    path = path.resolve()
+    for name in (DATA_FILE, DATASET, STAGES):
+        output = (Path(out).expanduser() / name).resolve()
+        if output == path or path in output.parents or output in path.parents:
+            raise DataError(
+                f"--out {out}: its {name} would overwrite or sit on the input {source}; "
+                "write the labels to another folder"
+            )
 
 
 def label_key(settings: JudgeSettings, pair: LabelledPair, model: str) -> str:
@@ -90,6 +116,27 @@ def label_key(settings: JudgeSettings, pair: LabelledPair, model: str) -> str:
         response_b=pair.rejected,
         **judge_key(settings, JudgePair(pair.prompt, pair.chosen, pair.rejected, pair.key), model),
     )
+
+
+def _judged(judge: Judge, pairs: list[LabelledPair], progress: bool | str) -> list[dict]:
+    """The judge's Preference fields per pair. A ValueError for the batch (a malformed pair, or
+    a prompt over the context on an engine that raises on overflow, PromptTooLong, before any
+    work) is narrowed down by halving the batch, so that it costs only the pair that caused it,
+    as that pair's error record naming it; the others are judged in the halves (under
+    ``calibration="batch"`` their labels then come from the halves' means)."""
+    try:
+        return [
+            p.to_dict()
+            for p in judge.label(
+                [JudgePair(p.prompt, p.chosen, p.rejected, key=p.key) for p in pairs],
+                progress=progress,
+            )
+        ]
+    except ValueError as e:
+        if len(pairs) == 1:
+            return [{"error": f"pair {pairs[0].key} ({pairs[0].source}): {e}"}]
+        half = len(pairs) // 2
+        return _judged(judge, pairs[:half], progress) + _judged(judge, pairs[half:], progress)
 
 
 def label_pairs(
@@ -106,16 +153,7 @@ def label_pairs(
     items = [(label_key(judge.settings, p, model), p) for p in pairs]
 
     def call(batch, label):
-        try:
-            prefs = [
-                p.to_dict()
-                for p in judge.label(
-                    [JudgePair(p.prompt, p.chosen, p.rejected, key=p.key) for _, p in batch],
-                    progress=label,
-                )
-            ]
-        except ValueError as e:  # a malformed pair fails its batch, recorded, never dropped
-            prefs = [{"error": str(e)} for _ in batch]
+        prefs = _judged(judge, [pair for _, pair in batch], label)
         return [
             {
                 "key": key,
@@ -141,13 +179,15 @@ def label_pairs(
         batch_size=batch_size,
         label="label" if progress else False,
     )
-    rows, ties, errors = [], 0, 0
+    rows, ties, failed = [], 0, []
     for key, pair in items:
         record = records[key]
         fields = preference_fields(record)
         if fields is None:
-            errors += record.get("error") is not None
-            ties += record.get("error") is None
+            if record.get("error") is not None:
+                failed.append((pair.source, pair.key, record["error"]))
+            else:
+                ties += 1
             continue
         row, judged = fields
         meta = {
@@ -163,7 +203,7 @@ def label_pairs(
         rows.append({"prompt": pair.prompt, **row, "meta": meta})
     if rows:
         export_dataset(rows, out)
-    return LabelResult(len(items), len(rows), ties, errors, tally, out)
+    return LabelResult(len(items), len(rows), ties, len(failed), tally, out, failed)
 
 
-__all__ = ["LabelResult", "label_key", "label_pairs", "preference_fields"]
+__all__ = ["LabelResult", "check_out", "label_key", "label_pairs", "preference_fields"]
