@@ -49,6 +49,7 @@ LAYERS: list[set[str]] = [
         "cai.constitution_convert",
         "cai.prompts",
         "cai.data",
+        "cai.sources",
         "cai.pairs",
         "cai.export",
         "cai.critique",

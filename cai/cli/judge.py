@@ -129,7 +129,10 @@ alone: no tokenizer's tokens run that long on average, and tokenizing 40 MB take
 
 
 def _check_pair_lengths(
-    pairs: list[LabelledPair], spec: str | None, backend: str, judge: Judge | None = None
+    pairs: list[LabelledPair],
+    spec: str | None,
+    backend: str,
+    judge: JudgeSettings | None = None,
 ) -> None:
     """Refuse, before the judge's model loads, a pair whose prompt and two responses together
     exceed the model's context in tokens: the judge shows both responses in one prompt, so such
@@ -173,7 +176,7 @@ context is rendered and counted exactly."""
 def _check_judge_prompt(
     pair: LabelledPair,
     tokens: int,
-    judge: Judge,
+    judge: JudgeSettings,
     tokenizer: Any,
     context: int,
     overheads: dict[str, int],
@@ -193,14 +196,19 @@ def _check_judge_prompt(
 
     # CoT writes its rationale within the context; otherwise one option token follows.
     after = judge.cot_max_tokens if judge.cot else 1
-    [item] = judge.settings.items([JudgePair(pair.prompt, pair.chosen, pair.rejected, pair.key)])
+    [item] = judge.items([JudgePair(pair.prompt, pair.chosen, pair.rejected, pair.key)])
+
+    def render(item: _Item, principle: Any, swapped: bool) -> list[dict]:
+        responses = item.responses[::-1] if swapped else item.responses
+        return judge.render(principle.judge, item.messages, responses)
+
     for principle in item.principles:
         if principle.id not in overheads:
             blank = _Item([{"role": "user", "content": ""}], ("", ""), [principle])
-            overheads[principle.id] = count(judge._render(blank, principle, False))
+            overheads[principle.id] = count(render(blank, principle, False))
         if tokens + overheads[principle.id] + after + TEMPLATE_SLACK <= context:
             continue
-        longest = max(count(judge._render(item, principle, swapped)) for swapped in (False, True))
+        longest = max(count(render(item, principle, swapped)) for swapped in (False, True))
         if longest + after > context:
             raise DataError(
                 f"{pair.source}: the judge's prompt for this pair (principle {principle.id}) is "
@@ -315,11 +323,15 @@ def _pairs_and_judge(args: argparse.Namespace) -> tuple[list[LabelledPair], Judg
     """``--data`` (the first ``--limit`` pairs) and the judge, for ``cai judge label``."""
     check_limit(args.limit, "--limit")
     pairs = load_pairs(args.data, limit=args.limit)
-    # The same judge on no model, to render its prompts before the model loads.
-    unloaded = argparse.Namespace(**{**vars(args), "model": _NoEngine(), "backend": "auto"})
-    unloaded.dtype = None
-    _check_pair_lengths(pairs, args.model, args.backend, judge_from_args(unloaded))
-    return pairs, judge_from_args(args)
+    # The judge's settings render its prompts before the model loads.
+    settings = settings_from_args(args)
+    _check_pair_lengths(pairs, args.model, args.backend, settings)
+    return pairs, Judge.from_settings(
+        settings,
+        args.model,
+        backend=args.backend,
+        engine_options={"dtype": args.dtype} if args.dtype else None,
+    )
 
 
 def _judge_eval(args: argparse.Namespace) -> int:
