@@ -15,7 +15,8 @@ from cai.layout import EVAL_RESULTS, RunLayout
 
 def _eval(args: argparse.Namespace) -> int:
     from cai.eval.config import EvalConfig
-    from cai.eval.run import run_eval, summary_line, table
+    from cai.eval.metrics import summary_line, table
+    from cai.eval.run import run_eval
 
     try:
         check_limit(args.limit, "--limit")

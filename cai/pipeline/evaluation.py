@@ -117,7 +117,7 @@ def plan(ctx: StageContext) -> list[str]:
     already done (held-out prompts are loaded: no model)."""
     from cai.eval.config import load_sets
     from cai.eval.grading import GRADERS
-    from cai.eval.run import COMPARED
+    from cai.eval.metrics import COMPARED
 
     config: EvalConfig = ctx.prepared["evaluate"]
     store = ctx.store

@@ -17,7 +17,7 @@ import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from cai.eval.run import METRICS, format_rate
+from cai.eval.metrics import METRICS, format_rate
 from cai.jsonl import JsonlError, iter_jsonl
 from cai.layout import DATA_FILE, EXPORTS, TRAIN_RESULT, RunLayout
 from cai.report.plots import (
