@@ -68,4 +68,3 @@ def main(argv: list[str] | None = None) -> int:
     except OSError as e:  # a full disk, a denied permission, a refused connection: not the input
         print(os_error_line(e), file=sys.stderr)
         return SYSTEM
-
