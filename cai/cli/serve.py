@@ -153,6 +153,12 @@ def add_serve(commands: argparse._SubParsersAction) -> None:
         metavar="KEY",
         help="require 'Authorization: Bearer KEY' (default: $CAI_API_KEY, which ps does not show)",
     )
+    _add_limits(serve)
+    serve.set_defaults(run=_serve)
+
+
+def _add_limits(serve: argparse.ArgumentParser) -> None:
+    """The flags that bound the work: what each one counts, and the status past it."""
     serve.add_argument(
         "--max-batch",
         type=int,
@@ -196,4 +202,3 @@ def add_serve(commands: argparse._SubParsersAction) -> None:
     serve.add_argument(
         "--max-body-mb", type=float, default=16.0, metavar="MB", help="request body (else 413)"
     )
-    serve.set_defaults(run=_serve)
