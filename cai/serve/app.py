@@ -173,14 +173,14 @@ def create_app(service: Service) -> Any:
                 cancelled.set()
                 service.metrics.disconnects += 1
                 task.add_done_callback(lambda t: t.exception())  # ends quietly, unanswered
-                return Response(status_code=499)
+                return Response(status_code=DISCONNECTED)
             result = task.result()
         except BadRequest as e:
             return _error(e.status, str(e), e.field)
         except Overloaded as e:
             return _error(503, f"overloaded: {e}; retry later", **{"Retry-After": "1"})
         except CancelledError:
-            return Response(status_code=499)
+            return Response(status_code=DISCONNECTED)
         except ValueError as e:  # the judge's or the reward's own input checks
             return _error(422, str(e))
         except EngineFailure as e:  # the engine failed this request's batch: the server goes on
