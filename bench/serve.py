@@ -46,6 +46,8 @@ def free_port() -> int:
 
 def start_server(args: argparse.Namespace, port: int, log: Path) -> subprocess.Popen:
     command = [sys.executable, "-m", "cai.cli", "serve", "--port", str(port)]
+    # The in-process side is Judge(engine), the pairwise judge: serve that one, not the default.
+    command += ["--mode", "pairwise"]
     command += ["--backend", args.backend, "--max-batch", str(args.max_batch)]
     command += ["--max-wait-ms", str(args.max_wait_ms)]
     if args.model:

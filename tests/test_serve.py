@@ -501,6 +501,7 @@ def test_cai_serve_command_serves_then_stops_on_sigterm(tiny_model):
     port = free_port()
     url = f"http://127.0.0.1:{port}"
     command = [sys.executable, "-m", "cai.cli", "serve", "--model", tiny_model, "--port", str(port)]
+    command += ["--mode", "pairwise"]
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path), "CAI_API_KEY": "k"}
     process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=env)
     try:
@@ -513,9 +514,12 @@ def test_cai_serve_command_serves_then_stops_on_sigterm(tiny_model):
             time.sleep(0.1)
         assert health.json()["against"] == "reference" and health.json()["mode"] == "pairwise"
         pair = {"prompt": PROMPT, "response_a": "a", "response_b": "b"}
-        refused = post(url, "/v1/judge", {"pairs": [pair]}, headers={"Authorization": "Bearer k"})
-        # The few-shot judge prompt does not fit this model's context: the engine's own check.
-        assert refused.status_code == 422 and "context" in refused.json()["error"]
+        judged = post(url, "/v1/judge", {"pairs": [pair]}, headers={"Authorization": "Bearer k"})
+        # The few-shot judge prompt does not fit this model's context: the engine's own check,
+        # the pair's own error (as Judge.label gives for a failed pair).
+        assert judged.status_code == 200
+        [pref] = judged.json()["preferences"]
+        assert pref["p_a"] is None and "context" in pref["error"]
         process.send_signal(signal.SIGTERM)
         out, _ = process.communicate(timeout=60)
         assert process.returncode == 0, out.decode()
@@ -551,14 +555,14 @@ def test_metrics_are_prometheus_text():
 def test_cli_serve_refuses_bad_flags_before_loading_a_model(capsys):
     for flags, message in (
         (["--against", "group"], "--against group needs --num-generations"),
-        (["--against", "score"], "--against score is a reward model's raw score"),
+        (["--against", "score", "--mode", "pairwise"], "--against score is a completion's own"),
         (["--num-generations", "4"], "--num-generations applies only to --against group"),
         (["--max-batch", "0"], "--max-batch must be >= 1"),
     ):
         assert cli.main(["serve", "--model", "/nonexistent/model", *flags]) == 1
         assert message in capsys.readouterr().err
     args = cli.build_parser().parse_args(["serve"])
-    assert (args.host, args.port, args.mode) == ("127.0.0.1", 8000, "pairwise")
+    assert (args.host, args.port, args.mode) == ("127.0.0.1", 8000, "pointwise")
 
 
 # ---- the real default model ----------------------------------------------------------------------

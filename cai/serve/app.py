@@ -6,8 +6,10 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import logging
 import secrets
 import signal
+import socket
 import threading
 import time
 from collections.abc import Awaitable, Callable
@@ -18,7 +20,7 @@ import anyio
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response
 
-from cai.serve.batching import Overloaded
+from cai.serve.batching import EngineFailure, Overloaded
 from cai.serve.protocol import (
     ENDPOINTS,
     BadRequest,
@@ -32,6 +34,9 @@ from cai.serve.service import Service
 
 Receive = Callable[[], Awaitable[dict]]
 Send = Callable[[dict], Awaitable[None]]
+log = logging.getLogger("cai.serve")
+DISCONNECTED = 499
+"""The status a request is counted under when its client left before the answer (nginx's)."""
 
 
 def _error(status: int, message: str, field: str | None = None, **headers: str) -> JSONResponse:
@@ -74,14 +79,31 @@ class Gate:
                     )(scope, receive, send_status)
                     return
             body = await self._body(scope, receive, send_status)
-            if body is not None:
+            if body is None and status == 500:  # the client left mid-body: nothing was sent
+                status = DISCONNECTED
+                metrics.disconnects += 1
+            elif body is not None:
                 await self.app(scope, _replay(body, receive), send_status)
         finally:
             metrics.in_flight -= 1
             metrics.request_done(endpoint, status, time.monotonic() - start)
 
     async def _body(self, scope: dict, receive: Receive, send: Send) -> bytes | None:
-        """The whole body, or None once a 413 is sent (or the client left)."""
+        """The whole body, or None once a 413 or 408 is sent (or the client left)."""
+        timeout = self.service.options.read_timeout_s
+        try:
+            with anyio.fail_after(timeout):
+                return await self._read(scope, receive, send)
+        except TimeoutError:
+            # A client that stalls mid-body would otherwise hold its connection forever.
+            await _error(
+                408,
+                f"the body did not arrive within {timeout:g} s (cai serve --read-timeout)",
+                Connection="close",
+            )(scope, receive, send)
+            return None
+
+    async def _read(self, scope: dict, receive: Receive, send: Send) -> bytes | None:
         limit = self.service.options.max_body_bytes
         refusal = _error(
             413, f"the body is over {limit} bytes (cai serve --max-body-mb): split the batch"
@@ -151,18 +173,21 @@ def create_app(service: Service) -> Any:
                 cancelled.set()
                 service.metrics.disconnects += 1
                 task.add_done_callback(lambda t: t.exception())  # ends quietly, unanswered
-                return Response(status_code=499)
+                return Response(status_code=DISCONNECTED)
             result = task.result()
         except BadRequest as e:
             return _error(e.status, str(e), e.field)
         except Overloaded as e:
             return _error(503, f"overloaded: {e}; retry later", **{"Retry-After": "1"})
         except CancelledError:
-            return Response(status_code=499)
+            return Response(status_code=DISCONNECTED)
         except ValueError as e:  # the judge's or the reward's own input checks
             return _error(422, str(e))
-        except Exception as e:  # the engine failed this request's batch: the server goes on
-            return _error(500, f"the engine failed on this batch: {type(e).__name__}: {e}")
+        except EngineFailure as e:  # the engine failed this request's batch: the server goes on
+            return _error(500, f"the engine failed on this batch: {e}")
+        except Exception as e:  # a bug of this server, not of the request or the engine
+            log.exception("internal error on %s", request.url.path)
+            return _error(500, f"internal error: {type(e).__name__}: {e}")
         # allow_nan: an unscored pair is NaN in OpenRLHF's tensors, as in-process.
         return Response(json.dumps(result, allow_nan=True), media_type="application/json")
 
@@ -190,26 +215,55 @@ def create_app(service: Service) -> Any:
     return Gate(app, service)
 
 
-def serve(service: Service, host: str = "127.0.0.1", port: int = 8000) -> None:
+def bind(host: str, port: int) -> socket.socket:
+    """A socket bound to ``host:port`` (not yet listening), so that a port in use fails before
+    any model loads and the banner prints only once the port is this server's. OSError."""
+    family, kind, proto, _, address = socket.getaddrinfo(
+        host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE
+    )[0]
+    sock = socket.socket(family, kind, proto)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind(address)
+    except OSError:
+        sock.close()
+        raise
+    return sock
+
+
+def serve(
+    service: Service,
+    host: str = "127.0.0.1",
+    port: int = 8000,
+    *,
+    sock: socket.socket | None = None,
+) -> None:
     """Serve until SIGTERM or Ctrl-C, then drain: no new connections, the requests in flight
-    answered, the queue finished, the service closed. Returns normally (exit 0)."""
+    answered, the queue finished, the service closed. Returns normally (exit 0). ``sock``: the
+    socket ``bind`` gave (default: bound here; OSError if the port is in use)."""
     import uvicorn
 
+    sock = sock or bind(host, port)
     config = uvicorn.Config(
-        create_app(service), host=host, port=port, log_level="warning", access_log=False
+        create_app(service),
+        log_level="warning",
+        access_log=False,
+        # An idle keep-alive connection is closed after this; a stalled body meets the Gate's
+        # --read-timeout.
+        timeout_keep_alive=5,
     )
     server = uvicorn.Server(config)
     if threading.current_thread() is not threading.main_thread():
-        server.run()
+        server.run(sockets=[sock])
         return
     # uvicorn re-raises the signal that stopped it once it has drained; handled (ignored) here,
     # it ends the command normally instead of killing the process with that signal.
     previous = {sig: signal.signal(sig, lambda *_: None) for sig in (signal.SIGINT, signal.SIGTERM)}
     try:
-        server.run()
+        server.run(sockets=[sock])
     finally:
         for sig, handler in previous.items():
             signal.signal(sig, handler)
 
 
-__all__ = ["create_app", "serve"]
+__all__ = ["bind", "create_app", "serve"]

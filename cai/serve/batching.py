@@ -9,8 +9,8 @@ submission exactly its own slice of the results. While the engine works, new sub
 they form the next batch as soon as the engine is free.
 
 - A submission is never split: one larger than ``max_batch`` is a batch of its own.
-- An exception from the batch function fails every submission of that batch with it, and the
-  worker goes on with the next batch. A ``ValueError`` (bad input) is first retried one
+- An exception from the batch function fails every submission of that batch with an
+  ``EngineFailure`` wrapping it, and the worker goes on with the next batch. A ``ValueError`` (bad input) is first retried one
   submission at a time, so one malformed request cannot fail the others coalesced with it.
 - A submission whose ``cancelled`` event is set (its client went away) before its batch starts
   is dropped without an engine call.
@@ -37,6 +37,15 @@ BatchFunction = Callable[[list], Sequence]
 
 class Overloaded(RuntimeError):
     """The queue is full: the client should retry later (HTTP 503)."""
+
+
+class EngineFailure(RuntimeError):
+    """The batch function raised (the engine failed on this batch): the original is the cause.
+    Wrapped so that a caller tells an engine failure from a bug in its own code."""
+
+    def __init__(self, error: Exception):
+        super().__init__(f"{type(error).__name__}: {error}")
+        self.__cause__ = error
 
 
 class BatchObserver(Protocol):
@@ -178,7 +187,7 @@ class Batcher:
             return
         except Exception as e:
             for s in batch:
-                s.future.set_exception(e)
+                s.future.set_exception(EngineFailure(e))
             return
         start = 0
         for s in batch:
@@ -188,8 +197,10 @@ class Batcher:
     def _settle(self, submission: _Submission) -> None:
         try:
             submission.future.set_result(list(self._timed(submission.kind, submission.items)))
-        except Exception as e:
+        except ValueError as e:
             submission.future.set_exception(e)
+        except Exception as e:
+            submission.future.set_exception(EngineFailure(e))
 
     def _timed(self, kind: str, items: list) -> Sequence:
         """The batch function on ``items``, checked to give one result each, reported to the
@@ -209,4 +220,4 @@ class Batcher:
                 self.observer.batch_done(kind, len(items), time.monotonic() - start, error)
 
 
-__all__ = ["BatchFunction", "BatchObserver", "Batcher", "Overloaded"]
+__all__ = ["BatchFunction", "BatchObserver", "Batcher", "EngineFailure", "Overloaded"]

@@ -8,7 +8,9 @@ type: a scraper reads ``name{quantile="0.99"}`` directly, no buckets to configur
     cai_batch_size{quantile} (+ _sum, _count)   cai_queue_length   cai_in_flight
     cai_client_disconnects_total
 
-``kind`` is ``judge`` (items are pairs) or ``reward_model`` (items are conversations).
+``kind`` is ``judge`` (items are pairs), ``score`` (a pointwise judge's responses) or
+``reward_model`` (items are conversations). A request whose client left before its answer (in
+the queue, or mid-body) is counted under status 499 and in ``cai_client_disconnects_total``.
 """
 
 from __future__ import annotations

@@ -20,33 +20,47 @@ class ServeOptions:
     """The service's limits and the reward ``/get_reward`` gives (``cai serve``'s flags)."""
 
     max_batch: int = 64
+    """Engine items (judge pairs, scored responses, reward-model conversations) per engine call."""
     max_wait_ms: float = 5.0
     max_queue: int = 65536
+    """Engine items waiting for a batch, all requests together (else 503, retryable)."""
     max_items: int = 4096
+    """Completions (or /v1/judge pairs, or /get_reward queries) in one request's body (else 413)."""
+    max_pairs: int = 16384
+    """Engine items one request may need: a group of G completions is G(G-1)/2 judge pairs, so
+    this, not ``max_items``, bounds a group request's work (else 413, not retryable)."""
     max_body_bytes: int = 16 * 2**20
+    read_timeout_s: float = 30.0
+    """Seconds a client has to send its whole body (else 408): a stalled client holds no slot."""
     api_key: str | None = None
     against: Against | None = None
-    """None: 'reference' with a judge, else 'score'."""
+    """None: 'reference' with a pairwise judge, else 'score' (pointwise judge, reward model)."""
     num_generations: int | None = None
     centered: bool = False
-    mode: str = "pairwise"
 
 
-def resolved_against(options: ServeOptions, *, judge: bool) -> Against:
-    """The server's reward: ``--against``, else 'reference' with a judge, else 'score'."""
-    return options.against or ("reference" if judge else "score")
+def resolved_against(options: ServeOptions, *, judge_mode: str | None) -> Against:
+    """The server's reward: ``--against``, else 'reference' with a pairwise judge, else 'score'
+    (a pointwise judge's own score of each completion, or the reward model's)."""
+    return options.against or ("reference" if judge_mode == "pairwise" else "score")
 
 
-def check_options(options: ServeOptions, *, judge: bool, reward_model: bool) -> None:
-    """ValueError naming the ``cai serve`` flag at fault, before any model loads."""
-    for name in ("max_batch", "max_queue", "max_items", "max_body_bytes"):
+def check_options(options: ServeOptions, *, judge_mode: str | None, reward_model: bool) -> None:
+    """ValueError naming the ``cai serve`` flag at fault, before any model loads.
+    ``judge_mode``: the judge's mode, None without a judge."""
+    for name in ("max_batch", "max_queue", "max_items", "max_pairs", "max_body_bytes"):
         if getattr(options, name) < 1:
             raise ValueError(f"--{name.replace('_', '-')} must be >= 1")
     if options.max_wait_ms < 0:
         raise ValueError("--max-wait-ms must be >= 0")
-    against = resolved_against(options, judge=judge)
-    if against == "score" and not reward_model:
-        raise ValueError("--against score is a reward model's raw score: give --reward-model")
+    if options.read_timeout_s <= 0:
+        raise ValueError("--read-timeout must be > 0")
+    against = resolved_against(options, judge_mode=judge_mode)
+    if against == "score" and not reward_model and judge_mode != "pointwise":
+        raise ValueError(
+            "--against score is a completion's own score: give --reward-model, or serve the "
+            "judge with --mode pointwise"
+        )
     g = options.num_generations
     if against == "group" and (g is None or g < 2):
         raise ValueError(
@@ -122,10 +136,14 @@ def _parse(model: type[_Body], raw: bytes) -> Any:
         data = json.loads(raw)
     except (ValueError, UnicodeDecodeError) as e:
         raise BadRequest(400, f"malformed JSON: {e}") from None
+    except RecursionError:
+        raise BadRequest(400, "the body is nested too deep to parse") from None
     if not isinstance(data, dict):
         raise BadRequest(422, f"the body must be a JSON object, got {type(data).__name__}")
     try:
         return model.model_validate(data)
+    except RecursionError:
+        raise BadRequest(400, "the body is nested too deep to parse") from None
     except ValidationError as e:
         errors = e.errors()
         first = errors[0]
@@ -143,9 +161,6 @@ def _same_length(name: str, values: list, other: str, expected: int) -> None:
         raise BadRequest(
             422, f"{name}: {len(values)} items, but {other} has {expected} (one each)", name
         )
-
-
-# ---- the service ---------------------------------------------------------------------------------
 
 
 __all__ = ["BadRequest", "ServeOptions", "check_options"]

@@ -13,39 +13,45 @@ Endpoints (JSON in and out; an error is ``{"error": "<field>: <what is wrong>", 
     ``--remote_rm_url``): ``{"query": [prompt + response], "prompts": [...], "labels": [...]}``
     → ``{"rewards": [...], "scores": [...], "extra_logs": {}}``, the values of
     ``cai.rewards.openrlhf_reward_func`` in-process (the response is what follows the prompt in
-    its query; labels are the references); the server's ``--against`` decides the reward. An
-    unscored pair is NaN, as in-process.
+    its query; labels are the references); the server's ``--against`` decides the reward (by
+    default a pointwise judge's own score of each response: no labels needed). An unscored pair
+    is NaN, as in-process.
 ``POST /v1/reward``  ``{"prompts", "completions", "references"?, "against"?, "num_generations"?,
     "centered"?, "scorer"?}`` → ``{"rewards": [float | null]}``: the values ``JudgeReward`` (or
     ``RewardModelReward``) gives; what ``cai.rewards.RemoteReward`` calls.
 ``POST /v1/judge``  ``{"pairs": [{"prompt", "response_a", "response_b", "key"?}]}`` →
-    ``{"preferences": [...]}``, the fields of ``Judge.label``'s ``Preference``.
+    ``{"preferences": [...]}``, the fields of ``Judge.label``'s ``Preference`` (a pair too long
+    for the judge's context gets a record with its ``error`` set, as ``/v1/reward`` gets null).
 ``GET /health``, ``GET /metrics`` (Prometheus text: requests by endpoint and status, items and
     batch sizes, engine calls and errors, queue length, latency quantiles, disconnects).
 
-Faults stay with their request: malformed JSON is 400; a missing or mistyped field, or lists of
-different lengths, 422 naming the field; a body over ``--max-body-mb`` or more than
-``--max-items`` items, 413; a full queue, 503 with Retry-After; with ``--api-key``, a request
-without ``Authorization: Bearer KEY`` is 401 (``/health`` stays open). An engine exception fails
-the requests of its batch (500 with the reason) and the server goes on. A client that
+Faults stay with their request: malformed (or too deeply nested) JSON is 400; a missing or
+mistyped field, lists of different lengths or a pair the judge refuses (checked before it joins
+a batch), 422 naming the field; a body over ``--max-body-mb``, more than ``--max-items``
+completions, or more engine items (judge pairs: a group of G is G(G-1)/2) than ``--max-pairs``
+or ``--max-queue``, 413; a full queue, 503 with Retry-After; a body not sent within
+``--read-timeout``, 408; with ``--api-key``, a request without ``Authorization: Bearer KEY`` is
+401 (``/health`` stays open). An engine exception fails the requests of its batch (500, "the
+engine failed") and the server goes on; a bug of this server is a 500 "internal error", logged. A client that
 disconnects is dropped from the queue. SIGTERM (or Ctrl-C) stops accepting, answers the requests
 in flight, then exits 0.
 """
 
 from __future__ import annotations
 
-import importlib
 import json
+import math
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import anyio
 
+from cai.engine import PromptTooLong
 from cai.judge.judge import Judge
-from cai.judge.pair import JudgePair
+from cai.judge.pair import JudgePair, Preference, check_pair
+from cai.judge.pointwise import ResponseScore
 from cai.rewards.functions import JudgeReward, RewardModelReward, Scorer
-from cai.rewards.hooks import openrlhf_reward_func
 from cai.serve.batching import Batcher
 from cai.serve.metrics import Metrics
 from cai.serve.protocol import (
@@ -59,25 +65,52 @@ from cai.serve.protocol import (
     resolved_against,
 )
 
+UNITS = {
+    "judge": "judge pairs",
+    "score": "scored responses",
+    "reward_model": "reward-model conversations",
+}
+"""What one engine item of each batch kind is, for the 413 that names the limit."""
 
-class _CoalescedJudge:
-    """Stands in for the judge inside one request's reward: its labels go through the batcher."""
 
-    def __init__(self, batcher: Batcher, cancelled: threading.Event):
-        self.batcher, self.cancelled = batcher, cancelled
+class _Coalesced:
+    """Stands in for the judge (or the reward model) inside one request's reward: its engine
+    calls go through the service's per-request limit, then the batcher."""
+
+    def __init__(self, service: Service, cancelled: threading.Event):
+        self.service, self.cancelled = service, cancelled
+
+    @property
+    def mode(self) -> str:
+        return self.service.judge.settings.mode  # type: ignore[union-attr]
 
     def label(self, pairs, *, progress: bool | str = False):
-        return self.batcher.call("judge", pairs, self.cancelled)
+        return self.service.submit("judge", pairs, self.cancelled)
 
-
-class _CoalescedScorer:
-    """Stands in for the reward model inside one request's reward, like ``_CoalescedJudge``."""
-
-    def __init__(self, batcher: Batcher, cancelled: threading.Event):
-        self.batcher, self.cancelled = batcher, cancelled
+    def score_responses(self, responses, *, progress: bool | str = False):
+        return self.service.submit("score", responses, self.cancelled)
 
     def score(self, conversations):
-        return self.batcher.call("reward_model", conversations, self.cancelled)
+        return self.service.submit("reward_model", conversations, self.cancelled)
+
+
+def _split_on_overflow(call: Callable[[list], list], items: list, failed: Callable) -> list:
+    """``call(items)``; on PromptTooLong, halves until each over-long item alone gets
+    ``failed(item, error)``, so that it costs only its own result, not its batch's."""
+    try:
+        return list(call(items))
+    except PromptTooLong as e:
+        if len(items) == 1:
+            return [failed(items[0], e)]
+        half = len(items) // 2
+        return _split_on_overflow(call, items[:half], failed) + _split_on_overflow(
+            call, items[half:], failed
+        )
+
+
+def _reason(error: ValueError) -> str:
+    """check_pair's message without its "pair i: " (the caller names the item its own way)."""
+    return str(error).split(": ", 1)[-1]
 
 
 class Service:
@@ -99,7 +132,9 @@ class Service:
         self.metrics = Metrics()
         calls: dict[str, Callable] = {}
         if judge is not None:
-            calls["judge"] = judge.label
+            calls["judge"] = self._label
+            if judge.settings.mode == "pointwise":
+                calls["score"] = self._score_responses
         if reward_model is not None:
             calls["reward_model"] = reward_model.score
         self.batcher = Batcher(
@@ -109,8 +144,6 @@ class Service:
             max_queue=self.options.max_queue,
             observer=self.metrics,
         )
-        # /get_reward's adapter returns torch tensors: import torch now, not on the first request.
-        importlib.import_module("torch")
         # Request threads mostly wait on the batcher; enough of them that every concurrent
         # request can be queued for the same batch (anyio's default is 40).
         self.threads = anyio.CapacityLimiter(max(256, 4 * self.options.max_batch))
@@ -124,19 +157,87 @@ class Service:
         if close is not None:
             close()
 
+    @property
+    def judge_mode(self) -> str | None:
+        return None if self.judge is None else self.judge.settings.mode
+
     def describe(self) -> dict[str, Any]:
         judge = self.judge
         return {
             "judge": None if judge is None else judge.engine.model_name,
             "constitution": None if judge is None else judge.constitution.name,
-            "mode": self.options.mode,
+            "mode": self.judge_mode,
             "reward_model": self.reward_model_name,
             "against": self.default_against,
         }
 
     @property
     def default_against(self) -> Against:
-        return resolved_against(self.options, judge=self.judge is not None)
+        return resolved_against(self.options, judge_mode=self.judge_mode)
+
+    # ---- the batch functions (the batcher's worker thread) -----------------------------------
+
+    def _label(self, pairs: list) -> list[Preference]:
+        judge = self.judge
+        assert judge is not None
+
+        def failed(pair: Any, error: Exception) -> Preference:
+            ids = [p.id for p in judge.principles_of(pair)]
+            return Preference(*[None] * 6, ids, judge.engine.model_name, f"{error}")
+
+        return _split_on_overflow(judge.label, pairs, failed)
+
+    def _score_responses(self, responses: list) -> list[ResponseScore]:
+        judge = self.judge
+        assert judge is not None
+        return _split_on_overflow(
+            judge.score_responses, responses, lambda _, e: ResponseScore(None, None, [], f"{e}")
+        )
+
+    # ---- admission (the request's thread) ----------------------------------------------------
+
+    def check_size(self, count: int, limit: int, message: str, field: str | None) -> None:
+        """The one size check: 413 (never retryable) naming the limit and what it counts."""
+        if count > limit:
+            raise BadRequest(413, f"{message}; split the request", field)
+
+    def check_items(self, name: str, count: int) -> None:
+        what = "pairs" if name == "pairs" else "completions"
+        self.check_size(
+            count,
+            self.options.max_items,
+            f"{name}: {count} items; at most {self.options.max_items} {what} per request "
+            "(cai serve --max-items)",
+            name,
+        )
+
+    def submit(self, kind: str, items: Sequence, cancelled: threading.Event) -> list:
+        """One request's engine items, through the batcher; 413 for a request that can never
+        fit (over ``--max-pairs``, or over the whole ``--max-queue``, where 503 would be
+        retried forever)."""
+        o = self.options
+        limit, flag = min((o.max_pairs, "--max-pairs"), (o.max_queue, "--max-queue"))
+        unit = UNITS[kind]
+        hint = " (a group of G completions is G(G-1)/2 pairs)" if kind == "judge" else ""
+        self.check_size(
+            len(items),
+            limit,
+            f"this request needs {len(items)} {unit}{hint}; at most {limit} {unit} per request "
+            f"(cai serve {flag})",
+            None,
+        )
+        return self.batcher.call(kind, items, cancelled)
+
+    def check_prompts(self, prompts: Sequence[Any]) -> None:
+        """422 naming the prompt the judge would refuse, before its pairs join a batch (where
+        the refusal would make every request of the batch run alone)."""
+        if self.judge is None:
+            return
+        for i, prompt in enumerate(prompts):
+            try:
+                check_pair((prompt, "-", "-"), i)
+            except ValueError as e:
+                raise BadRequest(422, f"prompts[{i}]: {_reason(e)}", "prompts") from None
 
     def reward_function(
         self,
@@ -154,20 +255,24 @@ class Service:
         if num_generations is None and against == "group":
             num_generations = self.options.num_generations
         centered = self.options.centered if centered is None else centered
+        coalesced: Any = _Coalesced(self, cancelled)
         if scorer == "judge":
             if self.judge is None:
                 raise BadRequest(
                     422, "scorer: this server has no judge (start it with --model)", "scorer"
                 )
-            if against == "score":
+            if against == "score" and self.judge_mode != "pointwise":
                 raise BadRequest(
                     422,
-                    "against: 'score' is a reward model's raw score; the judge compares",
+                    "against: 'score' is a completion's own score, the pointwise judge's "
+                    "(cai serve --mode pointwise) or a reward model's; this judge compares",
                     "against",
                 )
-            coalesced: Any = _CoalescedJudge(self.batcher, cancelled)
             return JudgeReward(
-                coalesced, against=against, num_generations=num_generations, centered=centered
+                coalesced,
+                against=None if against == "score" else against,
+                num_generations=num_generations,
+                centered=centered,
             )
         if self.reward_model is None:
             raise BadRequest(
@@ -176,22 +281,13 @@ class Service:
                 "scorer",
             )
         return RewardModelReward(
-            _CoalescedScorer(self.batcher, cancelled),
+            coalesced,
             against=None if against == "score" else against,
             num_generations=num_generations,
             centered=centered,
         )
 
-    def check_items(self, name: str, count: int) -> None:
-        if count > self.options.max_items:
-            raise BadRequest(
-                413,
-                f"{name}: {count} items; at most {self.options.max_items} per request "
-                "(cai serve --max-items): split the batch",
-                name,
-            )
-
-    # The endpoints' work, run in a worker thread (it blocks on the batcher).
+    # ---- the endpoints' work, run in a worker thread (it blocks on the batcher) ---------------
 
     def reward(self, body: RewardBody, cancelled: threading.Event) -> list[float | None]:
         self.check_items("completions", len(body.completions))
@@ -205,10 +301,13 @@ class Service:
             num_generations=body.num_generations,
             centered=body.centered,
         )
+        if isinstance(reward, JudgeReward):
+            self.check_prompts(body.prompts)
         extra = {} if body.references is None else {reward.reference_key: body.references}
         return reward(body.prompts, body.completions, **extra)
 
     def openrlhf(self, body: OpenRLHFBody, cancelled: threading.Event) -> dict[str, Any]:
+        """``openrlhf_reward_func``'s values as plain JSON lists (no torch in the server)."""
         self.check_items("query", len(body.query))
         _same_length("prompts", body.prompts, "query", len(body.query))
         labels = body.labels if body.labels is not None else [None] * len(body.query)
@@ -222,17 +321,29 @@ class Service:
                         f"must be a non-empty string, got {json.dumps(label)[:80]}",
                         "labels",
                     )
-        out = openrlhf_reward_func(self.reward_function(cancelled))(
-            body.query, body.prompts, labels
-        )
-        return {k: v.tolist() if hasattr(v, "tolist") else v for k, v in out.items()}
+        responses = []
+        for i, (query, prompt) in enumerate(zip(body.query, body.prompts, strict=True)):
+            if not query.startswith(prompt):
+                raise BadRequest(422, f"query {i} does not start with its prompt", "query")
+            responses.append(query[len(prompt) :])
+        reward = self.reward_function(cancelled)
+        if isinstance(reward, JudgeReward):
+            self.check_prompts(body.prompts)
+        values = reward(list(body.prompts), responses, **{reward.reference_key: list(labels)})
+        rewards = [math.nan if r is None else float(r) for r in values]
+        return {"rewards": rewards, "scores": rewards, "extra_logs": {}}
 
     def label(self, body: JudgeBody, cancelled: threading.Event) -> list[dict]:
         if self.judge is None:
             raise BadRequest(422, "pairs: this server has no judge (start it with --model)")
         self.check_items("pairs", len(body.pairs))
         pairs = [JudgePair(p.prompt, p.response_a, p.response_b, p.key) for p in body.pairs]
-        return [pref.to_dict() for pref in self.batcher.call("judge", pairs, cancelled)]
+        for i, pair in enumerate(pairs):
+            try:
+                check_pair(pair, i)
+            except ValueError as e:
+                raise BadRequest(422, str(e), "pairs") from None
+        return [pref.to_dict() for pref in self.submit("judge", pairs, cancelled)]
 
 
 __all__ = ["Service"]
