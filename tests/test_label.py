@@ -153,7 +153,7 @@ def test_label_near_limit_pair_real_model(tmp_path, hf_engine):
     cai.cli.judge._check_pair_lengths(pairs, None, "hf")  # the text alone fits
     judge = Judge(hf_engine)
     with pytest.raises(DataError, match=f"{data}:7: the judge's prompt for this pair"):
-        cai.cli.judge._check_pair_lengths(pairs, None, "hf", judge)
+        cai.cli.judge._check_pair_lengths(pairs, None, "hf", judge.settings)
 
     result = label_pairs(judge, pairs, tmp_path / "out", model="smollm2-135m", progress=False)
     assert (result.pairs, result.exported + result.ties, result.errors) == (7, 6, 1)

@@ -27,9 +27,9 @@ from __future__ import annotations
 
 import abc
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
-from typing import Any
+from typing import Any, TypeVar
 
 from cai.config import FieldError
 
@@ -151,6 +151,32 @@ class OptionScores:
 class PromptTooLong(ValueError):
     """A prompt does not fit the model's context, on an engine built with ``overflow="raise"``
     (the default): raised before any work, so a caller can retry without that request."""
+
+
+R = TypeVar("R")
+
+
+def isolate_overflow(
+    run: Callable[[list[int]], list[R]], count: int, failed: Callable[[str], R]
+) -> list[R]:
+    """``run(indices)`` (one result per index: an engine call on those requests) over
+    ``range(count)``; where the engine raises PromptTooLong, the requests are run in halves
+    until each one too long for the context is alone and gets ``failed(reason)``, so that it
+    costs only its own result, on any engine whatever its ``overflow``. A request's result does
+    not depend on the batch it runs in, so the others' results are unchanged."""
+
+    def go(indices: list[int]) -> list[R]:
+        if not indices:
+            return []
+        try:
+            return list(run(indices))
+        except PromptTooLong as e:
+            if len(indices) == 1:
+                return [failed(str(e).split(": ", 1)[-1])]
+            half = len(indices) // 2
+            return go(indices[:half]) + go(indices[half:])
+
+    return go(list(range(count)))
 
 
 def check_conversation(conversation: Any, index: int) -> None:

@@ -54,7 +54,8 @@ from statistics import fmean
 from typing import Any, Literal
 
 from cai.constitution import Constitution, Principle
-from cai.engine import Engine, OptionScores, Sampling, create_engine
+from cai.engine import Completion, Engine, OptionScores, Sampling, create_engine
+from cai.engine.base import isolate_overflow
 from cai.judge.pair import PairLike, Preference, Prompt, _Item, check_pair
 from cai.judge.pointwise import PointwiseScorer, ResponseScore
 from cai.judge.settings import CONTENT_FREE, JudgeSettings
@@ -214,8 +215,14 @@ class Judge(_PairJudge):
         read, written = [0] * len(requests), [0] * len(requests)
         if self.cot:
             label = f"{progress} rationales" if isinstance(progress, str) else progress
-            done = self.engine.generate(
-                conversations, Sampling(max_tokens=self.cot_max_tokens), progress=label
+            done = isolate_overflow(
+                lambda rows: self.engine.generate(
+                    [conversations[r] for r in rows],
+                    Sampling(max_tokens=self.cot_max_tokens),
+                    progress=label,
+                ),
+                len(conversations),
+                lambda reason: Completion(error=reason),
             )
             for r, completion in enumerate(done):
                 read[r] += completion.prompt_tokens
@@ -230,11 +237,7 @@ class Judge(_PairJudge):
             todo, prefixes = list(range(len(requests))), JUDGE_ANSWER_PREFIX
         scores: dict[int, OptionScores] = dict(
             zip(
-                todo,
-                self.engine.score(
-                    [conversations[r] for r in todo], OPTIONS, prefixes=prefixes, progress=progress
-                ),
-                strict=True,
+                todo, self._score([conversations[r] for r in todo], prefixes, progress), strict=True
             )
         )
         log_odds: dict[int, float] = {}
@@ -296,6 +299,19 @@ class Judge(_PairJudge):
             )
         return out
 
+    def _score(
+        self, conversations: list[list[dict]], prefixes: str | list[str], progress: bool | str
+    ) -> list[OptionScores]:
+        """The engine's option scores, a request too long for its context failing alone."""
+
+        def run(rows: list[int]) -> list[OptionScores]:
+            each = prefixes if isinstance(prefixes, str) else [prefixes[r] for r in rows]
+            batch = [conversations[r] for r in rows]
+            return self.engine.score(batch, OPTIONS, prefixes=each, progress=progress)
+
+        failed = lambda reason: OptionScores(list(OPTIONS), [], [], error=reason)  # noqa: E731
+        return isolate_overflow(run, len(conversations), failed)
+
     def _winner(self, p_a: float) -> Literal["A", "B", "tie"]:
         return "tie" if abs(p_a - 0.5) <= self.tie_margin else ("A" if p_a > 0.5 else "B")
 
@@ -328,9 +344,7 @@ class Judge(_PairJudge):
             done = dict(
                 zip(
                     todo,
-                    self.engine.score(
-                        list(todo.values()), OPTIONS, prefixes=JUDGE_ANSWER_PREFIX, progress=label
-                    ),
+                    self._score(list(todo.values()), JUDGE_ANSWER_PREFIX, label),
                     strict=True,
                 )
             )

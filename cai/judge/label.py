@@ -23,7 +23,7 @@ from cai.data import DataError
 from cai.export import export_dataset
 from cai.judge.judge import Judge
 from cai.judge.keys import judge_key
-from cai.judge.pair import JudgePair
+from cai.judge.pair import JudgePair, check_pair
 from cai.judge.settings import JudgeSettings
 from cai.keys import record_key
 from cai.layout import DATA_FILE, DATASET, STAGES
@@ -119,24 +119,29 @@ def label_key(settings: JudgeSettings, pair: LabelledPair, model: str) -> str:
 
 
 def _judged(judge: Judge, pairs: list[LabelledPair], progress: bool | str) -> list[dict]:
-    """The judge's Preference fields per pair. A ValueError for the batch (a malformed pair, or
-    a prompt over the context on an engine that raises on overflow, PromptTooLong, before any
-    work) is narrowed down by halving the batch, so that it costs only the pair that caused it,
-    as that pair's error record naming it; the others are judged in the halves (under
-    ``calibration="batch"`` their labels then come from the halves' means)."""
-    try:
-        return [
-            p.to_dict()
-            for p in judge.label(
-                [JudgePair(p.prompt, p.chosen, p.rejected, key=p.key) for p in pairs],
-                progress=progress,
-            )
-        ]
-    except ValueError as e:
-        if len(pairs) == 1:
-            return [{"error": f"pair {pairs[0].key} ({pairs[0].source}): {e}"}]
-        half = len(pairs) // 2
-        return _judged(judge, pairs[:half], progress) + _judged(judge, pairs[half:], progress)
+    """The judge's Preference fields per pair. A pair the judge's check refuses gets its own
+    error record naming it, and the others are judged in one batch (the judge gives a pair too
+    long for its context an error of its own, so no pair fails another's label)."""
+    out: list[dict | None] = []
+    ready: list[JudgePair] = []
+    for n, p in enumerate(pairs):
+        try:
+            check_pair((p.prompt, p.chosen, p.rejected), n)
+        except ValueError as e:
+            reason = str(e).split(": ", 1)[-1]  # check_pair names it by its index in the batch
+            out.append({"error": f"pair {p.key} ({p.source}): {reason}"})
+            continue
+        out.append(None)
+        ready.append(JudgePair(p.prompt, p.chosen, p.rejected, key=p.key))
+    judged = iter(judge.label(ready, progress=progress) if ready else [])
+    rows = []
+    for p, row in zip(pairs, out, strict=True):
+        if row is None:
+            row = next(judged).to_dict()
+            if row["error"] is not None:
+                row["error"] = f"pair {p.key} ({p.source}): {row['error']}"
+        rows.append(row)
+    return rows
 
 
 def label_pairs(

@@ -28,7 +28,8 @@ from dataclasses import dataclass
 from statistics import fmean
 
 from cai.constitution import Constitution, Message, Principle
-from cai.engine import Engine
+from cai.engine import Engine, OptionScores
+from cai.engine.base import isolate_overflow
 from cai.keys import record_key
 
 DEFAULT_LENGTH_COEF = 0.25
@@ -172,7 +173,14 @@ class PointwiseScorer:
         tokens: dict[str, int] = {}
         scored = {key: self.cache.get(key) for row in keys for key in row if key not in todo}
         if todo:
-            done = self.engine.score(list(todo.values()), SCORE_OPTIONS, progress=progress)
+            prompts = list(todo.values())
+            done = isolate_overflow(
+                lambda rows: self.engine.score(
+                    [prompts[r] for r in rows], SCORE_OPTIONS, progress=progress
+                ),
+                len(prompts),
+                lambda reason: OptionScores(list(SCORE_OPTIONS), [], [], error=reason),
+            )
             for key, s in zip(todo, done, strict=True):
                 tokens[key] = s.prompt_tokens
                 if not s.ok:

@@ -41,10 +41,9 @@ many trainer workers share one loaded judge (README: "Serving the judge").
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from typing import Any, Literal, Protocol, TypeVar
 
-from cai.engine import PromptTooLong
 from cai.judge.judge import Judge
 from cai.stats import sigmoid
 
@@ -105,22 +104,6 @@ def is_empty(text: str) -> bool:
     """True for a response with nothing visible: only whitespace and invisible characters.
     Such a response is never shown to the judge; it loses to any non-empty one."""
     return all(c.isspace() or c in _INVISIBLE for c in text)
-
-
-def _isolating_overflow(judge: Callable[[list[T]], list[R]], items: list[T]) -> list[R | None]:
-    """``judge(items)``; where the engine raises ``PromptTooLong`` (an item too long for its
-    context, on an engine that raises on overflow), the halves are judged apart until each
-    item too long is alone, and costs only its own value, None. An item's principles and
-    scores do not depend on the batch it is judged in, so the others' values are unchanged."""
-    if not items:
-        return []
-    try:
-        return list(judge(items))
-    except PromptTooLong:
-        if len(items) == 1:
-            return [None]
-        half = len(items) // 2
-        return _isolating_overflow(judge, items[:half]) + _isolating_overflow(judge, items[half:])
 
 
 class _PairwiseReward:
@@ -327,16 +310,16 @@ class JudgeReward(_PairwiseReward):
                 for s in self.judge.score_responses(batch)
             ]
 
-        scored = _isolating_overflow(score, [(messages[i], texts[i]) for i in asked])
+        scored = score([(messages[i], texts[i]) for i in asked]) if asked else []
         out: list[float | None] = [0.0] * len(texts)
         for i, r in zip(asked, scored, strict=True):
             out[i] = r
         return out
 
     def _win_probs(self, pairs: list[tuple[list[dict], str, str]]) -> list[float | None]:
-        return _isolating_overflow(
-            lambda batch: [pref.p_a for pref in self.judge.label(batch)], pairs
-        )
+        # A pair too long for the judge's context gets an error label (p_a None): its own
+        # reward is None, the batch's others are judged (Judge isolates the overflow).
+        return [pref.p_a for pref in self.judge.label(pairs)] if pairs else []
 
 
 class RewardModelReward(_PairwiseReward):

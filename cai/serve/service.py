@@ -47,10 +47,8 @@ from typing import Any
 
 import anyio
 
-from cai.engine import PromptTooLong
 from cai.judge.judge import Judge
-from cai.judge.pair import JudgePair, Preference, check_pair
-from cai.judge.pointwise import ResponseScore
+from cai.judge.pair import JudgePair, check_pair
 from cai.rewards.functions import JudgeReward, RewardModelReward, Scorer
 from cai.serve.batching import Batcher
 from cai.serve.metrics import Metrics
@@ -94,20 +92,6 @@ class _Coalesced:
         return self.service.submit("reward_model", conversations, self.cancelled)
 
 
-def _split_on_overflow(call: Callable[[list], list], items: list, failed: Callable) -> list:
-    """``call(items)``; on PromptTooLong, halves until each over-long item alone gets
-    ``failed(item, error)``, so that it costs only its own result, not its batch's."""
-    try:
-        return list(call(items))
-    except PromptTooLong as e:
-        if len(items) == 1:
-            return [failed(items[0], e)]
-        half = len(items) // 2
-        return _split_on_overflow(call, items[:half], failed) + _split_on_overflow(
-            call, items[half:], failed
-        )
-
-
 def _reason(error: ValueError) -> str:
     """check_pair's message without its "pair i: " (the caller names the item its own way)."""
     return str(error).split(": ", 1)[-1]
@@ -132,9 +116,11 @@ class Service:
         self.metrics = Metrics()
         calls: dict[str, Callable] = {}
         if judge is not None:
-            calls["judge"] = self._label
+            # Judge.label and score_responses give a request too long for the judge's context
+            # its own error, so one over-long item never fails its batch.
+            calls["judge"] = judge.label
             if judge.settings.mode == "pointwise":
-                calls["score"] = self._score_responses
+                calls["score"] = judge.score_responses
         if reward_model is not None:
             calls["reward_model"] = reward_model.score
         self.batcher = Batcher(
@@ -176,23 +162,6 @@ class Service:
         return resolved_against(self.options, judge_mode=self.judge_mode)
 
     # ---- the batch functions (the batcher's worker thread) -----------------------------------
-
-    def _label(self, pairs: list) -> list[Preference]:
-        judge = self.judge
-        assert judge is not None
-
-        def failed(pair: Any, error: Exception) -> Preference:
-            ids = [p.id for p in judge.principles_of(pair)]
-            return Preference(*[None] * 6, ids, judge.engine.model_name, f"{error}")
-
-        return _split_on_overflow(judge.label, pairs, failed)
-
-    def _score_responses(self, responses: list) -> list[ResponseScore]:
-        judge = self.judge
-        assert judge is not None
-        return _split_on_overflow(
-            judge.score_responses, responses, lambda _, e: ResponseScore(None, None, [], f"{e}")
-        )
 
     # ---- admission (the request's thread) ----------------------------------------------------
 
