@@ -252,7 +252,9 @@ def _generate(
 def _grade(
     config, sets, generations, store, engines, progress, executor, tally
 ) -> dict[tuple[str, str], dict]:
-    """(metric, generation key) → eval_grade record."""
+    """(metric, generation key) → eval_grade record. One function with its batch function
+    nested (~85 lines), as every record loop here: the batch closes over the jobs' keys, the
+    template and the content-free answers it shares between graders."""
     from cai.prompts import JUDGE_ANSWER_PREFIX, load_template
 
     template = load_template("grade")

@@ -49,6 +49,7 @@ There is no order, so ``consistent`` is None.
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 from statistics import fmean
 from typing import Any, Literal
@@ -66,6 +67,23 @@ from cai.stats import sigmoid
 OPTIONS = ["A", "B"]
 ORDERS = ("A/B", "B/A")
 """The two presentations of a pair: the original order, then the responses swapped."""
+
+
+@dataclass
+class _Batch:
+    """The requests of one pairwise ``label`` call (per pair, per principle, both orders) and
+    what each has so far: its prompt, rationale (CoT), tokens read and written, failure."""
+
+    requests: list[tuple[int, Principle, bool]]
+    conversations: list[list[dict]] = field(default_factory=list)
+    failures: dict[int, str] = field(default_factory=dict)
+    rationales: list[str] = field(init=False)
+    read: list[int] = field(init=False)
+    written: list[int] = field(init=False)
+
+    def __post_init__(self) -> None:
+        n = len(self.requests)
+        self.rationales, self.read, self.written = [""] * n, [0] * n, [0] * n
 
 
 def _setting(name: str) -> property:
@@ -208,96 +226,104 @@ class Judge(_PairJudge):
         if self.mode == "pointwise":
             return self._label_pointwise(self._items(pairs, per_prompt=True), progress)
         items = self._items(pairs)
-        requests = self._requests(items)
-        conversations = [self._render(items[i], p, swapped) for i, p, swapped in requests]
-        failures: dict[int, str] = {}
-        rationales: list[str] = [""] * len(requests)
-        read, written = [0] * len(requests), [0] * len(requests)
+        batch = _Batch(self._requests(items))
+        batch.conversations = [
+            self._render(items[i], p, swapped) for i, p, swapped in batch.requests
+        ]
         if self.cot:
-            label = f"{progress} rationales" if isinstance(progress, str) else progress
-            done = isolate_overflow(
-                lambda rows: self.engine.generate(
-                    [conversations[r] for r in rows],
-                    Sampling(max_tokens=self.cot_max_tokens),
-                    progress=label,
-                ),
-                len(conversations),
-                lambda reason: Completion(error=reason),
-            )
-            for r, completion in enumerate(done):
-                read[r] += completion.prompt_tokens
-                written[r] += completion.completion_tokens
-                if completion.ok:
-                    rationales[r] = completion.text
-                else:
-                    failures[r] = f"rationale failed: {completion.error}"
-            todo = [r for r in range(len(requests)) if r not in failures]
-            prefixes = [cot_answer_prefix(rationales[r]) for r in todo]
-        else:
-            todo, prefixes = list(range(len(requests))), JUDGE_ANSWER_PREFIX
-        scores: dict[int, OptionScores] = dict(
-            zip(
-                todo, self._score([conversations[r] for r in todo], prefixes, progress), strict=True
-            )
-        )
-        log_odds: dict[int, float] = {}
-        for r, s in scores.items():
-            read[r] += s.prompt_tokens
-            if not s.ok:
-                failures[r] = s.error
-                continue
-            try:
-                s.probs()
-            except RuntimeError as e:
-                failures[r] = str(e)
-                continue
-            log_odds[r] = s.logprobs[0] - s.logprobs[1]
-        self._calibrate(items, requests, log_odds, failures, progress)
-        first_slot: list[float | None] = [None] * len(requests)
+            self._write_rationales(batch, progress)
+        log_odds = self._log_odds(batch, progress)
+        self._calibrate(items, batch.requests, log_odds, batch.failures, progress)
+        first_slot: dict[int, float] = {}
         for r, d in log_odds.items():
             p = sigmoid(d)
             if self.cot and self.clamp is not None:
                 p = min(max(p, self.clamp[0]), self.clamp[1])
             first_slot[r] = p
-
-        out = []
-        start = 0
+        out, start = [], 0
         for item in items:
             rows = range(start, start + 2 * len(item.principles))
             start = rows.stop
-            ids = [p.id for p in item.principles]
-            texts = [rationales[r] for r in rows] if self.cot else []
-            usage = {
-                "prompt_tokens": sum(read[r] for r in rows),
-                "completion_tokens": sum(written[r] for r in rows),
-            }
-            failed = [r for r in rows if r in failures]
-            if failed:
-                _, principle, swapped = requests[failed[0]]
-                error = f"order {ORDERS[swapped]}, principle {principle.id}: {failures[failed[0]]}"
-                out.append(
-                    Preference(*[None] * 6, ids, self.engine.model_name, error, texts, usage)
-                )
-                continue
-            p_first = fmean(first_slot[r] for r in rows if not requests[r][2])
-            q = fmean(first_slot[r] for r in rows if requests[r][2])
-            p_a = 0.5 + (p_first - q) / 2
-            margin = abs(p_a - 0.5)
-            out.append(
-                Preference(
-                    winner=self._winner(p_a),
-                    p_a=p_a,
-                    p_a_first=p_first,
-                    p_a_second=1 - q,
-                    consistent=(p_first - 0.5) * (0.5 - q) > 0,
-                    margin=margin,
-                    principles=ids,
-                    model=self.engine.model_name,
-                    rationales=texts,
-                    usage=usage,
-                )
-            )
+            out.append(self._preference(item, rows, batch, first_slot))
         return out
+
+    def _write_rationales(self, batch: _Batch, progress: bool | str) -> None:
+        """CoT: each request's rationale (greedy), written before its options are scored."""
+        label = f"{progress} rationales" if isinstance(progress, str) else progress
+        conversations = batch.conversations
+        done = isolate_overflow(
+            lambda rows: self.engine.generate(
+                [conversations[r] for r in rows],
+                Sampling(max_tokens=self.cot_max_tokens),
+                progress=label,
+            ),
+            len(conversations),
+            lambda reason: Completion(error=reason),
+        )
+        for r, completion in enumerate(done):
+            batch.read[r] += completion.prompt_tokens
+            batch.written[r] += completion.completion_tokens
+            if completion.ok:
+                batch.rationales[r] = completion.text
+            else:
+                batch.failures[r] = f"rationale failed: {completion.error}"
+
+    def _log_odds(self, batch: _Batch, progress: bool | str) -> dict[int, float]:
+        """Request → l_A - l_B, for each request that has not failed (failures recorded)."""
+        todo = [r for r in range(len(batch.requests)) if r not in batch.failures]
+        if self.cot:
+            prefixes: str | list[str] = [cot_answer_prefix(batch.rationales[r]) for r in todo]
+        else:
+            prefixes = JUDGE_ANSWER_PREFIX
+        scores = self._score([batch.conversations[r] for r in todo], prefixes, progress)
+        log_odds: dict[int, float] = {}
+        for r, s in zip(todo, scores, strict=True):
+            batch.read[r] += s.prompt_tokens
+            if not s.ok:
+                batch.failures[r] = s.error  # type: ignore[assignment]
+                continue
+            try:
+                s.probs()
+            except RuntimeError as e:
+                batch.failures[r] = str(e)
+                continue
+            log_odds[r] = s.logprobs[0] - s.logprobs[1]
+        return log_odds
+
+    def _preference(
+        self, item: _Item, rows: range, batch: _Batch, first_slot: dict[int, float]
+    ) -> Preference:
+        """One pair's label from its requests' first-slot probabilities (``rows``: per
+        principle, the original order then the swapped one), or the first failure's error."""
+        ids = [p.id for p in item.principles]
+        texts = [batch.rationales[r] for r in rows] if self.cot else []
+        usage = {
+            "prompt_tokens": sum(batch.read[r] for r in rows),
+            "completion_tokens": sum(batch.written[r] for r in rows),
+        }
+        failed = [r for r in rows if r in batch.failures]
+        if failed:
+            _, principle, swapped = batch.requests[failed[0]]
+            error = (
+                f"order {ORDERS[swapped]}, principle {principle.id}: {batch.failures[failed[0]]}"
+            )
+            return Preference(*[None] * 6, ids, self.engine.model_name, error, texts, usage)
+        requests = batch.requests
+        p_first = fmean(first_slot[r] for r in rows if not requests[r][2])
+        q = fmean(first_slot[r] for r in rows if requests[r][2])
+        p_a = 0.5 + (p_first - q) / 2
+        return Preference(
+            winner=self._winner(p_a),
+            p_a=p_a,
+            p_a_first=p_first,
+            p_a_second=1 - q,
+            consistent=(p_first - 0.5) * (0.5 - q) > 0,
+            margin=abs(p_a - 0.5),
+            principles=ids,
+            model=self.engine.model_name,
+            rationales=texts,
+            usage=usage,
+        )
 
     def _score(
         self, conversations: list[list[dict]], prefixes: str | list[str], progress: bool | str

@@ -75,7 +75,8 @@ def prepare(ctx: StageContext) -> Constitution:
 
 def run(ctx: StageContext, tally: StageTally) -> None:
     """Critique→revision rounds, then the exports (of the complete chains), unless this is a
-    shard."""
+    shard. Its batch function is nested (~85 lines in all): a chain's rounds close over the
+    stage's settings, constitution and seeds, as the record loop's stages do."""
     stage = ctx.recipe.stages.critique_revise
     constitution = ctx.prepared["critique_revise"]
     responses = ctx.outputs["generate"]
