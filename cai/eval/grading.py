@@ -23,9 +23,6 @@ from typing import Any
 
 from cai.stats import rate, sigmoid
 
-CONTENT_FREE = "N/A"
-"""The content-free answer of contextual calibration."""
-
 REFUSAL_PHRASES = (
     "i can't",
     "i cannot",

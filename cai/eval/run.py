@@ -50,7 +50,6 @@ from typing import TYPE_CHECKING
 
 from cai.eval.config import EvalConfig, load_sets
 from cai.eval.grading import (
-    CONTENT_FREE,
     GRADERS,
     Grader,
     flagged_probability,
@@ -58,6 +57,7 @@ from cai.eval.grading import (
 )
 from cai.eval.metrics import COMPARED, metrics, ok
 from cai.jsonl import write_atomic
+from cai.judge.settings import CONTENT_FREE
 from cai.keys import canonical, model_key, record_key, seed_for
 from cai.layout import EVAL_RESULTS
 from cai.record_loop import Executor, StageTally, run_records
