@@ -140,7 +140,7 @@ def test_score_shots_and_the_rendered_request():
         (first.response_b, "Yes" if first.better == "B" else "No"),
     ]
     assert better in {s.response for s in shots if s.answer == "Yes"}
-    messages = Judge(ScoreEngine(fixed), mode="pointwise").template.render(
+    messages = Judge(ScoreEngine(fixed), mode="pointwise").settings.template.render(
         system=None,
         examples=[],
         conversation=[{"role": "user", "content": PROMPT}],

@@ -82,13 +82,15 @@ def judge_metrics(
     shorter = _shorter_better(pairs)
     pairwise = judge.mode == "pairwise"
     return {
-        "accuracy": accuracy(p_chosen, judge.tie_margin),
+        "accuracy": accuracy(p_chosen, judge.settings.tie_margin),
         "accuracy_first_order": accuracy(
             [_towards_chosen(i, p.p_a_first) for i, p in enumerate(prefs)]
         )
         if pairwise
         else None,
-        "accuracy_shorter_better": accuracy([p_chosen[i] for i in shorter], judge.tie_margin)
+        "accuracy_shorter_better": accuracy(
+            [p_chosen[i] for i in shorter], judge.settings.tie_margin
+        )
         if shorter
         else None,
         # A pointwise judge shows each response alone: there is no order to be consistent in.
@@ -98,7 +100,7 @@ def judge_metrics(
             [len(c) for _, c, _ in pairs],
             [len(r) for _, _, r in pairs],
             p_chosen,
-            judge.tie_margin,
+            judge.settings.tie_margin,
         ),
         "errors": sum(p.error is not None for p in prefs),
         "pairs_per_s": len(pairs) / seconds,
@@ -153,8 +155,8 @@ def agreement(
         "model": judge.engine.model_name,
         "backend": judge.engine.backend,
         "constitution": judge.constitution.name,
-        "ensemble": judge.ensemble,
-        "cot": judge.cot,
+        "ensemble": judge.settings.ensemble,
+        "cot": judge.settings.cot,
         "mode": judge.mode,
         **{k: v for k, v in metrics.items() if k not in ("p_chosen", "scores")},
     }

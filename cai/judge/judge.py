@@ -116,12 +116,6 @@ class _PairJudge:
             self._owns_engine = True
 
     constitution = _setting("constitution")
-    template = _setting("template")
-    ensemble = _setting("ensemble")
-    seed = _setting("seed")
-    few_shot = _setting("few_shot")
-    principles = _setting("principles")
-    pool = _setting("pool")
 
     def close(self) -> None:
         """Close the engine if this judge built it."""
@@ -205,13 +199,6 @@ class Judge(_PairJudge):
         )
 
     mode = _setting("mode")
-    cot = _setting("cot")
-    cot_max_tokens = _setting("cot_max_tokens")
-    clamp = _setting("clamp")
-    tie_margin = _setting("tie_margin")
-    calibration = _setting("calibration")
-    temperature = _setting("temperature")
-    length_coef = _setting("length_coef")
 
     def compare(self, prompt: Prompt, response_a: str, response_b: str) -> Preference:
         """Judge one pair: which of ``response_a`` and ``response_b`` better answers ``prompt``."""
@@ -230,15 +217,15 @@ class Judge(_PairJudge):
         batch.conversations = [
             self._render(items[i], p, swapped) for i, p, swapped in batch.requests
         ]
-        if self.cot:
+        if self.settings.cot:
             self._write_rationales(batch, progress)
         log_odds = self._log_odds(batch, progress)
         self._calibrate(items, batch.requests, log_odds, batch.failures, progress)
         first_slot: dict[int, float] = {}
         for r, d in log_odds.items():
             p = sigmoid(d)
-            if self.cot and self.clamp is not None:
-                p = min(max(p, self.clamp[0]), self.clamp[1])
+            if self.settings.cot and self.settings.clamp is not None:
+                p = min(max(p, self.settings.clamp[0]), self.settings.clamp[1])
             first_slot[r] = p
         out, start = [], 0
         for item in items:
@@ -254,7 +241,7 @@ class Judge(_PairJudge):
         done = isolate_overflow(
             lambda rows: self.engine.generate(
                 [conversations[r] for r in rows],
-                Sampling(max_tokens=self.cot_max_tokens),
+                Sampling(max_tokens=self.settings.cot_max_tokens),
                 progress=label,
             ),
             len(conversations),
@@ -271,7 +258,7 @@ class Judge(_PairJudge):
     def _log_odds(self, batch: _Batch, progress: bool | str) -> dict[int, float]:
         """Request → l_A - l_B, for each request that has not failed (failures recorded)."""
         todo = [r for r in range(len(batch.requests)) if r not in batch.failures]
-        if self.cot:
+        if self.settings.cot:
             prefixes: str | list[str] = [cot_answer_prefix(batch.rationales[r]) for r in todo]
         else:
             prefixes = JUDGE_ANSWER_PREFIX
@@ -296,7 +283,7 @@ class Judge(_PairJudge):
         """One pair's label from its requests' first-slot probabilities (``rows``: per
         principle, the original order then the swapped one), or the first failure's error."""
         ids = [p.id for p in item.principles]
-        texts = [batch.rationales[r] for r in rows] if self.cot else []
+        texts = [batch.rationales[r] for r in rows] if self.settings.cot else []
         usage = {
             "prompt_tokens": sum(batch.read[r] for r in rows),
             "completion_tokens": sum(batch.written[r] for r in rows),
@@ -339,7 +326,7 @@ class Judge(_PairJudge):
         return isolate_overflow(run, len(conversations), failed)
 
     def _winner(self, p_a: float) -> Literal["A", "B", "tie"]:
-        return "tie" if abs(p_a - 0.5) <= self.tie_margin else ("A" if p_a > 0.5 else "B")
+        return "tie" if abs(p_a - 0.5) <= self.settings.tie_margin else ("A" if p_a > 0.5 else "B")
 
     def _calibrate(
         self,
@@ -350,14 +337,14 @@ class Judge(_PairJudge):
         progress: bool | str,
     ) -> None:
         """Subtract each request's estimated bias towards option A from its log-odds, in place."""
-        if self.calibration == "batch":
+        if self.settings.calibration == "batch":
             for swapped in (False, True):
                 rows = [r for r in log_odds if requests[r][2] == swapped]
                 if rows:
                     mean = fmean(log_odds[r] for r in rows)
                     for r in rows:
                         log_odds[r] -= mean
-        elif self.calibration == "contextual":
+        elif self.settings.calibration == "contextual":
             # One content-free request per (prompt, principle): both responses "N/A", so both
             # orders render the same and one request serves them.
             keys = {r: (canonical(items[i].messages), p.id) for r, (i, p, _) in enumerate(requests)}
@@ -412,7 +399,7 @@ class Judge(_PairJudge):
             if error is not None:
                 out.append(Preference(*[None] * 6, a.principles, self.engine.model_name, error))
                 continue
-            p_a = sigmoid((a.adjusted - b.adjusted) / self.temperature)  # type: ignore[operator]
+            p_a = sigmoid((a.adjusted - b.adjusted) / self.settings.temperature)  # type: ignore[operator]
             out.append(
                 Preference(
                     winner=self._winner(p_a),
