@@ -1,4 +1,5 @@
-"""Evaluation: models side by side (base, SFT, DPO) on held-out prompts, and the metrics.
+"""Evaluation: models side by side (base, SFT, DPO) on held-out prompts, through the run store
+(the metrics from its records: ``cai.eval.metrics``).
 
     from cai.eval.config import EvalConfig
     from cai.eval.run import run_eval
