@@ -275,3 +275,129 @@ def test_stats_and_export_commands(tmp_path, capsys):
     out = tmp_path / "h.jsonl"
     assert cai_main(["review", "export", str(run), "--out", str(out)]) == 0
     assert len(load_pairs(out)) == 4
+
+
+@pytest.mark.timeout(60)
+def test_the_api_is_blind_and_refuses_malformed_requests(tmp_path):
+    from fastapi.testclient import TestClient
+
+    from cai.review.app import ReviewSession, create_review_app
+
+    run = make_run(tmp_path)
+    session = ReviewSession(sample(load_items(run), "margin"), LabelLog(tmp_path / "r"), "ana")
+    client = TestClient(create_review_app(session))
+    state = client.get("/api/state").json()
+    assert set(state["item"]) == {"key", "prompt", "left", "right"} and state["item"]["key"] == "k5"
+    assert not {"winner", "p_a", "margin", "judge"} & set(json.dumps(state).split('"'))
+    assert client.get("/api/reveal/k5").status_code == 409
+    for body, status in ((b"{not json", 400), (b"[1]", 400), (b'{"key": "k5"}', 422)):
+        response = client.post("/api/answer", content=body)
+        assert response.status_code == status and "error" in response.json()
+    assert client.post("/api/answer", json={"key": "nope", "choice": "left"}).status_code == 422
+    after = client.post("/api/answer", json={"key": "k5", "choice": "left"}).json()
+    assert after["done"] == 1 and after["item"]["key"] == "k1"
+    assert client.get("/api/reveal/k5").json()["judge"] == "tie"
+    keyed = TestClient(create_review_app(ReviewSession(session.items, session.log, "bob", "s3")))
+    assert keyed.get("/api/state").status_code == 401
+    assert keyed.get("/").status_code == 401 and keyed.get("/?key=s3").status_code == 200
+    assert keyed.get("/api/state", headers={"Authorization": "Bearer s3"}).status_code == 200
+
+
+CHROMIUM = "/usr/bin/chromium"
+
+
+def _chromium_or_skip() -> None:
+    """Chromium is required under CI (make install puts it there); locally its absence skips."""
+    if Path(CHROMIUM).is_file() and os.access(CHROMIUM, os.X_OK):
+        return
+    if os.environ.get("CI"):
+        pytest.fail(f"CI is set but {CHROMIUM} is missing: `make install` installs chromium")
+    pytest.skip(f"no {CHROMIUM} (apt-get install chromium, or make install)")
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture
+def review_server(tmp_path):
+    """``cai review`` on a free 127.0.0.1 port over a run of 13 pairs (margin order: k5, k1,
+    k2, k06 holding HTML, ...); yields (url, run)."""
+    run = make_run(tmp_path / "run", extra=8)
+    port = _free_port()
+    command = [sys.executable, "-m", "cai.cli", "review", str(run), "--annotator", "ana"]
+    proc = subprocess.Popen(
+        [*command, "--sample", "margin", "--port", str(port)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env={**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])},
+    )
+    try:
+        banner = proc.stdout.readline()
+        assert banner.startswith("cai review: http://"), banner + proc.stderr.read()
+        yield f"http://127.0.0.1:{port}/", run
+    finally:
+        proc.terminate()
+        proc.wait(timeout=20)
+
+
+@pytest.mark.timeout(120)
+def test_the_page_labels_by_keyboard_undoes_and_resumes_blind(review_server):
+    _chromium_or_skip()
+    from playwright.sync_api import sync_playwright
+
+    url, run = review_server
+    order = [i.key for i in sample(load_items(run), "margin")]
+    keys = ["1", "2", "t", "s", "1", "1", "2", "2", "t", "1"]
+    errors: list[str] = []
+    with sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=CHROMIUM, args=["--headless", "--no-sandbox"])
+        try:
+            page = browser.new_page()
+            page.on("pageerror", lambda e: errors.append(str(e)))
+            page.goto(url)
+
+            def settled(done: int) -> None:
+                page.wait_for_function(
+                    "n => !document.body.classList.contains('busy') && "
+                    "document.getElementById('count').textContent.startsWith(n + ' /')",
+                    arg=done,
+                    timeout=10000,
+                )
+
+            settled(0)
+            fetched = page.evaluate("fetch('/api/state').then(r => r.json())")
+            assert set(fetched["item"]) == {"key", "prompt", "left", "right"}
+            text = page.inner_text("body")
+            assert "judge" not in page.inner_text("#reveal") and "margin" not in text
+            for n, key in enumerate(keys):
+                assert page.get_attribute("#conversation", "data-key") == order[n]
+                if order[n] == "k06":  # the HTML in it is shown as characters, never run
+                    assert "<script>" in page.inner_text("#left") + page.inner_text("#right")
+                    assert "<img" in page.inner_text("#conversation")
+                    assert page.evaluate("window.__pwned") is None
+                    assert page.locator("#pair img, #conversation img").count() == 0
+                page.keyboard.press(key)
+                settled(n + 1)
+            assert "The judge preferred" in page.inner_text("#reveal")
+            page.keyboard.press("u")
+            settled(9)
+            page.reload()
+            settled(9)
+            assert page.get_attribute("#conversation", "data-key") == order[9]
+            assert page.inner_text("#count") == "9 / 13"
+        finally:
+            browser.close()
+    assert not errors
+    records = read_labels(RunLayout(run).review_labels)
+    assert [r["answer"] for r in records][-1] == "undo" and len(records) == 11
+    choice = {"1": "left", "2": "right", "t": "tie", "s": "skip"}
+    for record, key in zip(records, keys, strict=False):
+        assert record["side"] == side_shown(record["key"], "ana")
+        assert to_shown(record["answer"], record["side"]) == choice[key]
+    assert len(live_labels(records)) == 9

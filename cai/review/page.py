@@ -85,6 +85,7 @@ function render(next) {
 async function act(work) {
   if (busy) return;
   busy = true;
+  document.body.classList.add("busy");
   try {
     await work();
     $("status").textContent = "";
@@ -92,6 +93,7 @@ async function act(work) {
     $("status").textContent = "error: " + error.message;
   } finally {
     busy = false;
+    document.body.classList.remove("busy");
   }
 }
 
