@@ -401,3 +401,14 @@ def test_the_page_labels_by_keyboard_undoes_and_resumes_blind(review_server):
         assert record["side"] == side_shown(record["key"], "ana")
         assert to_shown(record["answer"], record["side"]) == choice[key]
     assert len(live_labels(records)) == 9
+
+
+def test_the_report_has_a_human_audit_section(tmp_path):
+    from cai.report.sections import write_report
+
+    run = make_run(tmp_path)
+    labelled(run)
+    write_report(run)
+    text = RunLayout(run).report_md.read_text(encoding="utf-8")
+    audit = text.split("## Human audit", 1)[1]
+    assert "9 labels" in audit and "| all |" in audit and "ana / bob" in audit
