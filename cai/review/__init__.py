@@ -8,7 +8,7 @@ about the judge.
 ``items.py`` (the pairs and their review order), ``labels.py`` (``review/labels.jsonl``,
 append-only), ``stats.py`` (agreement, kappa, reliability, length, inter-annotator),
 ``preferences.py`` (the labels as preference pairs), ``labelstudio.py`` (Label Studio tasks and
-annotations), ``app.py`` (the page's HTTP side) and ``page.html`` (the page).
+annotations), ``app.py`` (the page's HTTP side) and ``page.py`` (the page).
 """
 
 from cai.review.items import Item, ReviewError, load_items, sample
