@@ -160,7 +160,7 @@ def format_table(stats: dict[str, Any]) -> str:
         f"{'human-judge agreement':<28} {_cell(stats['agreement'])}",
     ]
     for title, name in (("category", "by_category"), ("round", "by_round")):
-        lines += [f"  {title} {k:<19} {_cell(v)}" for k, v in stats[name].items()]
+        lines += [f"  {title + ' ' + k:<26} {_cell(v)}" for k, v in stats[name].items()]
     lines.append("judge margin (reliability)")
     lines += [f"  {k:<26} {_cell(v)}" for k, v in stats["by_margin"].items()]
     length = stats["length"]
@@ -170,5 +170,5 @@ def format_table(stats: dict[str, Any]) -> str:
             f"{length['people_longer']:.2f} (n {length['pairs']})"
         )
     for name, row in stats["inter_annotator"].items():
-        lines.append(f"  annotators {name:<17} {_cell(row)}")
+        lines.append(f"  {'annotators ' + name:<26} {_cell(row)}")
     return "\n".join(lines)
