@@ -10,6 +10,7 @@
     <run>/rounds/<r>/preferences/, <run>/rounds/<r>/dpo/  online round r's pairs and policy
     <run>/eval/results.json                               the evaluation
     <run>/report.md, <run>/report.html, <run>/report/     the run report and its plots
+    <run>/review/labels.jsonl                             people's labels of judged pairs (cai review)
 
 A trained model folder holds ``cai_train.json`` (the trainer's result) and ``cai_pipeline.json``
 (what the pipeline trained it from); an export holds ``data.jsonl`` and ``dataset/``. Stages, the
@@ -41,6 +42,10 @@ PLOTS = "report"
 RUN = "<run>"
 """A run directory in a path that must not depend on where the run is (a trained model's
 identity: ``<run>/rounds/1/dpo``)."""
+REVIEW = "review"
+"""The folder of ``cai review``'s files in a run (or its ``--out``)."""
+LABELS_FILE = "labels.jsonl"
+"""People's labels in a review folder, appended one answer a line (``cai.review.labels``)."""
 EXPORTS = ("sft", "revision_pairs", "preferences")
 """The export folders of a run, in pipeline order."""
 
@@ -159,6 +164,14 @@ class RunLayout:
     @property
     def plots(self) -> Path:
         return self.root / PLOTS
+
+    @property
+    def review(self) -> Path:
+        return self.root / REVIEW
+
+    @property
+    def review_labels(self) -> Path:
+        return self.review / LABELS_FILE
 
     def relative(self, path: Path) -> str:
         """``<run>/...``: a path inside the run named relative to it (model identities)."""

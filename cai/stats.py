@@ -238,3 +238,23 @@ def length_bias(
         "longer_chosen": longer_chosen / n,
         "excess": (longer_wins - longer_chosen) / n,
     }
+
+
+def cohen_kappa(first: Sequence[str], second: Sequence[str]) -> float | None:
+    """Cohen's kappa of two raters' labels of the same items: (p_o - p_e) / (1 - p_e), p_o the
+    share they agree on, p_e = sum_c p1(c) p2(c) the share chance would give with each rater's
+    own label frequencies. 1 is full agreement, 0 chance. None with no items, or when p_e is 1
+    (both raters gave one and the same label throughout: kappa is undefined)."""
+    if len(first) != len(second):
+        raise ValueError(
+            f"kappa needs as many labels from each rater ({len(first)}, {len(second)})"
+        )
+    if not first:
+        return None
+    n = len(first)
+    observed = sum(a == b for a, b in zip(first, second, strict=True)) / n
+    counts1, counts2 = Counter(first), Counter(second)
+    expected = sum(counts1[c] * counts2[c] for c in counts1) / (n * n)
+    if expected >= 1:
+        return None
+    return (observed - expected) / (1 - expected)

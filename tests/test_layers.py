@@ -24,6 +24,7 @@ ENTRY_POINTS = {
     "cai.cli.constitution",
     "cai.cli.eval",
     "cai.cli.judge",
+    "cai.cli.review",
     "cai.cli.serve",
     "cai.cli.train",
 }
@@ -57,7 +58,7 @@ LAYERS: list[set[str]] = [
     {"cai.judge"},
     {"cai.rewards"},
     {"cai.train"},
-    {"cai.eval", "cai.serve"},
+    {"cai.eval", "cai.serve", "cai.review"},
     {"cai.report"},
     {"cai.pipeline"},
     {"cai.cli"},

@@ -17,6 +17,10 @@
     cai eval --model NAME=SPEC [--model NAME=SPEC ...] [--config FILE] [--out DIR]
                                           models side by side on held-out prompts (cai.eval.run)
     cai report RUN_DIR                    report.md / report.html of a pipeline run (cai.report.sections)
+    cai review RUN_DIR [--annotator NAME] [--sample margin] [--limit N]
+                                          label judged pairs blind on a local page (cai.review)
+    cai review stats RUN_DIR              human-judge agreement, kappa, reliability by margin
+    cai review export RUN_DIR --out FILE  the human labels as preference pairs
 
 Each command group is added by one small ``add_<group>`` function that registers its
 subcommands; the handler set with ``set_defaults(run=...)`` returns the exit code.
@@ -31,6 +35,7 @@ from collections.abc import Callable
 from cai.cli.constitution import add_constitution
 from cai.cli.eval import add_eval, add_report
 from cai.cli.judge import add_judge
+from cai.cli.review import add_review
 from cai.cli.serve import add_serve
 from cai.cli.train import add_train
 from cai.exit_codes import SYSTEM, os_error_line
@@ -42,6 +47,7 @@ COMMANDS: list[Callable[[argparse._SubParsersAction], None]] = [
     add_eval,
     add_report,
     add_serve,
+    add_review,
 ]
 
 

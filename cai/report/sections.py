@@ -6,7 +6,8 @@ It reads whatever the run has (each input is optional, and the report says what 
 ``manifest.json`` (recipe, models by role, times), ``eval/results.json`` (cai.eval.run),
 ``models/*/cai_train.json`` (the trainers' curves and metrics), ``preferences/data.jsonl`` (the
 judged pairs' p(chosen)), ``stages/*.jsonl`` (record counts; the judge stage's position
-consistency) and the exported datasets (counts). The HTML page is self-contained apart from the
+consistency), the exported datasets (counts) and ``review/labels.jsonl`` (people's labels of
+judged pairs, ``cai review``: the human audit). The HTML page is self-contained apart from the
 PNGs beside it (relative paths), so it opens from disk in any browser. Every string that comes
 from the run (model names, paths, the recipe name) is escaped.
 """
@@ -71,6 +72,8 @@ class Inputs:
     stages: dict[str, StageCount] = field(default_factory=dict)
     datasets: dict[str, int] = field(default_factory=dict)
     """Exported folder name -> rows in its data.jsonl."""
+    audit: dict | None = None
+    """``cai review stats`` of the run's people's labels, when it has any."""
 
 
 # ---- reading -------------------------------------------------------------------------------------
@@ -153,6 +156,7 @@ def read_inputs(run_dir: str | Path) -> Inputs:
             inputs.judged = [r for r in judged if r.get("error") is None]
     except RunStoreError as e:
         raise ReportError(str(e)) from e
+    inputs.audit = _audit(run)
     for folder, _ in DATASETS:
         path = run.export(folder) / DATA_FILE
         if path.is_file():
@@ -161,6 +165,18 @@ def read_inputs(run_dir: str | Path) -> Inputs:
             if folder == "preferences":
                 inputs.preferences = rows
     return inputs
+
+
+def _audit(run: RunLayout) -> dict | None:
+    """The review statistics of the run's labels file, if it has one."""
+    if not run.review_labels.is_file():
+        return None
+    from cai.review import ReviewError, load_items, read_labels, review_stats
+
+    try:
+        return review_stats(load_items(run.root), read_labels(run.review_labels))
+    except (ReviewError, JsonlError) as e:
+        raise ReportError(f"{run.review_labels}: {e}") from e
 
 
 # ---- the documents -------------------------------------------------------------------------------
@@ -433,6 +449,41 @@ def _data_section(inputs: Inputs, notes: list[str]) -> list[Section]:
     return [section]
 
 
+def _audit_section(inputs: Inputs) -> list[Section]:
+    """Human-judge agreement from ``cai review``'s labels: overall, per category, round and
+    judge margin, and the length preference and inter-annotator agreement."""
+    audit = inputs.audit
+    if audit is None:
+        return []
+    section = Section("Human audit")
+    answers = ", ".join(f"{k} {v}" for k, v in audit["answers"].items())
+    section.paragraphs.append(
+        f"{audit['labels']} labels ({answers}) by {', '.join(audit['annotators'])}; decided "
+        "labels of pairs the judge decided count (`cai review stats`)."
+    )
+
+    def row(label: str, value: dict) -> list[str]:
+        kappa = "n/a" if value["kappa"] is None else f"{value['kappa']:.2f}"
+        return [label, format_rate(value) if value["n"] else "n/a", str(value["n"]), kappa]
+
+    rows = [["pairs", "human-judge agreement", "n", "kappa"], row("all", audit["agreement"])]
+    for title, name in (("category", "by_category"), ("round", "by_round")):
+        rows += [row(f"{title} {k}", v) for k, v in audit[name].items()]
+    rows += [row(f"judge margin {k}", v) for k, v in audit["by_margin"].items()]
+    section.tables.append(rows)
+    length = audit["length"]
+    if length["pairs"]:
+        section.paragraphs.append(
+            f"The longer response was preferred by the judge in {length['judge_longer']:.2f} "
+            f"and by people in {length['people_longer']:.2f} of {length['pairs']} labels."
+        )
+    if audit["inter_annotator"]:
+        pairs = [["annotators", "agreement", "n", "kappa"]]
+        pairs += [row(k, v) for k, v in audit["inter_annotator"].items()]
+        section.tables.append(pairs)
+    return [section]
+
+
 def build_sections(inputs: Inputs, plots: Path) -> tuple[list[Section], list[str]]:
     """The report's sections (drawing their plots into ``plots``) and the notes on what is
     missing."""
@@ -443,6 +494,7 @@ def build_sections(inputs: Inputs, plots: Path) -> tuple[list[Section], list[str
         *_rounds_section(inputs, plots),
         *_training_section(inputs, plots, notes),
         *_feedback_section(inputs, plots, notes),
+        *_audit_section(inputs),
         *_data_section(inputs, notes),
     ]
     return sections, notes

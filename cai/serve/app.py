@@ -241,11 +241,16 @@ def serve(
     """Serve until SIGTERM or Ctrl-C, then drain: no new connections, the requests in flight
     answered, the queue finished, the service closed. Returns normally (exit 0). ``sock``: the
     socket ``bind`` gave (default: bound here; OSError if the port is in use)."""
+    run_asgi(create_app(service), sock or bind(host, port))
+
+
+def run_asgi(app: Any, sock: socket.socket) -> None:
+    """Serve ``app`` on ``sock`` (from :func:`bind`) with uvicorn until SIGTERM or Ctrl-C, then
+    drain and return normally. ``cai serve`` and ``cai review``'s page run on it."""
     import uvicorn
 
-    sock = sock or bind(host, port)
     config = uvicorn.Config(
-        create_app(service),
+        app,
         log_level="warning",
         access_log=False,
         # An idle keep-alive connection is closed after this; a stalled body meets the Gate's
@@ -266,4 +271,4 @@ def serve(
             signal.signal(sig, handler)
 
 
-__all__ = ["bind", "create_app", "serve"]
+__all__ = ["bind", "create_app", "run_asgi", "serve"]
