@@ -20,6 +20,7 @@ header { display: flex; gap: 1em; align-items: center; }
 .role { font-weight: 600; margin-right: .4em; }
 #pair { display: grid; grid-template-columns: 1fr 1fr; gap: 1em; margin: 1em 0; }
 .response { white-space: pre-wrap; border: 1px solid #ccc; padding: .7em; min-height: 4em; }
+#buttons { position: sticky; bottom: 0; background: #fff; padding: .6em 0; border-top: 1px solid #eee; }
 #buttons button { margin-right: .5em; padding: .4em .9em; }
 #status, #reveal { color: #555; min-height: 1.4em; }
 </style></head>
