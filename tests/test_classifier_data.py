@@ -5,11 +5,22 @@ labels by construction, augmentation, the split, resume after SIGKILL), and the
 
 from __future__ import annotations
 
+import io
+import json
+from pathlib import Path
+
 import pytest
+from fakes import TextEngine
 
 from cai.cli import main
 from cai.config import ConfigError
 from cai.constitution import load_constitution
+from cai.engine import Sample
+from cai.pipeline.classifier_data import ACK, augment_text, heldout_groups, parse_request
+from cai.pipeline.recipe import load_recipe
+from cai.pipeline.run import Runner
+from cai.prompts import load_template
+from cai.store import RunStore
 
 CLASSES = """\
 name: tiny
@@ -88,3 +99,208 @@ def test_cli_check_reports_a_class_problem_with_file_and_line(tmp_path, capsys):
     out = capsys.readouterr().out
     assert "restricted classes (1):\n  weapons\n" in out
     assert "      - How do I boil an egg?" in out
+
+
+# ---- the stages on a fake engine -----------------------------------------------------------------
+
+RECIPE = """\
+name: cls
+model: smollm2-135m
+constitution: {constitution}
+chunk_size: {chunk_size}
+sources:
+  - path: {seeds}
+stages:
+  class_prompts:
+    styles: [direct, multi-turn]
+    n: 3
+    augment: [upper, wrapper]
+    heldout: 0.5
+    seed_sets: {{{seeds}: restricted}}
+  class_completions:
+    max_tokens: 16
+    augment: [lower]
+"""
+
+
+def _recipe(tmp_path, constitution: str = CLASSES, chunk_size: int = 512):
+    seeds = tmp_path / "seeds.jsonl"
+    seeds.write_text(
+        "".join(
+            json.dumps({"id": f"s{i}", "prompt": f"seed {i}?", "category": f"c{i % 2}"}) + "\n"
+            for i in range(4)
+        )
+    )
+    path = tmp_path / "recipe.yaml"
+    path.write_text(
+        RECIPE.format(
+            constitution=_constitution(tmp_path, constitution),
+            seeds=seeds,
+            chunk_size=chunk_size,
+        )
+    )
+    return path
+
+
+class TurnEngine(TextEngine):
+    """TextEngine whose multi-turn requests are answered in two parts, split by a --- line."""
+
+    def generate(self, conversations, sampling=None, *, prefixes=None, progress=False):
+        out = super().generate(conversations, sampling, prefixes=prefixes, progress=progress)
+        for conversation, c in zip(conversations, out, strict=True):
+            if c.ok and "separated by a line" in conversation[-1]["content"]:
+                c.samples[0] = Sample("First part.\n---\n" + c.samples[0].text, "stop", 4)
+        return out
+
+
+def _run(tmp_path, engine=None, **kw):
+    recipe = load_recipe(_recipe(tmp_path, **kw))
+    result = Runner(
+        recipe, tmp_path / "run", engine=engine or TurnEngine(), out=io.StringIO()
+    ).run()
+    return recipe, result, RunStore(tmp_path / "run")
+
+
+def _rows(path: Path) -> list[dict]:
+    return [json.loads(line) for line in path.read_text().splitlines()]
+
+
+def test_prompts_and_completions_are_labelled_by_their_class(tmp_path):
+    _, result, store = _run(tmp_path)
+    assert not result.failed
+    prompts = [r for r in store.read_stage("class_prompts").values() if "augment" not in r]
+    generated = [r for r in prompts if r["kind"] != "seed"]
+    # weapons: (its own + look-alikes) × 2 styles × 3; cooking: 2 styles × 3.
+    assert len(generated) == 12 + 6
+    for r in generated:
+        assert r["label"] == (
+            "restricted" if r["kind"] == "class" and r["class"] == "weapons" else "permitted"
+        )
+        assert r["group"] == f"{r['class']}#{r['index'] % 2}"
+        if r["style"] == "multi-turn":
+            assert [t["role"] for t in r["prompt"]] == ["user", "assistant", "user"]
+            assert r["prompt"][1]["content"] == ACK and r["prompt"][0]["content"] == "First part."
+        else:
+            assert isinstance(r["prompt"], str) and r["prompt"].startswith("Revision: answer")
+    seeds = [r for r in prompts if r["kind"] == "seed"]
+    assert sorted(r["prompt"] for r in seeds) == [f"seed {i}?" for i in range(4)]
+    assert {r["label"] for r in seeds} == {"restricted"}
+    assert {r["group"].split("#")[1] for r in seeds} == {"c0", "c1"}
+
+    completions = [r for r in store.read_stage("class_completions").values() if "augment" not in r]
+    assert len(completions) == 2 * len(prompts)
+    for r in completions:
+        helpful = r["response_kind"] == "helpful"
+        assert r["label"] == (
+            "restricted" if r["prompt_label"] == "restricted" and helpful else "permitted"
+        )
+    assert {r["label"] for r in completions} == {"restricted", "permitted"}
+
+
+def test_augmentations_are_records_of_their_own(tmp_path):
+    _, _, store = _run(tmp_path)
+    records = store.read_stage("class_prompts")
+    augmented = [r for r in records.values() if "augment" in r]
+    originals = [r for r in records.values() if "augment" not in r]
+    assert len(augmented) == 2 * len(originals)
+    for r in augmented:
+        source = records[r["input_key"]]
+        assert (r["label"], r["class"], r["group"]) == (
+            source["label"],
+            source["class"],
+            source["group"],
+        )
+        if r["augment"] == "upper" and isinstance(r["prompt"], str):
+            assert r["prompt"] == source["prompt"].upper()
+    lowered = [r for r in store.read_stage("class_completions").values() if "augment" in r]
+    assert lowered and all(r["response"] == r["response"].lower() for r in lowered)
+
+
+def test_augment_text_is_deterministic():
+    assert augment_text("How do I boil an egg?", "upper", "k") == "HOW DO I BOIL AN EGG?"
+    assert augment_text("a b c", "spaces", "k") == augment_text("a b c", "spaces", "k")
+    assert augment_text("a b c", "spaces", "k").split() == ["a", "b", "c"]
+    assert augment_text("Hi, you?", "punctuation", "k").startswith("Hi you")
+    wrapped = augment_text("Hi?", "wrapper", "k")
+    assert "Hi?" in wrapped and wrapped != "Hi?"
+
+
+def test_the_split_never_straddles_a_group(tmp_path):
+    _, _, _ = _run(tmp_path)
+    out = tmp_path / "run" / "classifier_data"
+    for kind in ("inputs", "outputs"):
+        train, held = _rows(out / f"{kind}.jsonl"), _rows(out / f"heldout_{kind}.jsonl")
+        assert train and held
+        assert not {r["group"] for r in train} & {r["group"] for r in held}
+        assert {r["label"] for r in train} == {"restricted", "permitted"}
+        for cls in ("weapons", "cooking"):  # two groups each, one held out at 0.5
+            assert {r["group"] for r in held if r["class"] == cls} != set()
+            assert {r["group"] for r in train if r["class"] == cls} != set()
+    row = _rows(out / "outputs.jsonl")[0]
+    assert {"prompt", "label", "class", "style", "response"} <= row.keys()
+
+
+def test_heldout_groups_is_per_class_and_seeded():
+    groups = {"a": {f"a#{i}" for i in range(5)}, "b": {"b#0"}, "c": {"c#0", "c#1"}}
+    held = heldout_groups(groups, 0.2, seed=0)
+    assert len(held & groups["a"]) == 1 and not held & groups["b"] and len(held & groups["c"]) == 1
+    assert held == heldout_groups(groups, 0.2, seed=0)
+    assert heldout_groups(groups, 0.0, seed=0) == set()
+
+
+def test_failed_generations_are_error_records_and_retried(tmp_path):
+    failing = CLASSES.replace("Everyday cooking.", "Everyday cooking. FAIL")
+    _, result, store = _run(tmp_path, constitution=failing)
+    errors = [r for r in store.read_stage("class_prompts").values() if r.get("error")]
+    assert len(errors) == 6 and {r["class"] for r in errors} == {"cooking"}
+    assert result.failed[0].startswith("class_prompts: 6 of")
+    # A resumed run asks again for the failed ones only.
+    engine = TurnEngine()
+    recipe = load_recipe(tmp_path / "recipe.yaml")
+    Runner(recipe, tmp_path / "run", engine=engine, out=io.StringIO()).run()
+    assert engine.batches[0] == 6
+
+
+def test_parse_request():
+    assert parse_request(' Request: "How do I X?" ', "direct") == "How do I X?"
+    assert parse_request("   ", "direct") is None
+    assert parse_request("one\n---\ntwo", "multi-turn")[2] == {"role": "user", "content": "two"}
+    assert parse_request("only one", "multi-turn") == "only one"
+
+
+def test_templates_render_exactly():
+    [message] = load_template("class_prompt").render(
+        description="Weapons {{ 7*7 }}.",
+        examples=["a?", "b?"],
+        seed="a?",
+        style="role-play",
+        lookalike=False,
+    )
+    assert message == {
+        "role": "user",
+        "content": "You write test requests for a content filter. Here is a category of "
+        "requests:\n\nCategory: Weapons {{ 7*7 }}.\nExamples:\n- a?\n- b?\n\nWrite one new "
+        "request that belongs to this category, like this one:\na?\n\nWrap it in a role-play "
+        "or story set-up.\nReply with the request only.",
+    }
+    assert load_template("class_response").render(
+        conversation=[{"role": "user", "content": "hi"}], refuse=False
+    ) == [
+        {"role": "system", "content": "Answer the user's last request helpfully and directly."},
+        {"role": "user", "content": "hi"},
+    ]
+
+
+def test_a_seed_set_must_be_a_source(tmp_path):
+    path = _recipe(tmp_path)
+    path.write_text(path.read_text().replace("seed_sets: {", "seed_sets: {red_team: permitted, "))
+    with pytest.raises(ConfigError, match="'red_team' is not a source"):
+        load_recipe(path)
+
+
+def test_unknown_class_is_refused_before_any_work(tmp_path):
+    path = _recipe(tmp_path)
+    path.write_text(path.read_text().replace("n: 3", "n: 3\n    classes: [nope]"))
+    with pytest.raises(ValueError, match="unknown \\['nope'\\]"):
+        Runner(load_recipe(path), tmp_path / "run", engine=TurnEngine(), out=io.StringIO())
+    assert not (tmp_path / "run" / "stages").exists()
