@@ -7,6 +7,10 @@ from __future__ import annotations
 
 import io
 import json
+import signal
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -21,6 +25,8 @@ from cai.pipeline.recipe import load_recipe
 from cai.pipeline.run import Runner
 from cai.prompts import load_template
 from cai.store import RunStore
+
+ROOT = Path(__file__).resolve().parents[1]
 
 CLASSES = """\
 name: tiny
@@ -304,3 +310,77 @@ def test_unknown_class_is_refused_before_any_work(tmp_path):
     with pytest.raises(ValueError, match="unknown \\['nope'\\]"):
         Runner(load_recipe(path), tmp_path / "run", engine=TurnEngine(), out=io.StringIO())
     assert not (tmp_path / "run" / "stages").exists()
+
+
+KILLED_RUN = """\
+import io, sys, time
+sys.path.insert(0, {tests!r})
+from test_classifier_data import TurnEngine
+from cai.pipeline.recipe import load_recipe
+from cai.pipeline.run import Runner
+
+
+class Slow(TurnEngine):
+    def generate(self, conversations, sampling=None, **kw):
+        time.sleep(0.2)
+        return super().generate(conversations, sampling, **kw)
+
+
+Runner(load_recipe({recipe!r}), {run!r}, engine=Slow(), out=io.StringIO()).run()
+"""
+
+
+@pytest.mark.timeout(120)
+def test_resume_after_sigkill_writes_no_record_twice(tmp_path):
+    (tmp_path / "a").mkdir()
+    recipe = _recipe(tmp_path / "a", chunk_size=1)
+    run = tmp_path / "a" / "run"
+    script = KILLED_RUN.format(tests=str(Path(__file__).parent), recipe=str(recipe), run=str(run))
+    process = subprocess.Popen([sys.executable, "-c", script])
+    stage = run / "stages" / "class_prompts.jsonl"
+    deadline = time.monotonic() + 60
+    while not (stage.exists() and stage.read_text().count("\n") >= 5):
+        assert process.poll() is None, "the run ended before it was killed"
+        assert time.monotonic() < deadline
+        time.sleep(0.05)
+    process.send_signal(signal.SIGKILL)
+    process.wait()
+    assert not (run / "stages" / "class_completions.jsonl").exists()
+
+    engine = TurnEngine()
+    Runner(load_recipe(recipe), run, engine=engine, out=io.StringIO()).run()
+    (tmp_path / "b").mkdir()
+    _, _, whole = _run(tmp_path / "b", chunk_size=1)
+    for name in ("class_prompts", "class_completions"):
+        lines = (run / "stages" / f"{name}.jsonl").read_text().splitlines()
+        keys = [json.loads(line)["key"] for line in lines]
+        assert len(keys) == len(set(keys)), f"{name}: a record written twice"
+        assert set(keys) == set(whole.read_stage(name)), name
+    for kind in ("inputs", "outputs"):
+        resumed = _rows(run / "classifier_data" / f"{kind}.jsonl")
+        assert resumed == _rows(tmp_path / "b" / "run" / "classifier_data" / f"{kind}.jsonl")
+
+
+# ---- the real model ------------------------------------------------------------------------------
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(900)
+def test_classifiers_tiny_end_to_end(tmp_path, model_path):
+    """classifiers-tiny, cut down: two classes, one style, n 1, with the default model."""
+    overrides = [
+        "stages.class_prompts.classes=[weapons, cooking-and-chemistry-everyday]",
+        "stages.class_prompts.styles=[direct]",
+        "stages.class_prompts.n=2",
+        "stages.class_completions.max_tokens=24",
+    ]
+    recipe = load_recipe(ROOT / "pipelines" / "classifiers-tiny.yaml", overrides)
+    result = Runner(recipe, tmp_path / "run", limit=2, out=io.StringIO()).run()
+    assert not result.failed
+    out = tmp_path / "run" / "classifier_data"
+    for kind in ("inputs", "outputs"):
+        rows = _rows(out / f"{kind}.jsonl") + _rows(out / f"heldout_{kind}.jsonl")
+        assert {r["label"] for r in rows} == {"restricted", "permitted"}, kind
+        assert all(isinstance(r["prompt"], str) and r["prompt"] for r in rows)
+    outputs = _rows(out / "outputs.jsonl") + _rows(out / "heldout_outputs.jsonl")
+    assert {r["response_kind"] for r in outputs} == {"helpful", "refusal"}

@@ -23,7 +23,7 @@ texts as records of their own.
 
 Seed sets: ``seed_sets`` maps a recipe source's path to the label its prompts get (the shipped
 ``red_team`` restricted; ``edgy_benign`` and ``helpful`` permitted); their prompts join as records
-of class ``seed:<path>``. Sources not named there are not read by these stages.
+of class ``seed:<name>`` (the source's file stem, ``seed:red_team``). Sources not named there are not read by these stages.
 
 Every record is keyed (``cai.keys.record_key``) by what defines it and written through the record
 loop, so a killed run resumes; failed generations are error records, empty ones ``skipped``.
@@ -44,6 +44,7 @@ import hashlib
 import random
 import re
 from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
 from cai.config import FieldError, doc
@@ -143,7 +144,8 @@ class Prepared:
     requests: list[Request]
     prompt_template: Template
     seed_labels: dict[str, tuple[str, ClassLabel]]
-    """Prompt key → (seed set, label) of the recipe's prompts named by ``seed_sets``."""
+    """Prompt key → (seed set's name, label) of the recipe's prompts named by ``seed_sets``; the
+    name is the source's file stem, so that keys do not depend on where the source is."""
 
 
 # ---- pure parts: augmentation and the split --------------------------------------------------
@@ -242,7 +244,8 @@ def prepare_prompts(ctx: StageContext) -> Prepared:
         if source.path in stage.seed_sets:
             options = {k: v for k, v in asdict(source).items() if k != "path"}
             for record in load_prompts(source.path, **options):
-                seed_labels[record.key] = (source.path, stage.seed_sets[source.path])
+                name = Path(source.path).stem
+                seed_labels[record.key] = (name, stage.seed_sets[source.path])
     return Prepared(constitution, requests, template, seed_labels)
 
 
@@ -345,7 +348,7 @@ def _usable(record: dict) -> bool:
 
 
 def _seed_records(ctx: StageContext, prepared: Prepared, tally: StageTally) -> dict[str, dict]:
-    """The seed sets' prompts as records of class ``seed:<path>`` (no engine)."""
+    """The seed sets' prompts as records of class ``seed:<name>`` (no engine)."""
     items = [p for p in ctx.prompts if p.key in prepared.seed_labels]
 
     def key(p) -> str:
@@ -354,17 +357,17 @@ def _seed_records(ctx: StageContext, prepared: Prepared, tally: StageTally) -> d
     def call(batch, progress):
         out = []
         for p in batch:
-            path, label = prepared.seed_labels[p.key]
+            name, label = prepared.seed_labels[p.key]
             single = len(p.messages) == 1 and p.messages[0]["role"] == "user"
             out.append(
                 {
                     "key": key(p),
                     "input_key": p.key,
-                    "class": f"seed:{path}",
+                    "class": f"seed:{name}",
                     "label": label,
                     "kind": "seed",
                     "style": "seed",
-                    "group": f"seed:{path}#{p.meta.get('category') or p.key}",
+                    "group": f"seed:{name}#{p.meta.get('category') or p.key}",
                     "prompt": p.messages[0]["content"] if single else p.messages,
                     "source": p.source,
                     "error": None,
