@@ -367,7 +367,8 @@ def test_resume_after_sigkill_writes_no_record_twice(tmp_path):
 @pytest.mark.slow
 @pytest.mark.timeout(900)
 def test_classifiers_tiny_end_to_end(tmp_path, model_path):
-    """classifiers-tiny, cut down: two classes, one style, n 1, with the default model."""
+    """classifiers-tiny, cut down (two classes, one style, n 2, two seed prompts), with the
+    default model: the exports exist and hold both labels."""
     overrides = [
         "stages.class_prompts.classes=[weapons, cooking-and-chemistry-everyday]",
         "stages.class_prompts.styles=[direct]",
