@@ -12,6 +12,10 @@ Use::
     [p] = c.sample_principles(1, seed, require="critique")
     shots = c.critique_shots()               # few-shot exemplars, ready for prompts/critique.jinja
 
+A constitution may also declare content classes, ``restricted:`` and ``permitted:`` (each an id,
+a description and example prompts), from which ``cai.pipeline.classifier_data`` generates the
+data of constitutional classifiers; no critique, revision or judge prompt shows them.
+
 A principle carries a critique request with its revision request (SL-CAI), a judge question
 (RL-CAI), or both. Anthropic's and Hugging Face's published constitution JSON files convert with
 ``cai.constitution_convert`` (or ``cai constitution convert``), which also writes YAML that loads
@@ -110,6 +114,21 @@ class JudgeExample:
 
 
 @dataclass(frozen=True)
+class ContentClass:
+    """A class of requests a constitutional classifier guards (arXiv 2501.18837): restricted
+    content, or a permitted look-alike of it."""
+
+    id: str = field(metadata={"doc": "stable slug naming the class in data records"})
+    description: str = field(metadata={"doc": "what belongs to the class, in a sentence or two"})
+    examples: tuple[str, ...] = field(
+        metadata={"doc": "short example prompts of the class (at least one)"}
+    )
+
+
+ClassLabel = Literal["restricted", "permitted"]
+
+
+@dataclass(frozen=True)
 class CritiqueShot:
     """A critique exemplar with its principle's requests filled in, for the prompt templates."""
 
@@ -150,10 +169,25 @@ class Constitution:
     judge_examples: tuple[JudgeExample, ...] = field(
         default=(), metadata={"doc": "few-shot exemplars for multiple-choice judge prompts"}
     )
+    restricted: tuple[ContentClass, ...] = field(
+        default=(),
+        metadata={"doc": "content classes a classifier blocks (the classifier data stages)"},
+    )
+    permitted: tuple[ContentClass, ...] = field(
+        default=(),
+        metadata={"doc": "content classes a classifier lets through, such as look-alikes"},
+    )
     source: str = field(default="", init=False, compare=False, repr=False)
     """The file it was loaded from (empty when built in code)."""
     principle_lines: tuple[int, ...] = field(default=(), init=False, compare=False, repr=False)
     """The line of each principle in ``source`` (0 when unknown)."""
+
+    def content_classes(self) -> list[tuple[ClassLabel, ContentClass]]:
+        """(label, class) of every content class, the restricted ones first, in file order."""
+        restricted: list[tuple[ClassLabel, ContentClass]] = [
+            ("restricted", c) for c in self.restricted
+        ]
+        return restricted + [("permitted", c) for c in self.permitted]
 
     def principle(self, id: str) -> Principle:
         """The principle named ``id``; KeyError listing the known ids if there is none."""
@@ -343,6 +377,27 @@ def _problems(c: Constitution) -> Iterator[tuple[_Loc, str]]:
         for key in ("response_a", "response_b"):
             if not getattr(ex, key).strip():
                 yield (*at, key), "must not be empty"
+    yield from _class_problems(c)
+
+
+def _class_problems(c: Constitution) -> Iterator[tuple[_Loc, str]]:
+    """Content classes: slug ids unique across restricted and permitted, text in each field."""
+    first_at: dict[str, str] = {}
+    for label in ("restricted", "permitted"):
+        for i, cls in enumerate(getattr(c, label)):
+            at: _Loc = (label, i)
+            if not _SLUG.fullmatch(cls.id):
+                yield (*at, "id"), f"{cls.id!r} is not a slug ({_SLUG_RULE})"
+            elif cls.id in first_at:
+                yield (*at, "id"), f"duplicate class id {cls.id!r} (also {first_at[cls.id]})"
+            first_at.setdefault(cls.id, f"{label}[{i}]")
+            if not cls.description.strip():
+                yield (*at, "description"), "must not be empty"
+            if not cls.examples:
+                yield (*at, "examples"), "needs at least one example prompt"
+            for j, example in enumerate(cls.examples):
+                if not example.strip():
+                    yield (*at, "examples", j), "must not be empty"
 
 
 def _known(c: Constitution) -> str:
@@ -399,7 +454,9 @@ def _where(path: _Loc) -> str:
 
 
 __all__ = [
+    "ClassLabel",
     "Constitution",
+    "ContentClass",
     "CritiqueExample",
     "CritiqueShot",
     "JudgeExample",

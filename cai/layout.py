@@ -11,6 +11,7 @@
     <run>/eval/results.json                               the evaluation
     <run>/report.md, <run>/report.html, <run>/report/     the run report and its plots
     <run>/review/labels.jsonl                             people's labels of judged pairs (cai review)
+    <run>/classifier_data/{,heldout_}{inputs,outputs}.jsonl  constitutional classifiers' data
 
 A trained model folder holds ``cai_train.json`` (the trainer's result) and ``cai_pipeline.json``
 (what the pipeline trained it from); an export holds ``data.jsonl`` and ``dataset/``. Stages, the
@@ -46,6 +47,8 @@ REVIEW = "review"
 """The folder of ``cai review``'s files in a run (or its ``--out``)."""
 LABELS_FILE = "labels.jsonl"
 """People's labels in a review folder, appended one answer a line (``cai.review.labels``)."""
+CLASSIFIER_DATA = "classifier_data"
+"""The folder of the constitutional classifiers' data (``cai.pipeline.classifier_data``)."""
 EXPORTS = ("sft", "revision_pairs", "preferences")
 """The export folders of a run, in pipeline order."""
 
@@ -172,6 +175,28 @@ class RunLayout:
     @property
     def review_labels(self) -> Path:
         return self.review / LABELS_FILE
+
+    @property
+    def classifier_data(self) -> Path:
+        return self.root / CLASSIFIER_DATA
+
+    @property
+    def classifier_inputs(self) -> Path:
+        """The input classifier's training rows (prompt, label)."""
+        return self.classifier_data / "inputs.jsonl"
+
+    @property
+    def classifier_outputs(self) -> Path:
+        """The output classifier's training rows (prompt, response, label)."""
+        return self.classifier_data / "outputs.jsonl"
+
+    @property
+    def classifier_heldout_inputs(self) -> Path:
+        return self.classifier_data / "heldout_inputs.jsonl"
+
+    @property
+    def classifier_heldout_outputs(self) -> Path:
+        return self.classifier_data / "heldout_outputs.jsonl"
 
     def relative(self, path: Path) -> str:
         """``<run>/...``: a path inside the run named relative to it (model identities)."""

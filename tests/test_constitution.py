@@ -409,7 +409,8 @@ def test_cli_check_ok(capsys):
     assert main(["constitution", "check", "harmless", "sycophancy"]) == 0
     out = capsys.readouterr().out.splitlines()
     assert out == [
-        "ok: harmless (16 principles, 16 judge questions, 16 score questions, 6 examples)",
+        "ok: harmless (16 principles, 16 judge questions, 16 score questions, 6 examples, "
+        "6 restricted and 6 permitted classes)",
         "ok: sycophancy (6 principles, 6 judge questions, 6 score questions, 6 examples)",
     ]
 

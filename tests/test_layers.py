@@ -202,7 +202,15 @@ def test_no_stage_module_imports_another():
     stages = stage_modules()
     assert stages == {
         f"cai.pipeline.{m}"
-        for m in ("generate", "critique_revise", "sample", "judge", "training", "evaluation")
+        for m in (
+            "generate",
+            "critique_revise",
+            "sample",
+            "judge",
+            "training",
+            "evaluation",
+            "classifier_data",
+        )
     }
     assert stage_imports(import_graph(), stages) == {}
 

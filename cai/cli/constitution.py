@@ -22,7 +22,12 @@ def _summary(c: Constitution) -> str:
     return (
         f"{c.name} ({len(c.principles)} principles, {len(c.judge_principles)} judge questions, "
         f"{sum(p.score_question is not None for p in c.principles)} score questions, "
-        f"{examples} examples)"
+        f"{examples} examples"
+        + (
+            f", {len(c.restricted)} restricted and {len(c.permitted)} permitted classes)"
+            if c.restricted or c.permitted
+            else ")"
+        )
     )
 
 
@@ -90,6 +95,12 @@ def _constitution_show(args: argparse.Namespace) -> int:
         )
         out += _turns(ex.conversation, "    ")
         out += [_wrap(f"(A) {ex.response_a}", "    "), _wrap(f"(B) {ex.response_b}", "    ")]
+    for label in ("restricted", "permitted"):
+        classes = getattr(c, label)
+        out += ["", f"{label} classes ({len(classes)}):"]
+        for cls in classes:
+            out += [f"  {cls.id}", _wrap(cls.description, "    ")]
+            out += [_wrap(f"- {example}", "      ") for example in cls.examples]
     print("\n".join(out))
     return 0
 
@@ -129,7 +140,9 @@ def add_constitution(commands: argparse._SubParsersAction) -> None:
     )
     check.set_defaults(run=_constitution_check)
 
-    show = sub.add_parser("show", help="list a constitution's principles and exemplars")
+    show = sub.add_parser(
+        "show", help="list a constitution's principles, exemplars and content classes"
+    )
     show.add_argument("file", metavar="FILE")
     show.set_defaults(run=_constitution_show)
 

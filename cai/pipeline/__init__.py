@@ -10,6 +10,7 @@ command, and ``--shard k/n`` splits it across machines.
     generate.py  critique_revise.py  sample.py  judge.py  training.py  evaluation.py
                       one module per stage (training.py declares train_sft, train_reward,
                       train_dpo and train_grpo); none imports another
+    classifier_data.py  class_prompts and class_completions: constitutional classifiers' data
     online.py         the rounds: the online: block and the schedule built from the stages
     online_eval.py    the rounds' evaluation models, rounds table and warnings
     recipe.py         the typed recipe YAML; its stages: section comes from the list

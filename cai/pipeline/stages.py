@@ -4,7 +4,15 @@ A stage is a module that declares one ``cai.pipeline.stage.Stage``; adding one i
 one line here (README.md, "Writing a stage"). A recipe names the stages it runs under ``stages:``.
 """
 
-from cai.pipeline import critique_revise, evaluation, generate, judge, sample, training
+from cai.pipeline import (
+    classifier_data,
+    critique_revise,
+    evaluation,
+    generate,
+    judge,
+    sample,
+    training,
+)
 
 STAGES = (
     generate.STAGE,
@@ -16,4 +24,6 @@ STAGES = (
     training.DPO,
     training.GRPO,
     evaluation.STAGE,
+    classifier_data.PROMPTS,
+    classifier_data.COMPLETIONS,
 )
