@@ -9,6 +9,7 @@
     cai train dpo --config FILE [--set key=value ...]   preference training (cai.train.dpo)
     cai train reward --config FILE [--set key=value ...]  a Bradley-Terry reward model
     cai train grpo --config FILE [--set key=value ...]  GRPO with the judge as the reward
+    cai train classifier --config FILE [--set ...]      an input or output guard classifier
     cai judge eval --data FILE [--model SPEC] [--backend B] [--constitution NAME] [--limit N]
         [--ensemble K] [--cot]            the judge's agreement with labelled preference pairs
     cai judge label --data FILE --out DIR [judge options]   label pairs: TRL preference records
