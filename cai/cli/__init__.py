@@ -22,6 +22,8 @@
                                           label judged pairs blind on a local page (cai.review)
     cai review stats RUN_DIR              human-judge agreement, kappa, reliability by margin
     cai review export RUN_DIR --out FILE  the human labels as preference pairs
+    cai classify eval --guard DIR --data FILE [--zero-shot]
+                                          a guard on labelled prompts (cai.classify.evaluate)
 
 Each command group is added by one small ``add_<group>`` function that registers its
 subcommands; the handler set with ``set_defaults(run=...)`` returns the exit code.
@@ -33,6 +35,7 @@ import argparse
 import sys
 from collections.abc import Callable
 
+from cai.cli.classify import add_classify
 from cai.cli.constitution import add_constitution
 from cai.cli.eval import add_eval, add_report
 from cai.cli.judge import add_judge
@@ -49,6 +52,7 @@ COMMANDS: list[Callable[[argparse._SubParsersAction], None]] = [
     add_report,
     add_serve,
     add_review,
+    add_classify,
 ]
 
 
