@@ -370,3 +370,38 @@ def test_zero_shot_baseline_runs_on_the_real_model(tmp_path, capsys):
     row = out["rows"]["input"]
     assert out["zero_shot"] == "smollm2-135m" and row["n"] == 8 and row["threshold"] == 0.0
     assert 0.0 <= row["auc"] <= 1.0
+
+
+@pytest.mark.timeout(300)
+def test_cli_trains_an_output_guard_on_response_prefixes(tiny_model, tmp_path, capsys):
+    data = separable(tmp_path, output=True)
+    fields = config(tiny_model, tmp_path, data, kind="output", prefix_tokens=4)
+    yaml = tmp_path / "guard.yaml"
+    yaml.write_text(
+        "".join(f"{k}: {json.dumps(getattr(fields, k))}\n" for k in FIELDS_SET), encoding="utf-8"
+    )
+    assert cai_main(["train", "classifier", "--config", str(yaml), "--set", "max_steps=20"]) == 0
+    out = capsys.readouterr().out
+    assert "eval_auc 1," in out and "eval_threshold" in out
+    info = json.loads((tmp_path / "guard" / "cai_classifier.json").read_text())
+    assert (info["kind"], info["prefix_tokens"]) == ("output", 4)
+    # Each ~16-token response is 4 or 5 prefix rows: more rows than the 8 examples.
+    result = json.loads((tmp_path / "guard" / "cai_train.json").read_text())
+    assert result["global_step"] == 20 and result["data"]["examples"] == 8
+    guard = Guard(str(tmp_path / "guard"))
+    assert guard.check_output(RESTRICTED[0], "Sure, here is exactly how").p > 0
+    stopped = guard.stream(RESTRICTED[0], ["Sure, here is exactly how, step one"], every=1)
+    assert stopped.at == 1 and stopped.verdict is not None
+
+
+FIELDS_SET = (
+    "data",
+    "eval_data",
+    "output_dir",
+    "model",
+    "batch_size",
+    "learning_rate",
+    "seed",
+    "kind",
+    "prefix_tokens",
+)
