@@ -21,6 +21,7 @@ CAI = Path(__file__).resolve().parents[1] / "cai"
 
 ENTRY_POINTS = {
     "cai.cli",
+    "cai.cli.classify",
     "cai.cli.constitution",
     "cai.cli.eval",
     "cai.cli.judge",
@@ -56,7 +57,7 @@ LAYERS: list[set[str]] = [
         "cai.critique",
     },
     {"cai.judge"},
-    {"cai.rewards"},
+    {"cai.rewards", "cai.classify"},
     {"cai.train"},
     {"cai.eval", "cai.serve", "cai.review"},
     {"cai.report"},

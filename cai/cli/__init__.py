@@ -9,6 +9,7 @@
     cai train dpo --config FILE [--set key=value ...]   preference training (cai.train.dpo)
     cai train reward --config FILE [--set key=value ...]  a Bradley-Terry reward model
     cai train grpo --config FILE [--set key=value ...]  GRPO with the judge as the reward
+    cai train classifier --config FILE [--set ...]      an input or output guard classifier
     cai judge eval --data FILE [--model SPEC] [--backend B] [--constitution NAME] [--limit N]
         [--ensemble K] [--cot]            the judge's agreement with labelled preference pairs
     cai judge label --data FILE --out DIR [judge options]   label pairs: TRL preference records
@@ -21,6 +22,8 @@
                                           label judged pairs blind on a local page (cai.review)
     cai review stats RUN_DIR              human-judge agreement, kappa, reliability by margin
     cai review export RUN_DIR --out FILE  the human labels as preference pairs
+    cai classify eval --guard DIR --data FILE [--zero-shot]
+                                          a guard on labelled prompts (cai.classify.evaluate)
 
 Each command group is added by one small ``add_<group>`` function that registers its
 subcommands; the handler set with ``set_defaults(run=...)`` returns the exit code.
@@ -32,6 +35,7 @@ import argparse
 import sys
 from collections.abc import Callable
 
+from cai.cli.classify import add_classify
 from cai.cli.constitution import add_constitution
 from cai.cli.eval import add_eval, add_report
 from cai.cli.judge import add_judge
@@ -48,6 +52,7 @@ COMMANDS: list[Callable[[argparse._SubParsersAction], None]] = [
     add_report,
     add_serve,
     add_review,
+    add_classify,
 ]
 
 

@@ -1,4 +1,4 @@
-"""``cai serve``: the judge and/or a reward model as an HTTP reward service (``cai.serve``)."""
+"""``cai serve``: the judge, a reward model and/or a guard as an HTTP service (``cai.serve``)."""
 
 from __future__ import annotations
 
@@ -55,14 +55,15 @@ def _serve(args: argparse.Namespace) -> int:
         num_generations=args.num_generations,
         centered=args.centered,
     )
-    # The judge is served unless only a reward model is asked for.
-    with_judge = args.model is not None or args.reward_model is None
-    judge = reward_model = sock = None
+    # The judge is served unless only a reward model and/or a guard are asked for.
+    with_judge = args.model is not None or (args.reward_model is None and not args.guard)
+    judge = reward_model = guard = sock = None
     try:
         check_options(
             options,
             judge_mode=args.mode if with_judge else None,
             reward_model=args.reward_model is not None,
+            guard=bool(args.guard),
         )
         try:  # before any model loads: a port in use fails at once
             sock = bind(args.host, args.port)
@@ -76,13 +77,19 @@ def _serve(args: argparse.Namespace) -> int:
             from cai.rewards.model import RewardModel
 
             reward_model = RewardModel(args.reward_model)
+        if args.guard:
+            from cai.classify import Guard
+
+            guard = Guard(args.guard)
     except (ConfigError, FileNotFoundError, ValueError) as e:
-        for loaded in (judge, reward_model, sock):
+        for loaded in (judge, reward_model, guard, sock):
             if loaded is not None:
                 loaded.close()
         print(f"error: {e}", file=sys.stderr)
         return 1
-    service = Service(judge, reward_model, options, reward_model_name=args.reward_model)
+    service = Service(
+        judge, reward_model, options, reward_model_name=args.reward_model, guard=guard
+    )
     if args.host not in ("127.0.0.1", "localhost", "::1") and options.api_key is None:
         print(
             f"warning: serving on {args.host} without --api-key: whoever reaches this port can "
@@ -132,6 +139,12 @@ def add_serve(commands: argparse._SubParsersAction) -> None:
     )
     serve.add_argument(
         "--reward-model", metavar="DIR", help="a `cai train reward` model (with or without --model)"
+    )
+    serve.add_argument(
+        "--guard",
+        action="append",
+        metavar="DIR",
+        help="a `cai train classifier` folder served at /v1/classify (repeat: input and output)",
     )
     serve.add_argument(
         "--against",

@@ -1,4 +1,4 @@
-"""``cai train sft | dpo | reward | grpo`` (``cai.train``), and the ``--set`` flag it shares with ``cai eval``."""
+"""``cai train sft | dpo | reward | grpo | classifier`` (``cai.train``), and the ``--set`` flag it shares with ``cai eval``."""
 
 from __future__ import annotations
 
@@ -17,6 +17,9 @@ def _train(args: argparse.Namespace) -> int:
     elif args.action == "reward":
         from cai.train.reward import RewardConfig as Config
         from cai.train.reward import train_reward as train
+    elif args.action == "classifier":
+        from cai.train.classifier import ClassifierConfig as Config
+        from cai.train.classifier import train_classifier as train
     elif args.action == "grpo":
         from cai.train.grpo import GRPOConfig as Config
         from cai.train.grpo import train_grpo as train
@@ -58,9 +61,9 @@ def _add_set(parser: argparse.ArgumentParser, example: str) -> None:
 
 
 def add_train(commands: argparse._SubParsersAction) -> None:
-    """``cai train sft | dpo | reward | grpo``."""
+    """``cai train sft | dpo | reward | grpo | classifier``."""
     group = commands.add_parser(
-        "train", help="the built-in SFT, DPO, reward-model and GRPO trainers"
+        "train", help="the built-in SFT, DPO, reward-model, GRPO and guard-classifier trainers"
     )
     sub = group.add_subparsers(dest="action", required=True, metavar="ACTION")
     for name, help in (
@@ -68,6 +71,7 @@ def add_train(commands: argparse._SubParsersAction) -> None:
         ("dpo", "preference training on pairs (dpo, soft_dpo, ipo, hinge, kto, orpo, simpo)"),
         ("reward", "a Bradley-Terry reward model on pairs, with held-out accuracy"),
         ("grpo", "GRPO on prompts, the constitution judge's group-wise win rate as the reward"),
+        ("classifier", "an input or output guard classifier, with its threshold at max_fpr"),
     ):
         command = sub.add_parser(name, help=help)
         command.add_argument("--config", required=True, metavar="FILE", help="trainer YAML")

@@ -24,6 +24,7 @@ from cai.serve.batching import EngineFailure, Overloaded
 from cai.serve.protocol import (
     ENDPOINTS,
     BadRequest,
+    ClassifyBody,
     JudgeBody,
     OpenRLHFBody,
     RewardBody,
@@ -202,6 +203,10 @@ def create_app(service: Service) -> Any:
     @app.post("/v1/judge")
     async def judge(request: Request) -> Response:
         return await answer(request, JudgeBody, lambda b, c: {"preferences": service.label(b, c)})
+
+    @app.post("/v1/classify")
+    async def classify(request: Request) -> Response:
+        return await answer(request, ClassifyBody, service.classify)
 
     @app.get("/health")
     async def health() -> dict:

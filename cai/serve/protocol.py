@@ -9,7 +9,7 @@ from typing import Annotated, Any, Literal
 
 from pydantic import AfterValidator, BaseModel, ConfigDict, ValidationError
 
-ENDPOINTS = ("/get_reward", "/v1/reward", "/v1/judge", "/health", "/metrics")
+ENDPOINTS = ("/get_reward", "/v1/reward", "/v1/judge", "/v1/classify", "/health", "/metrics")
 Against = Literal["group", "reference", "score"]
 """How a completion is rewarded: against its group, against a reference, or the reward model's
 raw score (``against=None`` in ``RewardModelReward``)."""
@@ -45,9 +45,12 @@ def resolved_against(options: ServeOptions, *, judge_mode: str | None) -> Agains
     return options.against or ("reference" if judge_mode == "pairwise" else "score")
 
 
-def check_options(options: ServeOptions, *, judge_mode: str | None, reward_model: bool) -> None:
+def check_options(
+    options: ServeOptions, *, judge_mode: str | None, reward_model: bool, guard: bool = False
+) -> None:
     """ValueError naming the ``cai serve`` flag at fault, before any model loads.
-    ``judge_mode``: the judge's mode, None without a judge."""
+    ``judge_mode``: the judge's mode, None without a judge; ``guard``: a guard is served (alone,
+    it takes no reward flags)."""
     for name in ("max_batch", "max_queue", "max_items", "max_pairs", "max_body_bytes"):
         if getattr(options, name) < 1:
             raise ValueError(f"--{name.replace('_', '-')} must be >= 1")
@@ -55,6 +58,10 @@ def check_options(options: ServeOptions, *, judge_mode: str | None, reward_model
         raise ValueError("--max-wait-ms must be >= 0")
     if options.read_timeout_s <= 0:
         raise ValueError("--read-timeout must be > 0")
+    if guard and judge_mode is None and not reward_model:
+        if options.against is not None or options.num_generations is not None:
+            raise ValueError("--against and --num-generations need a judge or a reward model")
+        return
     against = resolved_against(options, judge_mode=judge_mode)
     if against == "score" and not reward_model and judge_mode != "pointwise":
         raise ValueError(
@@ -128,6 +135,16 @@ class PairBody(_Body):
 
 class JudgeBody(_Body):
     pairs: list[PairBody]
+
+
+class OutputItem(_Body):
+    messages: Text
+    response: str
+
+
+class ClassifyBody(_Body):
+    inputs: list[Text] = []
+    outputs: list[OutputItem] = []
 
 
 def _parse(model: type[_Body], raw: bytes) -> Any:

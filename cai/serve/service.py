@@ -22,6 +22,9 @@ Endpoints (JSON in and out; an error is ``{"error": "<field>: <what is wrong>", 
 ``POST /v1/judge``  ``{"pairs": [{"prompt", "response_a", "response_b", "key"?}]}`` →
     ``{"preferences": [...]}``, the fields of ``Judge.label``'s ``Preference`` (a pair too long
     for the judge's context gets a record with its ``error`` set, as ``/v1/reward`` gets null).
+``POST /v1/classify``  ``{"inputs": [prompt or messages], "outputs"?: [{"messages",
+    "response"}]}`` → ``{"input": [{"p", "flagged"}], "output": [...]}``: ``--guard``'s
+    ``cai.classify.Guard`` verdicts (an output's response may be a prefix, as it streams).
 ``GET /health``, ``GET /metrics`` (Prometheus text: requests by endpoint and status, items and
     batch sizes, engine calls and errors, queue length, latency quantiles, disconnects).
 
@@ -47,6 +50,7 @@ from typing import Any
 
 import anyio
 
+from cai.classify import Guard
 from cai.judge.judge import Judge
 from cai.judge.pair import JudgePair, check_pair
 from cai.rewards.functions import JudgeReward, RewardModelReward, Scorer
@@ -55,6 +59,7 @@ from cai.serve.metrics import Metrics
 from cai.serve.protocol import (
     Against,
     BadRequest,
+    ClassifyBody,
     JudgeBody,
     OpenRLHFBody,
     RewardBody,
@@ -67,6 +72,8 @@ UNITS = {
     "judge": "judge pairs",
     "score": "scored responses",
     "reward_model": "reward-model conversations",
+    "classify_input": "input checks",
+    "classify_output": "output checks",
 }
 """What one engine item of each batch kind is, for the 413 that names the limit."""
 
@@ -107,10 +114,11 @@ class Service:
         options: ServeOptions | None = None,
         *,
         reward_model_name: str | None = None,
+        guard: Guard | None = None,
     ):
-        if judge is None and reward_model is None:
-            raise ValueError("a service needs a judge, a reward model or both")
-        self.judge, self.reward_model = judge, reward_model
+        if judge is None and reward_model is None and guard is None:
+            raise ValueError("a service needs a judge, a reward model or a guard")
+        self.judge, self.reward_model, self.guard = judge, reward_model, guard
         self.reward_model_name = reward_model_name
         self.options = options or ServeOptions()
         self.metrics = Metrics()
@@ -123,6 +131,11 @@ class Service:
                 calls["score"] = judge.score_responses
         if reward_model is not None:
             calls["reward_model"] = reward_model.score
+        if guard is not None:
+            if "input" in guard.classifiers:
+                calls["classify_input"] = guard.check_inputs
+            if "output" in guard.classifiers:
+                calls["classify_output"] = guard.check_outputs
         self.batcher = Batcher(
             calls,
             max_batch=self.options.max_batch,
@@ -142,6 +155,8 @@ class Service:
         close = getattr(self.reward_model, "close", None)
         if close is not None:
             close()
+        if self.guard is not None:
+            self.guard.close()
 
     @property
     def judge_mode(self) -> str | None:
@@ -155,6 +170,7 @@ class Service:
             "mode": self.judge_mode,
             "reward_model": self.reward_model_name,
             "against": self.default_against,
+            "guard": None if self.guard is None else self.guard.kinds,
         }
 
     @property
@@ -171,7 +187,7 @@ class Service:
             raise BadRequest(413, f"{message}; split the request", field)
 
     def check_items(self, name: str, count: int) -> None:
-        what = "pairs" if name == "pairs" else "completions"
+        what = name if name in ("pairs", "inputs", "outputs") else "completions"
         self.check_size(
             count,
             self.options.max_items,
@@ -313,6 +329,29 @@ class Service:
             except ValueError as e:
                 raise BadRequest(422, str(e), "pairs") from None
         return [pref.to_dict() for pref in self.submit("judge", pairs, cancelled)]
+
+    def classify(self, body: ClassifyBody, cancelled: threading.Event) -> dict[str, list]:
+        """The guard's verdicts (``Guard.check_inputs`` / ``check_outputs``), each list through
+        the batcher; an empty list asks nothing of its classifier."""
+        if self.guard is None:
+            raise BadRequest(422, "inputs: this server has no guard (start it with --guard)")
+        self.check_items("inputs", len(body.inputs))
+        self.check_items("outputs", len(body.outputs))
+        out: dict[str, list] = {"input": [], "output": []}
+        asked = (("inputs", "input", body.inputs), ("outputs", "output", body.outputs))
+        for field, kind, items in asked:
+            if items and kind not in self.guard.classifiers:
+                raise BadRequest(
+                    422, f"{field}: this server's guard has no {kind} classifier", field
+                )
+        if body.inputs:
+            verdicts = self.submit("classify_input", list(body.inputs), cancelled)
+            out["input"] = [{"p": v.p, "flagged": v.flagged} for v in verdicts]
+        if body.outputs:
+            items = [(o.messages, o.response) for o in body.outputs]
+            verdicts = self.submit("classify_output", items, cancelled)
+            out["output"] = [{"p": v.p, "flagged": v.flagged} for v in verdicts]
+        return out
 
 
 __all__ = ["Service"]
