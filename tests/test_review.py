@@ -200,9 +200,10 @@ def test_two_annotators_merge_and_stats_match_hand_computed_values(tmp_path):
 def test_export_feeds_load_pairs_and_the_judge_agreement_code(tmp_path):
     """Majorities: k1 A A → A; k2 B (bob's tie is no vote) → B; k3 B A → split, out;
     k4 B B → B; k5 A → A: 4 rows, 1 split."""
+    from fakes import ScriptedEngine
+
     from cai.judge import Judge
     from cai.judge.agreement import agreement
-    from tests.fakes import ScriptedEngine
 
     run = make_run(tmp_path)
     labelled(run)
