@@ -44,18 +44,17 @@ from cai.classify.guard import input_ids
 from cai.classify.metrics import auc, counts, threshold_at_fpr
 from cai.data import DataError
 from cai.layout import CLASSIFIER_FILE
-from cai.rewards.model import HEAD, load_reward_model
 from cai.train import (
     DataStats,
     TrainConfig,
     TrainResult,
-    add_lora,
     data_path,
     doc,
     train_and_save,
     training_arguments,
 )
 from cai.train.dpo import PreferenceTrainer
+from cai.train.reward import head_model
 
 log = logging.getLogger(__name__)
 
@@ -249,12 +248,8 @@ def held_out_metrics(scores: list[float], labels: list[int], max_fpr: float) -> 
 
 def train_classifier(config: ClassifierConfig) -> TrainResult:
     """Train a guard classifier on ``config.data``; save it with its threshold; the result."""
-    from transformers import set_seed
-
     args = training_arguments(config)
-    set_seed(config.seed)  # the new head is initialised as the model loads
-    model, tokenizer = load_reward_model(config.model, new_head=True)
-    model.config.use_cache = False
+    model, tokenizer = head_model(config)
     examples = examples_of_kind(config.data, config.kind)
     if config.eval_data:
         train, held = examples, examples_of_kind(config.eval_data, config.kind)
@@ -262,15 +257,6 @@ def train_classifier(config: ClassifierConfig) -> TrainResult:
         train, held = split_examples(examples, config.eval_split, config.seed)
     rows, stats = tokenize(tokenizer, train, config)
     stats.report(config.data, config.max_length)
-    if config.lora is not None:
-        model = add_lora(
-            model,
-            config.lora,
-            config.gradient_checkpointing,
-            config.seed,
-            "SEQ_CLS",
-            modules_to_save=[HEAD],
-        )
     trainer = ClassifierTrainer(
         model=model,
         args=args,

@@ -31,6 +31,7 @@ import math
 import random
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -184,23 +185,16 @@ def held_out_metrics(
     }
 
 
-def train_reward(config: RewardConfig) -> TrainResult:
-    """Train a reward model on the pairs of ``config.data``; save it, return the result."""
+def head_model(config: TrainConfig) -> tuple[Any, Any]:
+    """(model, tokenizer) to train a scalar head on: ``config.model`` with a new one-logit head,
+    seeded by ``config.seed`` (the head is initialised as the model loads, before the Trainer
+    seeds anything), and LoRA adapters with the head trained in full (``modules_to_save``)
+    when ``config.lora`` is set. The reward model and the guard classifiers start here."""
     from transformers import set_seed
 
-    args = training_arguments(config)
-    # The head is initialised when the model loads, before the Trainer seeds anything.
     set_seed(config.seed)
     model, tokenizer = load_reward_model(config.model, new_head=True)
     model.config.use_cache = False
-    examples, stats = prepare_pairs(tokenizer, config.data, "dpo", config.max_length)
-    stats.report(config.data, config.max_length)
-    if config.eval_data:
-        train = examples
-        held, held_stats = prepare_pairs(tokenizer, config.eval_data, "dpo", config.max_length)
-        held_stats.report(config.eval_data, config.max_length)
-    else:
-        train, held = split_pairs(examples, config.eval_split, config.seed)
     if config.lora is not None:
         model = add_lora(
             model,
@@ -210,6 +204,21 @@ def train_reward(config: RewardConfig) -> TrainResult:
             "SEQ_CLS",
             modules_to_save=[HEAD],
         )
+    return model, tokenizer
+
+
+def train_reward(config: RewardConfig) -> TrainResult:
+    """Train a reward model on the pairs of ``config.data``; save it, return the result."""
+    args = training_arguments(config)
+    model, tokenizer = head_model(config)
+    examples, stats = prepare_pairs(tokenizer, config.data, "dpo", config.max_length)
+    stats.report(config.data, config.max_length)
+    if config.eval_data:
+        train = examples
+        held, held_stats = prepare_pairs(tokenizer, config.eval_data, "dpo", config.max_length)
+        held_stats.report(config.eval_data, config.max_length)
+    else:
+        train, held = split_pairs(examples, config.eval_split, config.seed)
     trainer = RewardTrainer(
         model=model,
         args=args,
