@@ -115,21 +115,12 @@ class Classifier:
     @torch.no_grad()
     def probabilities(self, rows: Sequence[Sequence[int]]) -> list[float]:
         """P(restricted) of each token row, batched, right-padded as in training."""
-        pad = self.tokenizer.pad_token_id
-        out: list[float] = []
-        for start in range(0, len(rows), self.batch_size):
-            batch = [list(r[: self.max_length]) for r in rows[start : start + self.batch_size]]
-            width = max(len(r) for r in batch)
-            ids = torch.full((len(batch), width), pad)
-            mask = torch.zeros((len(batch), width), dtype=torch.long)
-            for j, row in enumerate(batch):
-                ids[j, : len(row)] = torch.tensor(row)
-                mask[j, : len(row)] = 1
-            logits = self.model(
-                input_ids=ids.to(self.device), attention_mask=mask.to(self.device)
-            ).logits
-            out.extend(torch.sigmoid(logits[:, 0].float()).tolist())
-        return out
+        from cai.rewards.model import head_logits
+
+        cut = [list(r[: self.max_length]) for r in rows]
+        logits = head_logits(self.model, cut, self.tokenizer.pad_token_id, self.batch_size)
+        # float32, as training computed the threshold: a probability at it compares the same.
+        return torch.sigmoid(torch.tensor(logits, dtype=torch.float32)).tolist()
 
     def close(self) -> None:
         self.model = None

@@ -82,6 +82,28 @@ def load_reward_model(spec: str, *, new_head: bool):
     return model, tokenizer
 
 
+@torch.no_grad()
+def head_logits(
+    model: Any, rows: Sequence[Sequence[int]], pad: int, batch_size: int
+) -> list[float]:
+    """The scalar head's logit for each token row, in batches of ``batch_size``, right-padded
+    like training (see :func:`load_reward_model` on where the head reads), on the model's
+    device. The reward model and the guard classifiers score through it."""
+    device = next(model.parameters()).device
+    out: list[float] = []
+    for start in range(0, len(rows), batch_size):
+        batch = [list(r) for r in rows[start : start + batch_size]]
+        width = max(len(r) for r in batch)
+        input_ids = torch.full((len(batch), width), pad)
+        mask = torch.zeros((len(batch), width), dtype=torch.long)
+        for j, row in enumerate(batch):
+            input_ids[j, : len(row)] = torch.tensor(row)
+            mask[j, : len(row)] = 1
+        logits = model(input_ids=input_ids.to(device), attention_mask=mask.to(device)).logits
+        out.extend(logits[:, 0].float().tolist())
+    return out
+
+
 class RewardModel:
     """A trained reward model, loaded once: ``score(conversations) -> rewards``.
 
@@ -113,22 +135,11 @@ class RewardModel:
         context = self.context_length
         fits = [i for i, row in enumerate(ids) if context is None or len(row) <= context]
         out: list[float | None] = [None] * len(ids)
-        pad = self.tokenizer.pad_token_id
-        for start in range(0, len(fits), self.batch_size):
-            batch = fits[start : start + self.batch_size]
-            rows = [ids[i] for i in batch]
-            width = max(len(r) for r in rows)
-            # Right-padded like training (see load_reward_model on where the head reads).
-            input_ids = torch.full((len(rows), width), pad)
-            mask = torch.zeros((len(rows), width), dtype=torch.long)
-            for j, row in enumerate(rows):
-                input_ids[j, : len(row)] = torch.tensor(row)
-                mask[j, : len(row)] = 1
-            logits = self.model(
-                input_ids=input_ids.to(self.device), attention_mask=mask.to(self.device)
-            ).logits
-            for i, value in zip(batch, logits[:, 0].float().tolist(), strict=True):
-                out[i] = value
+        values = head_logits(
+            self.model, [ids[i] for i in fits], self.tokenizer.pad_token_id, self.batch_size
+        )
+        for i, value in zip(fits, values, strict=True):
+            out[i] = value
         return out
 
     @property
@@ -164,4 +175,4 @@ def score_rewards(
         return rm.score(conversations)
 
 
-__all__ = ["HEAD", "RewardModel", "load_reward_model", "score_rewards"]
+__all__ = ["HEAD", "RewardModel", "head_logits", "load_reward_model", "score_rewards"]
