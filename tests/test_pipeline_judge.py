@@ -336,7 +336,8 @@ def test_a_recipe_needs_generate_or_sample(tmp_path, capsys):
     path = tmp_path / "bad.yaml"
     path.write_text("name: x\nsources: [{path: helpful}]\nstages: {}\n")
     assert main(["run", str(path), "--run-dir", str(tmp_path / "run")]) == 2
-    assert "at least a generate or a sample stage" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert "at least one of the stages that make records: generate, sample" in err
 
 
 def test_ensemble_larger_than_the_constitution_is_refused(tmp_path, capsys):

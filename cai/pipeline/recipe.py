@@ -166,7 +166,9 @@ class StageOptions:
                     )
         starters = [s.name for s in self.STAGES if s.starts]
         if not names & set(starters):
-            raise ValueError(f"a recipe needs at least a {' or a '.join(starters)} stage")
+            raise ValueError(
+                f"a recipe needs at least one of the stages that make records: {', '.join(starters)}"
+            )
 
 
 def stage_options(stages: Sequence[Stage]) -> type[StageOptions]:
