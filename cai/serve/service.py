@@ -46,11 +46,10 @@ import json
 import math
 import threading
 from collections.abc import Callable, Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import anyio
 
-from cai.classify import Guard
 from cai.judge.judge import Judge
 from cai.judge.pair import JudgePair, check_pair
 from cai.rewards.functions import JudgeReward, RewardModelReward, Scorer
@@ -67,6 +66,9 @@ from cai.serve.protocol import (
     _same_length,
     resolved_against,
 )
+
+if TYPE_CHECKING:  # torch loads with a guard, not with the server
+    from cai.classify import Guard
 
 UNITS = {
     "judge": "judge pairs",
