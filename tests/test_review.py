@@ -14,6 +14,10 @@ import textwrap
 from pathlib import Path
 
 import pytest
+from test_report import (  # the report's browser rule: CI fails, local skips
+    CHROMIUM,
+    _chromium_or_skip,
+)
 
 from cai.cli import main as cai_main
 from cai.jsonl import encode_line
@@ -302,18 +306,6 @@ def test_the_api_is_blind_and_refuses_malformed_requests(tmp_path):
     assert keyed.get("/api/state").status_code == 401
     assert keyed.get("/").status_code == 401 and keyed.get("/?key=s3").status_code == 200
     assert keyed.get("/api/state", headers={"Authorization": "Bearer s3"}).status_code == 200
-
-
-CHROMIUM = "/usr/bin/chromium"
-
-
-def _chromium_or_skip() -> None:
-    """Chromium is required under CI (make install puts it there); locally its absence skips."""
-    if Path(CHROMIUM).is_file() and os.access(CHROMIUM, os.X_OK):
-        return
-    if os.environ.get("CI"):
-        pytest.fail(f"CI is set but {CHROMIUM} is missing: `make install` installs chromium")
-    pytest.skip(f"no {CHROMIUM} (apt-get install chromium, or make install)")
 
 
 def _free_port() -> int:
