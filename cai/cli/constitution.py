@@ -132,7 +132,9 @@ def add_constitution(commands: argparse._SubParsersAction) -> None:
     sub = group.add_subparsers(dest="action", required=True, metavar="ACTION")
 
     check = sub.add_parser("check", help="validate constitution files (paths or shipped names)")
-    check.add_argument("files", nargs="+", metavar="FILE")
+    check.add_argument(
+        "files", nargs="+", metavar="FILE", help="constitution YAML paths or shipped names"
+    )
     check.add_argument(
         "--pointwise",
         action="store_true",
@@ -143,7 +145,7 @@ def add_constitution(commands: argparse._SubParsersAction) -> None:
     show = sub.add_parser(
         "show", help="list a constitution's principles, exemplars and content classes"
     )
-    show.add_argument("file", metavar="FILE")
+    show.add_argument("file", metavar="FILE", help="a constitution YAML path or shipped name")
     show.set_defaults(run=_constitution_show)
 
     convert = sub.add_parser(
@@ -159,5 +161,7 @@ def add_constitution(commands: argparse._SubParsersAction) -> None:
     convert.add_argument(
         "--judge", metavar="RL.json", help="with --anthropic: RLMadisonInstructions.json layout"
     )
-    convert.add_argument("-o", "--output", required=True, metavar="OUT.yaml")
+    convert.add_argument(
+        "-o", "--output", required=True, metavar="OUT.yaml", help="the constitution YAML to write"
+    )
     convert.set_defaults(run=_constitution_convert)

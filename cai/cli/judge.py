@@ -223,7 +223,9 @@ def _add_judge_common(parser: argparse.ArgumentParser, constitution: str) -> Non
     parser.add_argument(
         "--model", default=None, metavar="SPEC", help="judge model spec (default: smollm2-135m)"
     )
-    parser.add_argument("--backend", default="auto", choices=BACKENDS)
+    parser.add_argument(
+        "--backend", default="auto", choices=BACKENDS, help="engine backend of the judge model"
+    )
     parser.add_argument(
         "--dtype", default=None, help="engine dtype (hf, vllm): auto, float32, bfloat16, ..."
     )

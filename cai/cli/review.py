@@ -144,7 +144,7 @@ def add_review(commands: argparse._SubParsersAction) -> None:
     review.add_argument("--out", help="the page: labels folder; export: the pairs file")
     review.add_argument("--labels", help="labels folder (default RUN_DIR/review)")
     review.add_argument("--host", default="127.0.0.1", help="interface (default: this machine)")
-    review.add_argument("--port", type=int, default=8765)
+    review.add_argument("--port", type=int, default=8765, help="TCP port of the page")
     review.add_argument(
         "--api-key",
         default=os.environ.get("CAI_API_KEY"),

@@ -159,7 +159,7 @@ def add_serve(commands: argparse._SubParsersAction) -> None:
     )
     serve.add_argument("--centered", action="store_true", help="rewards 2p - 1 in [-1, 1]")
     serve.add_argument("--host", default="127.0.0.1", help="interface (default: this machine only)")
-    serve.add_argument("--port", type=int, default=8000)
+    serve.add_argument("--port", type=int, default=8000, help="TCP port to listen on")
     serve.add_argument(
         "--api-key",
         default=os.environ.get("CAI_API_KEY"),

@@ -3,29 +3,48 @@
 from __future__ import annotations
 
 import argparse
+import importlib
 import sys
 
 from cai.config import ConfigError, from_data, load_yaml, set_dotted
 from cai.data import DataError
 
+TRAINERS = {
+    "sft": (
+        "cai.train.sft",
+        "SFTConfig",
+        "supervised fine-tuning on the assistant turns of conversations",
+    ),
+    "dpo": (
+        "cai.train.dpo",
+        "DPOConfig",
+        "preference training on pairs (dpo, soft_dpo, ipo, hinge, kto, orpo, simpo)",
+    ),
+    "reward": (
+        "cai.train.reward",
+        "RewardConfig",
+        "a Bradley-Terry reward model on pairs, with held-out accuracy",
+    ),
+    "grpo": (
+        "cai.train.grpo",
+        "GRPOConfig",
+        "GRPO on prompts, the constitution judge's group-wise win rate as the reward",
+    ),
+    "classifier": (
+        "cai.train.classifier",
+        "ClassifierConfig",
+        "an input or output guard classifier, with its threshold at max_fpr",
+    ),
+}
+"""``cai train KIND``: the trainer's module, its config class (the ``--config`` file's keys) and
+the command's help; the module's ``train_<KIND>`` trains."""
+
 
 def _train(args: argparse.Namespace) -> int:
     # Imported here: the trainers load transformers' Trainer, which other commands do not need.
-    if args.action == "sft":
-        from cai.train.sft import SFTConfig as Config
-        from cai.train.sft import train_sft as train
-    elif args.action == "reward":
-        from cai.train.reward import RewardConfig as Config
-        from cai.train.reward import train_reward as train
-    elif args.action == "classifier":
-        from cai.train.classifier import ClassifierConfig as Config
-        from cai.train.classifier import train_classifier as train
-    elif args.action == "grpo":
-        from cai.train.grpo import GRPOConfig as Config
-        from cai.train.grpo import train_grpo as train
-    else:
-        from cai.train.dpo import DPOConfig as Config
-        from cai.train.dpo import train_dpo as train
+    module_name, config_name, _ = TRAINERS[args.action]
+    module = importlib.import_module(module_name)
+    Config, train = getattr(module, config_name), getattr(module, f"train_{args.action}")
     try:
         data = load_yaml(args.config)
         for assignment in args.set:
@@ -66,13 +85,7 @@ def add_train(commands: argparse._SubParsersAction) -> None:
         "train", help="the built-in SFT, DPO, reward-model, GRPO and guard-classifier trainers"
     )
     sub = group.add_subparsers(dest="action", required=True, metavar="ACTION")
-    for name, help in (
-        ("sft", "supervised fine-tuning on the assistant turns of conversations"),
-        ("dpo", "preference training on pairs (dpo, soft_dpo, ipo, hinge, kto, orpo, simpo)"),
-        ("reward", "a Bradley-Terry reward model on pairs, with held-out accuracy"),
-        ("grpo", "GRPO on prompts, the constitution judge's group-wise win rate as the reward"),
-        ("classifier", "an input or output guard classifier, with its threshold at max_fpr"),
-    ):
+    for name, (_, _, help) in TRAINERS.items():
         command = sub.add_parser(name, help=help)
         command.add_argument("--config", required=True, metavar="FILE", help="trainer YAML")
         _add_set(command, "max_steps=10")

@@ -69,7 +69,9 @@ def build_parser() -> argparse.ArgumentParser:
         help="the Ray cluster to use (engine.ray.address; implies --executor ray)",
     )
     merge = sub.add_parser("merge", help="merge shard outputs")
-    merge.add_argument("run_dirs", nargs="+")
+    merge.add_argument(
+        "run_dirs", nargs="+", metavar="RUN_DIR", help="run directories whose shards to merge"
+    )
     merge.add_argument("--out", help="output run directory (when merging several run directories)")
     return parser
 

@@ -28,6 +28,18 @@ if TYPE_CHECKING:
 
 _MODELS = (("train_sft", "sft"), ("train_dpo", "dpo"), ("train_grpo", "grpo"))
 
+_PLACEHOLDERS: dict[str, Any] = {
+    "models": {"base": "-"},
+    "backend": "auto",
+    "dtype": None,
+    "engine_options": {},
+    "reward_model": None,
+}
+"""Values of the fields the pipeline sets, to check a recipe's options before the run."""
+SET_BY_PIPELINE = tuple(_PLACEHOLDERS)
+"""The EvalConfig fields that the pipeline sets itself (the run's models, the recipe's engine):
+the stage's options must not."""
+
 
 def models(ctx: StageContext) -> dict[str, str]:
     """Name → model spec of the models the stage compares: the base model, then each trained
@@ -59,8 +71,7 @@ def check_options(recipe_data: Any, source: str) -> None:
     (``cai.pipeline.recipe.load_recipe`` calls this)."""
     options = recipe_data["stages"]["evaluate"]
     if isinstance(options, dict):
-        placeholders = {"models": {"base": "-"}, "backend": "auto", "engine_options": {}}
-        _config(options, {"dtype": None, "reward_model": None, **placeholders}, source)
+        _config(options, dict(_PLACEHOLDERS), source)
 
 
 def eval_config(ctx: StageContext) -> EvalConfig:

@@ -105,6 +105,9 @@ TRAINERS = {
 }
 """The training stages by name."""
 
+SET_BY_PIPELINE = ("data", "output_dir", "model")
+"""The trainer config fields that the pipeline sets itself: a stage's options must not."""
+
 
 def config_class(kind: str) -> type[TrainConfig]:
     """The trainer config dataclass of a stage (imports the trainer: torch, transformers)."""
@@ -143,7 +146,7 @@ def check_options(kind: str, recipe_data: Any, source: str) -> None:
     starts (the options are free-form in the recipe: the trainer's config class needs torch)."""
     options = recipe_data["stages"][kind]
     if isinstance(options, dict):
-        trainer_config(kind, options, data="-", output_dir="-", model="-", source=source)
+        trainer_config(kind, options, **dict.fromkeys(SET_BY_PIPELINE, "-"), source=source)
 
 
 def output_dir(ctx: StageContext, kind: str) -> Path:
