@@ -466,7 +466,7 @@ def test_cli_convert(tmp_path, capsys):
     assert load_constitution(out) == from_huggingface(hf)
 
     args = ["constitution", "convert", "--huggingface", str(hf), "--judge", str(rl_path)]
-    # Bad arguments are the command failing on its input: exit 1, as the README says.
+    # Bad arguments are the command failing on its input: exit 1, as docs/concepts/stages.md says.
     assert main([*args, "-o", str(out)]) == 1
     assert "--judge goes with --anthropic" in capsys.readouterr().err
     assert main(["constitution", "convert", "-o", str(out)]) == 1

@@ -1,4 +1,5 @@
-"""The package's import graph: its layers (``LAYERS``, which the README's Layout table shows), no
+"""The package's import graph: its layers (``LAYERS``, which docs/architecture.md's Layout table
+shows), no
 cycles between modules, and the pipeline on top.
 
 Parsed, not imported: every ``import`` and ``from ... import`` in ``cai/`` is an edge, at module
@@ -371,11 +372,15 @@ def test_the_pipeline_docstring_names_its_modules():
     assert docstring_modules('"""a.py, b.py: c.pyc"""\nx = "d.py"\n') == {"a.py", "b.py"}
 
 
-def readme_layers(readme: str) -> list[set[str]]:
-    """The module names of each row's first cell in README.md's ``### Layout`` table, top row
+ROOT = CAI.parent
+ARCHITECTURE = ROOT / "docs" / "architecture.md"
+
+
+def layout_layers(page: str) -> list[set[str]]:
+    """The module names of each row's first cell in a page's ``## Layout`` table, top row
     first: ``stats.py`` is ``cai.stats``, ``engine/`` the package ``cai.engine``, ``__init__.py``
     the root ``cai``."""
-    section = readme.split("\n### Layout\n", 1)[1].split("\n#", 1)[0]
+    section = page.split("\n## Layout\n", 1)[1].split("\n#", 1)[0]
     rows = [line for line in section.splitlines() if line.startswith("| `")]
     layers = []
     for row in rows:
@@ -388,31 +393,37 @@ def readme_layers(readme: str) -> list[set[str]]:
     return layers
 
 
-def test_the_readme_layout_table_is_the_layer_table():
-    readme = (CAI.parent / "README.md").read_text(encoding="utf-8")
-    assert readme_layers(readme) == LAYERS
+def test_the_architecture_layout_table_is_the_layer_table():
+    assert layout_layers(ARCHITECTURE.read_text(encoding="utf-8")) == LAYERS
     table = (
-        "x\n### Layout\n\n| a | b |\n|---|---|\n| `__init__.py`, `a.py` | `b.py` |\n| `p/` | c |\n"
+        "x\n## Layout\n\n| a | b |\n|---|---|\n| `__init__.py`, `a.py` | `b.py` |\n| `p/` | c |\n"
     )
-    assert readme_layers(table + "## Next\n| `q.py` | d |\n") == [{"cai", "cai.a"}, {"cai.p"}]
+    assert layout_layers(table + "## Next\n| `q.py` | d |\n") == [{"cai", "cai.a"}, {"cai.p"}]
 
 
-def readme_imports() -> list[str]:
-    """Every ``from cai... import ...`` line in the README's code blocks."""
-    text = (CAI.parent / "README.md").read_text(encoding="utf-8")
-    blocks = re.findall(r"```python\n(.*?)```", text, flags=re.S)
-    return sorted(
-        {
-            line.strip()
-            for block in blocks
-            for line in block.splitlines()
-            if re.match(r"\s*from cai(\.\w+)* import ", line)
-        }
-    )
+def doc_pages() -> list[Path]:
+    """README.md and every page under docs/."""
+    return [ROOT / "README.md", *sorted((ROOT / "docs").rglob("*.md"))]
 
 
-def test_the_imports_the_readme_shows_work():
-    lines = readme_imports()
-    assert any(line.startswith("from cai.judge import Judge") for line in lines)
-    for line in lines:
-        exec(compile(line, "README.md", "exec"), {})  # an ImportError names the line
+def doc_imports(pages: list[Path]) -> list[tuple[str, str]]:
+    """Every ``from cai... import ...`` line in the pages' Python blocks, with the page it is
+    on (relative to the repository), once per line."""
+    found: dict[str, str] = {}
+    for page in pages:
+        text = page.read_text(encoding="utf-8")
+        for block in re.findall(r"```python\n(.*?)```", text, flags=re.S):
+            for line in block.splitlines():
+                if re.match(r"\s*from cai(\.\w+)* import ", line):
+                    found.setdefault(line.strip(), str(page.relative_to(ROOT)))
+    return sorted((line, page) for line, page in found.items())
+
+
+def test_the_imports_the_docs_show_work():
+    pages = doc_pages()
+    assert ROOT / "docs" / "concepts" / "judge.md" in pages
+    lines = doc_imports(pages)
+    assert any(line.startswith("from cai.judge import Judge") for line, _ in lines)
+    assert any(page == "README.md" for _, page in lines)  # the README's blocks are read too
+    for line, page in lines:
+        exec(compile(line, page, "exec"), {})  # an ImportError names the page and the line

@@ -1,8 +1,9 @@
 """The stage contract: a stage declared in one place runs in a recipe, plans, resumes, is validated
 and runs once per online round, without a line changed anywhere else.
 
-The stage is README.md's own example ("Writing a stage"): this test reads the README's python block
-that starts with ``# cai/pipeline/summarize.py`` and runs it as a module, so the two are one copy.
+The stage is the docs' own example (docs/guides/write-a-stage.md): this test reads the page's python
+block that starts with ``# cai/pipeline/summarize.py`` and runs it as a module, so the two are one
+copy.
 """
 
 from __future__ import annotations
@@ -24,20 +25,20 @@ from cai.pipeline.run import Runner
 from cai.pipeline.stages import STAGES
 from cai.store import RunStore
 
-README = Path(__file__).resolve().parents[1] / "README.md"
+PAGE = Path(__file__).resolve().parents[1] / "docs" / "guides" / "write-a-stage.md"
 
 
-def readme_stage() -> types.ModuleType:
-    """README.md's example stage module, executed."""
-    blocks = re.findall(r"```python\n(.*?)```", README.read_text(encoding="utf-8"), re.S)
+def docs_stage() -> types.ModuleType:
+    """docs/guides/write-a-stage.md's example stage module, executed."""
+    blocks = re.findall(r"```python\n(.*?)```", PAGE.read_text(encoding="utf-8"), re.S)
     [source] = [b for b in blocks if b.startswith("# cai/pipeline/summarize.py")]
-    module = types.ModuleType("readme_summarize")
+    module = types.ModuleType("docs_summarize")
     sys.modules[module.__name__] = module  # dataclasses look their module up
-    exec(compile(source, "README.md (summarize)", "exec"), module.__dict__)
+    exec(compile(source, "docs/guides/write-a-stage.md (summarize)", "exec"), module.__dict__)
     return module
 
 
-summarize = readme_stage()
+summarize = docs_stage()
 STAGE = summarize.STAGE
 # "Then add summarize.STAGE after sample.STAGE in STAGES".
 WITH_STAGE = [*STAGES[: STAGES.index(next(s for s in STAGES if s.name == "sample")) + 1], STAGE]
@@ -61,7 +62,7 @@ def _recipe(tmp_path, stage: str):
     return path
 
 
-def test_the_readme_stage_is_declared_per_round():
+def test_the_docs_stage_is_declared_per_round():
     assert STAGE.name == "summarize" and STAGE.needs == ("sample",)
     assert STAGE.per_round is not None and all(STAGE.per_round(r) for r in (1, 2, 5))
 

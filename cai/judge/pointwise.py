@@ -35,7 +35,7 @@ from cai.keys import record_key
 DEFAULT_LENGTH_COEF = 0.25
 """The length control of the shipped CPU recipes' pointwise judge: on data/judge_dev.jsonl (the
 better response the shorter in 52% of pairs) the value that maximised the mean of the overall
-accuracy and the accuracy where the shorter is better, with the default model (README table)."""
+accuracy and the accuracy where the shorter is better, with the default model (docs/measurements.md)."""
 
 SCORE_OPTIONS = ("Yes", "No")
 """The option tokens scored at the start of the judge's answer: s = l(Yes) - l(No)."""

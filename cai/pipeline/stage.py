@@ -8,7 +8,7 @@ lists the stages in the order they run; the recipe's ``stages:`` fields, their v
 plan, the manifest's models, the online rounds' schedule (``cai.pipeline.online``), the summary
 table and the error-rate check all come from that list. A stage sees the run through a
 ``StageContext`` value (a new one per round) and reports what it produced to ``RunResult``.
-README.md, "Writing a stage", walks through one.
+docs/guides/write-a-stage.md walks through one.
 """
 
 from __future__ import annotations

@@ -1,7 +1,7 @@
 """The pipeline's stages, in the order they run.
 
 A stage is a module that declares one ``cai.pipeline.stage.Stage``; adding one is that module and
-one line here (README.md, "Writing a stage"). A recipe names the stages it runs under ``stages:``.
+one line here (docs/guides/write-a-stage.md). A recipe names the stages it runs under ``stages:``.
 """
 
 from cai.pipeline import (

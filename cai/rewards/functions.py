@@ -34,9 +34,9 @@ raw score ``s_c``).
     trainer = GRPOTrainer(model=..., reward_funcs=[reward], args=GRPOConfig(num_generations=4))
 
 ``verl_compute_score`` and ``openrlhf_reward_func`` wrap the same callable in verl's batched
-``compute_score`` and OpenRLHF's ``reward_func`` signatures (README: "The judge as a reward").
+``compute_score`` and OpenRLHF's ``reward_func`` signatures (docs/guides/rewards.md).
 ``RemoteReward`` is the same callable computed by a ``cai serve`` server (``cai.serve.service``), so that
-many trainer workers share one loaded judge (README: "Serving the judge").
+many trainer workers share one loaded judge (docs/guides/serve.md).
 """
 
 from __future__ import annotations

@@ -1,5 +1,5 @@
 """Other trainers' hooks: a reward function (``JudgeReward``, ``RemoteReward``, ...) as verl's
-batched ``compute_score`` and OpenRLHF's ``reward_func`` (README: "The judge as a reward")."""
+batched ``compute_score`` and OpenRLHF's ``reward_func`` (docs/guides/rewards.md)."""
 
 from __future__ import annotations
 

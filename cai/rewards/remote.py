@@ -1,5 +1,5 @@
 """``RemoteReward``: a reward function computed by a ``cai serve`` server (``cai.serve``), so
-that many trainer workers share one loaded judge (README: "Serving the judge")."""
+that many trainer workers share one loaded judge (docs/guides/serve.md)."""
 
 from __future__ import annotations
 
