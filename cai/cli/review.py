@@ -10,7 +10,7 @@ the judge; the labels as preference pairs; Label Studio tasks and annotations (`
 
 One parser takes every form (a first word ``stats``, ``export``, ... names the action; any other
 is the run directory), because argparse cannot give a command both a positional and
-subcommands. Bad input is one ``error:`` line and exit 2, before any server starts.
+subcommands. Bad input is one ``error:`` line and exit 1 (as every ``cai`` command), before any server starts.
 """
 
 from __future__ import annotations
@@ -22,7 +22,6 @@ import sys
 from pathlib import Path
 
 from cai.data import DataError
-from cai.exit_codes import BAD_INPUT
 from cai.jsonl import JsonlError
 from cai.layout import RunLayout
 
@@ -117,12 +116,12 @@ def _review(args: argparse.Namespace) -> int:
     run_dir = words.pop(0) if words else None
     if action != "labelstudio-import" and words:
         print(f"error: unexpected arguments {words}", file=sys.stderr)
-        return BAD_INPUT
+        return 1  # cai's exit code for a command failing on its input (cai.exit_codes)
     try:
         return handler(args, run_dir, words)
     except (DataError, JsonlError, FileNotFoundError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
-        return BAD_INPUT
+        return 1
 
 
 def add_review(commands: argparse._SubParsersAction) -> None:
