@@ -60,6 +60,13 @@ def record_key(**parts: Any) -> str:
     return hashlib.sha256(canonical(parts)).hexdigest()[:24]
 
 
+def digest(value: Any) -> str:
+    """A short name (16 hex characters of sha256) of ``value``'s canonical JSON: how a key names
+    the prompt text it was made with without holding it (``cai.judge.keys``,
+    ``cai.critique.text_key``)."""
+    return hashlib.sha256(canonical(value)).hexdigest()[:16]
+
+
 def seed_for(key: str, base_seed: int = 0) -> int:
     """The sampling seed of one record: derived from ``key`` and the run's ``base_seed``.
 

@@ -5,11 +5,15 @@ engine request. A changed key would make the resumed run ask the engine again.
 The evaluation's comparisons (eval_compare) have held the judge template's text in their keys
 since issue 20, by a migration rather than a re-judge: the shipped template's text adds nothing
 to the key (``cai.eval.run.compare_template``), so these stores, judged with it, still resume with
-no request, while an edited template re-judges every comparison (and only the comparisons)."""
+no request, while an edited template re-judges every comparison (and only the comparisons).
+The same holds for the text a judge prompt (issue 27) or a critique prompt renders from the
+constitution (``cai.judge.keys``, ``cai.critique.text_key``): the shipped text adds nothing, an
+edit asks again exactly the records whose prompts held it."""
 
 from __future__ import annotations
 
 import dataclasses
+import json
 import shutil
 from pathlib import Path
 
@@ -276,3 +280,154 @@ def test_the_dry_run_plan_counts_the_pairs_an_edited_question_re_judges(tmp_path
     assert main([*args, "--set", f"stages.judge.constitution={edited}", "--force"]) == 0
     out = capsys.readouterr().err
     assert f"judge: {judged} pairs, pointwise" in out and "(0 pairs done)" in out
+
+
+# ---- the critique key holds the text its prompts render from the constitution ----------------
+
+
+def _edited_harmless(tmp_path: Path, edit: str) -> Path:
+    """A copy of the shipped ``harmless`` constitution (same name) with one edit: a principle's
+    critique request (``privacy`` or ``self-harm``, which no exemplar shows), a critique
+    exemplar, or the system prompt."""
+    import yaml
+
+    from cai.resources import resolve
+
+    data = yaml.safe_load(Path(resolve("constitutions", "harmless")).read_text(encoding="utf-8"))
+    if edit == "exemplar":
+        data["critique_examples"][0]["critique"] += " (edited)"
+    elif edit == "system_prompt":
+        data["system_prompt"] += " Be brief."
+    else:
+        [principle] = [p for p in data["principles"] if p["id"] == edit]
+        principle["critique"] += " Name the exact sentence."
+    path = tmp_path / f"harmless-{edit}.yaml"
+    path.write_text(yaml.safe_dump(data, sort_keys=False), encoding="utf-8")
+    return path
+
+
+def _critique_store_v1(tmp_path: Path, name: str, edited: Path | None, engine, *more: str):
+    """store_v1 (two critique rounds of three prompts) copied to ``name`` and run again with the
+    critique stage's constitution ``edited`` (and ``more`` overrides): (run dir, the records
+    before, the stage reports by name)."""
+    run_dir = tmp_path / name
+    shutil.copytree(FIXTURES / "store_v1", run_dir)
+    before = RunStore(run_dir).read_stage("critique_revise")
+    overrides = [*more] + ([f"stages.critique_revise.constitution={edited}"] if edited else [])
+    recipe = load_recipe(FIXTURES / "store_v1_recipe.yaml", overrides=overrides)
+    result = Runner(recipe, run_dir, engine=engine, force=True).run()
+    assert not result.failed
+    return run_dir, before, {report.name: report for report in result.stages}
+
+
+def test_an_edited_critique_request_critiques_again_exactly_the_rounds_that_drew_it(tmp_path):
+    # store_v1's chains: rt-002 drew `privacy` in round 1, rt-001 drew `self-harm` in round 2.
+    for edit, rerun in (
+        ("privacy", [("rt-002", 1), ("rt-002", 2)]),
+        ("self-harm", [("rt-001", 2)]),
+    ):
+        engine = PairEngine()
+        run_dir, before, by_name = _critique_store_v1(
+            tmp_path, edit, _edited_harmless(tmp_path, edit), engine
+        )
+        # The round that drew the principle and the rounds after it in its chain; no other
+        # record of any stage (the sample and judge stages start from the recipe's model).
+        assert by_name["critique_revise"].records == len(rerun), edit
+        for name in ("generate", "sample", "judge", "evaluate"):
+            assert by_name[name].records == 0, (edit, name)
+        assert sum(engine.generate_batches) == 2 * len(rerun) and engine.score_batches == []
+        after = RunStore(run_dir).read_stage("critique_revise")
+        new = sorted((after[key] for key in after.keys() - before.keys()), key=lambda r: r["round"])
+        assert [(r["input_key"], r["round"]) for r in new] == rerun, edit
+        assert new[0]["principle"] == edit
+        # The SFT export holds the chain's new critiques.
+        sft = [
+            json.loads(line)
+            for line in (run_dir / "sft" / "data.jsonl").read_text(encoding="utf-8").splitlines()
+        ]
+        [meta] = [s["meta"] for s in sft if s["meta"]["input_key"] == new[0]["input_key"]]
+        assert meta["critiques"][-len(new) :] == [r["critique"] for r in new], edit
+
+
+def test_the_shipped_critique_text_adds_nothing_to_the_key_and_an_edit_adds_its_digest(tmp_path):
+    from cai.constitution import load_constitution
+    from cai.critique import SHIPPED, parts_digest, text_key
+    from cai.resources import shipped_names
+
+    # Every shipped constitution's principles, with and without exemplars: keys as before.
+    entries = 0
+    for name in shipped_names("constitutions"):
+        shipped = load_constitution(name)
+        for p in shipped.critique_principles:
+            for few_shot in (True, False):
+                assert text_key(shipped, p, few_shot) == {}, (name, p.id, few_shot)
+                entries += 1
+    assert entries == len(SHIPPED)
+
+    harmless = load_constitution("harmless")
+    ids = [p.id for p in harmless.critique_principles]
+
+    def rendered(path: Path, few_shot: bool) -> set[str]:
+        edited = load_constitution(path)
+        assert edited.name == "harmless"
+        keyed = set()
+        for p in edited.critique_principles:
+            key = text_key(edited, p, few_shot)
+            if key:
+                assert key == {"rendered": parts_digest(edited, p, few_shot)}
+                assert key["rendered"] != parts_digest(harmless, harmless.principle(p.id), few_shot)
+                keyed.add(p.id)
+        return keyed
+
+    # A request: that principle's records alone, with or without exemplars (no exemplar shows
+    # `privacy`). An exemplar: every principle's records with exemplars, none without. The
+    # system prompt: every record.
+    privacy = _edited_harmless(tmp_path, "privacy")
+    assert rendered(privacy, True) == rendered(privacy, False) == {"privacy"}
+    exemplar = _edited_harmless(tmp_path, "exemplar")
+    assert rendered(exemplar, True) == set(ids) and rendered(exemplar, False) == set()
+    system = _edited_harmless(tmp_path, "system_prompt")
+    assert rendered(system, True) == rendered(system, False) == set(ids)
+
+
+def test_an_edited_critique_exemplar_critiques_again_with_few_shot_only(tmp_path):
+    edited = _edited_harmless(tmp_path, "exemplar")
+    # Few-shot (store_v1's setting): every critique prompt showed the exemplar.
+    engine = PairEngine()
+    _, before, by_name = _critique_store_v1(tmp_path, "few-shot", edited, engine)
+    assert by_name["critique_revise"].records == len(before) == 6
+    assert sum(engine.generate_batches) == 2 * len(before)
+    # Zero-shot: critiqued once with the shipped text, then with the edited one, nothing asked.
+    engine = PairEngine()
+    run_dir, _, by_name = _critique_store_v1(
+        tmp_path, "zero-shot", None, engine, "stages.critique_revise.few_shot=false"
+    )
+    assert by_name["critique_revise"].records == 6
+    recipe = load_recipe(
+        FIXTURES / "store_v1_recipe.yaml",
+        overrides=[
+            "stages.critique_revise.few_shot=false",
+            f"stages.critique_revise.constitution={edited}",
+        ],
+    )
+    result = Runner(recipe, run_dir, engine=NoRequests(), force=True).run()
+    assert not result.failed
+    assert {report.name: report for report in result.stages}["critique_revise"].records == 0
+
+
+def test_the_dry_run_plan_counts_the_critiques_an_edited_request_re_runs(tmp_path, capsys):
+    from cai.pipeline.__main__ import main
+
+    run_dir = _copy("store_v1", tmp_path)
+    recipe = str(FIXTURES / "store_v1_recipe.yaml")
+    args = ["run", recipe, "--run-dir", str(run_dir), "--dry-run"]
+    assert main(args) == 0
+    plan = (
+        "critique_revise: 2 rounds × 3 prompts = 6 records, {} requests at most ({} records done)"
+    )
+    assert plan.format(0, 6) in capsys.readouterr().err
+    # `privacy` was drawn by one chain's first round: that round and the next are to re-run.
+    edited = _edited_harmless(tmp_path, "privacy")
+    more = ["--set", f"stages.critique_revise.constitution={edited}", "--force"]
+    assert main([*args, *more]) == 0
+    assert plan.format(4, 4) in capsys.readouterr().err

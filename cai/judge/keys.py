@@ -19,26 +19,21 @@ more under the new key.
 
 from __future__ import annotations
 
-import hashlib
 from typing import Any
 
 from cai.constitution import Principle
 from cai.judge.pair import PairLike
 from cai.judge.settings import JudgeSettings
-from cai.keys import canonical, model_key
-
-
-def _digest(value: Any) -> str:
-    return hashlib.sha256(canonical(value)).hexdigest()[:16]
+from cai.keys import digest, model_key
 
 
 def parts_digest(settings: JudgeSettings, principle: Principle) -> str:
     """A digest of the static text of ``principle``'s judge prompts under ``settings``."""
-    return _digest(settings.prompt_parts(settings.question(principle)))  # type: ignore[arg-type]
+    return digest(settings.prompt_parts(settings.question(principle)))  # type: ignore[arg-type]
 
 
 def _shipped_entry(settings: JudgeSettings, principle: Principle) -> str:
-    return _digest(
+    return digest(
         [settings.constitution.name, principle.id, settings.mode, parts_digest(settings, principle)]
     )
 

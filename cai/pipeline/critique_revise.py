@@ -5,7 +5,10 @@ and the SFT export.
       critique_revise: {rounds: 4, export: last, export_pairs: false}
 
 One record per (prompt, round). Each round's key chains to the previous record's key, so a changed
-upstream record (say a regenerated response) gives new keys for every later round. After the
+upstream record (say a regenerated response) gives new keys for every later round. A key holds the
+principle's id, the constitution's name and, where they differ from the shipped constitution's,
+the text its prompts render from the constitution (``cai.critique.text_key``): editing a
+principle's requests critiques again the rounds that drew it and the rounds after them. After the
 rounds (not for a shard), ``<run>/sft/`` holds the SFT dataset and, with ``export_pairs``,
 ``<run>/revision_pairs/`` the final revision chosen over the initial response.
 """
@@ -27,16 +30,19 @@ from cai.critique import (
     next_response,
     revision_flags,
     template_text,
+    text_key,
 )
 from cai.engine import Sampling
 from cai.export import export_dataset
 from cai.keys import record_key
 from cai.layout import DATA_FILE, DATASET
+from cai.pipeline.policy import generate_key
 from cai.pipeline.stage import Stage, StageContext, check_sampling, stage_records
 
 if TYPE_CHECKING:
     from collections.abc import Iterator
 
+    from cai.constitution import Principle
     from cai.data import PromptRecord
     from cai.record_loop import StageTally
 
@@ -73,6 +79,59 @@ def prepare(ctx: StageContext) -> Constitution:
     return constitution
 
 
+def _sampling(ctx: StageContext) -> Sampling:
+    stage = ctx.recipe.stages.critique_revise
+    return Sampling(max_tokens=stage.max_tokens, temperature=stage.temperature, top_p=stage.top_p)
+
+
+@dataclass(frozen=True)
+class KeyParts:
+    """The parts of every round's key that depend on the stage alone, made once per run."""
+
+    templates: str
+    """The critique and revise templates' text (``cai.critique.template_text``)."""
+    texts: dict[str, dict[str, str]]
+    """Principle id → the text its prompts render from the constitution
+    (``cai.critique.text_key``)."""
+
+
+def key_parts(ctx: StageContext) -> KeyParts:
+    stage = ctx.recipe.stages.critique_revise
+    constitution = ctx.prepared["critique_revise"]
+    templates = load_templates(
+        constitution, stage.critique_template, stage.revise_template, stage.few_shot
+    )
+    return KeyParts(
+        template_text(*templates),
+        {p.id: text_key(constitution, p, stage.few_shot) for p in constitution.critique_principles},
+    )
+
+
+def round_key(
+    ctx: StageContext, parts: KeyParts, prompt_key: str, previous: str, r: int
+) -> tuple[str, Principle]:
+    """The key of a prompt's round ``r`` record, chained to ``previous`` (the key of the round
+    before, or of the prompt's generate record), and the principle it critiques by (sampled from
+    a seed of ``previous``)."""
+    stage = ctx.recipe.stages.critique_revise
+    constitution = ctx.prepared["critique_revise"]
+    principle = critique_principle(constitution, f"{previous}/round{r}", ctx.recipe.seed)
+    key = record_key(
+        input=prompt_key,
+        stage="critique_revise",
+        round=r,
+        previous=previous,
+        principle=principle.id,
+        constitution=constitution.name,
+        templates=parts.templates,
+        few_shot=stage.few_shot,
+        model=ctx.recipe.model,
+        sampling=_sampling(ctx).to_dict(),
+        **parts.texts[principle.id],
+    )
+    return key, principle
+
+
 def run(ctx: StageContext, tally: StageTally) -> None:
     """Critique→revision rounds, then the exports (of the complete chains), unless this is a
     shard. Its batch function is nested (~85 lines in all): a chain's rounds close over the
@@ -80,14 +139,8 @@ def run(ctx: StageContext, tally: StageTally) -> None:
     stage = ctx.recipe.stages.critique_revise
     constitution = ctx.prepared["critique_revise"]
     responses = ctx.outputs["generate"]
-    sampling = Sampling(
-        max_tokens=stage.max_tokens, temperature=stage.temperature, top_p=stage.top_p
-    )
-    templates = template_text(
-        *load_templates(
-            constitution, stage.critique_template, stage.revise_template, stage.few_shot
-        )
-    )
+    sampling = _sampling(ctx)
+    parts = key_parts(ctx)
 
     @functools.cache
     def reviser() -> CritiqueReviser:  # the engine loads only when a round has work
@@ -106,20 +159,7 @@ def run(ctx: StageContext, tally: StageTally) -> None:
     for r in range(1, stage.rounds + 1):
         items = []
         for prompt_key, (prev_key, response) in previous.items():
-            seed_key = f"{prev_key}/round{r}"
-            principle = critique_principle(constitution, seed_key, ctx.recipe.seed)
-            key = record_key(
-                input=prompt_key,
-                stage="critique_revise",
-                round=r,
-                previous=prev_key,
-                principle=principle.id,
-                constitution=constitution.name,
-                templates=templates,
-                few_shot=stage.few_shot,
-                model=ctx.recipe.model,
-                sampling=sampling.to_dict(),
-            )
+            key, principle = round_key(ctx, parts, prompt_key, prev_key, r)
             prompt = responses[prompt_key]["prompt"]
             items.append((prompt_key, RoundInput(key, prompt, response, principle)))
 
@@ -238,19 +278,33 @@ def export_revision_pairs(ctx: StageContext, chains: dict[str, list[dict]]) -> P
     return out
 
 
+def done_records(ctx: StageContext) -> int:
+    """How many of the stage's records are done under today's keys: each prompt's chain of
+    rounds, keyed from its generate record's key (``cai.pipeline.policy.generate_key``)."""
+    store, shard = ctx.store, ctx.shard
+    if not store.stage_path("critique_revise", shard).exists():
+        return 0
+    done_keys = store.done_keys("critique_revise", shard)
+    parts = key_parts(ctx)
+    done = 0
+    for p in ctx.prompts:
+        previous = generate_key(ctx, p)
+        for r in range(1, ctx.recipe.stages.critique_revise.rounds + 1):
+            previous, _ = round_key(ctx, parts, p.key, previous, r)
+            done += previous in done_keys
+    return done
+
+
 def plan(ctx: StageContext) -> list[str]:
     stage = ctx.recipe.stages.critique_revise
-    store, shard = ctx.store, ctx.shard
-    written = (
-        len(store.done_keys("critique_revise", shard))
-        if store.stage_path("critique_revise", shard).exists()
-        else 0
-    )
+    shard = ctx.shard
+    done = done_records(ctx)
     total = len(ctx.prompts) * stage.rounds
     constitution = ctx.prepared["critique_revise"].name
     lines = [
         f"  critique_revise: {stage.rounds} rounds × {len(ctx.prompts)} prompts = {total} records, "
-        f"{2 * total} requests at most ({written} records done); constitution {constitution!r}",
+        f"{2 * (total - done)} requests at most ({done} records done); constitution "
+        f"{constitution!r}",
         f"  export: {stage.export} → {ctx.layout.sft}"
         + (" (skipped for a shard)" if shard else ""),
     ]

@@ -13,9 +13,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from cai.config import doc
-from cai.data import PromptRecord
-from cai.engine import Sampling
-from cai.keys import record_key
+from cai.pipeline.policy import generate_key, generate_sampling
 from cai.pipeline.stage import (
     Stage,
     StageContext,
@@ -39,24 +37,10 @@ class GenerateStage:
         check_sampling(self)
 
 
-def sampling(ctx: StageContext) -> Sampling:
-    gen = ctx.recipe.stages.generate
-    return Sampling(max_tokens=gen.max_tokens, temperature=gen.temperature, top_p=gen.top_p)
-
-
-def generate_key(ctx: StageContext, prompt: PromptRecord) -> str:
-    return record_key(
-        input=prompt.key,
-        stage="generate",
-        model=ctx.recipe.model,
-        sampling=sampling(ctx).to_dict(),
-    )
-
-
 def run(ctx: StageContext, tally: StageTally) -> None:
     """Initial responses; leaves prompt key → generate record (done ones only) in
     ``ctx.outputs["generate"]``."""
-    base = sampling(ctx)
+    base = generate_sampling(ctx)
     keys = {p.key: generate_key(ctx, p) for p in ctx.prompts}
 
     def call(chunk, progress):

@@ -1,9 +1,10 @@
-"""The policy at each point of a run, and the samples drawn from it.
+"""The policy at each point of a run, and the responses drawn from it.
 
 The policy is the recipe's model, then the SFT model when the recipe trains one
 (``<run>/models/sft``), then in round r of an online recipe the model that round's DPO trained
-(``<run>/rounds/<r>/dpo``). The sample stage draws from it and writes the records keyed here;
-the judge, which labels those samples, plans from the same keys.
+(``<run>/rounds/<r>/dpo``). The generate stage (the recipe's model) and the sample stage draw
+from it and write the records keyed here; the critique rounds, which revise the generated
+responses, and the judge, which labels the samples, plan from the same keys.
 """
 
 from __future__ import annotations
@@ -17,6 +18,21 @@ from cai.keys import model_key, record_key
 if TYPE_CHECKING:
     from cai.data import PromptRecord
     from cai.pipeline.stage import StageContext
+
+
+def generate_sampling(ctx: StageContext) -> Sampling:
+    gen = ctx.recipe.stages.generate
+    return Sampling(max_tokens=gen.max_tokens, temperature=gen.temperature, top_p=gen.top_p)
+
+
+def generate_key(ctx: StageContext, prompt: PromptRecord) -> str:
+    """The key of a prompt's generate record: (input, stage, the recipe's model, sampling)."""
+    return record_key(
+        input=prompt.key,
+        stage="generate",
+        model=ctx.recipe.model,
+        sampling=generate_sampling(ctx).to_dict(),
+    )
 
 
 def after_sft(ctx: StageContext) -> str:
