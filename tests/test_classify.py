@@ -134,6 +134,12 @@ def test_examples_are_checked_with_file_and_line(tmp_path):
     odd = write(tmp_path / "odd.jsonl", [{"prompt": "Hi", "label": "permitted", "lable": 1}])
     with pytest.raises(DataError, match=r"odd.jsonl:1: unknown fields \['lable'\]"):
         load_examples(odd)
+    # The pipeline's export reads as it is written: its descriptive fields are ignored.
+    exported = {"prompt": "Hi", "label": "restricted", "class": "weapons", "style": "direct"}
+    exported |= {"kind": "class", "augment": None, "group": "weapons#0"}
+    exported |= {"response": "Sure.", "response_kind": "helpful"}
+    [example] = load_examples(write(tmp_path / "export.jsonl", [exported]))
+    assert (example.kind, example.cls, example.response) == ("output", "weapons", "Sure.")
     messages = [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello"}]
     ends = write(tmp_path / "ends.jsonl", [{"prompt": messages, "label": "permitted"}])
     with pytest.raises(DataError, match="must end with a user turn"):
