@@ -16,6 +16,7 @@ from pathlib import Path
 import pytest
 from fakes import TextEngine
 
+from cai.classify.data import load_examples
 from cai.cli import main
 from cai.config import ConfigError
 from cai.constitution import load_constitution
@@ -385,3 +386,7 @@ def test_classifiers_tiny_end_to_end(tmp_path, model_path):
         assert all(isinstance(r["prompt"], str) and r["prompt"] for r in rows)
     outputs = _rows(out / "outputs.jsonl") + _rows(out / "heldout_outputs.jsonl")
     assert {r["response_kind"] for r in outputs} == {"helpful", "refusal"}
+    # cai train classifier and cai classify eval read the export as it is.
+    for name in ("inputs", "outputs", "heldout_inputs", "heldout_outputs"):
+        kinds = {e.kind for e in load_examples(out / f"{name}.jsonl")}
+        assert kinds == {"output" if "outputs" in name else "input"}, name

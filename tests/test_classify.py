@@ -15,14 +15,14 @@ import pytest
 
 from cai.classify import Guard, Verdict
 from cai.classify.data import load_examples
-from cai.classify.guard import input_ids
+from cai.classify.evaluate import guard_scores, report
+from cai.classify.guard import input_ids, output_prefixes, prefix_lengths
 from cai.classify.metrics import auc, counts, summary, threshold_at_fpr
 from cai.cli import main as cai_main
 from cai.data import DataError
 from cai.train.classifier import (
     ClassifierConfig,
     bce_loss,
-    prefix_lengths,
     split_examples,
     train_classifier,
 )
@@ -134,6 +134,12 @@ def test_examples_are_checked_with_file_and_line(tmp_path):
     odd = write(tmp_path / "odd.jsonl", [{"prompt": "Hi", "label": "permitted", "lable": 1}])
     with pytest.raises(DataError, match=r"odd.jsonl:1: unknown fields \['lable'\]"):
         load_examples(odd)
+    # The pipeline's export reads as it is written: its descriptive fields are ignored.
+    exported = {"prompt": "Hi", "label": "restricted", "class": "weapons", "style": "direct"}
+    exported |= {"kind": "class", "augment": None, "group": "weapons#0"}
+    exported |= {"response": "Sure.", "response_kind": "helpful"}
+    [example] = load_examples(write(tmp_path / "export.jsonl", [exported]))
+    assert (example.kind, example.cls, example.response) == ("output", "weapons", "Sure.")
     messages = [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello"}]
     ends = write(tmp_path / "ends.jsonl", [{"prompt": messages, "label": "permitted"}])
     with pytest.raises(DataError, match="must end with a user turn"):
@@ -240,6 +246,59 @@ def test_stream_stops_at_the_first_prefix_over_the_threshold(tokenizer):
     assert guard.stream(prompt, []) == guard.stream(prompt, iter(()))
     with pytest.raises(ValueError, match="no input classifier"):
         guard.check_input(prompt)
+
+
+class EarlyScorer(LengthScorer):
+    """A stub output classifier that flags a response's 4-token prefix only: p = 0.9 there,
+    else 0.1 (the whole of a longer response is not flagged)."""
+
+    threshold = 0.5
+
+    def probabilities(self, rows):
+        super().probabilities(rows)
+        return [0.9 if len(r) - self.prompt_tokens == 4 else 0.1 for r in rows]
+
+
+def test_output_examples_are_scored_by_their_highest_prefix(tokenizer, tmp_path):
+    prompt = "Tell me a story."
+    n_prompt = len(input_ids(tokenizer, prompt))
+    long = "Once upon a time there was a small village by the sea where everyone fished."
+    n_long = len(tokenizer(long, add_special_tokens=False)["input_ids"])
+    assert n_long > 8
+    stub = EarlyScorer(tokenizer, n_prompt)
+    guard = Guard.of(stub)
+    # The whole response is not flagged; its first prefix (4 tokens) is.
+    assert guard.check_outputs([(prompt, long)])[0].flagged is False
+    stub.calls.clear()
+    n_no = len(tokenizer("No.", add_special_tokens=False)["input_ids"])
+    assert n_no < 4
+    verdicts = guard.check_responses([(prompt, long), (prompt, "No.")])
+    assert verdicts == [Verdict(0.9, True, 0.5), Verdict(0.1, False, 0.5)]
+    # The training cut points, in one batched pass, shortest row first.
+    assert stub.calls == sorted([*prefix_lengths(n_long, 4), *prefix_lengths(n_no, 4)])
+    # The evaluation reads the same: a restricted long response is caught at its prefix.
+    data = write(
+        tmp_path / "out.jsonl",
+        [
+            {"prompt": prompt, "label": "restricted", "response": long},
+            {"prompt": prompt, "label": "permitted", "response": "No."},
+        ],
+    )
+    examples = load_examples(data)
+    scores = guard_scores(guard, examples)
+    assert scores == [0.9, 0.1]
+    row = report(examples, scores, {"output": 0.5})["output"]
+    assert (row["auc"], row["recall"], row["over_refusal"]) == (1.0, 1.0, 0.0)
+    # A response longer than max_length allows is cut as in training: prefixes 4, 6.
+    stub.max_length = n_prompt + 6
+    stub.calls.clear()
+    guard.check_responses([(prompt, long)])
+    rows = output_prefixes(input_ids(tokenizer, prompt), list(range(n_long)), 4, n_prompt + 6)
+    assert stub.calls == [4, 6] == [len(r) - n_prompt for r in rows]
+    # A prompt that fills max_length alone is scored once, cut.
+    stub.max_length = n_prompt - 1
+    stub.calls.clear()
+    assert guard.check_responses([(prompt, long)])[0].p == 0.1 and stub.calls == [-1]
 
 
 # --- a guard folder without training (the head at random), for serving and evaluation ------------

@@ -7,7 +7,10 @@ One JSON object a line::
 
 A record with ``response`` is an output example (the conversation so far, then the response the
 output guard reads as it streams); one without is an input example (the conversation so far,
-ending with the user's turn). Errors name the file and line.
+ending with the user's turn). The pipeline's export (``cai.pipeline.classifier_data``) is read
+as it is: its descriptive fields (``style``, ``kind``, ``augment``, ``group``,
+``response_kind``) are accepted and ignored; any other field is refused. Errors name the file and
+line.
 """
 
 from __future__ import annotations
@@ -20,7 +23,9 @@ from cai.data import DataError, check_messages, read_rows
 
 LABELS = {"restricted": 1, "permitted": 0}
 """A record's label → the classifier's target (restricted is the positive class)."""
-FIELDS = {"prompt", "label", "class", "response"}
+EXPORT_FIELDS = {"style", "kind", "augment", "group", "response_kind"}
+"""What the ``class_prompts`` / ``class_completions`` export adds to a record: read, not used."""
+FIELDS = {"prompt", "label", "class", "response", *EXPORT_FIELDS}
 Kind = Literal["input", "output"]
 
 
@@ -79,4 +84,4 @@ def load_examples(path: str | Path) -> list[Example]:
     return examples
 
 
-__all__ = ["LABELS", "Example", "Kind", "load_examples"]
+__all__ = ["EXPORT_FIELDS", "LABELS", "Example", "Kind", "load_examples"]

@@ -4,8 +4,9 @@
     cai classify eval --zero-shot [--model SPEC] --data FILE [--threshold 0]
 
 Each kind of example is scored by its classifier (input examples by the input classifier, output
-examples, on their whole response, by the output classifier) and reported at that classifier's
-threshold: AUC, precision, recall and the over-refusal rate (the flagged share of permitted
+examples by the output classifier at the highest score over their response's prefixes, the cut
+points training uses: a stream stops at the first prefix flagged) and reported at that
+classifier's threshold: AUC, precision, recall and the over-refusal rate (the flagged share of permitted
 examples), over all examples of the kind and per ``class``. The zero-shot baseline asks the
 default model (no trained guard) :data:`ZERO_SHOT_QUESTION` about each input example and scores
 ``log P(Yes) - log P(No)`` of its answer's first token, as the pointwise judge scores
@@ -48,7 +49,8 @@ def zero_shot_scores(engine: Engine, examples: Sequence[Example]) -> list[float 
 
 
 def guard_scores(guard: Guard, examples: Sequence[Example]) -> list[float]:
-    """P(restricted) per example from the guard's classifier of its kind."""
+    """P(restricted) per example from the guard's classifier of its kind (an output example's:
+    its highest prefix's, :meth:`Guard.check_responses`)."""
     inputs = [e for e in examples if e.kind == "input"]
     outputs = [e for e in examples if e.kind == "output"]
     by_id: dict[int, float] = {}
@@ -57,7 +59,7 @@ def guard_scores(guard: Guard, examples: Sequence[Example]) -> list[float]:
             by_id[id(e)] = v.p
     if outputs:
         items = [(e.messages, e.response or "") for e in outputs]
-        for e, v in zip(outputs, guard.check_outputs(items), strict=True):
+        for e, v in zip(outputs, guard.check_responses(items), strict=True):
             by_id[id(e)] = v.p
     return [by_id[id(e)] for e in examples]
 

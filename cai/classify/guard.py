@@ -9,6 +9,7 @@ a reward model; ``cai train classifier`` writes the folders and shares :func:`in
     guard.check_input([{"role": "user", "content": "How do I make a bomb?"}]).flagged
     guard.check_output(messages, "Sure, first you")           # a response prefix, as it streams
     guard.stream(messages, token_ids, every=16)               # stops at the first prefix flagged
+    guard.check_responses([(messages, response)])             # a whole response: its top prefix
 
 A classifier is the starting model with a one-logit head (``load_reward_model``'s), trained with
 binary cross-entropy on restricted = 1: ``p = sigmoid(logit)``, flagged when ``p >= threshold``,
@@ -22,6 +23,7 @@ cut at the end, as in training.
 from __future__ import annotations
 
 import json
+import math
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -52,6 +54,27 @@ def output_ids(tokenizer, messages: Messages, response: str | Sequence[int]) -> 
     if isinstance(response, str):
         response = tokenizer(response, add_special_tokens=False)["input_ids"]
     return input_ids(tokenizer, messages) + list(response)
+
+
+def prefix_lengths(n: int, every: int) -> list[int]:
+    """The response lengths at which an output classifier reads a response of ``n`` tokens:
+    every ``every`` tokens, and ``n`` (training's prefixes, ``Guard.stream``'s checks and the
+    evaluation's, one list)."""
+    cuts = list(range(every, n, every))
+    return [*cuts, n] if n else [0]
+
+
+def output_prefixes(
+    prompt: Sequence[int], response: Sequence[int], every: int, max_length: int
+) -> list[list[int]]:
+    """The token rows of a response's prefixes (``prompt + response[:n]`` for ``n`` in
+    :func:`prefix_lengths`), the response cut so that a row fits ``max_length``; none when the
+    prompt alone fills it. Training learns on these rows; an example is scored by their highest."""
+    room = max_length - len(prompt)
+    if room < 1:
+        return []
+    kept = list(response[:room])
+    return [list(prompt) + kept[:n] for n in prefix_lengths(len(kept), every)]
 
 
 @dataclass(frozen=True)
@@ -185,6 +208,29 @@ class Guard:
     def check_output(self, messages: Messages, partial_response: str) -> Verdict:
         return self.check_outputs([(messages, partial_response)])[0]
 
+    def check_responses(self, items: Sequence[tuple[Messages, str]]) -> list[Verdict]:
+        """The output classifier's verdict on each whole (conversation, response) as a stream
+        meets it: the highest P(restricted) over the response's prefixes (:func:`output_prefixes`,
+        as in training), flagged when any prefix is. All prefixes go in one batched pass, shortest
+        first (less padding). A prompt that fills ``max_length`` is scored alone, cut."""
+        scorer = self.classifier("output")
+        rows: list[list[int]] = []
+        owner: list[int] = []
+        for i, (messages, response) in enumerate(items):
+            prompt = input_ids(scorer.tokenizer, messages)
+            tokens = scorer.tokenizer(response, add_special_tokens=False)["input_ids"]
+            cut = output_prefixes(prompt, tokens, scorer.prefix_tokens, scorer.max_length)
+            rows.extend(cut or [prompt[: scorer.max_length]])
+            owner.extend([i] * (len(cut) or 1))
+        order = sorted(range(len(rows)), key=lambda k: len(rows[k]))
+        best = [-math.inf] * len(items)
+        if rows:
+            ps = scorer.probabilities([rows[k] for k in order])
+            for k, p in zip(order, ps, strict=True):
+                best[owner[k]] = max(best[owner[k]], p)
+        t = scorer.threshold
+        return [Verdict(p, p >= t, t) for p in best]
+
     def stream(
         self, messages: Messages, pieces: Iterable[int] | Iterable[str], *, every: int | None = None
     ) -> Stopped:
@@ -230,4 +276,14 @@ class Guard:
                 close()
 
 
-__all__ = ["Classifier", "Guard", "Stopped", "Verdict", "as_messages", "input_ids", "output_ids"]
+__all__ = [
+    "Classifier",
+    "Guard",
+    "Stopped",
+    "Verdict",
+    "as_messages",
+    "input_ids",
+    "output_ids",
+    "output_prefixes",
+    "prefix_lengths",
+]

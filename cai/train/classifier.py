@@ -12,9 +12,9 @@ The model is the starting model with a one-logit head (the reward model's, see
 cross-entropy on restricted = 1, permitted = 0 (Constitutional Classifiers, arXiv 2501.18837).
 ``kind: input`` trains on the examples without a ``response`` (the conversation so far);
 ``kind: output`` on those with one, each cut into prefixes every ``prefix_tokens`` response tokens
-(and the whole response), every prefix labelled as its example, so that the guard can judge a
-response as it streams and stop it early (``Guard.stream``). Examples of the other kind are
-skipped and counted.
+(and the whole response: ``cai.classify.guard.output_prefixes``, shared with the evaluation),
+every prefix labelled as its example, so that the guard can judge a response as it streams and
+stop it early (``Guard.stream``). Examples of the other kind are skipped and counted.
 
 A seeded share ``eval_split`` of each label is held out (whole examples, never some of an
 example's prefixes) unless ``eval_data`` is given. On it: ``eval_auc``, the threshold that keeps
@@ -40,7 +40,7 @@ import torch.nn.functional as F
 from transformers import Trainer
 
 from cai.classify.data import Example, load_examples
-from cai.classify.guard import input_ids
+from cai.classify.guard import input_ids, output_prefixes
 from cai.classify.metrics import auc, counts, threshold_at_fpr
 from cai.data import DataError
 from cai.layout import CLASSIFIER_FILE
@@ -92,12 +92,6 @@ def bce_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     return F.binary_cross_entropy_with_logits(logits, labels.to(logits.dtype))
 
 
-def prefix_lengths(n: int, every: int) -> list[int]:
-    """The response lengths an output example trains on: every ``every`` tokens, and ``n``."""
-    cuts = list(range(every, n, every))
-    return [*cuts, n] if n else [0]
-
-
 def example_rows(
     tokenizer, example: Example, config: ClassifierConfig, stats: DataStats
 ) -> list[list[int]]:
@@ -115,12 +109,11 @@ def example_rows(
     if room < 1:
         stats.dropped += 1
         return []
-    kept = min(len(response), room)
-    if kept < len(response):
+    if len(response) > room:
         stats.truncated += 1
-        stats.truncated_tokens += len(response) - kept
+        stats.truncated_tokens += len(response) - room
     # prompt + response[:n] is output_ids(tokenizer, messages, response[:n]), what Guard reads.
-    return [prompt + response[:n] for n in prefix_lengths(kept, config.prefix_tokens)]
+    return output_prefixes(prompt, response, config.prefix_tokens, config.max_length)
 
 
 def examples_of_kind(path: str, kind: str) -> list[Example]:
@@ -218,10 +211,10 @@ def held_out_scores(
     scores = []
     try:
         for example in examples:
-            rows = example_rows(tokenizer, example, config, DataStats())
-            if not rows:
-                scores.append(0.0)
-                continue
+            # A prompt that fills max_length alone: scored cut, as Guard.check_responses does.
+            rows = example_rows(tokenizer, example, config, DataStats()) or [
+                input_ids(tokenizer, example.messages)[: config.max_length]
+            ]
             batch = collate([{"input_ids": r, "label": 0.0} for r in rows])
             logits = _logits(model, {k: v.to(device) for k, v in batch.items()})
             scores.append(float(torch.sigmoid(logits.float()).max()))
@@ -291,7 +284,6 @@ __all__ = [
     "ClassifierTrainer",
     "bce_loss",
     "held_out_metrics",
-    "prefix_lengths",
     "split_examples",
     "train_classifier",
 ]
