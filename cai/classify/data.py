@@ -8,8 +8,8 @@ One JSON object a line::
 A record with ``response`` is an output example (the conversation so far, then the response the
 output guard reads as it streams); one without is an input example (the conversation so far,
 ending with the user's turn). The pipeline's export (``cai.pipeline.classifier_data``) is read
-as it is: its ``group`` (one prompt and its augmentations, or one seed category) is kept, so that
-the trainer holds out whole groups (``cai.train.classifier.split_examples``); its other descriptive
+as it is: its ``group`` (a class's seed example with its styles, look-alikes and augmentations,
+or one seed-set category) is kept, so that the trainer holds out whole groups (``cai.train.classifier.split_examples``); its other descriptive
 fields (``style``, ``kind``, ``augment``, ``response_kind``) are accepted and ignored; any other
 field is refused. Errors name the file and line.
 """

@@ -22,8 +22,9 @@ and its augmentations never straddle the split: ``split_examples``) unless ``eva
 given. On it: ``eval_auc``, the threshold that keeps the false-positive rate on held-out
 permitted examples at most ``max_fpr`` (``eval_threshold``), and ``eval_precision`` /
 ``eval_recall`` / ``eval_fpr`` there. An output example's held-out score is the highest over its
-prefixes: a stream is stopped as soon as one prefix is flagged. The threshold and metrics go to ``cai_classifier.json`` beside the saved model (and
-``cai_train.json``, as for every trainer). With LoRA the new head trains in full.
+prefixes: a stream is stopped as soon as one prefix is flagged. The threshold and metrics go to
+``cai_classifier.json`` beside the saved model (and ``cai_train.json``, as for every trainer).
+With LoRA the new head trains in full.
 """
 
 from __future__ import annotations
@@ -140,8 +141,8 @@ def split_examples(
     """(train, held out): a seeded ``share`` of each label held out in whole groups, at least one
     group of each label held out and at least one left to train on.
 
-    Examples of one ``group`` (the export's: one prompt and its augmentations, or one seed
-    category) go to the same side, so that the threshold is not chosen on near-copies of training
+    Examples of one ``group`` (the export's: a class's seed example with its styles, look-alikes
+    and augmentations, or one seed-set category) go to the same side, so that the threshold is not chosen on near-copies of training
     prompts; an example without a group is a group of its own. A group counts for the label most
     of its examples have (restricted on a tie). Per label, its groups (in order of first
     appearance) are shuffled with the seed and held out, in that order, until at least
