@@ -362,6 +362,23 @@ def test_resume_after_sigkill_writes_no_record_twice(tmp_path):
         assert resumed == _rows(tmp_path / "b" / "run" / "classifier_data" / f"{kind}.jsonl")
 
 
+@pytest.mark.parametrize(
+    ("name", "requests", "completions"),
+    [("classifiers-tiny", 24, True), ("classifiers-cpu", 72, False), ("classifiers", None, True)],
+)
+def test_shipped_classifier_recipes_plan(name, requests, completions, tmp_path, capsys):
+    from cai.pipeline.__main__ import main as pipeline_main
+    from cai.resources import resolve
+
+    recipe = load_recipe(resolve("pipelines", name))
+    assert recipe.stages.class_prompts
+    assert bool(recipe.stages.class_completions) == completions
+    if requests is None:  # a GPU recipe: its model is not the cached one
+        return
+    assert pipeline_main(["run", name, "--dry-run", "--run-dir", str(tmp_path / "run")]) == 0
+    assert f"class_prompts: {requests} requests" in capsys.readouterr().err
+
+
 # ---- the real model ------------------------------------------------------------------------------
 
 

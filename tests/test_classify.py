@@ -10,11 +10,12 @@ from __future__ import annotations
 
 import json
 import math
+import random
 
 import pytest
 
 from cai.classify import Guard, Verdict
-from cai.classify.data import load_examples
+from cai.classify.data import Example, load_examples
 from cai.classify.evaluate import guard_scores, report
 from cai.classify.guard import input_ids, output_prefixes, prefix_lengths
 from cai.classify.metrics import auc, counts, summary, threshold_at_fpr
@@ -140,6 +141,12 @@ def test_examples_are_checked_with_file_and_line(tmp_path):
     exported |= {"response": "Sure.", "response_kind": "helpful"}
     [example] = load_examples(write(tmp_path / "export.jsonl", [exported]))
     assert (example.kind, example.cls, example.response) == ("output", "weapons", "Sure.")
+    assert example.group == "weapons#0"  # kept: the trainer holds out whole groups
+    bad_group = write(
+        tmp_path / "group.jsonl", [{"prompt": "Hi", "label": "permitted", "group": []}]
+    )
+    with pytest.raises(DataError, match=r"group.jsonl:1: group must be a string"):
+        load_examples(bad_group)
     messages = [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello"}]
     ends = write(tmp_path / "ends.jsonl", [{"prompt": messages, "label": "permitted"}])
     with pytest.raises(DataError, match="must end with a user turn"):
@@ -154,6 +161,70 @@ def test_split_holds_out_each_label_seeded(tmp_path):
     assert split_examples(examples, 0.25, seed=3) == (train, held)
     with pytest.raises(DataError, match="1 restricted example"):
         split_examples([e for e in examples if e.label == 0] + examples[:1], 0.25, 3)
+
+
+def grouped(n_groups: int = 20) -> list[Example]:
+    """Groups as the export writes them: a prompt and its augmentations (sizes 1-4, one label),
+    a few mixed groups (a class's restricted and permitted prompts), and group-less examples."""
+    examples = []
+    for g in range(n_groups):
+        label = g % 2
+        for i in range(1 + g % 4):
+            examples.append(Example(msg(f"g{g}-{i}"), label, None, None, f"x:{g}.{i}", f"c#{g}"))
+    for g in range(4):  # mixed: 2 restricted + 1 permitted, or the reverse
+        for i, label in enumerate([1, 1, 0] if g % 2 else [0, 0, 1]):
+            examples.append(Example(msg(f"m{g}-{i}"), label, None, None, f"y:{g}.{i}", f"m#{g}"))
+    examples += [Example(msg(f"solo{i}"), i % 2, None, None, f"z:{i}") for i in range(10)]
+    return examples
+
+
+def msg(text: str) -> list[dict]:
+    return [{"role": "user", "content": text}]
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_split_holds_out_whole_groups(seed):
+    examples = grouped()
+    train, held = split_examples(examples, 0.25, seed)
+    assert sorted(e.where for e in train + held) == sorted(e.where for e in examples)
+    train_groups = {e.group for e in train if e.group is not None}
+    held_groups = {e.group for e in held if e.group is not None}
+    assert train_groups and held_groups and not train_groups & held_groups
+    for label in (0, 1):
+        total = sum(e.label == label for e in examples)
+        out = sum(e.label == label for e in held)
+        # at least the share of the label; over it by at most one group (<= 4) and a mixed
+        # group's other-label examples (<= 2)
+        assert math.ceil(0.25 * total) <= out + 2 and out <= math.ceil(0.25 * total) + 6
+        assert any(e.label == label for e in train)
+    assert split_examples(examples, 0.25, seed) == (train, held)
+
+
+def test_split_of_group_less_data_is_the_per_example_split():
+    # Each example its own group: the seeded per-label shuffle of the examples, the first
+    # ceil(share * n) held out (what the trainer did before groups were read).
+    examples = [Example(msg(f"p{i}"), int(i % 3 == 0), None, None, f"f:{i}") for i in range(30)]
+    train, held = split_examples(examples, 0.2, seed=7)
+    expected_held = []
+    for label in (1, 0):
+        mine = [e for e in examples if e.label == label]
+        random.Random(f"7:{label}").shuffle(mine)
+        expected_held += mine[: math.ceil(0.2 * len(mine))]
+    assert held == expected_held
+    assert len(train) + len(held) == 30
+    assert split_examples(examples, 0.2, seed=7) == (train, held)
+    assert split_examples(examples, 0.2, seed=8) != (train, held)
+
+
+def test_split_needs_two_groups_of_each_label():
+    one = [Example(msg(f"r{i}"), 1, None, None, f"f:{i}", "r#0") for i in range(5)]
+    two = [Example(msg(f"p{i}"), 0, None, None, f"g:{i}", f"p#{i}") for i in range(3)]
+    with pytest.raises(DataError, match="1 restricted group"):
+        split_examples(one + two, 0.25, 0)
+    # a lone group is never held out whole: one group of it stays to train on
+    many = [Example(msg(f"r{i}"), 1, None, None, f"h:{i}", f"r#{i % 2}") for i in range(6)]
+    train, held = split_examples(many + two, 0.9, 0)
+    assert {e.group for e in train if e.label} and {e.group for e in held if e.label}
 
 
 # --- training on the tiny model ------------------------------------------------------------------

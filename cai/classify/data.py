@@ -8,9 +8,10 @@ One JSON object a line::
 A record with ``response`` is an output example (the conversation so far, then the response the
 output guard reads as it streams); one without is an input example (the conversation so far,
 ending with the user's turn). The pipeline's export (``cai.pipeline.classifier_data``) is read
-as it is: its descriptive fields (``style``, ``kind``, ``augment``, ``group``,
-``response_kind``) are accepted and ignored; any other field is refused. Errors name the file and
-line.
+as it is: its ``group`` (a class's seed example with its styles, look-alikes and augmentations,
+or one seed-set category) is kept, so that the trainer holds out whole groups (``cai.train.classifier.split_examples``); its other descriptive
+fields (``style``, ``kind``, ``augment``, ``response_kind``) are accepted and ignored; any other
+field is refused. Errors name the file and line.
 """
 
 from __future__ import annotations
@@ -24,7 +25,8 @@ from cai.data import DataError, check_messages, read_rows
 LABELS = {"restricted": 1, "permitted": 0}
 """A record's label → the classifier's target (restricted is the positive class)."""
 EXPORT_FIELDS = {"style", "kind", "augment", "group", "response_kind"}
-"""What the ``class_prompts`` / ``class_completions`` export adds to a record: read, not used."""
+"""What the ``class_prompts`` / ``class_completions`` export adds to a record (only ``group`` is
+used)."""
 FIELDS = {"prompt", "label", "class", "response", *EXPORT_FIELDS}
 Kind = Literal["input", "output"]
 
@@ -43,6 +45,8 @@ class Example:
     """The response (output examples only)."""
     where: str
     """``file:line``."""
+    group: str | None = None
+    """The export's ``group``: examples of one group are held out together (None: its own)."""
 
     @property
     def kind(self) -> Kind:
@@ -73,7 +77,17 @@ def _example(row: dict, where: str) -> Example:
     response = row.get("response")
     if response is not None and (not isinstance(response, str) or not response.strip()):
         raise DataError(f"{where}: response must be a non-empty string")
-    return Example(messages, LABELS[label], None if cls is None else str(cls), response, where)
+    group = row.get("group")
+    if group is not None and not isinstance(group, str | int):
+        raise DataError(f"{where}: group must be a string, got {type(group).__name__}")
+    return Example(
+        messages,
+        LABELS[label],
+        None if cls is None else str(cls),
+        response,
+        where,
+        None if group is None else str(group),
+    )
 
 
 def load_examples(path: str | Path) -> list[Example]:

@@ -17,12 +17,14 @@ every prefix labelled as its example, so that the guard can judge a response as 
 stop it early (``Guard.stream``). Examples of the other kind are skipped and counted.
 
 A seeded share ``eval_split`` of each label is held out (whole examples, never some of an
-example's prefixes) unless ``eval_data`` is given. On it: ``eval_auc``, the threshold that keeps
-the false-positive rate on held-out permitted examples at most ``max_fpr`` (``eval_threshold``),
-and ``eval_precision`` / ``eval_recall`` / ``eval_fpr`` there. An output example's held-out score
-is the highest over its prefixes: a stream is stopped as soon as one prefix is flagged. The
-threshold and metrics go to ``cai_classifier.json`` beside the saved model (and
-``cai_train.json``, as for every trainer). With LoRA the new head trains in full.
+example's prefixes; whole groups where the records carry the export's ``group``, so that a prompt
+and its augmentations never straddle the split: ``split_examples``) unless ``eval_data`` is
+given. On it: ``eval_auc``, the threshold that keeps the false-positive rate on held-out
+permitted examples at most ``max_fpr`` (``eval_threshold``), and ``eval_precision`` /
+``eval_recall`` / ``eval_fpr`` there. An output example's held-out score is the highest over its
+prefixes: a stream is stopped as soon as one prefix is flagged. The threshold and metrics go to
+``cai_classifier.json`` beside the saved model (and ``cai_train.json``, as for every trainer).
+With LoRA the new head trains in full.
 """
 
 from __future__ import annotations
@@ -69,7 +71,9 @@ class ClassifierConfig(TrainConfig):
     learning_rate: float = doc("peak learning rate (AdamW)", 1e-4)
     max_length: int = doc("tokens per example; longer ones are cut at the end and counted", 512)
     prefix_tokens: int = doc("output: train on response prefixes cut every N tokens", 16)
-    eval_split: float = doc("share of each label held out (seeded) when eval_data is unset", 0.2)
+    eval_split: float = doc(
+        "share of each label held out (seeded, whole groups) when eval_data is unset", 0.2
+    )
     max_fpr: float = doc(
         "the threshold keeps the false-positive rate on held-out permitted examples <= this", 0.05
     )
@@ -134,23 +138,48 @@ def _other(kind: str) -> str:
 def split_examples(
     examples: list[Example], share: float, seed: int
 ) -> tuple[list[Example], list[Example]]:
-    """(train, held out): a seeded ``share`` of each label held out, at least one of each, and
-    at least one of each left to train on."""
+    """(train, held out): a seeded ``share`` of each label held out in whole groups, at least one
+    group of each label held out and at least one left to train on.
+
+    Examples of one ``group`` (the export's: a class's seed example with its styles, look-alikes
+    and augmentations, or one seed-set category) go to the same side, so that the threshold is not chosen on near-copies of training
+    prompts; an example without a group is a group of its own. A group counts for the label most
+    of its examples have (restricted on a tie). Per label, its groups (in order of first
+    appearance) are shuffled with the seed and held out, in that order, until at least
+    ``ceil(share * examples of the label)`` of the label's examples are held out, never the last
+    group. Without groups this is the per-example split (the same examples for the same seed).
+    """
+    groups: dict[object, list[Example]] = {}
+    for i, e in enumerate(examples):
+        key = ("group", e.group) if e.group is not None else ("example", i)
+        groups.setdefault(key, []).append(e)
     train: list[Example] = []
     held: list[Example] = []
     for label in (1, 0):
-        group = [e for e in examples if e.label == label]
+        mine = [g for g in groups.values() if _group_label(g) == label]
         name = "restricted" if label else "permitted"
-        if len(group) < 2:
+        if len(mine) < 2:
+            what = "example(s)" if all(e.group is None for g in mine for e in g) else "group(s)"
             raise DataError(
-                f"{len(group)} {name} example(s): a classifier needs >= 2 of each label to hold "
+                f"{len(mine)} {name} {what}: a classifier needs >= 2 of each label to hold "
                 "one out; add examples or set eval_data"
             )
-        random.Random(f"{seed}:{label}").shuffle(group)
-        n = min(max(1, math.ceil(share * len(group))), len(group) - 1)
-        held.extend(group[:n])
-        train.extend(group[n:])
+        random.Random(f"{seed}:{label}").shuffle(mine)
+        size = sum(e.label == label for g in mine for e in g)
+        target = math.ceil(share * size)
+        n, taken = 0, 0
+        while n < len(mine) - 1 and (n == 0 or taken < target):
+            taken += sum(e.label == label for e in mine[n])
+            n += 1
+        held.extend(e for g in mine[:n] for e in g)
+        train.extend(e for g in mine[n:] for e in g)
     return train, held
+
+
+def _group_label(group: list[Example]) -> int:
+    """The label most of a group's examples have; restricted (1) on a tie."""
+    restricted = sum(e.label for e in group)
+    return 1 if 2 * restricted >= len(group) else 0
 
 
 def tokenize(
