@@ -45,6 +45,11 @@ def _cell(value: Any) -> str:
     return str(value) if isinstance(value, int) else f"{value:.3f}"
 
 
+def _width(name: str) -> int:
+    """A per-category column's width: 22, or its name's and two spaces (a routed variant's)."""
+    return max(22, len(name) + 2)
+
+
 def _judge_table(result: dict) -> str:
     """The human-readable summary of ``cai.judge.agreement.side_by_side``'s result: a row per
     judge variant; per category, each variant's accuracy."""
@@ -64,11 +69,12 @@ def _judge_table(result: dict) -> str:
         lines += [
             "",
             "accuracy by category",
-            f"{'':<26}{'pairs':>8}" + "".join(f"{n:>22}" for n in names),
+            f"{'':<26}{'pairs':>8}" + "".join(f"{n:>{_width(n)}}" for n in names),
         ]
         for category, row in by.items():
             lines.append(
-                f"{category:<26}{row['pairs']:>8}" + "".join(f"{_cell(row[n]):>22}" for n in names)
+                f"{category:<26}{row['pairs']:>8}"
+                + "".join(f"{_cell(row[n]):>{_width(n)}}" for n in names)
             )
     guard = result.get("guard")
     if guard:
