@@ -547,3 +547,19 @@ def test_side_by_side_reports_the_share_flagged_per_category(tmp_path):
     }
     assert set(result["by_category"]["edgy"]) == {"pairs", "longer wins", "plain", "plain routed"}
     assert closed == [True]  # released after its variant; the shares came from kept verdicts
+
+
+def test_a_judge_without_a_guard_imports_no_classifier(tmp_path):
+    import subprocess
+    import sys
+
+    code = (
+        "import sys\n"
+        "from cai.cli import judge\n"
+        "from cai.pipeline import judge as stage\n"
+        "from cai.judge import JudgeSettings\n"
+        "JudgeSettings('hhh', mode='pointwise', principles=['balanced'])\n"
+        "print('torch' in sys.modules, 'cai.classify' in sys.modules)\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.split() == ["False", "False"]
