@@ -549,7 +549,8 @@ def test_side_by_side_reports_the_share_flagged_per_category(tmp_path):
     assert closed == [True]  # released after its variant; the shares came from kept verdicts
 
 
-def test_a_judge_without_a_guard_imports_no_classifier(tmp_path):
+def test_a_judge_without_a_guard_imports_no_classifier():
+    import os
     import subprocess
     import sys
 
@@ -561,5 +562,7 @@ def test_a_judge_without_a_guard_imports_no_classifier(tmp_path):
         "JudgeSettings('hhh', mode='pointwise', principles=['balanced'])\n"
         "print('torch' in sys.modules, 'cai.classify' in sys.modules)\n"
     )
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}
+    run = [sys.executable, "-c", code]
+    out = subprocess.run(run, capture_output=True, text=True, check=True, env=env)
     assert out.stdout.split() == ["False", "False"]
