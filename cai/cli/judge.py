@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from pathlib import Path
 from typing import Any
 
 from cai.config import ConfigError
@@ -17,6 +18,7 @@ from cai.judge.agreement import side_by_side
 from cai.judge.generative import GenerativeJudge
 from cai.judge.judge import Judge
 from cai.judge.pointwise import DEFAULT_LENGTH_COEF, fit_length_coef
+from cai.judge.routing import VERDICTS, InputGuard
 from cai.judge.settings import CALIBRATIONS, MODES, JudgeSettings
 from cai.layout import DATA_FILE, DATASET, STAGES, RunLayout
 from cai.models import DEFAULT_MODEL
@@ -43,6 +45,11 @@ def _cell(value: Any) -> str:
     return str(value) if isinstance(value, int) else f"{value:.3f}"
 
 
+def _width(name: str) -> int:
+    """A per-category column's width: 22, or its name's and two spaces (a routed variant's)."""
+    return max(22, len(name) + 2)
+
+
 def _judge_table(result: dict) -> str:
     """The human-readable summary of ``cai.judge.agreement.side_by_side``'s result: a row per
     judge variant; per category, each variant's accuracy."""
@@ -62,12 +69,21 @@ def _judge_table(result: dict) -> str:
         lines += [
             "",
             "accuracy by category",
-            f"{'':<26}{'pairs':>8}" + "".join(f"{n:>22}" for n in names),
+            f"{'':<26}{'pairs':>8}" + "".join(f"{n:>{_width(n)}}" for n in names),
         ]
         for category, row in by.items():
             lines.append(
-                f"{category:<26}{row['pairs']:>8}" + "".join(f"{_cell(row[n]):>22}" for n in names)
+                f"{category:<26}{row['pairs']:>8}"
+                + "".join(f"{_cell(row[n]):>{_width(n)}}" for n in names)
             )
+    guard = result.get("guard")
+    if guard:
+        shares = ", ".join(f"{c} {_cell(v)}" for c, v in guard.get("by_category", {}).items())
+        lines += [
+            "",
+            f"routing guard {guard['folder']}: {_cell(guard['flagged'])} of the prompts flagged"
+            + (f" ({shares})" if shares else ""),
+        ]
     return "\n".join(lines)
 
 
@@ -81,6 +97,59 @@ def _list(text: str, allowed: tuple[str, ...] | None, flag: str) -> list[str]:
 
 def _principles(args: argparse.Namespace) -> list[str] | None:
     return None if args.principles is None else _list(args.principles, None, "--principles")
+
+
+def _route(args: argparse.Namespace) -> dict[str, list[str]] | None:
+    """``--route restricted=ID,... --route permitted=ID,...`` as JudgeSettings' ``route``."""
+    given = getattr(args, "route", None)
+    if not given:
+        return None
+    route: dict[str, list[str]] = {}
+    for text in given:
+        verdict, sep, ids = text.partition("=")
+        verdict = verdict.strip()
+        if not sep or verdict not in VERDICTS:
+            raise ValueError(
+                f"--route: expected VERDICT=ID[,ID...] with VERDICT one of {', '.join(VERDICTS)}, "
+                f"got {text!r}"
+            )
+        if verdict in route:
+            raise ValueError(f"--route: {verdict} given twice")
+        route[verdict] = _list(ids, None, f"--route {verdict}")
+    return route
+
+
+def load_guard(folder: str) -> InputGuard:
+    """The routing classifier, loaded when a routed judge needs its first verdict (torch is
+    imported then, not when the command starts)."""
+    from cai.classify import Guard
+
+    return Guard(folder)
+
+
+def _routing(args: argparse.Namespace) -> dict[str, Any]:
+    """The routing fields of JudgeSettings from ``--guard`` and ``--route`` (none: no routing).
+    ``cai serve``'s ``--guard`` lists the served classifiers: the input one among them routes."""
+    route, guard = _route(args), getattr(args, "guard", None)
+    if isinstance(guard, list):  # cai serve: route with its input classifier, if asked
+        guard = _input_folder(guard) if route is not None else None
+    if guard is None and route is None:
+        return {}
+    return {"guard": guard, "route": route, "load_guard": load_guard}
+
+
+def _input_folder(folders: list[str]) -> str | None:
+    """The folder of an input classifier among ``folders`` (None: none is one)."""
+    from cai.layout import CLASSIFIER_FILE
+
+    for folder in folders:
+        try:
+            info = json.loads((Path(folder) / CLASSIFIER_FILE).read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            continue
+        if isinstance(info, dict) and info.get("kind") == "input":
+            return folder
+    raise ValueError("--route: none of the --guard folders is an input classifier")
 
 
 def _judge_variants(args: argparse.Namespace) -> dict[str, JudgeSettings]:
@@ -101,6 +170,7 @@ def _judge_variants(args: argparse.Namespace) -> dict[str, JudgeSettings]:
     }
     variants: dict[str, JudgeSettings] = {}
     constitution = load_constitution(args.constitution)
+    routing = _routing(args)
     for mode in modes:
         if mode == "pairwise":
             for cal in calibrations:
@@ -120,7 +190,26 @@ def _judge_variants(args: argparse.Namespace) -> dict[str, JudgeSettings]:
                     temperature=args.temperature,
                     **common,
                 )
+    if routing:  # each variant beside its routed twin (route in place of --principles)
+        for name, settings in list(variants.items()):
+            fields = {f: getattr(settings, f) for f in ROUTED_FROM}
+            variants[f"{name} routed"] = flag_settings(
+                constitution, **{**fields, "principles": None, **routing}
+            )
     return variants
+
+
+ROUTED_FROM = (
+    "mode",
+    "calibration",
+    "cot",
+    "length_coef",
+    "temperature",
+    "ensemble",
+    "seed",
+    "few_shot",
+)
+"""The settings a routed variant of ``cai judge eval`` takes from its unrouted twin."""
 
 
 CHARS_PER_TOKEN_BOUND = 16
@@ -146,6 +235,8 @@ def _check_pair_lengths(
     from cai.models import resolve_model
 
     path = resolve_model(spec).path
+    if judge is not None and judge.mode == "pairwise":
+        judge.verdicts([p.prompt for p in pairs])  # routed: every verdict in one pass
     tokenizer = AutoTokenizer.from_pretrained(path)
     context = getattr(AutoConfig.from_pretrained(path), "max_position_embeddings", None) or 2048
     overheads: dict[str, int] = {}
@@ -246,6 +337,23 @@ def _add_judge_common(parser: argparse.ArgumentParser, constitution: str) -> Non
         "--cot", action="store_true", help="pairwise: chain-of-thought, clamped probabilities"
     )
     parser.add_argument("--seed", type=int, default=0, help="the judge's seed (principle draws)")
+    parser.add_argument(
+        "--route",
+        action="append",
+        metavar="VERDICT=ID,...",
+        help="with an input classifier (--guard): the principles asked when it flags the "
+        "prompt (restricted=ID,...) and when not (permitted=ID,...), in place of --principles; "
+        "give both",
+    )
+
+
+def _add_guard(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--guard",
+        metavar="DIR",
+        help="an input classifier (`cai train classifier`, kind input) whose verdict on each "
+        "prompt picks the --route principles",
+    )
 
 
 def add_judge_options(parser: argparse.ArgumentParser, *, constitution: str = "harmless") -> None:
@@ -269,6 +377,8 @@ def add_judge_options(parser: argparse.ArgumentParser, *, constitution: str = "h
 
 
 FLAGS = {
+    "guard": "--guard",
+    "route": "--route",
     "constitution": "--constitution",
     "mode": "--mode",
     "ensemble": "--ensemble",
@@ -307,6 +417,7 @@ def settings_from_args(args: argparse.Namespace) -> JudgeSettings:
         ensemble=args.ensemble,
         seed=args.seed,
         cot=args.cot,
+        **_routing(args),
     )
 
 
@@ -440,6 +551,7 @@ def add_judge(commands: argparse._SubParsersAction) -> None:
         "--data", required=True, metavar="FILE", help="preference pairs (cai.pairs.load_pairs)"
     )
     _add_judge_common(ev, "hhh")
+    _add_guard(ev)
     ev.add_argument("--limit", type=int, default=None, metavar="N", help="judge the first N pairs")
     ev.add_argument(
         "--mode", default="pairwise,pointwise", metavar="M,...", help="pairwise, pointwise or both"
@@ -488,6 +600,7 @@ def add_judge(commands: argparse._SubParsersAction) -> None:
         help=f"OUT/{DATA_FILE}, OUT/{DATASET}/, OUT/{STAGES}/",
     )
     add_judge_options(label)
+    _add_guard(label)
     label.add_argument("--limit", type=int, default=None, metavar="N", help="the first N pairs")
     label.add_argument(
         "--batch-size", type=int, default=64, metavar="N", help="pairs per engine call (and write)"

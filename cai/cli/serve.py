@@ -26,7 +26,7 @@ def _default_judge(args: argparse.Namespace) -> None:
     pointwise = args.mode == "pointwise"
     if args.constitution is None:
         args.constitution = "hhh" if pointwise else "harmless"
-        if pointwise and args.principles is None:
+        if pointwise and args.principles is None and not args.route:
             args.principles = RECIPE_JUDGE["principles"]
     if args.length_coef is None:
         args.length_coef = RECIPE_JUDGE["length_coef"] if pointwise else 0.0
@@ -55,8 +55,11 @@ def _serve(args: argparse.Namespace) -> int:
         num_generations=args.num_generations,
         centered=args.centered,
     )
-    # The judge is served unless only a reward model and/or a guard are asked for.
-    with_judge = args.model is not None or (args.reward_model is None and not args.guard)
+    # The judge is served unless only a reward model and/or a guard are asked for (a judge
+    # routed by the guard's input classifier, --route, is asked for).
+    with_judge = (
+        args.model is not None or bool(args.route) or (args.reward_model is None and not args.guard)
+    )
     judge = reward_model = guard = sock = None
     try:
         check_options(
@@ -144,7 +147,8 @@ def add_serve(commands: argparse._SubParsersAction) -> None:
         "--guard",
         action="append",
         metavar="DIR",
-        help="a `cai train classifier` folder served at /v1/classify (repeat: input and output)",
+        help="a `cai train classifier` folder served at /v1/classify (repeat: input and "
+        "output); with --route, the input one also routes the judge's principles",
     )
     serve.add_argument(
         "--against",

@@ -7,6 +7,7 @@ pointwise.py   the pointwise scorer: each response alone, yes/no score questions
 generative.py  GenerativeJudge: the naive "write A or B" baseline, kept for comparison
 agreement.py   ``cai judge eval``: a judge against labelled pairs
 label.py       ``cai judge label``: a file of pairs labelled resumably; the export row rule
+routing.py     the principle picked by an input classifier's verdict (guard, route)
 
 from cai.judge import Judge
 with Judge("smollm2-135m", constitution="harmless") as judge:

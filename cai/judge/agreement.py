@@ -8,6 +8,9 @@ order), Brier score and expected calibration error, length bias, pairs per secon
 "longer wins" baseline that every judge must beat.
 
     cai judge eval --data data/judge_dev.jsonl --mode pairwise,pointwise --calibration none,batch
+
+A routed variant (``guard`` and ``route``, ``cai.judge.routing``) adds the share of prompts its
+input classifier flags, overall and per category (``guard`` in the result).
 """
 
 from __future__ import annotations
@@ -19,7 +22,8 @@ from typing import Any
 from cai.engine import Engine, OptionScores, Sampling
 from cai.judge.generative import GenerativeJudge, parse_verdict
 from cai.judge.judge import Judge
-from cai.judge.pair import Prompt
+from cai.judge.pair import Prompt, check_pair
+from cai.judge.routing import RESTRICTED
 from cai.judge.settings import JudgeSettings
 from cai.keys import canonical
 from cai.stats import accuracy, brier, ece, length_bias
@@ -232,7 +236,10 @@ def side_by_side(
     for name, settings in variants.items():
         judge = Judge.from_settings(settings, memo)
         asked = memo.asked
-        metrics = judge_metrics(judge, pairs, progress=name if progress else False)
+        try:
+            metrics = judge_metrics(judge, pairs, progress=name if progress else False)
+        finally:
+            settings.close()  # a routing classifier: one loaded at a time
         if memo.asked == asked:  # every score came from an earlier variant: no speed to report
             metrics["pairs_per_s"] = None
         per_pair[name] = metrics.pop("p_chosen")
@@ -259,5 +266,28 @@ def side_by_side(
             for name, p in per_pair.items():
                 by[category][name] = accuracy([p[i] for i in idx])
         result["by_category"] = by
+    routed = next((s for s in variants.values() if s.router is not None), None)
+    if routed is not None:
+        result["guard"] = flagged_shares(routed, pairs, categories)
     result["pair_scores"] = scores
     return result
+
+
+def flagged_shares(
+    settings: JudgeSettings, pairs: Sequence[Labelled], categories: Sequence[str | None] | None
+) -> dict[str, Any]:
+    """The share of the pairs' prompts that the routed judge's input classifier flags
+    (restricted), overall and per category (its verdicts are kept: nothing is classified
+    twice)."""
+    messages = [check_pair(pair, i)[0] for i, pair in enumerate(pairs)]
+    flagged = [v == RESTRICTED for v in settings.verdicts(messages) or []]
+    out: dict[str, Any] = {
+        "folder": settings.guard,
+        "flagged": sum(flagged) / len(flagged),
+    }
+    if categories is not None and any(c is not None for c in categories):
+        out["by_category"] = {}
+        for category in sorted({str(c) for c in categories}):
+            idx = [i for i, c in enumerate(categories) if str(c) == category]
+            out["by_category"][category] = sum(flagged[i] for i in idx) / len(idx)
+    return out

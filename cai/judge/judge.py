@@ -36,6 +36,11 @@ The principles are drawn per prompt (every response of a prompt is asked the sam
 and each distinct (prompt, response, question) is scored once, whatever the number of pairs.
 There is no order, so ``consistent`` is None.
 
+**Routing** (``guard=``, ``route=``, ``cai.judge.routing``): an input classifier's verdict on the
+conversation picks the list the principles are drawn from (``route["restricted"]`` or
+``route["permitted"]``), one batched classifier pass per ``label`` call; the classifier is
+released by ``close``.
+
 ``cai.judge.generative.GenerativeJudge`` is the naive baseline kept for comparison.
 
     from cai.judge import Judge
@@ -118,9 +123,10 @@ class _PairJudge:
     constitution = _setting("constitution")
 
     def close(self) -> None:
-        """Close the engine if this judge built it."""
+        """Close the engine if this judge built it, and release a routing classifier."""
         if self._owns_engine:
             self.engine.close()
+        self.settings.close()
 
     def __enter__(self):
         return self
@@ -384,6 +390,7 @@ class Judge(_PairJudge):
                 raise ValueError(f"response {i}: expected a (prompt, response) pair")
             messages, text, _, _ = check_pair((pair[0], pair[1], pair[1]), i)
             checked.append((messages, text))
+        self.settings.verdicts([m for m, _ in checked])  # routed: one batched pass
         return self._scorer.score(checked, progress)
 
     def _label_pointwise(self, items: list[_Item], progress: bool | str) -> list[Preference]:

@@ -155,6 +155,7 @@ def label_pairs(
 ) -> LabelResult:
     """Judge the pairs not yet labelled in ``out``, then export every decided pair there."""
     out = Path(out)
+    judge.settings.verdicts([p.prompt for p in pairs])  # routed: the keys' verdicts in one pass
     items = [(label_key(judge.settings, p, model), p) for p in pairs]
 
     def call(batch, label):

@@ -132,14 +132,14 @@ class ResponseScore:
 
 class PointwiseScorer:
     """Scores (prompt, response) pairs: each under its prompt's principles (drawn by
-    ``principles_for(key of the prompt)``), each distinct (prompt, response, question) one
-    request of one batched ``score`` call, and never twice (a ``ScoreCache``)."""
+    ``principles_for(key of the prompt, its messages)``), each distinct (prompt, response,
+    question) one request of one batched ``score`` call, and never twice (a ``ScoreCache``)."""
 
     def __init__(
         self,
         engine: Engine,
         render: Callable[[str, list[dict], Sequence[str]], list[dict]],
-        principles_for: Callable[[str], list[Principle]],
+        principles_for: Callable[[str, list[dict]], list[Principle]],
         *,
         length_coef: float,
     ):
@@ -160,7 +160,7 @@ class PointwiseScorer:
         for messages, response in responses:
             prompt_key = record_key(prompt=messages)
             if prompt_key not in principles:
-                principles[prompt_key] = self.principles_for(prompt_key)
+                principles[prompt_key] = self.principles_for(prompt_key, messages)
             row = []
             for p in principles[prompt_key]:
                 question = p.score_question or ""

@@ -1,13 +1,13 @@
 """What defines a judge's labels, without its engine: ``JudgeSettings`` (constitution, template,
-mode, principle draws, CoT, calibration, length control) and the checks of each setting. Every
-judge of cai (the pipeline's judge stage, the evaluation's comparisons, ``cai judge ...`` and
-``cai serve``) is one of these settings on an engine."""
+mode, principle draws, CoT, calibration, length control, routing by an input classifier) and the
+checks of each setting. Every judge of cai (the pipeline's judge stage, the evaluation's
+comparisons, ``cai judge ...`` and ``cai serve``) is one of these settings on an engine."""
 
 from __future__ import annotations
 
 import math
 import random
-from collections.abc import Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -15,6 +15,7 @@ from typing import Any, Literal
 from cai.constitution import Constitution, Principle, check_pointwise, load_constitution
 from cai.judge.pair import JudgePair, PairLike, _Item, check_pair
 from cai.judge.pointwise import score_shots
+from cai.judge.routing import InputGuard, Router, check_route, check_routing
 from cai.keys import record_key, seed_for
 from cai.prompts import Template, load_template
 
@@ -139,6 +140,30 @@ def check_fields(fields: Any) -> None:
         raise ValueError(f"length_coef must be a finite number, got {coef!r}")
     if fields.mode == "pairwise" and (t != 1.0 or coef != 0.0):
         raise ValueError("temperature and length_coef apply to the pointwise judge")
+    check_routing(getattr(fields, "guard", None), getattr(fields, "route", None), fields.principles)
+
+
+def route_pools(
+    constitution: Constitution, route: Mapping[str, Sequence[str]], ensemble: int, mode: str
+) -> dict[str, tuple[Principle, ...]]:
+    """Verdict → the principles a routed judge draws from for it: each of ``route``'s ids a
+    judge principle of ``constitution`` (pointwise: with a score question), at least
+    ``ensemble`` of them. ValueError naming ``route.<verdict>``."""
+    pools = {}
+    for verdict, ids in check_route(route).items():
+        try:
+            pool = judge_pool(constitution, ids)
+            if mode == "pointwise":
+                check_pointwise(constitution, [p.id for p in pool])
+        except ValueError as e:
+            raise ValueError(f"route.{verdict}: {e}") from None
+        if isinstance(ensemble, int) and ensemble > len(pool):
+            raise ValueError(
+                f"route.{verdict}: ensemble={ensemble} needs that many distinct principles; "
+                f"it lists {len(pool)}"
+            )
+        pools[verdict] = pool
+    return pools
 
 
 @dataclass(frozen=True)
@@ -169,6 +194,14 @@ class JudgeSettings:
         length_coef: pointwise only: each score less ``length_coef * ln(characters)``.
         principles: draw only from these principle ids (default: every judge principle);
             becomes the ids of the pool, or None.
+        guard: an input classifier's folder (``cai train classifier``, kind input); with
+            ``route``, its verdict on a pair's conversation picks the principles
+            (``cai.judge.routing``).
+        route: {"restricted": [ids], "permitted": [ids]}: with ``guard``, a pair (pointwise: a
+            prompt) is drawn from the list of its verdict instead of the pool; replaces
+            ``principles``.
+        load_guard: with ``guard``: the function that loads it (``cai.classify.Guard``), called
+            on the first verdict needed; the judge package does not import classifiers.
     """
 
     constitution: Constitution | str | Path = "harmless"
@@ -185,7 +218,14 @@ class JudgeSettings:
     temperature: float = 1.0
     length_coef: float = 0.0
     principles: Sequence[str] | None = None
+    guard: str | Path | None = None
+    route: Mapping[str, Sequence[str]] | None = None
+    load_guard: Callable[[str], InputGuard] | None = field(default=None, repr=False, compare=False)
     pool: tuple[Principle, ...] = field(init=False, repr=False, compare=False)
+    routes: dict[str, tuple[Principle, ...]] | None = field(init=False, repr=False, compare=False)
+    """Verdict → the principles drawn from for it (None: no routing)."""
+    router: Router | None = field(init=False, repr=False, compare=False)
+    """The input classifier's verdicts (None: no routing)."""
 
     def __post_init__(self) -> None:
         check_fields(self)
@@ -196,11 +236,21 @@ class JudgeSettings:
         )
         check_ensemble(constitution, self.ensemble, self.principles)
         pool = judge_pool(constitution, self.principles)
+        routes = router = None
+        if self.route is not None:
+            routes = route_pools(constitution, self.route, self.ensemble, self.mode)
+            pool = tuple(dict.fromkeys(p for ps in routes.values() for p in ps))
+            if self.load_guard is None:
+                raise ValueError(
+                    "guard: a routed judge needs load_guard, the function that loads the "
+                    "classifier (cai.classify.Guard)"
+                )
+            router = Router(str(self.guard), self.load_guard)
         template = self.template
         if not isinstance(template, Template):
             template = load_template(template or default_template(self.mode, self.cot))
         principles = None if self.principles is None else [p.id for p in pool]
-        if self.mode == "pointwise":
+        if self.mode == "pointwise" and routes is None:  # route_pools checked the routed ones
             check_pointwise(constitution, principles)
         for name, value in (
             ("constitution", constitution),
@@ -209,14 +259,41 @@ class JudgeSettings:
             ("pool", pool),
             ("temperature", float(self.temperature)),
             ("length_coef", float(self.length_coef)),
+            ("guard", None if self.guard is None else str(self.guard)),
+            (
+                "route",
+                None if routes is None else {v: [p.id for p in ps] for v, ps in routes.items()},
+            ),
+            ("routes", routes),
+            ("router", router),
         ):
             object.__setattr__(self, name, value)
 
-    def principles_for(self, key: str) -> list[Principle]:
+    def verdicts(self, prompts: Sequence[list[dict]]) -> list[str] | None:
+        """The input classifier's verdict on each conversation (chat messages), in one batched
+        pass for those not seen before; None without routing. Callers that will draw for many
+        pairs one at a time (record keys) call this first with all their prompts."""
+        return None if self.router is None else self.router.verdicts(prompts)
+
+    def close(self) -> None:
+        """Release the routing classifier, if loaded (its verdicts are kept)."""
+        if self.router is not None:
+            self.router.close()
+
+    def principles_for(self, key: str, messages: list[dict] | None = None) -> list[Principle]:
         """``ensemble`` distinct judge principles for a pair (pointwise: a prompt), drawn by
-        weight without replacement from ``random.Random(seed_for(key, seed))``."""
+        weight without replacement from ``random.Random(seed_for(key, seed))``: from the pool,
+        or, routed, from the list of the verdict on ``messages`` (the conversation)."""
+        if self.routes is None:
+            return self._draw(key, self.pool)
+        if messages is None:
+            raise ValueError("a routed judge draws per conversation: pass its messages")
+        [verdict] = self.verdicts([messages])  # type: ignore[misc]
+        return self._draw(key, self.routes[verdict])
+
+    def _draw(self, key: str, pool: Sequence[Principle]) -> list[Principle]:
         rng = random.Random(seed_for(key, self.seed))
-        pool = list(self.pool)
+        pool = list(pool)
         chosen = []
         for _ in range(self.ensemble):
             [p] = rng.choices(pool, weights=[p.weight for p in pool])
@@ -231,15 +308,22 @@ class JudgeSettings:
             raise ValueError(
                 "pairs must be a list of (prompt, response_a, response_b) or JudgePair"
             )
-        items = []
+        checked = []
         for i, pair in enumerate(pairs):
             messages, a, b, key = check_pair(pair, i)
             if per_prompt:
                 key = record_key(prompt=messages)
             elif key is None:
                 key = record_key(prompt=messages, response_a=a, response_b=b)
-            items.append(_Item(messages, (a, b), self.principles_for(key)))
-        return items
+            checked.append((messages, a, b, key))
+        verdicts = self.verdicts([c[0] for c in checked])  # routed: one batched pass
+        pools = (
+            [self.pool] * len(checked) if verdicts is None else [self.routes[v] for v in verdicts]
+        )  # type: ignore[index]
+        return [
+            _Item(messages, (a, b), self._draw(key, pool))
+            for (messages, a, b, key), pool in zip(checked, pools, strict=True)
+        ]
 
     def principles_of(self, pair: PairLike) -> list[Principle]:
         """The principles this judge asks about ``pair``: drawn per pair (pairwise) or per
@@ -312,4 +396,11 @@ class JudgeSettings:
             described["calibration"] = self.calibration
         if self.principles is not None:
             described["principles"] = self.principles
+        # Routing (guard, route) joins no key: a key is a function of what determines the label
+        # text, and the verdict only picks the principles, which the key holds already, each
+        # with the question asked (cai.judge.keys). A retrained guard that flips a verdict
+        # changes the principle and so the key (that pair is judged again); one that gives the
+        # same verdict renders the same prompts, whose stored label is still right. Naming the
+        # guard's folder or weights here would re-judge identical prompts and make a key depend
+        # on where the guard was trained.
         return described

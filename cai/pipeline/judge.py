@@ -10,6 +10,9 @@ judge questions, the judge's settings and template text, judge model spec). Fiel
 ``input_key``, ``sample_key``, ``pair`` ([i, j]), ``prompt``, ``response_a``, ``response_b``,
 ``judge_model`` and :class:`cai.judge.Preference` fields (``winner``, ``p_a``, ``p_a_first``,
 ``p_a_second``, ``consistent``, ``margin``, ``principles``, ``model``, ``rationales``, ``error``).
+With ``guard`` and ``route``, a pair's principles come from ``route``'s list for the input
+classifier's verdict on its prompt (``cai.judge.routing``); the key holds them as ever, so the
+keys need the verdicts (one classifier pass over the prompts, before the keys).
 
 The preference export (TRL's explicit-prompt conversational format) takes, per prompt, every
 decided pair (``pairs: all``) or one pair (``pairs: best_worst``: the responses with the highest
@@ -29,7 +32,7 @@ from statistics import fmean
 from types import SimpleNamespace
 from typing import TYPE_CHECKING, Any, Literal
 
-from cai.config import doc
+from cai.config import ConfigError, FieldError, doc
 from cai.constitution import load_constitution
 from cai.data import PromptRecord
 from cai.export import export_dataset
@@ -37,7 +40,8 @@ from cai.judge.judge import Judge
 from cai.judge.keys import judge_key
 from cai.judge.label import LABEL_DECIMALS, preference_fields
 from cai.judge.pair import JudgePair
-from cai.judge.settings import JudgeSettings, check_fields, check_margin
+from cai.judge.routing import check_routing
+from cai.judge.settings import JudgeSettings, check_fields, check_margin, route_pools
 from cai.keys import model_key, model_name, record_key
 from cai.layout import DATA_FILE, DATASET
 from cai.pipeline.policy import pending, sample_key
@@ -96,6 +100,16 @@ class JudgeStage:
     principles: list[str] | None = doc(
         "ask only these principle ids of the constitution; none: every judge principle", None
     )
+    guard: str | None = doc(
+        "an input classifier folder (`cai train classifier`, kind: input) whose verdict on each "
+        "prompt picks the principles from route; none: no routing",
+        None,
+    )
+    route: dict[str, list[str]] | None = doc(
+        "with guard: the principle ids asked of a flagged prompt and of the others, "
+        "{restricted: [...], permitted: [...]}, in place of principles",
+        None,
+    )
 
     @property
     def settings(self) -> dict[str, Any]:
@@ -119,13 +133,56 @@ class JudgeStage:
             "few_shot": self.few_shot,
             **self.settings,
             "principles": self.principles,
+            **({} if self.guard is None and self.route is None else self.routing),
         }
+
+    @property
+    def routing(self) -> dict[str, Any]:
+        """JudgeSettings' routing fields: guard, route and the guard's loader."""
+        return {"guard": self.guard, "route": self.route, "load_guard": load_guard}
 
     def validate(self) -> None:
         # The judge's own checks (JudgeSettings'), at load time, so that an error names the
-        # recipe's line; those that need the constitution run when the stage is prepared.
+        # recipe's line (the routing settings' their own); those that need the constitution run
+        # when the stage is prepared (route's ids: check_options, with the recipe's line).
+        try:
+            check_routing(self.guard, self.route, self.principles)
+        except ValueError as e:
+            field = next(f for f in ("principles", "route", "guard") if str(e).startswith(f))
+            raise FieldError(field, str(e).removeprefix(field).lstrip(" :")) from None
         check_fields(SimpleNamespace(**self.judge_fields()))
         check_margin("min_margin", self.min_margin)
+
+
+def load_guard(folder: str) -> Any:
+    """The routing classifier, loaded on the first verdict the stage needs (torch then)."""
+    from cai.classify import Guard
+
+    return Guard(folder)
+
+
+def check_options(recipe_data: Any, source: str) -> None:
+    """At recipe load: ``route``'s ids against the judge's constitution (the stage's, else the
+    recipe's), an error naming the file and line of ``route``. A constitution that does not
+    load is reported when the stage is prepared."""
+    options = recipe_data["stages"]["judge"]
+    if not isinstance(options, dict) or options.get("route") is None:
+        return
+    try:
+        constitution = load_constitution(
+            options.get("constitution") or recipe_data.get("constitution") or "harmless"
+        )
+    except (ValueError, OSError):
+        return
+    try:
+        route_pools(
+            constitution, options["route"], options.get("ensemble", 1), options.get("mode") or ""
+        )
+    except ValueError as e:
+        origin = getattr(options, "key_sources", {}).get("route")
+        line = getattr(options, "key_lines", {}).get("route")
+        loc = f"{source} ({origin})" if origin else f"{source}:{line}" if line else source
+        raise ConfigError(f"{loc}: stages.judge.{e}") from None
 
 
 def judge_model(ctx: StageContext) -> str:
@@ -167,6 +224,8 @@ def pair_items(
     """prompt key → its pairs: (record key, JudgePair, (i, j)), in prompt then pair order."""
     spec = judge_model(ctx)
     reward_model = reward_labels(ctx)
+    if reward_model is None:  # routed: every prompt's verdict in one pass, before the keys
+        settings.verdicts([sample["prompt"] for sample in samples.values()])
     out: dict[str, list] = {}
     for prompt_key, sample in samples.items():
         pairs = []
@@ -254,6 +313,7 @@ def run(ctx: StageContext, tally: StageTally) -> None:
     finally:
         if scorer is not None:
             scorer.close()
+        settings.close()  # a routing classifier, if loaded (its verdicts stay)
     judged = {
         prompt_key: [records[key] for key, _, _ in pairs if key in records]
         for prompt_key, pairs in items.items()
@@ -444,11 +504,15 @@ def done_pairs(ctx: StageContext) -> int:
         if record is not None and record.get("error") is None and not record.get("skipped"):
             samples[p.key] = record
     judged = store.read_stage("judge", shard)
-    return sum(
-        key in judged and judged[key].get("error") is None
-        for pairs in pair_items(ctx, ctx.prepared["judge"], samples).values()
-        for key, _, _ in pairs
-    )
+    settings = ctx.prepared["judge"]
+    try:
+        return sum(
+            key in judged and judged[key].get("error") is None
+            for pairs in pair_items(ctx, settings, samples).values()
+            for key, _, _ in pairs
+        )
+    finally:
+        settings.close()  # routed: the keys needed the verdicts; the classifier goes
 
 
 def plan(ctx: StageContext) -> list[str]:
@@ -481,9 +545,12 @@ def plan(ctx: StageContext) -> list[str]:
             )
             if judge.settings["calibration"] != "none":
                 how += f", {judge.settings['calibration']} calibration"
+        routed = ""
+        if judge.route is not None:
+            routed = f"; principles routed by the input classifier {judge.guard}"
         labels = (
             f"  judge: {how} ({done} pairs done); constitution "
-            f"{ctx.prepared['judge'].constitution.name!r}, model {judge_model(ctx)}"
+            f"{ctx.prepared['judge'].constitution.name!r}, model {judge_model(ctx)}{routed}"
         )
     return [
         labels,
@@ -515,4 +582,5 @@ STAGE = Stage(
     models=labeller,
     per_round=every_round,
     check_recipe=check_recipe,
+    check_options=check_options,
 )
